@@ -1,0 +1,1 @@
+"""Code shared by the HIL Server and the DevCloud Worker: WeCom robot protocol and relay frames."""

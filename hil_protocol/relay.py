@@ -1,0 +1,122 @@
+"""Frames on the relay WebSocket between the HIL Server and the DevCloud Worker (JSON text frames).
+
+The seed's frames are kept as they are, so a seed worker or server on the other end still works. New frames
+(`hello`, `callback_ack`) are only sent to a peer that announced it understands them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+# Features a peer may announce in `hello`.
+FEATURE_CALLBACK_ACK = "callback_ack"
+
+
+class _Frame(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Ping(_Frame):
+    type: Literal["ping"] = "ping"
+
+
+class Pong(_Frame):
+    type: Literal["pong"] = "pong"
+
+
+class Hello(_Frame):
+    """Server -> worker right after the link opens: what this server understands (new)."""
+
+    type: Literal["hello"] = "hello"
+    features: list[str] = Field(default_factory=list)
+
+
+class Request(_Frame):
+    type: Literal["request"] = "request"
+    id: str
+    action: str
+    payload: dict[str, Any] = Field(default_factory=dict)
+
+
+class Response(_Frame):
+    type: Literal["response"] = "response"
+    id: str
+    success: bool
+    data: dict[str, Any] | None = None
+    error: str | None = None
+    errcode: int | None = None
+
+
+class CallbackData(_Frame):
+    callback_data: dict[str, Any]
+
+
+class Callback(_Frame):
+    """Worker -> server: a robot callback. `id` is new: the worker's spool id, acknowledged by `callback_ack`."""
+
+    type: Literal["callback"] = "callback"
+    event: str = "wecom_callback"
+    data: CallbackData
+    id: str | None = None
+
+
+class CallbackAck(_Frame):
+    """Server -> worker: the callback with this id is stored; the worker may drop it from its spool (new)."""
+
+    type: Literal["callback_ack"] = "callback_ack"
+    id: str
+
+
+Frame = Annotated[Ping | Pong | Hello | Request | Response | Callback | CallbackAck, Field(discriminator="type")]
+_frame_adapter: TypeAdapter[Frame] = TypeAdapter(Frame)
+
+
+class FrameError(ValueError):
+    pass
+
+
+def parse_frame(text: str | bytes) -> Frame:
+    """Parse one frame. Raises FrameError for malformed JSON, an unknown type or missing fields."""
+    try:
+        return _frame_adapter.validate_json(text)
+    except ValidationError as exc:
+        raise FrameError(f"bad relay frame: {exc.errors()[0]['msg']}") from exc
+
+
+def dump_frame(frame: _Frame) -> str:
+    return frame.model_dump_json(exclude_none=True)
+
+
+# Request payloads (actions).
+ACTION_SEND_MESSAGE = "send_message"
+ACTION_SEND_HINT = "send_hint"
+ACTION_UPLOAD_IMAGE = "upload_image"
+
+
+class SendMessagePayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    short_id: str | None = None
+    message: str
+    chat_id: str | None = None
+    chat_type: str = "group"
+    images: list[str] = Field(default_factory=list)
+    project_name: str | None = None
+    mention_list: list[str] | None = None
+
+
+class SendHintPayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    chat_id: str | None = None
+    message: str
+    msg_type: Literal["markdown", "text"] = "markdown"
+
+
+class UploadImagePayload(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    image: str = Field(description="data URL, http(s) URL or bare base64")
+    filename: str = "image.png"

@@ -1,0 +1,949 @@
+"""A fake WeCom robot API: the webhook send and upload endpoints, and people who answer through robot callbacks.
+
+Written from the WeCom facts in the project notes, not from our client code, so end-to-end tests do not check our code
+against itself. Like WeCom, the robot routes always answer HTTP 200 and put the outcome in ``errcode``.
+
+Error codes where WeCom's documentation does not say which one the webhook returns (our choice, WeCom global codes):
+
+- 47001 "data format error": body is not JSON, or not a JSON object.
+- 40035 "invalid parameter": a field has the wrong type, image base64/md5 missing or not decodable, bad ``chatid``,
+  bad ``news.articles``, file ``media_id`` missing, upload part without a filename.
+- 44004 "empty content": text/markdown content missing or empty.
+- 301019 "media file md5 mismatch": image md5 differs from the md5 of the decoded bytes.
+- 40009 "invalid image size": decoded image larger than 2 MB.
+- 40005 "invalid file type": image is neither PNG nor JPEG.
+- 40007 "invalid media_id": file ``media_id`` unknown, expired, or uploaded with another robot's key.
+- 40004 "invalid media type": upload ``type`` other than ``file``.
+- 44001 "empty media data": upload without a ``media`` part.
+- 40006 "invalid file size": upload smaller than 5 B or larger than 20 MB.
+
+Control API for tests and the sandbox lives under ``/_fake/``; see :func:`create_fake_wecom_app`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import secrets
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import httpx
+from fastapi import FastAPI, Query, Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BOT_KEY = "test-bot-key"
+DEFAULT_PUBLIC_URL = "http://127.0.0.1:8090"
+DEFAULT_PORT = 8090
+
+TEXT_MAX_BYTES = 2048
+MARKDOWN_MAX_BYTES = 4096
+IMAGE_MAX_BYTES = 2 * 1024 * 1024
+MEDIA_MIN_BYTES = 5
+MEDIA_MAX_BYTES = 20 * 1024 * 1024
+MEDIA_TTL_SECONDS = 3 * 24 * 3600.0
+MAX_CHAT_IDS = 100
+MAX_NEWS_ARTICLES = 8
+# WeCom gives a callback 5 s before it retries; waiting longer would hide a slow receiver.
+CALLBACK_TIMEOUT_SECONDS = 5.0
+
+MSGTYPES = frozenset({"text", "markdown", "markdown_v2", "image", "file", "news"})
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+JPEG_MAGIC = b"\xff\xd8\xff"
+
+OK = 0
+ERR_INVALID_WEBHOOK_URL = 93000
+ERR_FREQ_OUT_OF_LIMIT = 45009
+ERR_CONTENT_TOO_LONG = 40058
+ERR_INVALID_MSGTYPE = 40008
+ERR_EMPTY_CONTENT = 44004
+ERR_INVALID_PARAMETER = 40035
+ERR_DATA_FORMAT = 47001
+ERR_MD5_MISMATCH = 301019
+ERR_INVALID_IMAGE_SIZE = 40009
+ERR_INVALID_FILE_TYPE = 40005
+ERR_INVALID_MEDIA_ID = 40007
+ERR_INVALID_MEDIA_TYPE = 40004
+ERR_EMPTY_MEDIA = 44001
+ERR_INVALID_FILE_SIZE = 40006
+ERR_ROBOT_NOT_ALLOWED = 93005
+
+ERRMSGS: dict[int, str] = {
+    ERR_INVALID_WEBHOOK_URL: "invalid webhook url",
+    ERR_FREQ_OUT_OF_LIMIT: "api freq out of limit",
+    ERR_CONTENT_TOO_LONG: "content exceed max length",
+    ERR_INVALID_MSGTYPE: "invalid message type",
+    ERR_EMPTY_CONTENT: "empty content",
+    ERR_INVALID_PARAMETER: "invalid parameter",
+    ERR_DATA_FORMAT: "data format error",
+    ERR_MD5_MISMATCH: "media file md5 mismatch",
+    ERR_INVALID_IMAGE_SIZE: "invalid image size",
+    ERR_INVALID_FILE_TYPE: "invalid file type",
+    ERR_INVALID_MEDIA_ID: "invalid media_id",
+    ERR_INVALID_MEDIA_TYPE: "invalid media type",
+    ERR_EMPTY_MEDIA: "empty media data",
+    ERR_INVALID_FILE_SIZE: "invalid file size",
+    ERR_ROBOT_NOT_ALLOWED: "robot not allowed to send to this user",
+}
+
+ChatType = Literal["group", "single"]
+CallbackMsgType = Literal["text", "image", "mixed", "event"]
+
+
+def errmsg_for(errcode: int, detail: str = "") -> str:
+    """WeCom-style errmsg: the short text, then a hint and a link, as the real API writes it."""
+    text = ERRMSGS.get(errcode, "injected failure")
+    if detail:
+        text = f"{text}: {detail}"
+    hint = f"[{int(time.time())}_fake_{secrets.token_hex(4)}]"
+    return f"{text}, hint: {hint}, more info at https://open.work.weixin.qq.com/devtool/query?e={errcode}"
+
+
+def format_quote_reply(quote: str, answer: str, sender: str = "", robot_name: str | None = None) -> str:
+    """Text content of a quote-reply exactly as WeCom delivers it.
+
+    U+201C, ``{sender}`` + U+FF1A + newline (left out when sender is empty), the quote, U+201D, newline, ``------``,
+    newline, then ``@{robot_name} {answer}`` (just the answer when robot_name is None, as in single chats).
+    """
+    head = f"{sender}\uff1a\n" if sender else ""
+    tail = f"@{robot_name} {answer}" if robot_name else answer
+    return f"\u201c{head}{quote}\u201d\n------\n{tail}"
+
+
+@dataclass
+class FakeWeComConfig:
+    """Settings of the fake; tests build one directly, the CLI from flags, /_fake/config changes it at run time."""
+
+    bot_keys: set[str] = field(default_factory=lambda: {DEFAULT_BOT_KEY})
+    callback_url: str | None = None
+    callback_headers: dict[str, str] = field(default_factory=dict)
+    rate_limit: int | None = None
+    rate_window: float = 60.0
+    robot_name: str = "HIL助手"
+    # Base of the webhook_url put into callbacks; None means "the URL the request came in on" (or DEFAULT_PUBLIC_URL).
+    public_url: str | None = None
+    media_ttl: float = MEDIA_TTL_SECONDS
+
+
+class SentMessage(BaseModel):
+    """One accepted webhook send."""
+
+    seq: int
+    key: str
+    chatid: str | None = None
+    msgtype: str
+    content: str | None = None  # text/markdown content; news: article titles, one per line; image/file: None
+    mentioned_list: list[str] = Field(default_factory=list)
+    mentioned_mobile_list: list[str] = Field(default_factory=list)
+    image_md5: str | None = None
+    image_size: int | None = None
+    media_id: str | None = None
+    file_name: str | None = None
+    ts: float
+
+
+class SendAttempt(BaseModel):
+    """Every send attempt, accepted or not, with what the fake answered."""
+
+    seq: int
+    key: str | None
+    chatid: str | None = None
+    msgtype: str | None = None
+    errcode: int
+    errmsg: str
+    injected: bool = False
+    message_seq: int | None = None
+    ts: float
+
+
+class UploadedMedia(BaseModel):
+    media_id: str
+    key: str
+    filename: str
+    size: int
+    md5: str
+    created_at: float
+    expires_at: float  # on the fake's clock, not wall time
+
+
+class CallbackNotConfiguredError(RuntimeError):
+    """A reply was asked for but no callback_url is set."""
+
+
+class _Rejected(Exception):
+    def __init__(self, errcode: int, detail: str = "") -> None:
+        super().__init__(errcode, detail)
+        self.errcode = errcode
+        self.detail = detail
+
+
+def _resolve_msgtype(
+    msgtype: str | None, text: str | None, quote: str | None, image_url: str | None, event_type: str | None
+) -> str:
+    """The callback msgtype to build, inferred when not given; ValueError when the parts do not fit it."""
+    has_text = text is not None or quote is not None
+    if msgtype is None:
+        if event_type is not None:
+            msgtype = "event"
+        elif image_url is not None:
+            msgtype = "mixed" if has_text else "image"
+        else:
+            msgtype = "text"
+    if msgtype == "text" and not has_text:
+        raise ValueError("a text callback needs text or quote")
+    if msgtype == "image" and image_url is None:
+        raise ValueError("an image callback needs image_url")
+    if msgtype == "mixed" and (image_url is None or not has_text):
+        raise ValueError("a mixed callback needs text (or quote) and image_url")
+    if msgtype == "event" and not event_type:
+        raise ValueError("an event callback needs event_type (add_to_chat, delete_from_chat, enter_chat)")
+    if msgtype not in ("text", "image", "mixed", "event"):
+        raise ValueError(f"unsupported callback msgtype {msgtype!r}: use text, image, mixed or event")
+    return msgtype
+
+
+def _chat_matches(message_chatid: str | None, chat_id: str | None) -> bool:
+    if chat_id is None:
+        return True
+    # A send may name up to 100 chats joined by "|"; it reached each of them.
+    return message_chatid is not None and chat_id in message_chatid.split("|")
+
+
+def _str_list(section: Mapping[str, Any], name: str) -> list[str]:
+    value = section.get(name)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise _Rejected(ERR_INVALID_PARAMETER, f"{name} must be a list of strings")
+    return value
+
+
+def _content(payload: Mapping[str, Any], msgtype: str, max_bytes: int) -> str:
+    section = payload.get(msgtype)
+    if section is None:
+        raise _Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is missing")
+    if not isinstance(section, dict):
+        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
+    content = section.get("content")
+    if content is None or content == "":
+        raise _Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is empty")
+    if not isinstance(content, str):
+        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype}.content must be a string")
+    size = len(content.encode("utf-8"))
+    if size > max_bytes:
+        raise _Rejected(ERR_CONTENT_TOO_LONG, f"{msgtype}.content is {size} bytes, at most {max_bytes} allowed")
+    return content
+
+
+def _section(payload: Mapping[str, Any], msgtype: str) -> dict[str, Any]:
+    section = payload.get(msgtype)
+    if not isinstance(section, dict):
+        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
+    return section
+
+
+class FakeWeCom:
+    """State of the fake WeCom: recorded sends, injected failures, rate windows, uploaded media.
+
+    Route handlers and in-process tests share one instance (``app.state.fake``). State is guarded by a thread lock
+    because TestClient runs the app on another thread's event loop while the test reads it.
+    """
+
+    def __init__(
+        self,
+        config: FakeWeComConfig | None = None,
+        *,
+        http_client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config or FakeWeComConfig()
+        self.http_client = http_client  # for callback POSTs; the app's lifespan sets one when none is given
+        self._clock = clock
+        self._lock = threading.RLock()
+        # Waiters may sit on other event loops (a test loop vs. TestClient's portal loop), hence loop + Event pairs.
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._clear()
+
+    def _clear(self) -> None:
+        self.messages: list[SentMessage] = []
+        self.attempts: list[SendAttempt] = []
+        self.callbacks: list[dict[str, Any]] = []
+        self.media: dict[str, UploadedMedia] = {}
+        self._failures: deque[int] = deque()
+        self._windows: dict[str, deque[float]] = {}
+
+    # ----- test controls -----
+
+    def reset(self) -> None:
+        """Forget messages, attempts, callbacks, media, pending failures and rate windows; keep the config."""
+        with self._lock:
+            self._clear()
+
+    def fail_next(self, *errcodes: int) -> None:
+        """Answer the next ``len(errcodes)`` sends with these errcodes (after the key check), in order."""
+        with self._lock:
+            self._failures.extend(errcodes)
+
+    @property
+    def pending_failures(self) -> list[int]:
+        with self._lock:
+            return list(self._failures)
+
+    def update_config(self, **changes: Any) -> None:
+        """Change config fields at run time (unknown names raise AttributeError)."""
+        with self._lock:
+            for name, value in changes.items():
+                if not hasattr(self.config, name):
+                    raise AttributeError(f"FakeWeComConfig has no field {name!r}")
+                setattr(self.config, name, value)
+
+    def get_messages(self, chat_id: str | None = None, since_seq: int = 0) -> list[SentMessage]:
+        """Accepted sends with seq > since_seq, optionally only those that reached chat_id."""
+        with self._lock:
+            return [m for m in self.messages if m.seq > since_seq and _chat_matches(m.chatid, chat_id)]
+
+    def get_attempts(self) -> list[SendAttempt]:
+        with self._lock:
+            return list(self.attempts)
+
+    def get_callbacks(self) -> list[dict[str, Any]]:
+        """Callbacks sent by reply(), each ``{"callback", "responses"}``."""
+        with self._lock:
+            return list(self.callbacks)
+
+    async def wait_for_messages(
+        self,
+        n: int,
+        chat_id: str | None = None,
+        timeout: float = 10,  # noqa: ASYNC109 - part of the agreed test API; reads better than asyncio.timeout()
+        *,
+        since_seq: int = 0,
+    ) -> list[SentMessage]:
+        """Wait until at least n accepted sends match (see get_messages) and return them; TimeoutError otherwise."""
+        loop = asyncio.get_running_loop()
+        found: list[SentMessage] = []
+        try:
+            async with asyncio.timeout(timeout):
+                while True:
+                    event = asyncio.Event()
+                    with self._lock:
+                        found = self.get_messages(chat_id, since_seq)
+                        if len(found) >= n:
+                            return found
+                        # Registered under the lock handle_send notifies under, so no send slips in between.
+                        self._waiters.append((loop, event))
+                    try:
+                        await event.wait()
+                    finally:
+                        with self._lock:
+                            self._waiters.remove((loop, event))
+        except TimeoutError:
+            raise TimeoutError(
+                f"waited {timeout}s for {n} message(s) to chat {chat_id!r} after seq {since_seq}, "
+                f"got {len(found)}: {[m.content for m in found]}"
+            ) from None
+
+    def _notify(self) -> None:
+        try:
+            current: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            current = None
+        for loop, event in self._waiters:
+            if loop is current:
+                event.set()
+            elif not loop.is_closed():
+                try:
+                    loop.call_soon_threadsafe(event.set)
+                except RuntimeError:  # the loop closed after the check; its waiter is gone anyway
+                    pass
+
+    # ----- the webhook -----
+
+    def handle_send(self, key: str | None, body: bytes | str | Mapping[str, Any]) -> dict[str, Any]:
+        """One ``/cgi-bin/webhook/send`` call: check, record, and return WeCom's JSON answer."""
+        chatid: str | None = None
+        msgtype: str | None = None
+        injected = False
+        with self._lock:
+            try:
+                if not key or key not in self.config.bot_keys:
+                    raise _Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
+                payload = self._parse_json(body)
+                raw_chatid, raw_msgtype = payload.get("chatid"), payload.get("msgtype")
+                chatid = raw_chatid if isinstance(raw_chatid, str) else None
+                msgtype = raw_msgtype if isinstance(raw_msgtype, str) else None
+                if self._failures:
+                    injected = True
+                    raise _Rejected(self._failures.popleft())
+                self._check_rate(key)
+                fields = self._validate(payload, key)
+            except _Rejected as rejected:
+                errmsg = errmsg_for(rejected.errcode, rejected.detail)
+                self._record_attempt(key, chatid, msgtype, rejected.errcode, errmsg, injected, None)
+                log.info(
+                    "send rejected errcode=%d chat_id=%s msgtype=%s injected=%s detail=%s",
+                    rejected.errcode,
+                    chatid,
+                    msgtype,
+                    injected,
+                    rejected.detail,
+                )
+                return {"errcode": rejected.errcode, "errmsg": errmsg}
+            assert key is not None  # checked first thing above
+            message = SentMessage(seq=len(self.messages) + 1, key=key, ts=time.time(), **fields)
+            self.messages.append(message)
+            self._window(key).append(self._clock())
+            self._record_attempt(key, message.chatid, message.msgtype, OK, "ok", False, message.seq)
+            self._notify()
+        log.info("send accepted seq=%d chat_id=%s msgtype=%s", message.seq, message.chatid, message.msgtype)
+        return {"errcode": OK, "errmsg": "ok"}
+
+    def _record_attempt(
+        self,
+        key: str | None,
+        chatid: str | None,
+        msgtype: str | None,
+        errcode: int,
+        errmsg: str,
+        injected: bool,
+        message_seq: int | None,
+    ) -> None:
+        self.attempts.append(
+            SendAttempt(
+                seq=len(self.attempts) + 1,
+                key=key,
+                chatid=chatid,
+                msgtype=msgtype,
+                errcode=errcode,
+                errmsg=errmsg,
+                injected=injected,
+                message_seq=message_seq,
+                ts=time.time(),
+            )
+        )
+
+    @staticmethod
+    def _parse_json(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
+        if isinstance(body, Mapping):
+            return body
+        try:
+            payload = json.loads(body)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
+            raise _Rejected(ERR_DATA_FORMAT, f"body is not JSON ({exc})") from exc
+        if not isinstance(payload, dict):
+            raise _Rejected(ERR_DATA_FORMAT, "body must be a JSON object")
+        return payload
+
+    def _window(self, key: str) -> deque[float]:
+        """Accepted-send times of this key within the rate window (pruned here, so it never grows unbounded)."""
+        window = self._windows.setdefault(key, deque())
+        horizon = self._clock() - self.config.rate_window
+        while window and window[0] <= horizon:
+            window.popleft()
+        return window
+
+    def _check_rate(self, key: str) -> None:
+        limit = self.config.rate_limit
+        if limit is None:
+            return
+        window = self._window(key)
+        if len(window) >= limit:
+            raise _Rejected(ERR_FREQ_OUT_OF_LIMIT, f"at most {limit} messages per {self.config.rate_window:g}s")
+
+    def _validate(self, payload: Mapping[str, Any], key: str) -> dict[str, Any]:
+        """SentMessage fields for a valid send body, or _Rejected."""
+        msgtype = payload.get("msgtype")
+        if msgtype not in MSGTYPES:
+            raise _Rejected(ERR_INVALID_MSGTYPE, f"msgtype {msgtype!r} is not one of {sorted(MSGTYPES)}")
+        fields: dict[str, Any] = {"msgtype": msgtype, "chatid": self._chatid(payload)}
+        if msgtype == "text":
+            fields["content"] = _content(payload, "text", TEXT_MAX_BYTES)
+            fields["mentioned_list"] = _str_list(payload["text"], "mentioned_list")
+            fields["mentioned_mobile_list"] = _str_list(payload["text"], "mentioned_mobile_list")
+        elif msgtype in ("markdown", "markdown_v2"):
+            fields["content"] = _content(payload, msgtype, MARKDOWN_MAX_BYTES)
+        elif msgtype == "image":
+            fields.update(self._image(_section(payload, "image")))
+        elif msgtype == "file":
+            fields.update(self._file(_section(payload, "file"), key))
+        else:
+            fields["content"] = self._news(_section(payload, "news"))
+        return fields
+
+    @staticmethod
+    def _chatid(payload: Mapping[str, Any]) -> str | None:
+        chatid = payload.get("chatid")
+        if chatid is None:
+            return None  # WeCom sends to every group the robot is in
+        if not isinstance(chatid, str) or not chatid:
+            raise _Rejected(ERR_INVALID_PARAMETER, "chatid must be a non-empty string")
+        if len(chatid.split("|")) > MAX_CHAT_IDS:
+            raise _Rejected(ERR_INVALID_PARAMETER, f"chatid names more than {MAX_CHAT_IDS} chats")
+        return chatid
+
+    @staticmethod
+    def _image(section: Mapping[str, Any]) -> dict[str, Any]:
+        b64, md5 = section.get("base64"), section.get("md5")
+        if not isinstance(b64, str) or not b64 or not isinstance(md5, str) or not md5:
+            raise _Rejected(ERR_INVALID_PARAMETER, "image needs base64 and md5 strings")
+        try:
+            # Line breaks (as base64.encodebytes writes) are tolerated; any other stray character is not.
+            data = base64.b64decode("".join(b64.split()), validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise _Rejected(ERR_INVALID_PARAMETER, "image.base64 is not valid base64") from exc
+        actual = hashlib.md5(data).hexdigest()
+        if md5.lower() != actual:
+            raise _Rejected(ERR_MD5_MISMATCH, f"md5 of the decoded image is {actual}")
+        if len(data) > IMAGE_MAX_BYTES:
+            raise _Rejected(ERR_INVALID_IMAGE_SIZE, f"image is {len(data)} bytes, at most {IMAGE_MAX_BYTES} allowed")
+        if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+            raise _Rejected(ERR_INVALID_FILE_TYPE, "image must be PNG or JPEG")
+        return {"image_md5": actual, "image_size": len(data)}
+
+    def _file(self, section: Mapping[str, Any], key: str) -> dict[str, Any]:
+        media_id = section.get("media_id")
+        if not isinstance(media_id, str) or not media_id:
+            raise _Rejected(ERR_INVALID_PARAMETER, "file.media_id must be a non-empty string")
+        media = self.media.get(media_id)
+        # A media_id lives 3 days and belongs to the robot that uploaded it.
+        if media is None or media.key != key or media.expires_at <= self._clock():
+            raise _Rejected(ERR_INVALID_MEDIA_ID, "unknown or expired media_id, or uploaded by another robot")
+        return {"media_id": media_id, "file_name": media.filename}
+
+    @staticmethod
+    def _news(section: Mapping[str, Any]) -> str:
+        articles = section.get("articles")
+        if not isinstance(articles, list) or not 1 <= len(articles) <= MAX_NEWS_ARTICLES:
+            raise _Rejected(ERR_INVALID_PARAMETER, f"news.articles must hold 1 to {MAX_NEWS_ARTICLES} articles")
+        titles = []
+        for article in articles:
+            if not isinstance(article, dict) or not all(
+                isinstance(article.get(name), str) and article.get(name) for name in ("title", "url")
+            ):
+                raise _Rejected(ERR_INVALID_PARAMETER, "each news article needs a title and a url")
+            titles.append(article["title"])
+        return "\n".join(titles)
+
+    # ----- media upload -----
+
+    def handle_upload(
+        self, key: str | None, media_type: str | None, filename: str | None, data: bytes | None
+    ) -> dict[str, Any]:
+        """One ``/cgi-bin/webhook/upload_media`` call; the media_id is usable by this key only."""
+        with self._lock:
+            try:
+                if not key or key not in self.config.bot_keys:
+                    raise _Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
+                if media_type != "file":
+                    raise _Rejected(ERR_INVALID_MEDIA_TYPE, f"type {media_type!r} is not supported, use type=file")
+                if data is None:
+                    raise _Rejected(ERR_EMPTY_MEDIA, "multipart field 'media' is missing")
+                if not filename:
+                    raise _Rejected(ERR_INVALID_PARAMETER, "the 'media' part needs a filename")
+                if not MEDIA_MIN_BYTES <= len(data) <= MEDIA_MAX_BYTES:
+                    raise _Rejected(
+                        ERR_INVALID_FILE_SIZE,
+                        f"file is {len(data)} bytes, allowed {MEDIA_MIN_BYTES} to {MEDIA_MAX_BYTES}",
+                    )
+            except _Rejected as rejected:
+                log.info("upload rejected errcode=%d detail=%s", rejected.errcode, rejected.detail)
+                return {"errcode": rejected.errcode, "errmsg": errmsg_for(rejected.errcode, rejected.detail)}
+            now = time.time()
+            media = UploadedMedia(
+                media_id=f"fake-media-{uuid.uuid4().hex}",
+                key=key,
+                filename=filename,
+                size=len(data),
+                md5=hashlib.md5(data).hexdigest(),
+                created_at=now,
+                expires_at=self._clock() + self.config.media_ttl,
+            )
+            self.media[media.media_id] = media
+        log.info("upload accepted media_id=%s size=%d", media.media_id, media.size)
+        return {
+            "errcode": OK,
+            "errmsg": "ok",
+            "type": "file",
+            "media_id": media.media_id,
+            "created_at": str(int(now)),
+        }
+
+    # ----- people replying -----
+
+    def build_callback(
+        self,
+        chat_id: str,
+        text: str | None = None,
+        *,
+        quote: str | None = None,
+        quote_sender: str = "",
+        image_url: str | None = None,
+        chat_type: ChatType = "group",
+        from_user: Mapping[str, str] | None = None,
+        msgid: str | None = None,
+        msgtype: CallbackMsgType | None = None,
+        event_type: str | None = None,
+        at_robot: bool = True,
+        base_url: str | None = None,
+        key: str | None = None,
+    ) -> dict[str, Any]:
+        """The fly-pigeon JSON WeCom's relay would POST when a person writes to the robot.
+
+        msgtype is inferred when None: event_type -> event, image_url with text -> mixed, image_url -> image, else text.
+        A quote makes the text a quote-reply (see format_quote_reply). ValueError when the parts don't fit msgtype.
+        """
+        resolved = _resolve_msgtype(msgtype, text, quote, image_url, event_type)
+        config = self.config
+        base = (base_url or config.public_url or DEFAULT_PUBLIC_URL).rstrip("/")
+        bot_key = key or min(config.bot_keys, default=DEFAULT_BOT_KEY)
+        sender = {"userid": "zhangsan", "name": "张三", "alias": "zhangsan", **(from_user or {})}
+        callback: dict[str, Any] = {
+            "webhook_url": f"{base}/cgi-bin/webhook/send?key={bot_key}",
+            "msgid": msgid or uuid.uuid4().hex,
+            "chatid": chat_id,
+            "chattype": chat_type,
+            "msgtype": resolved,
+            "from": sender,
+        }
+        if resolved in ("text", "mixed"):
+            # Only group messages carry the robot mention; a single chat is already addressed to the robot.
+            robot = config.robot_name if at_robot and chat_type == "group" else None
+            if quote is not None:
+                content = format_quote_reply(quote, text or "", quote_sender, robot)
+            else:
+                content = f"@{robot} {text}" if robot else (text or "")
+            if resolved == "text":
+                callback["text"] = {"content": content}
+            else:
+                callback["mixed_message"] = {
+                    "msg_item": [
+                        {"msg_type": "text", "text": {"content": content}},
+                        {"msg_type": "image", "image": {"image_url": image_url}},
+                    ]
+                }
+        elif resolved == "image":
+            callback["image"] = {"image_url": image_url}
+        else:
+            callback["event"] = {"event_type": event_type}
+        return callback
+
+    async def reply(
+        self,
+        chat_id: str,
+        text: str | None = None,
+        *,
+        quote: str | None = None,
+        quote_sender: str = "",
+        image_url: str | None = None,
+        chat_type: ChatType = "group",
+        from_user: Mapping[str, str] | None = None,
+        msgid: str | None = None,
+        msgtype: CallbackMsgType | None = None,
+        event_type: str | None = None,
+        at_robot: bool = True,
+        repeat: int = 1,
+        base_url: str | None = None,
+    ) -> dict[str, Any]:
+        """Play a person: build a callback and POST it ``repeat`` times (same msgid, like WeCom's retries).
+
+        Returns ``{"callback": <json sent>, "responses": [{"status_code", "body", "error"}]}``.
+        """
+        with self._lock:
+            url = self.config.callback_url
+            headers = dict(self.config.callback_headers)
+        if not url:
+            raise CallbackNotConfiguredError(
+                "no callback_url is configured: set FakeWeComConfig.callback_url, pass --callback-url, "
+                'or POST /_fake/config {"callback_url": "..."}'
+            )
+        if self.http_client is None:
+            raise RuntimeError("FakeWeCom has no HTTP client: run the app's lifespan or pass http_client=")
+        if repeat < 1:
+            raise ValueError("repeat must be at least 1")
+        callback = self.build_callback(
+            chat_id,
+            text,
+            quote=quote,
+            quote_sender=quote_sender,
+            image_url=image_url,
+            chat_type=chat_type,
+            from_user=from_user,
+            msgid=msgid,
+            msgtype=msgtype,
+            event_type=event_type,
+            at_robot=at_robot,
+            base_url=base_url,
+        )
+        # Sequential on purpose: WeCom retries after the previous attempt, it does not send copies at once.
+        responses = [await self._post_callback(self.http_client, url, headers, callback) for _ in range(repeat)]
+        with self._lock:
+            self.callbacks.append({"callback": callback, "responses": responses})
+        return {"callback": callback, "responses": responses}
+
+    @staticmethod
+    async def _post_callback(
+        client: httpx.AsyncClient, url: str, headers: Mapping[str, str], callback: Mapping[str, Any]
+    ) -> dict[str, Any]:
+        try:
+            response = await client.post(url, json=callback, headers=headers, timeout=CALLBACK_TIMEOUT_SECONDS)
+        except httpx.HTTPError as exc:
+            log.warning("callback failed msgid=%s chat_id=%s error=%r", callback["msgid"], callback["chatid"], exc)
+            return {"status_code": None, "body": None, "error": f"{type(exc).__name__}: {exc}"}
+        try:
+            body: Any = response.json()
+        except ValueError:
+            body = response.text
+        log.info(
+            "callback posted msgid=%s chat_id=%s status=%d", callback["msgid"], callback["chatid"], response.status_code
+        )
+        return {"status_code": response.status_code, "body": body, "error": None}
+
+
+# ----- control API models -----
+
+
+class FailRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    errcodes: list[int] = Field(min_length=1)
+
+
+class ConfigUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    rate_limit: int | None = Field(default=None, ge=1)
+    rate_window: float = Field(default=60.0, gt=0)
+    callback_url: str | None = None
+    callback_headers: dict[str, str] = Field(default_factory=dict)
+    robot_name: str = Field(default="HIL助手", min_length=1)
+    public_url: str | None = None
+    bot_keys: list[str] = Field(default_factory=list, min_length=1)
+
+
+class FromUser(BaseModel):
+    userid: str = "zhangsan"
+    name: str = "张三"
+    alias: str = "zhangsan"
+
+
+class ReplyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    chat_id: str = Field(min_length=1)
+    text: str | None = None
+    quote: str | None = None
+    quote_sender: str = ""
+    image_url: str | None = None
+    chat_type: ChatType = "group"
+    from_user: FromUser | None = None
+    msgid: str | None = None
+    msgtype: CallbackMsgType | None = None
+    event_type: str | None = None
+    at_robot: bool = True
+    repeat: int = Field(default=1, ge=1, le=10)
+
+    @model_validator(mode="after")
+    def _parts_fit(self) -> ReplyRequest:
+        _resolve_msgtype(self.msgtype, self.text, self.quote, self.image_url, self.event_type)
+        return self
+
+
+def _config_view(config: FakeWeComConfig) -> dict[str, Any]:
+    # Keys and header values are credentials in real deployments; show only that they exist.
+    return {
+        "bot_key_count": len(config.bot_keys),
+        "callback_url": config.callback_url,
+        "callback_header_names": sorted(config.callback_headers),
+        "rate_limit": config.rate_limit,
+        "rate_window": config.rate_window,
+        "robot_name": config.robot_name,
+        "public_url": config.public_url,
+    }
+
+
+def create_fake_wecom_app(
+    config: FakeWeComConfig | None = None, *, http_client: httpx.AsyncClient | None = None
+) -> FastAPI:
+    """Build the fake WeCom app; ``app.state.fake`` is its FakeWeCom.
+
+    Without http_client the lifespan creates one shared AsyncClient for callback POSTs (tests may inject one with an
+    ASGI or mock transport instead).
+
+    Routes: ``POST /cgi-bin/webhook/send``, ``POST /cgi-bin/webhook/upload_media``, and the control API
+    ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET /_fake/callbacks``,
+    ``GET|POST /_fake/config``, ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``.
+    """
+    fake = FakeWeCom(config, http_client=http_client)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        owned = fake.http_client is None
+        if owned:
+            fake.http_client = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_SECONDS)
+        try:
+            yield
+        finally:
+            if owned and fake.http_client is not None:
+                await fake.http_client.aclose()
+                fake.http_client = None
+
+    app = FastAPI(title="fake WeCom", lifespan=lifespan)
+    app.state.fake = fake
+
+    @app.post("/cgi-bin/webhook/send")
+    async def webhook_send(request: Request, key: str | None = None) -> dict[str, Any]:
+        return fake.handle_send(key, await request.body())
+
+    @app.post("/cgi-bin/webhook/upload_media")
+    async def webhook_upload(
+        request: Request, key: str | None = None, media_type: Annotated[str | None, Query(alias="type")] = None
+    ) -> dict[str, Any]:
+        if not key or key not in fake.config.bot_keys:
+            # Answer before reading a possibly 20 MB body that would be thrown away.
+            return fake.handle_upload(key, media_type, None, None)
+        try:
+            async with request.form() as form:
+                media = form.get("media")
+                if media is None:
+                    return fake.handle_upload(key, media_type, None, None)
+                if isinstance(media, UploadFile):
+                    return fake.handle_upload(key, media_type, media.filename, await media.read())
+                return fake.handle_upload(key, media_type, None, media.encode())
+        except StarletteHTTPException as exc:  # malformed multipart: WeCom still answers 200 with an errcode
+            return {"errcode": ERR_DATA_FORMAT, "errmsg": errmsg_for(ERR_DATA_FORMAT, str(exc.detail))}
+
+    @app.get("/_fake/messages")
+    async def control_messages(
+        chat_id: str | None = None,
+        since_seq: int = 0,
+        wait: int = 0,
+        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+    ) -> dict[str, Any]:
+        """Accepted sends; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
+        timed_out = False
+        if wait > 0:
+            try:
+                await fake.wait_for_messages(wait, chat_id, wait_timeout, since_seq=since_seq)
+            except TimeoutError:
+                timed_out = True
+        messages = fake.get_messages(chat_id, since_seq)
+        return {"messages": [m.model_dump(mode="json") for m in messages], "timed_out": timed_out}
+
+    @app.get("/_fake/attempts")
+    async def control_attempts() -> dict[str, Any]:
+        return {"attempts": [a.model_dump(mode="json") for a in fake.get_attempts()]}
+
+    @app.get("/_fake/callbacks")
+    async def control_callbacks() -> dict[str, Any]:
+        return {"callbacks": fake.get_callbacks()}
+
+    @app.post("/_fake/fail")
+    async def control_fail(request: FailRequest) -> dict[str, Any]:
+        fake.fail_next(*request.errcodes)
+        return {"pending": fake.pending_failures}
+
+    @app.get("/_fake/config")
+    async def control_get_config() -> dict[str, Any]:
+        return _config_view(fake.config)
+
+    @app.post("/_fake/config")
+    async def control_config(update: ConfigUpdate) -> dict[str, Any]:
+        changes = update.model_dump(include=update.model_fields_set)
+        if "bot_keys" in changes:
+            changes["bot_keys"] = set(changes["bot_keys"])
+        fake.update_config(**changes)
+        log.info("config changed fields=%s", sorted(changes))
+        return _config_view(fake.config)
+
+    @app.post("/_fake/reset")
+    async def control_reset() -> dict[str, Any]:
+        fake.reset()
+        return {"ok": True}
+
+    @app.post("/_fake/reply", response_model=None)
+    async def control_reply(body: ReplyRequest, request: Request) -> dict[str, Any] | JSONResponse:
+        try:
+            return await fake.reply(
+                body.chat_id,
+                body.text,
+                quote=body.quote,
+                quote_sender=body.quote_sender,
+                image_url=body.image_url,
+                chat_type=body.chat_type,
+                from_user=body.from_user.model_dump() if body.from_user else None,
+                msgid=body.msgid,
+                msgtype=body.msgtype,
+                event_type=body.event_type,
+                at_robot=body.at_robot,
+                repeat=body.repeat,
+                base_url=fake.config.public_url or str(request.base_url),
+            )
+        except CallbackNotConfiguredError as exc:
+            return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    return app
+
+
+def _parse_header(raw: str) -> tuple[str, str]:
+    name, sep, value = raw.partition(":")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected 'Name: value', got {raw!r}")
+    return name.strip(), value.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run the fake WeCom with uvicorn: ``python -m hil_sandbox.fake_wecom --port 8090 --callback-url URL``."""
+    parser = argparse.ArgumentParser(prog="python -m hil_sandbox.fake_wecom", description="Fake WeCom robot API.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    parser.add_argument("--callback-url", help="where simulated people's messages are POSTed (fly-pigeon JSON)")
+    parser.add_argument(
+        "--callback-header",
+        action="append",
+        type=_parse_header,
+        default=[],
+        metavar="'NAME: VALUE'",
+        help="extra header for callback POSTs (repeatable)",
+    )
+    parser.add_argument(
+        "--bot-key", action="append", default=[], help=f"accepted robot key (repeatable; default {DEFAULT_BOT_KEY})"
+    )
+    parser.add_argument("--rate-limit", type=int, help="accepted sends per key per window (default: unlimited)")
+    parser.add_argument("--rate-window", type=float, default=60.0, help="rate window in seconds")
+    parser.add_argument("--robot-name", default=FakeWeComConfig.robot_name)
+    parser.add_argument("--public-url", help="base URL put into callbacks' webhook_url (default: the request's)")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    args = parser.parse_args(argv)
+
+    config = FakeWeComConfig(
+        bot_keys=set(args.bot_key) or {DEFAULT_BOT_KEY},
+        callback_url=args.callback_url,
+        callback_headers=dict(args.callback_header),
+        rate_limit=args.rate_limit,
+        rate_window=args.rate_window,
+        robot_name=args.robot_name,
+        public_url=args.public_url,
+    )
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+
+    import uvicorn  # only the CLI needs it; tests build the app without a server
+
+    uvicorn.run(create_fake_wecom_app(config), host=args.host, port=args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The HIL Server application: `create_app(settings)`, and `main()` to run it (`hil-server`,
+`python -m hil_server.app`)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+
+from hil_protocol.logs import setup_logging
+from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, wecom_ok
+from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
+
+from . import __version__, api, ws
+from .auth import ApiAuth
+from .config import ServerSettings
+from .delivery import Delivery, DirectDelivery
+from .service import HilService
+from .store import SessionStore, SqlitePersistence
+from .workers import RelayDelivery, WorkerHub
+
+logger = logging.getLogger("hil_server")
+
+
+def _secret(value: Any) -> str | None:
+    return value.get_secret_value() if value is not None else None
+
+
+def secrets_of(settings: ServerSettings) -> list[str]:
+    """Every configured secret value, so the log filter can redact them wherever they appear."""
+    values = [
+        _secret(settings.bot_key),
+        _secret(settings.hil_worker_token),
+        _secret(settings.callback_auth_value),
+        _secret(settings.wecom_callback_token),
+        _secret(settings.wecom_callback_aes_key),
+    ]
+    for item in (_secret(settings.hil_api_tokens) or "").split(","):
+        values.append(item.partition("=")[0].strip())
+    return [v for v in values if v]
+
+
+def create_app(settings: ServerSettings) -> FastAPI:
+    mode = settings.mode
+    if mode == "direct" and not _secret(settings.bot_key):
+        raise ValueError("HIL_MODE=direct needs BOT_KEY (the WeCom robot's webhook key)")
+    auth = ApiAuth(_secret(settings.hil_api_tokens))
+    intake = CallbackIntake(
+        settings.callback_auth_key,
+        _secret(settings.callback_auth_value),
+        _secret(settings.wecom_callback_token),
+        _secret(settings.wecom_callback_aes_key),
+    )
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        persistence = None
+        if settings.hil_store == "sqlite":
+            persistence = SqlitePersistence(settings.hil_data_dir / "hil-server.sqlite3")
+        store = SessionStore(persistence)
+        hub = WorkerHub(grace=settings.worker_grace, request_timeout=settings.relay_request_timeout)
+        async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
+            delivery: Delivery
+            if mode == "direct":
+                backend = make_backend(settings.wecom_sender, http, settings.wecom_api_base, _secret(settings.bot_key))
+                policy = RetryPolicy(deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute)
+                delivery = DirectDelivery(RobotSender(backend, http, policy))
+            else:
+                delivery = RelayDelivery(hub)
+            service = HilService(
+                store, delivery, default_timeout=settings.default_timeout, retention=settings.session_retention
+            )
+            await service.sweep()  # time out what expired while we were down
+            if not auth.enabled:
+                logger.warning("HIL_API_TOKENS is not set: anyone who can reach this server can post to your chats")
+            if mode == "relay" and not _secret(settings.hil_worker_token):
+                logger.warning("HIL_WORKER_TOKEN is not set: any worker may connect")
+            logger.info(
+                "hil-server %s mode=%s store=%s sessions=%d waiting=%d",
+                __version__, mode, settings.hil_store, len(store), len(store.waiting()),
+            )
+            async with asyncio.TaskGroup() as tasks:
+                background = [
+                    tasks.create_task(service.run_hints(), name="hints"),
+                    tasks.create_task(service.run_sweeper(settings.sweep_interval), name="sweeper"),
+                ]
+                if mode == "relay":
+                    background.append(
+                        tasks.create_task(
+                            hub.heartbeat(settings.heartbeat_interval, settings.heartbeat_timeout), name="heartbeat"
+                        )
+                    )
+                try:
+                    yield {
+                        "settings": settings,
+                        "mode": mode,
+                        "service": service,
+                        "hub": hub,
+                        "auth": auth,
+                        "observe": service.observe,
+                    }
+                finally:
+                    for link in list(hub.links.values()):
+                        with contextlib.suppress(Exception):
+                            await link.close(1001, "server shutting down")
+                    for task in background:
+                        task.cancel()
+            store.close()
+
+    app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.include_router(api.router)
+    app.include_router(ws.router)
+
+    @app.get("/api/callback", include_in_schema=False)
+    async def callback_verify(request: Request) -> Response:
+        """WeCom's URL verification for the encrypted callback."""
+        return intake.verify_url(request)
+
+    @app.post("/api/callback")
+    async def callback(request: Request) -> Response:
+        """The robot's callback (direct mode): fly-pigeon JSON, or WeCom's encrypted XML/JSON."""
+        data = await intake.read(request)
+        if isinstance(data, Response):
+            return data
+        # Stored (and deduplicated) before the 200 goes back; hints are sent afterwards by the hint task.
+        await request.state.service.handle_callback(data)
+        return wecom_ok()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
+        )
+        return JSONResponse(
+            {"success": False, "error": f"invalid request: {problems}", "message": f"invalid request: {problems}",
+             "detail": jsonable_errors(exc)},
+            status_code=422,
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        return JSONResponse(
+            {"success": False, "error": exc.detail, "message": exc.detail, "detail": exc.detail},
+            status_code=exc.status_code,
+            headers=exc.headers,
+        )
+
+    return app
+
+
+def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+
+
+def main() -> None:
+    settings = ServerSettings()
+    setup_logging(settings.hil_log_level, settings.hil_log_format, secrets_of(settings))
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.hil_host,
+        port=settings.hil_port,
+        log_config=None,
+        timeout_graceful_shutdown=5,
+        ws_max_size=4 * 1024 * 1024,
+    )
+
+
+if __name__ == "__main__":
+    main()

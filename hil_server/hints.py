@@ -1,0 +1,56 @@
+"""What the robot says in the chat on its own: hints and notices (Chinese: the users are WeCom users)."""
+
+from __future__ import annotations
+
+from hil_protocol.messages import format_header
+
+from .models import Session
+
+
+def _preview(text: str, limit: int = 30) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"
+
+
+def several_waiting(sessions: list[Session]) -> str:
+    lines = [f"**当前有 {len(sessions)} 个问题在等待回复**，无法判断你在回答哪一个。", ""]
+    for session in sessions:
+        project = f" {session.project_name}" if session.project_name else ""
+        lines.append(f"> `#{session.short_id}`{project}：{_preview(session.message)}")
+    lines += [
+        "",
+        "请对要回答的那条问题消息使用<font color=\"warning\">「引用回复」</font>"
+        "（长按或右键该消息 → 引用），再输入你的回答。",
+    ]
+    return "\n".join(lines)
+
+
+def chat_id_hint(chat_id: str, chat_type: str) -> str:
+    return "\n".join(
+        [
+            "当前会话没有等待回复的问题。",
+            f"> 本会话 chat_id：`{chat_id}`",
+            f"> 会话类型：{chat_type}",
+            "",
+            f"要让 AI 把问题发到这里，请在 MCP 配置中加上 `--chat-id {chat_id}`，"
+            f"或设置环境变量 `DEFAULT_CHAT_ID={chat_id}`。",
+        ]
+    )
+
+
+def unknown_quote(short_id: str) -> str:
+    return (
+        f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。"
+        "如果 AI 还在等待别的问题，请引用那条问题消息回复。"
+    )
+
+
+def late_answer(session: Session) -> str:
+    return (
+        f"{format_header(session.short_id, session.project_name)} AI 已停止等待这个问题的回复，"
+        "你的回答已保存：AI 可以用 `wait_for_reply` 取回它。"
+    )
+
+
+def empty_answer() -> str:
+    return "收到了一条空消息。请在 @机器人 之后输入你的回答，或引用问题消息后再回复。"

@@ -1,0 +1,296 @@
+"""The heart of the HIL Server: create questions, match the person's messages to them, answer polls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import deque
+from collections.abc import Callable
+from typing import Any, Literal
+
+from hil_protocol.callback import CallbackError, IncomingMessage, parse_callback
+from hil_protocol.messages import new_short_id
+from hil_protocol.relay import SendHintPayload, SendMessagePayload
+
+from . import hints
+from .delivery import Delivery, DeliveryError
+from .models import PollResponse, Reply, SendRequest, SendResponse, Session, UserInfo
+from .store import SessionStore
+
+logger = logging.getLogger(__name__)
+
+Outcome = Literal[
+    "matched_quote", "matched_only", "late", "duplicate", "hint_several", "hint_chat_id", "hint_unknown_quote",
+    "hint_empty", "event", "ignored",
+]
+
+POLL_WAIT_MAX = 60.0
+
+
+class HilService:
+    def __init__(
+        self,
+        store: SessionStore,
+        delivery: Delivery,
+        *,
+        default_timeout: float = 1200.0,
+        retention: float = 24 * 3600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.delivery = delivery
+        self.default_timeout = default_timeout
+        self.retention = retention
+        self._clock = clock
+        self._waiters: dict[str, asyncio.Event] = {}
+        self._hints: asyncio.Queue[SendHintPayload] = asyncio.Queue(maxsize=1000)
+        self.recent: deque[dict[str, Any]] = deque(maxlen=50)
+        # Observers (metrics): called with (event name, label).
+        self.observe: Callable[[str, str], None] = lambda event, label: None
+
+    # --- questions ---------------------------------------------------------------------------------------------
+
+    async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
+        if not request.wait_reply:
+            payload = SendMessagePayload(
+                message=request.message,
+                chat_id=request.chat_id,
+                chat_type=request.chat_type,
+                images=request.images,
+                project_name=request.project_name,
+                mention_list=request.mention_list,
+            )
+            try:
+                await self.delivery.send_message(payload)
+            except DeliveryError as exc:
+                return SendResponse(success=False, message=f"发送失败：{exc}", error=str(exc), errcode=exc.errcode)
+            return SendResponse(success=True, message="消息已发送")
+
+        now = self._clock()
+        short_id = new_short_id()
+        while self.store.short_id_taken(short_id):
+            short_id = new_short_id()
+        session = Session(
+            session_id=uuid.uuid4().hex,
+            short_id=short_id,
+            chat_id=request.chat_id,
+            chat_type=request.chat_type,
+            project_name=request.project_name,
+            message=request.message,
+            created_at=now,
+            deadline=now + (request.timeout or self.default_timeout),
+            owner=owner,
+        )
+        # Stored before it is sent, so a reply that comes back faster than WeCom's response still finds it.
+        await self.store.save(session)
+        payload = SendMessagePayload(
+            short_id=short_id,
+            message=request.message,
+            chat_id=request.chat_id,
+            chat_type=request.chat_type,
+            images=request.images,
+            project_name=request.project_name,
+            mention_list=request.mention_list,
+        )
+        try:
+            await self.delivery.send_message(payload)
+        except DeliveryError as exc:
+            await self._close(session, "failed", error=str(exc))
+            logger.warning("send failed session_id=%s short_id=%s: %s", session.session_id, short_id, exc)
+            return SendResponse(
+                success=False,
+                session_id=session.session_id,
+                short_id=short_id,
+                message=f"发送失败：{exc}",
+                error=str(exc),
+                errcode=exc.errcode,
+            )
+        logger.info("question sent session_id=%s short_id=%s chat_id=%s", session.session_id, short_id, session.chat_id)
+        return SendResponse(
+            success=True, session_id=session.session_id, short_id=short_id, message="消息已发送，等待回复"
+        )
+
+    async def poll(self, session_id: str, wait: float = 0.0) -> PollResponse:
+        session = self.store.find(session_id)
+        if session is None:
+            return PollResponse(
+                session_id=session_id, status="not_found", has_reply=False, message="会话不存在或已过期"
+            )
+        wait = max(0.0, min(wait, POLL_WAIT_MAX))
+        if wait and not session.replies and session.status in ("waiting", "timeout"):
+            event = self._waiters.setdefault(session.session_id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), timeout=wait)
+            except asyncio.TimeoutError:
+                pass
+            session = self.store.get(session.session_id) or session
+        return self._poll_response(session)
+
+    def _poll_response(self, session: Session) -> PollResponse:
+        status = session.status
+        if session.replies:
+            status = "replied"
+        messages = {
+            "waiting": "等待回复中",
+            "replied": "已收到回复",
+            "timeout": "等待超时",
+            "failed": f"发送失败：{session.error}",
+        }
+        return PollResponse(
+            session_id=session.session_id,
+            short_id=session.short_id,
+            status=status,
+            has_reply=bool(session.replies),
+            replies=session.replies,
+            message=messages[status],
+        )
+
+    async def mark_timeout(self, session_id: str) -> bool:
+        session = self.store.find(session_id)
+        if session is None:
+            return False
+        if session.status == "waiting":
+            await self._close(session, "timeout")
+            logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
+        return True
+
+    async def _close(self, session: Session, status: Literal["replied", "timeout", "failed"], error: str | None = None):
+        session.status = status
+        session.closed_at = self._clock()
+        if error:
+            session.error = error
+        await self.store.save(session)
+        self._record(session, status)
+        self._wake(session.session_id)
+
+    def _wake(self, session_id: str) -> None:
+        event = self._waiters.pop(session_id, None)
+        if event is not None:
+            event.set()
+
+    def _record(self, session: Session, outcome: str) -> None:
+        self.recent.appendleft(
+            {"short_id": session.short_id, "project": session.project_name, "outcome": outcome, "at": self._clock()}
+        )
+
+    # --- the person's messages ---------------------------------------------------------------------------------
+
+    async def handle_callback(self, data: Any) -> Outcome:
+        """A robot callback (fly-pigeon JSON shape). Raises CallbackError for a body that is not one."""
+        return await self.handle_message(parse_callback(data))
+
+    async def handle_message(self, msg: IncomingMessage) -> Outcome:
+        outcome = await self._handle(msg)
+        self.observe("callback", outcome)
+        logger.info(
+            "callback msgid=%s chat_id=%s quoted=%s outcome=%s", msg.msgid, msg.chat_id, msg.quoted_short_id, outcome
+        )
+        return outcome
+
+    async def _handle(self, msg: IncomingMessage) -> Outcome:
+        if msg.is_event:
+            if msg.event_type in ("enter_chat", "add_to_chat"):
+                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
+            return "event"
+        # From here until store.save() there is no await: the duplicate check and the match are atomic.
+        if msg.msgid and self.store.seen_msgid(msg.msgid):
+            return "duplicate"
+        if not msg.answer and not msg.image_urls:
+            self._hint(msg.chat_id, hints.empty_answer(), "text")
+            await self.store.save(msgid=msg.msgid)
+            return "hint_empty"
+
+        if msg.quoted_short_id:
+            session = self.store.get_by_short_id(msg.quoted_short_id)
+            if session is None:
+                self._hint(msg.chat_id, hints.unknown_quote(msg.quoted_short_id), "text")
+                await self.store.save(msgid=msg.msgid)
+                return "hint_unknown_quote"
+            if session.status == "waiting":
+                return await self._accept(session, msg, "quote")
+            late = session.status in ("timeout", "failed")
+            outcome = await self._accept(session, msg, "late" if late else "quote")
+            if late:
+                self._hint(msg.chat_id, hints.late_answer(session), "text")
+            return outcome
+
+        waiting = self.store.waiting_in_chat(msg.chat_id)
+        if len(waiting) == 1:
+            return await self._accept(waiting[0], msg, "only_waiting")
+        if waiting:
+            self._hint(msg.chat_id, hints.several_waiting(waiting))
+            await self.store.save(msgid=msg.msgid)
+            return "hint_several"
+        self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
+        await self.store.save(msgid=msg.msgid)
+        return "hint_chat_id"
+
+    async def _accept(self, session: Session, msg: IncomingMessage, how: Literal["quote", "only_waiting", "late"]):
+        reply = Reply(
+            msg_type="text" if msg.msg_type == "text" else msg.msg_type,  # type: ignore[arg-type]
+            content=msg.answer,
+            image_url=msg.image_urls[0] if msg.image_urls else None,
+            images=msg.image_urls,
+            from_user=UserInfo.model_validate(msg.from_user.model_dump()),
+            timestamp=msg.received_at,
+            msgid=msg.msgid,
+            matched_by=how,
+        )
+        session.replies.append(reply)
+        if session.status == "waiting":
+            session.status = "replied"
+            session.closed_at = self._clock()
+        await self.store.save(session, msgid=msg.msgid)
+        self._record(session, f"replied ({how})")
+        self._wake(session.session_id)
+        logger.info("reply matched session_id=%s short_id=%s by=%s", session.session_id, session.short_id, how)
+        return {"quote": "matched_quote", "only_waiting": "matched_only", "late": "late"}[how]
+
+    # --- hints: sent by a background task so reading a callback (or the worker's socket) never waits on WeCom ---
+
+    def _hint(self, chat_id: str, text: str, msg_type: Literal["markdown", "text"] = "markdown") -> None:
+        try:
+            self._hints.put_nowait(SendHintPayload(chat_id=chat_id, message=text, msg_type=msg_type))
+        except asyncio.QueueFull:
+            logger.warning("hint queue full, dropping a hint for chat_id=%s", chat_id)
+
+    async def run_hints(self) -> None:
+        while True:
+            payload = await self._hints.get()
+            try:
+                await self.delivery.send_hint(payload)
+                self.observe("hint", "sent")
+            except DeliveryError as exc:
+                self.observe("hint", "failed")
+                logger.warning("hint to chat_id=%s failed: %s", payload.chat_id, exc)
+
+    # --- housekeeping ------------------------------------------------------------------------------------------
+
+    async def sweep(self) -> None:
+        now = self._clock()
+        for session in self.store.waiting():
+            if session.deadline <= now:
+                await self._close(session, "timeout")
+                logger.info("session timed out session_id=%s short_id=%s", session.session_id, session.short_id)
+        expired = [
+            s.session_id
+            for s in self.store.all()
+            if s.status != "waiting" and (s.closed_at or s.created_at) + self.retention <= now
+        ]
+        if expired:
+            await self.store.delete(expired)
+            logger.info("purged %d closed sessions", len(expired))
+        await self.store.forget_msgids(now - self.retention)
+
+    async def run_sweeper(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.sweep()
+            except Exception:  # keep sweeping; one bad pass must not stop timeouts forever
+                logger.exception("sweep failed")
+
+
+__all__ = ["CallbackError", "HilService", "Outcome"]

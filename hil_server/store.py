@@ -1,0 +1,264 @@
+"""Where sessions live.
+
+`SessionStore` keeps the working set in memory (every read is a dict lookup, so matching never waits on disk) and
+hands each change to a `Persistence`, awaiting it: when `save()` returns, the change is durable. Mutations of the
+in-memory state happen synchronously at the start of `save()`, before its first await, so a caller that checks
+and then saves without awaiting in between (duplicate msgids, matching) cannot race another task.
+
+`SqlitePersistence` is the embedded default; a networked store can implement `Persistence` (or replace
+`SessionStore`) without touching the handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import queue
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Protocol
+
+from .models import Session
+
+logger = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+
+
+class Persistence(Protocol):
+    def load(self) -> tuple[list[Session], dict[str, float]]: ...
+
+    async def write(
+        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+    ) -> None: ...
+
+    async def purge_msgids(self, before: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class SessionStore:
+    def __init__(self, persistence: Persistence | None = None) -> None:
+        self._persistence = persistence
+        self._sessions: dict[str, Session] = {}
+        self._by_short: dict[str, str] = {}
+        self._waiting_by_chat: dict[str | None, dict[str, None]] = {}  # insertion-ordered sets
+        self._msgids: dict[str, float] = {}
+        if persistence is not None:
+            sessions, msgids = persistence.load()
+            for session in sessions:
+                self._index(session)
+            self._msgids = msgids
+
+    # --- reads (memory) ---
+    def get(self, session_id: str) -> Session | None:
+        return self._sessions.get(session_id)
+
+    def get_by_short_id(self, short_id: str) -> Session | None:
+        session_id = self._by_short.get(short_id)
+        return self._sessions.get(session_id) if session_id else None
+
+    def find(self, session_id_or_short: str) -> Session | None:
+        return self.get(session_id_or_short) or self.get_by_short_id(session_id_or_short)
+
+    def waiting_in_chat(self, chat_id: str) -> list[Session]:
+        """Sessions waiting in this chat, oldest first; sessions sent without a chat id wait in every chat."""
+        ids = list(self._waiting_by_chat.get(chat_id, {})) + list(self._waiting_by_chat.get(None, {}))
+        found = [self._sessions[i] for i in ids if i in self._sessions]
+        return sorted(found, key=lambda s: s.created_at)
+
+    def waiting(self) -> list[Session]:
+        return [self._sessions[i] for ids in self._waiting_by_chat.values() for i in ids if i in self._sessions]
+
+    def all(self) -> list[Session]:
+        return list(self._sessions.values())
+
+    def seen_msgid(self, msgid: str) -> bool:
+        return msgid in self._msgids
+
+    def short_id_taken(self, short_id: str) -> bool:
+        return short_id in self._by_short
+
+    def __len__(self) -> int:
+        return len(self._sessions)
+
+    # --- writes: memory now, durable when awaited ---
+    async def save(self, *sessions: Session, msgid: str | None = None) -> None:
+        now = time.time()
+        for session in sessions:
+            self._index(session)
+        if msgid:
+            self._msgids[msgid] = now
+        if self._persistence is not None:
+            await self._persistence.write(sessions, [(msgid, now)] if msgid else ())
+
+    async def delete(self, session_ids: Iterable[str]) -> None:
+        ids = [i for i in session_ids if i in self._sessions]
+        for session_id in ids:
+            session = self._sessions.pop(session_id)
+            self._by_short.pop(session.short_id, None)
+            self._unwait(session)
+        if self._persistence is not None and ids:
+            await self._persistence.write(delete=ids)
+
+    async def forget_msgids(self, before: float) -> None:
+        self._msgids = {m: t for m, t in self._msgids.items() if t >= before}
+        if self._persistence is not None:
+            await self._persistence.purge_msgids(before)
+
+    def close(self) -> None:
+        if self._persistence is not None:
+            self._persistence.close()
+
+    def _index(self, session: Session) -> None:
+        old = self._sessions.get(session.session_id)
+        if old is not None:
+            self._unwait(old)
+        self._sessions[session.session_id] = session
+        self._by_short[session.short_id] = session.session_id
+        if session.status == "waiting":
+            self._waiting_by_chat.setdefault(session.chat_id, {})[session.session_id] = None
+
+    def _unwait(self, session: Session) -> None:
+        chat = self._waiting_by_chat.get(session.chat_id)
+        if chat is not None:
+            chat.pop(session.session_id, None)
+            if not chat:
+                del self._waiting_by_chat[session.chat_id]
+
+
+class SqlitePersistence:
+    """SQLite in WAL mode, written by one thread that commits whatever is queued in one transaction (group
+    commit), so many concurrent saves cost one fsync-free commit and the event loop never touches the disk."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._queue: queue.Queue[tuple[str, tuple, asyncio.Future[None], asyncio.AbstractEventLoop] | None] = (
+            queue.Queue()
+        )
+        self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self._migrate()
+        self._thread = threading.Thread(target=self._run, name="hil-sqlite-writer", daemon=True)
+        self._thread.start()
+
+    def _migrate(self) -> None:
+        conn = self._conn
+        conn.execute("PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode survives a process crash (kill -9); only a power loss may drop the last commits.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        row = conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        version = int(row[0]) if row else 0
+        if version > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, newer than this hil-server ({SCHEMA_VERSION}); upgrade"
+            )
+        if version < 1:
+            conn.executescript(
+                """
+                BEGIN;
+                CREATE TABLE sessions (
+                    session_id TEXT PRIMARY KEY,
+                    short_id TEXT NOT NULL,
+                    chat_id TEXT,
+                    status TEXT NOT NULL,
+                    created_at REAL NOT NULL,
+                    data TEXT NOT NULL
+                );
+                CREATE INDEX sessions_short_id ON sessions (short_id);
+                CREATE INDEX sessions_status_chat ON sessions (status, chat_id);
+                CREATE TABLE msgids (msgid TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+                INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '1');
+                COMMIT;
+                """
+            )
+
+    def load(self) -> tuple[list[Session], dict[str, float]]:
+        sessions: list[Session] = []
+        for (data,) in self._conn.execute("SELECT data FROM sessions ORDER BY created_at"):
+            try:
+                sessions.append(Session.model_validate_json(data))
+            except ValueError:
+                logger.warning("skipping an unreadable session row in %s", self.path)
+        msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids").fetchall())
+        return sessions, msgids
+
+    async def write(
+        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+    ) -> None:
+        rows = [
+            (s.session_id, s.short_id, s.chat_id, s.status, s.created_at, s.model_dump_json()) for s in sessions
+        ]
+        await self._submit("write", (rows, list(msgids), list(delete)))
+
+    async def purge_msgids(self, before: float) -> None:
+        await self._submit("purge", (before,))
+
+    async def _submit(self, op: str, args: tuple) -> None:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put((op, args, future, loop))
+        await future
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            batch = [item]
+            while True:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self._commit(batch)
+                    return
+                batch.append(nxt)
+            self._commit(batch)
+
+    def _commit(self, batch: list) -> None:
+        error: Exception | None = None
+        try:
+            self._conn.execute("BEGIN")
+            for op, args, _, _ in batch:
+                if op == "write":
+                    rows, msgids, delete = args
+                    self._conn.executemany(
+                        "INSERT OR REPLACE INTO sessions (session_id, short_id, chat_id, status, created_at, data)"
+                        " VALUES (?, ?, ?, ?, ?, ?)",
+                        rows,
+                    )
+                    self._conn.executemany("INSERT OR IGNORE INTO msgids (msgid, seen_at) VALUES (?, ?)", msgids)
+                    self._conn.executemany("DELETE FROM sessions WHERE session_id = ?", [(i,) for i in delete])
+                elif op == "purge":
+                    self._conn.execute("DELETE FROM msgids WHERE seen_at < ?", args)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            error = exc
+            logger.error("sqlite write failed: %s", exc)
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+        for _, _, future, loop in batch:
+            loop.call_soon_threadsafe(_settle, future, error)
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+        self._conn.close()
+
+
+def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)

@@ -1,0 +1,189 @@
+"""Relay mode: the DevCloud Workers connected over WebSocket, and delivery through them."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hil_protocol.relay import (
+    ACTION_SEND_HINT,
+    ACTION_SEND_MESSAGE,
+    Ping,
+    Request,
+    Response,
+    SendHintPayload,
+    SendMessagePayload,
+    dump_frame,
+)
+
+from .delivery import DeliveryError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class WorkerLink:
+    """One connected worker. `send_text` writes a frame; writes are serialised by `lock`."""
+
+    worker_id: str
+    send_text: Callable[[str], Awaitable[None]]
+    close: Callable[[int, str], Awaitable[None]]
+    connected_at: float = field(default_factory=time.time)
+    last_seen: float = field(default_factory=time.monotonic)
+    last_seen_wall: float = field(default_factory=time.time)
+    features: set[str] = field(default_factory=set)
+    pending: dict[str, asyncio.Future[Response]] = field(default_factory=dict)
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    alive: bool = True
+
+    async def send(self, frame: Any) -> None:
+        async with self.lock:
+            await self.send_text(dump_frame(frame))
+
+    def touch(self) -> None:
+        self.last_seen = time.monotonic()
+        self.last_seen_wall = time.time()
+
+
+class WorkerHub:
+    def __init__(self, *, grace: float = 10.0, request_timeout: float = 90.0) -> None:
+        self.grace = grace
+        self.request_timeout = request_timeout
+        self.links: dict[str, WorkerLink] = {}
+        self._changed = asyncio.Condition()
+        self._rr = 0
+        self.on_change: Callable[[int], None] = lambda count: None
+
+    @property
+    def count(self) -> int:
+        return len(self.links)
+
+    async def add(self, link: WorkerLink) -> None:
+        old = self.links.get(link.worker_id)
+        if old is not None:
+            # The same worker reconnected before we noticed it left: the old socket is dead.
+            await self.remove(old, reason="replaced by a new connection")
+            try:
+                await old.close(4000, "replaced by a new connection")
+            except Exception:  # the old socket is usually already gone
+                pass
+        self.links[link.worker_id] = link
+        self.on_change(self.count)
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def remove(self, link: WorkerLink, reason: str = "") -> None:
+        link.alive = False
+        if self.links.get(link.worker_id) is link:
+            del self.links[link.worker_id]
+            self.on_change(self.count)
+        for future in link.pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError(f"worker {link.worker_id} left: {reason}"))
+        link.pending.clear()
+
+    def resolve(self, link: WorkerLink, response: Response) -> None:
+        future = link.pending.pop(response.id, None)
+        if future is not None and not future.done():
+            future.set_result(response)
+
+    async def _wait_for_worker(self) -> list[WorkerLink]:
+        if not self.links and self.grace > 0:
+            logger.info("no worker connected; waiting up to %.0fs for one", self.grace)
+            try:
+                async with self._changed:
+                    await asyncio.wait_for(self._changed.wait_for(lambda: bool(self.links)), self.grace)
+            except asyncio.TimeoutError:
+                pass
+        links = [link for link in self.links.values() if link.alive]
+        if not links:
+            return []
+        # Round-robin start point, so load spreads and a failed worker is followed by the next.
+        self._rr = (self._rr + 1) % len(links)
+        return links[self._rr :] + links[: self._rr]
+
+    async def request(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        links = await self._wait_for_worker()
+        if not links:
+            raise DeliveryError(
+                "没有已连接的 DevCloud Worker（relay 模式需要 worker 连接到 HIL Server 的 /ws）；"
+                "请检查 worker 是否在运行、HIL_URL 与 HIL_TOKEN 是否正确"
+            )
+        last: DeliveryError | None = None
+        for link in links:
+            try:
+                return await self._request_one(link, action, payload)
+            except DeliveryError as exc:
+                last = exc
+                if exc.errcode is not None and exc.errcode > 0:
+                    # WeCom itself refused the message: another worker with the same robot would be refused too.
+                    raise
+                logger.warning("worker_id=%s failed %s: %s; trying the next worker", link.worker_id, action, exc)
+        assert last is not None
+        raise last
+
+    async def _request_one(self, link: WorkerLink, action: str, payload: dict[str, Any]) -> dict[str, Any]:
+        request_id = uuid.uuid4().hex
+        future: asyncio.Future[Response] = asyncio.get_running_loop().create_future()
+        link.pending[request_id] = future
+        try:
+            await link.send(Request(id=request_id, action=action, payload=payload))
+            response = await asyncio.wait_for(future, self.request_timeout)
+        except asyncio.TimeoutError as exc:
+            raise DeliveryError(f"worker {link.worker_id} 在 {self.request_timeout:.0f} 秒内没有应答") from exc
+        except (ConnectionError, RuntimeError, OSError) as exc:
+            raise DeliveryError(f"与 worker {link.worker_id} 的连接中断") from exc
+        finally:
+            link.pending.pop(request_id, None)
+        if not response.success:
+            raise DeliveryError(response.error or "worker 发送失败", response.errcode)
+        return response.data or {}
+
+    async def heartbeat(self, interval: float, timeout: float) -> None:
+        """Ping every worker; evict one that has said nothing for `timeout` seconds."""
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for link in list(self.links.values()):
+                if now - link.last_seen > timeout:
+                    logger.warning("worker_id=%s silent for %.0fs, evicting", link.worker_id, now - link.last_seen)
+                    await self.remove(link, reason="heartbeat timeout")
+                    try:
+                        await link.close(4001, "heartbeat timeout")
+                    except Exception:  # a half-dead socket may fail to close; it is gone from the hub already
+                        pass
+                    continue
+                try:
+                    await link.send(Ping())
+                except Exception as exc:  # a broken socket: the reader notices and removes it
+                    logger.info("ping to worker_id=%s failed: %s", link.worker_id, type(exc).__name__)
+
+    def status(self) -> list[dict[str, Any]]:
+        now = time.monotonic()
+        return [
+            {
+                "worker_id": link.worker_id,
+                "connected_at": link.connected_at,
+                "last_seen_seconds_ago": round(now - link.last_seen, 1),
+                "in_flight": len(link.pending),
+            }
+            for link in self.links.values()
+        ]
+
+
+class RelayDelivery:
+    mode = "relay"
+
+    def __init__(self, hub: WorkerHub) -> None:
+        self.hub = hub
+
+    async def send_message(self, payload: SendMessagePayload) -> dict[str, Any]:
+        return await self.hub.request(ACTION_SEND_MESSAGE, payload.model_dump(exclude_none=True))
+
+    async def send_hint(self, payload: SendHintPayload) -> None:
+        await self.hub.request(ACTION_SEND_HINT, payload.model_dump(exclude_none=True))

@@ -1,0 +1,78 @@
+"""Relay mode: the endpoint DevCloud Workers connect to."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from fastapi import APIRouter, WebSocket, WebSocketDisconnect
+
+from hil_protocol.callback import CallbackError
+from hil_protocol.relay import (
+    FEATURE_CALLBACK_ACK,
+    Callback,
+    CallbackAck,
+    FrameError,
+    Hello,
+    Ping,
+    Pong,
+    Response,
+    parse_frame,
+)
+
+from .auth import worker_token_ok
+from .workers import WorkerLink
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter()
+
+
+@router.websocket("/ws")
+async def worker_socket(websocket: WebSocket, worker_id: str | None = None, token: str | None = None) -> None:
+    state = websocket.state
+    expected = state.settings.hil_worker_token.get_secret_value() if state.settings.hil_worker_token else None
+    if not worker_token_ok(expected, token, websocket.headers.get("authorization")):
+        logger.warning("worker refused: bad token worker_id=%s", worker_id)
+        await websocket.close(code=1008, reason="invalid worker token")
+        return
+    await websocket.accept()
+    hub = state.hub
+    service = state.service
+
+    async def close(code: int, reason: str) -> None:
+        await websocket.close(code=code, reason=reason)
+
+    link = WorkerLink(worker_id=(worker_id or uuid.uuid4().hex[:8])[:64], send_text=websocket.send_text, close=close)
+    await link.send(Hello(features=[FEATURE_CALLBACK_ACK]))
+    await hub.add(link)
+    logger.info("worker connected worker_id=%s workers=%d", link.worker_id, hub.count)
+    try:
+        # Never await a reply from this socket while reading it: responses resolve futures other tasks await,
+        # and hints go out through the hint task, so this loop only stores and acknowledges.
+        async for text in websocket.iter_text():
+            link.touch()
+            try:
+                frame = parse_frame(text)
+            except FrameError as exc:
+                logger.warning("worker_id=%s sent a bad frame: %s", link.worker_id, exc)
+                continue
+            if isinstance(frame, Response):
+                hub.resolve(link, frame)
+            elif isinstance(frame, Callback):
+                try:
+                    await service.handle_callback(frame.data.callback_data)
+                except CallbackError as exc:
+                    # Acknowledged all the same: it will never parse, and the worker must not replay it forever.
+                    logger.warning("worker_id=%s forwarded an unreadable callback: %s", link.worker_id, exc)
+                if frame.id:
+                    await link.send(CallbackAck(id=frame.id))
+            elif isinstance(frame, Ping):
+                await link.send(Pong())
+            elif isinstance(frame, Pong):
+                pass
+    except WebSocketDisconnect:
+        pass
+    finally:
+        await hub.remove(link, reason="disconnected")
+        logger.info("worker disconnected worker_id=%s workers=%d", link.worker_id, hub.count)

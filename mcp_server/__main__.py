@@ -1,0 +1,53 @@
+"""`hil-mcp` / `python -m mcp_server`: the MCP server on stdio."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from hil_protocol.logs import setup_logging
+
+from . import __version__
+from .config import McpSettings
+
+
+def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(
+        prog="hil-mcp",
+        description="Human-in-the-loop MCP server for WeCom (企业微信): ask a person, wait for the answer (stdio).",
+    )
+    parser.add_argument("--service-url", help="HIL Server URL, with or without /api (env SERVICE_URL; "
+                        "default http://localhost:8081)")
+    parser.add_argument("--mode", choices=["auto", "direct", "relay"], help="accepted for compatibility (env SERVICE_MODE)")
+    parser.add_argument("--chat-id", help="default WeCom chat id (env DEFAULT_CHAT_ID)")
+    parser.add_argument("--project-name", help="project name shown in the message header (env DEFAULT_PROJECT_NAME)")
+    parser.add_argument("--timeout", type=float, help="seconds to wait for a reply (env DEFAULT_TIMEOUT; default 1200)")
+    parser.add_argument("--poll-interval", type=float, help="seconds between polls against servers without "
+                        "long-poll (env POLL_INTERVAL; default 2)")
+    parser.add_argument("--api-token", help="API token for the HIL Server (env HIL_API_TOKEN)")
+    parser.add_argument("--version", action="version", version=f"hil-mcp {__version__}")
+    args = parser.parse_args(argv)
+    return {k: v for k, v in vars(args).items() if v is not None}
+
+
+def main(argv: list[str] | None = None) -> None:
+    overrides = parse_args(argv)
+    try:
+        settings = McpSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        print(f"hil-mcp: invalid configuration: {problems}", file=sys.stderr)
+        raise SystemExit(2) from None
+    secret = [settings.api_token.get_secret_value()] if settings.api_token else []
+    # stdout is the MCP protocol: logs go to stderr only.
+    setup_logging(settings.log_level, "text", secret)
+    from .server import create_server
+
+    create_server(settings).run("stdio")
+
+
+if __name__ == "__main__":
+    main()

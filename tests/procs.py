@@ -1,0 +1,211 @@
+"""Start the real processes on 127.0.0.1 with free ports, for end-to-end tests and the benchmark."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+BOT_KEY = "e2e-bot-key-0123456789"
+WORKER_TOKEN = "e2e-worker-token-abcdef"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log_path: Path
+    health_url: str | None = None
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self, wait: float = 20.0) -> Proc:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_"))}
+        env.update(self.env)
+        env["PYTHONUNBUFFERED"] = "1"
+        # Tests talk to 127.0.0.1 only; a proxy from the environment must not get in the way.
+        for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
+            env.pop(var, None)
+        env["NO_PROXY"] = "127.0.0.1,localhost"
+        log = self.log_path.open("ab")
+        self.popen = subprocess.Popen(
+            [sys.executable, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
+        )
+        if self.health_url:
+            self.wait_healthy(wait)
+        return self
+
+    def wait_healthy(self, wait: float = 20.0) -> None:
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if self.popen is not None and self.popen.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.popen.returncode}:\n{self.log()}")
+            try:
+                if httpx.get(self.health_url, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"{self.name} not healthy after {wait}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.popen.send_signal(sig)
+        try:
+            self.popen.wait(10)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait(5)
+
+    def kill(self) -> None:
+        self.stop(signal.SIGKILL)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+@dataclass
+class Stack:
+    """A fake WeCom, a HIL Server and (relay mode) a worker, all real processes."""
+
+    mode: str
+    tmp: Path
+    server_env: dict[str, str] = field(default_factory=dict)
+    worker_env: dict[str, str] = field(default_factory=dict)
+    fake_args: list[str] = field(default_factory=list)
+    fake_port: int = field(default_factory=free_port)
+    server_port: int = field(default_factory=free_port)
+    worker_port: int = field(default_factory=free_port)
+    procs: dict[str, Proc] = field(default_factory=dict)
+
+    @property
+    def fake_url(self) -> str:
+        return f"http://127.0.0.1:{self.fake_port}"
+
+    @property
+    def server_url(self) -> str:
+        return f"http://127.0.0.1:{self.server_port}"
+
+    @property
+    def worker_url(self) -> str:
+        return f"http://127.0.0.1:{self.worker_port}"
+
+    @property
+    def callback_url(self) -> str:
+        return f"{self.server_url}/api/callback" if self.mode == "direct" else f"{self.worker_url}/callback"
+
+    def start(self) -> Stack:
+        self.procs["fake"] = Proc(
+            "fake-wecom",
+            ["-m", "hil_sandbox.fake_wecom", "--port", str(self.fake_port), "--bot-key", BOT_KEY,
+             "--callback-url", self.callback_url, "--log-level", "warning", *self.fake_args],
+            {},
+            self.tmp / "fake.log",
+            f"{self.fake_url}/_fake/config",
+        ).start()
+        self.start_server()
+        if self.mode == "relay":
+            self.start_worker()
+        return self
+
+    def start_server(self) -> Proc:
+        env = {
+            "HIL_HOST": "127.0.0.1",
+            "HIL_PORT": str(self.server_port),
+            "HIL_MODE": self.mode,
+            "HIL_DATA_DIR": str(self.tmp / "server-data"),
+            "WECOM_API_BASE": self.fake_url,
+            "HEARTBEAT_INTERVAL": "1",
+            "HEARTBEAT_TIMEOUT": "5",
+            "WECOM_RETRY_DEADLINE": "30",
+            "SWEEP_INTERVAL": "0.5",
+        }
+        if self.mode == "direct":
+            env["BOT_KEY"] = BOT_KEY
+        else:
+            env["HIL_WORKER_TOKEN"] = WORKER_TOKEN
+        env.update(self.server_env)
+        self.procs["server"] = Proc(
+            "hil-server", ["-m", "hil_server.app"], env, self.tmp / "server.log", f"{self.server_url}/health"
+        ).start()
+        return self.procs["server"]
+
+    def start_worker(self, wait_connected: bool = True) -> Proc:
+        env = {
+            "HIL_URL": f"ws://127.0.0.1:{self.server_port}/ws",
+            "HIL_TOKEN": WORKER_TOKEN,
+            "BOT_KEY": BOT_KEY,
+            "CALLBACK_HOST": "127.0.0.1",
+            "CALLBACK_PORT": str(self.worker_port),
+            "WECOM_API_BASE": self.fake_url,
+            "HIL_DATA_DIR": str(self.tmp / "worker-data"),
+            "WORKER_ID": "e2e-worker",
+            "RECONNECT_MIN_DELAY": "0.2",
+            "RECONNECT_MAX_DELAY": "1",
+            "WECOM_RETRY_DEADLINE": "30",
+        }
+        env.update(self.worker_env)
+        self.procs["worker"] = Proc(
+            "hil-worker", ["-m", "devcloud_worker.worker"], env, self.tmp / "worker.log", f"{self.worker_url}/health"
+        ).start()
+        if wait_connected:
+            self.wait_worker()
+        return self.procs["worker"]
+
+    def wait_worker(self, timeout: float = 10.0) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            try:
+                if httpx.get(f"{self.server_url}/health", timeout=1).json().get("worker_connected"):
+                    return time.monotonic() - start
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError(f"worker did not connect in {timeout}s:\n{self.procs['worker'].log()}")
+
+    def stop(self) -> None:
+        for proc in reversed(list(self.procs.values())):
+            proc.stop()
+
+    def logs(self) -> str:
+        return "\n".join(f"===== {name}\n{proc.log()}" for name, proc in self.procs.items())
+
+    # --- helpers over HTTP ---
+    def send(self, message: str, **body: Any) -> dict[str, Any]:
+        return httpx.post(f"{self.server_url}/api/send", json={"message": message, **body}, timeout=60).json()
+
+    def poll(self, session_id: str, wait: float = 0) -> dict[str, Any]:
+        params = {"wait": wait} if wait else None
+        return httpx.get(f"{self.server_url}/api/poll/{session_id}", params=params, timeout=wait + 10).json()
+
+    def reply(self, chat_id: str, text: str, **kw: Any) -> dict[str, Any]:
+        response = httpx.post(f"{self.fake_url}/_fake/reply", json={"chat_id": chat_id, "text": text, **kw}, timeout=30)
+        response.raise_for_status()
+        return response.json()
+
+    def messages(self, chat_id: str | None = None, wait: int | None = None, timeout: float = 10) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {}
+        if chat_id:
+            params["chat_id"] = chat_id
+        if wait:
+            params["wait"] = wait
+            params["timeout"] = timeout
+        return httpx.get(f"{self.fake_url}/_fake/messages", params=params, timeout=timeout + 5).json()["messages"]
+
+    def fake(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        return httpx.post(f"{self.fake_url}/_fake/{path}", json=body, timeout=10).json()
