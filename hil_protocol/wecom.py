@@ -292,6 +292,7 @@ class _Pacer:
         self._next_start = 0.0
         self._throttled = False
         self._throttle_lock = asyncio.Lock()
+        self._epoch = 0
 
     async def run(self, send: Callable[[], Awaitable[None]]) -> None:
         async with self._slots:
@@ -315,12 +316,17 @@ class _Pacer:
             self._next_start = max(self._clock(), self._next_start) + 60.0 / self._policy.max_per_minute
 
     async def _send(self, send: Callable[[], Awaitable[None]]) -> None:
+        epoch = self._epoch
         try:
             await send()
         except WeComRateLimited:
             self._throttled = True
-            self._paused_until = max(self._paused_until, self._clock() + self._delay * (0.8 + random.random() * 0.4))
-            self._delay = min(self._delay * 2, self._policy.max_delay)
+            # Sends already in flight when WeCom started refusing fail together; one burst is one refusal, so
+            # only a refusal of a send started after the last pause lengthens the pause.
+            if epoch == self._epoch:
+                self._epoch += 1
+                self._paused_until = self._clock() + self._delay * (0.8 + random.random() * 0.4)
+                self._delay = min(self._delay * 2, self._policy.max_delay)
             raise
         except WeComNetworkError:
             self._paused_until = max(self._paused_until, self._clock() + self._policy.base_delay)

@@ -127,6 +127,10 @@ def format_quote_reply(quote: str, answer: str, sender: str = "", robot_name: st
     return f"\u201c{head}{quote}\u201d\n------\n{tail}"
 
 
+# WeCom tries a callback 3 times in all before giving up (WECOM.md).
+WECOM_CALLBACK_ATTEMPTS = 3
+
+
 @dataclass
 class FakeWeComConfig:
     """Settings of the fake; tests build one directly, the CLI from flags, /_fake/config changes it at run time."""
@@ -660,8 +664,13 @@ class FakeWeCom:
         at_robot: bool = True,
         repeat: int = 1,
         base_url: str | None = None,
+        wecom_retries: bool = False,
+        retry_interval: float = 5.0,
     ) -> dict[str, Any]:
         """Play a person: build a callback and POST it ``repeat`` times (same msgid, like WeCom's retries).
+
+        With ``wecom_retries`` it behaves like WeCom itself: up to 3 attempts in all, ``retry_interval`` apart,
+        stopping at the first HTTP 200 (WeCom counts nothing else as delivered).
 
         Returns ``{"callback": <json sent>, "responses": [{"status_code", "body", "error"}]}``.
         """
@@ -692,7 +701,16 @@ class FakeWeCom:
             base_url=base_url,
         )
         # Sequential on purpose: WeCom retries after the previous attempt, it does not send copies at once.
-        responses = [await self._post_callback(self.http_client, url, headers, callback) for _ in range(repeat)]
+        if wecom_retries:
+            responses = []
+            for attempt in range(WECOM_CALLBACK_ATTEMPTS):
+                if attempt:
+                    await asyncio.sleep(retry_interval)
+                responses.append(await self._post_callback(self.http_client, url, headers, callback))
+                if responses[-1]["status_code"] == 200:
+                    break
+        else:
+            responses = [await self._post_callback(self.http_client, url, headers, callback) for _ in range(repeat)]
         with self._lock:
             self.callbacks.append({"callback": callback, "responses": responses})
         return {"callback": callback, "responses": responses}
@@ -755,6 +773,8 @@ class ReplyRequest(BaseModel):
     event_type: str | None = None
     at_robot: bool = True
     repeat: int = Field(default=1, ge=1, le=10)
+    wecom_retries: bool = False
+    retry_interval: float = Field(default=5.0, gt=0, le=30)
 
     @model_validator(mode="after")
     def _parts_fit(self) -> ReplyRequest:
@@ -890,6 +910,8 @@ def create_fake_wecom_app(
                 event_type=body.event_type,
                 at_robot=body.at_robot,
                 repeat=body.repeat,
+                wecom_retries=body.wecom_retries,
+                retry_interval=body.retry_interval,
                 base_url=fake.config.public_url or str(request.base_url),
             )
         except CallbackNotConfiguredError as exc:
