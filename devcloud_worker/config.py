@@ -6,12 +6,12 @@ import uuid
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class WorkerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore")
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
 
     hil_url: str = "ws://localhost:8081/ws"
     hil_token: SecretStr | None = None
@@ -34,6 +34,13 @@ class WorkerSettings(BaseSettings):
     hello_timeout: float = 1.0
     hil_log_level: str = "INFO"
     hil_log_format: Literal["text", "json"] = "text"
+
+    @field_validator("bot_key")
+    @classmethod
+    def _bot_key_set(cls, value: SecretStr) -> SecretStr:
+        if not value.get_secret_value().strip():
+            raise ValueError("BOT_KEY is empty: set it to the WeCom robot's webhook key")
+        return value
 
     def secrets(self) -> list[str]:
         values = [self.hil_token, self.bot_key, self.callback_auth_value, self.wecom_callback_token,

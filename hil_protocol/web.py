@@ -129,18 +129,28 @@ class BodyLimitMiddleware:
                     return
         received = 0
         started = False
+        too_large = False
+        replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, too_large
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    too_large = True
                     raise _TooLarge
             return message
 
         async def tracking_send(message: Message) -> None:
-            nonlocal started
+            nonlocal started, replaced
+            if too_large and (replaced or not started):
+                # The app caught _TooLarge and answered on its own (FastAPI: 400 "error parsing the body"):
+                # send the 413 instead and drop the app's response.
+                if not replaced:
+                    replaced = started = True
+                    await self._reject(send)
+                return
             if message["type"] == "http.response.start":
                 started = True
             await send(message)

@@ -10,9 +10,10 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException
 
 from hil_protocol.logs import setup_logging
 from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, wecom_ok

@@ -190,13 +190,14 @@ class HilService:
         return outcome
 
     async def _handle(self, msg: IncomingMessage) -> Outcome:
-        if msg.is_event:
-            if msg.event_type in ("enter_chat", "add_to_chat"):
-                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
-            return "event"
         # From here until store.save() there is no await: the duplicate check and the match are atomic.
         if msg.msgid and self.store.seen_msgid(msg.msgid):
             return "duplicate"
+        if msg.is_event:
+            if msg.event_type in ("enter_chat", "add_to_chat"):
+                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
+            await self.store.save(msgid=msg.msgid)
+            return "event"
         if not msg.answer and not msg.image_urls:
             self._hint(msg.chat_id, hints.empty_answer(), "text")
             await self.store.save(msgid=msg.msgid)

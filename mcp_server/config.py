@@ -9,7 +9,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class McpSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True, populate_by_name=True)
 
     service_url: str = Field(
         default="http://localhost:8081", validation_alias=AliasChoices("service_url", "SERVICE_URL", "DEVCLOUD_SERVICE_URL")

@@ -90,6 +90,7 @@ async def _wait(state: HilState, ctx: Context, question: Question, timeout: floa
     start = time.monotonic()
     deadline = start + timeout
     base = {"session_id": question.session_id, "short_id": question.short_id}
+    progress = 0.0
     try:
         while True:
             remaining = deadline - time.monotonic()
@@ -132,8 +133,10 @@ async def _wait(state: HilState, ctx: Context, question: Question, timeout: floa
                     # The server answered at once: it does not hold polls (a seed server). Poll at the interval.
                     await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
             elapsed = time.monotonic() - start
+            # MCP requires progress to increase with every notification; rounding alone can repeat a value.
+            progress = round(max(elapsed, progress + 0.001), 3)
             await ctx.report_progress(
-                round(elapsed, 1), round(timeout, 1), f"等待回复中，已等待 {int(elapsed)} 秒 (#{question.short_id})"
+                progress, round(timeout, 1), f"等待回复中，已等待 {int(elapsed)} 秒 (#{question.short_id})"
             )
     except anyio.get_cancelled_exc_class():
         with anyio.CancelScope(shield=True), contextlib.suppress(HilApiError):

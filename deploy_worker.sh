@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Deploy and run the DevCloud Worker (relay mode: the intranet side that talks to WeCom for the HIL Server).
+#   ./deploy_worker.sh         install (if ./venv is missing), then start
+#   ./deploy_worker.sh install|start|stop|restart|status|logs
+# Settings: the environment, then the env file WORKER_ENV_FILE (default ./worker.env, see deploy/worker.env.example).
+# BOT_KEY is required. HIL_URL is the server's WebSocket, e.g. wss://your-domain.com/ws.
+# Files: VENV (./venv), PID_FILE (./hil-worker.pid), LOG_FILE (./worker.log), relative to the current directory.
+# For a service managed by systemd, see deploy/hil-worker.service instead.
+set -euo pipefail
+
+DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+DEPLOY_SCRIPT="$(basename "$0")"
+DEPLOY_NAME="hil-worker"
+DEPLOY_MODULE="devcloud_worker.worker"
+DEPLOY_ENV_VAR="WORKER_ENV_FILE"
+DEPLOY_ENV_DEFAULT="./worker.env"
+DEPLOY_HOST_VAR="CALLBACK_HOST"
+DEPLOY_PORT_VAR="CALLBACK_PORT"
+DEPLOY_PORT_DEFAULT=8082
+DEPLOY_PID_DEFAULT="./hil-worker.pid"
+DEPLOY_LOG_DEFAULT="./worker.log"
+DEPLOY_REQUIRE="BOT_KEY"
+DEPLOY_REQUIRE_HINT="the WeCom robot's webhook key"
+
+# shellcheck source=deploy/common.sh
+. "$DEPLOY_ROOT/deploy/common.sh"
+deploy_main "$@"

@@ -1,0 +1,531 @@
+"""hil_server.service.HilService (with the in-memory store and a recording delivery) and the SQLite store."""
+# ruff: noqa: RUF001  (full-width punctuation is what WeCom users type; the tests use it on purpose)
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hil_protocol.relay import SendHintPayload, SendMessagePayload
+from hil_sandbox.fake_wecom import format_quote_reply
+from hil_server.delivery import DeliveryError
+from hil_server.models import SendRequest
+from hil_server.service import HilService
+from hil_server.store import SessionStore, SqlitePersistence
+
+CHAT = "wrkChatA"
+OTHER_CHAT = "wrkChatB"
+ROBOT = "HIL助手"
+
+
+class FakeDelivery:
+    mode = "fake"
+
+    def __init__(self) -> None:
+        self.messages: list[SendMessagePayload] = []
+        self.hints: list[SendHintPayload] = []
+        self.fail_with: DeliveryError | None = None
+
+    async def send_message(self, payload: SendMessagePayload) -> dict[str, Any]:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.messages.append(payload)
+        return {"parts": 1}
+
+    async def send_hint(self, payload: SendHintPayload) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.hints.append(payload)
+
+
+class Clock:
+    def __init__(self, now: float = 1_700_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(store: SessionStore | None = None, **kw: Any) -> tuple[HilService, FakeDelivery]:
+    delivery = FakeDelivery()
+    return HilService(store if store is not None else SessionStore(), delivery, **kw), delivery
+
+
+def drain(service: HilService) -> list[SendHintPayload]:
+    out = []
+    while not service._hints.empty():
+        out.append(service._hints.get_nowait())
+    return out
+
+
+_msg_counter = 0
+
+
+def callback(text: str | None = None, chat: str = CHAT, msgid: str | None = None, **extra: Any) -> dict[str, Any]:
+    global _msg_counter
+    _msg_counter += 1
+    data: dict[str, Any] = {
+        "chatid": chat,
+        "chattype": "group",
+        "msgid": msgid or f"msg-{_msg_counter}",
+        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
+        "msgtype": "text",
+        "text": {"content": text or ""},
+    }
+    data.update(extra)
+    return data
+
+
+def quote(short_id: str, answer: str, project: str | None = "proj") -> str:
+    header = f"[#{short_id} {project}]" if project else f"[#{short_id}]"
+    return format_quote_reply(f"{header}\nthe question", answer, sender="HIL助手", robot_name=ROBOT)
+
+
+async def ask(service: HilService, message: str = "Deploy?", chat: str | None = CHAT, **kw: Any):
+    response = await service.send(SendRequest(message=message, chat_id=chat, project_name="proj", **kw))
+    assert response.success, response
+    return response
+
+
+# --- sending --------------------------------------------------------------------------------------------------
+
+
+async def test_send_creates_waiting_session_and_sends_payload() -> None:
+    service, delivery = make()
+    response = await service.send(SendRequest(message="Deploy now?", chat_id=CHAT, project_name="proj"))
+    assert response.success
+    assert response.session_id and response.short_id
+    session = service.store.get(response.session_id)
+    assert session is not None and session.status == "waiting"
+    assert session.short_id == response.short_id
+    (payload,) = delivery.messages
+    assert payload.short_id == response.short_id
+    assert payload.message == "Deploy now?"
+    assert payload.chat_id == CHAT
+    assert payload.project_name == "proj"
+    poll = await service.poll(response.session_id)
+    assert poll.status == "waiting" and not poll.has_reply
+
+
+async def test_send_without_wait_creates_no_session() -> None:
+    service, delivery = make()
+    response = await service.send(SendRequest(message="FYI", chat_id=CHAT, wait_reply=False))
+    assert response.success and response.session_id is None
+    assert len(service.store) == 0
+    assert delivery.messages[0].short_id is None
+
+
+async def test_delivery_error_fails_the_session() -> None:
+    service, delivery = make()
+    delivery.fail_with = DeliveryError("机器人 Key 无效，请检查 BOT_KEY", 93000)
+    response = await service.send(SendRequest(message="q", chat_id=CHAT))
+    assert response.success is False
+    assert response.errcode == 93000
+    assert "BOT_KEY" in (response.error or "")
+    assert response.session_id
+    session = service.store.get(response.session_id)
+    assert session is not None and session.status == "failed"
+    assert service.store.waiting_in_chat(CHAT) == []
+    poll = await service.poll(response.session_id)
+    assert poll.status == "failed"
+    assert "BOT_KEY" in poll.message
+
+
+async def test_timeout_argument_sets_deadline() -> None:
+    clock = Clock()
+    service, _ = make(clock=clock, default_timeout=1200)
+    a = await ask(service, timeout=30)
+    b = await ask(service)
+    assert service.store.get(a.session_id).deadline == clock.now + 30
+    assert service.store.get(b.session_id).deadline == clock.now + 1200
+
+
+# --- matching -----------------------------------------------------------------------------------------------------
+
+
+async def test_plain_reply_matches_the_only_waiting_session() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    outcome = await service.handle_callback(callback(f"@{ROBOT} yes, go"))
+    assert outcome == "matched_only"
+    poll = await service.poll(sent.session_id)
+    assert poll.status == "replied" and poll.has_reply
+    (reply,) = poll.replies
+    assert reply.content == "yes, go"
+    assert reply.matched_by == "only_waiting"
+    assert reply.from_user.userid == "zhangsan"
+    assert drain(service) == []
+
+
+async def test_plain_reply_ignores_sessions_of_other_chats() -> None:
+    service, _ = make()
+    other = await ask(service, chat=OTHER_CHAT)
+    outcome = await service.handle_callback(callback("@Bot hi", chat=CHAT))
+    assert outcome == "hint_chat_id"
+    assert service.store.get(other.session_id).status == "waiting"
+
+
+async def test_three_waiting_and_plain_reply_gives_one_hint() -> None:
+    service, _ = make()
+    sent = [await ask(service, message=f"question {i}") for i in range(3)]
+    outcome = await service.handle_callback(callback(f"@{ROBOT} which?"))
+    assert outcome == "hint_several"
+    for s in sent:
+        assert service.store.get(s.session_id).status == "waiting"
+        assert service.store.get(s.session_id).replies == []
+    hints = drain(service)
+    assert len(hints) == 1
+    assert hints[0].msg_type == "markdown"
+    assert hints[0].chat_id == CHAT
+    for s in sent:
+        assert s.short_id in hints[0].message
+
+
+async def test_quote_reply_matches_only_the_quoted_session() -> None:
+    service, _ = make()
+    sent = [await ask(service, message=f"question {i}") for i in range(3)]
+    outcome = await service.handle_callback(callback(quote(sent[1].short_id, "the second one")))
+    assert outcome == "matched_quote"
+    statuses = [(await service.poll(s.session_id)).status for s in sent]
+    assert statuses == ["waiting", "replied", "waiting"]
+    reply = service.store.get(sent[1].session_id).replies[0]
+    assert reply.content == "the second one"
+    assert reply.matched_by == "quote"
+    assert drain(service) == []
+
+
+async def test_quote_reply_by_short_id_works_from_any_chat() -> None:
+    service, _ = make()
+    sent = await ask(service, chat=OTHER_CHAT)
+    assert await service.handle_callback(callback(quote(sent.short_id, "ok"), chat=CHAT)) == "matched_quote"
+
+
+async def test_nothing_waiting_gives_chat_id_hint() -> None:
+    service, _ = make()
+    outcome = await service.handle_callback(callback(f"@{ROBOT} hello", chat="wrkLonelyChat"))
+    assert outcome == "hint_chat_id"
+    (hint,) = drain(service)
+    assert hint.chat_id == "wrkLonelyChat"
+    assert "wrkLonelyChat" in hint.message
+    assert "DEFAULT_CHAT_ID" in hint.message
+
+
+async def test_unknown_quoted_short_id_gives_hint() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    outcome = await service.handle_callback(callback(quote("deadbeef", "answer")))
+    assert outcome == "hint_unknown_quote"
+    assert service.store.get(sent.session_id).status == "waiting"  # not taken by the only-waiting rule
+    (hint,) = drain(service)
+    assert "deadbeef" in hint.message
+
+
+async def test_duplicate_msgid_recorded_once() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    data = callback(quote(sent.short_id, "yes"), msgid="dup-1")
+    assert await service.handle_callback(data) == "matched_quote"
+    assert await service.handle_callback(data) == "duplicate"
+    assert await service.handle_callback(dict(data)) == "duplicate"
+    assert len(service.store.get(sent.session_id).replies) == 1
+
+
+async def test_duplicate_of_a_hinted_message_hints_once() -> None:
+    service, _ = make()
+    data = callback("@Bot hi", msgid="dup-2")
+    assert await service.handle_callback(data) == "hint_chat_id"
+    assert await service.handle_callback(data) == "duplicate"
+    assert len(drain(service)) == 1
+
+
+async def test_enter_chat_event_is_not_a_reply() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    event = callback(msgtype="event", event={"event_type": "enter_chat"}, chattype="single")
+    del event["text"]
+    assert await service.handle_callback(event) == "event"
+    assert service.store.get(sent.session_id).status == "waiting"
+    (hint,) = drain(service)
+    assert CHAT in hint.message and "DEFAULT_CHAT_ID" in hint.message
+
+
+async def test_delete_event_is_silent() -> None:
+    service, _ = make()
+    event = callback(msgtype="event", event={"event_type": "delete_from_chat"})
+    assert await service.handle_callback(event) == "event"
+    assert drain(service) == []
+
+
+async def test_empty_answer_gives_hint_and_no_reply() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    assert await service.handle_callback(callback(f"@{ROBOT}")) == "hint_empty"
+    assert service.store.get(sent.session_id).replies == []
+    assert len(drain(service)) == 1
+
+
+async def test_image_reply_matches_with_url() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    data = callback(msgtype="image", image={"image_url": "https://wework.test/1.png"})
+    del data["text"]
+    assert await service.handle_callback(data) == "matched_only"
+    reply = service.store.get(sent.session_id).replies[0]
+    assert reply.msg_type == "image"
+    assert reply.image_url == "https://wework.test/1.png"
+
+
+async def test_late_quote_reply_after_timeout() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    assert await service.mark_timeout(sent.session_id) is True
+    assert (await service.poll(sent.session_id)).status == "timeout"
+    outcome = await service.handle_callback(callback(quote(sent.short_id, "sorry, late")))
+    assert outcome == "late"
+    session = service.store.get(sent.session_id)
+    assert session.status == "timeout"
+    (reply,) = session.replies
+    assert reply.content == "sorry, late" and reply.matched_by == "late"
+    poll = await service.poll(sent.session_id)
+    assert poll.has_reply and poll.replies[0].content == "sorry, late"
+    (hint,) = drain(service)
+    assert sent.short_id in hint.message
+    assert hint.msg_type == "text"
+
+
+async def test_plain_reply_does_not_go_to_timed_out_session() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    await service.mark_timeout(sent.session_id)
+    assert await service.handle_callback(callback("@Bot answer")) == "hint_chat_id"
+    assert service.store.get(sent.session_id).replies == []
+
+
+async def test_mark_timeout_unknown_session() -> None:
+    service, _ = make()
+    assert await service.mark_timeout("0" * 32) is False
+
+
+async def test_poll_unknown_and_by_short_id() -> None:
+    service, _ = make()
+    assert (await service.poll("f" * 32)).status == "not_found"
+    sent = await ask(service)
+    assert (await service.poll(sent.short_id)).session_id == sent.session_id
+
+
+# --- hints task -------------------------------------------------------------------------------------------------
+
+
+async def test_run_hints_delivers_and_survives_failures() -> None:
+    service, delivery = make()
+    task = asyncio.create_task(service.run_hints())
+    try:
+        delivery.fail_with = DeliveryError("down")
+        await service.handle_callback(callback("@Bot a", chat="c1"))
+        for _ in range(50):
+            if service._hints.empty():
+                break
+            await asyncio.sleep(0.005)
+        delivery.fail_with = None
+        await service.handle_callback(callback("@Bot b", chat="c2"))
+        for _ in range(200):
+            if delivery.hints:
+                break
+            await asyncio.sleep(0.005)
+        assert [h.chat_id for h in delivery.hints] == ["c2"]
+        assert not task.done()
+    finally:
+        task.cancel()
+
+
+# --- long poll ----------------------------------------------------------------------------------------------------
+
+
+async def test_long_poll_returns_soon_after_reply() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    poll_task = asyncio.create_task(service.poll(sent.session_id, wait=5))
+    await asyncio.sleep(0.05)
+    assert not poll_task.done()
+    replied_at = time.monotonic()
+    await service.handle_callback(callback(quote(sent.short_id, "now")))
+    result = await asyncio.wait_for(poll_task, 2)
+    elapsed = time.monotonic() - replied_at
+    assert elapsed < 1.0
+    assert result.status == "replied" and result.replies[0].content == "now"
+
+
+async def test_long_poll_returns_after_wait_when_nothing_comes() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    start = time.monotonic()
+    result = await service.poll(sent.session_id, wait=0.2)
+    elapsed = time.monotonic() - start
+    assert 0.15 <= elapsed < 1.0
+    assert result.status == "waiting" and not result.has_reply
+
+
+async def test_long_poll_wakes_on_timeout_mark() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    poll_task = asyncio.create_task(service.poll(sent.session_id, wait=5))
+    await asyncio.sleep(0.02)
+    await service.mark_timeout(sent.session_id)
+    result = await asyncio.wait_for(poll_task, 1)
+    assert result.status == "timeout"
+
+
+async def test_several_long_polls_on_one_session_all_wake() -> None:
+    service, _ = make()
+    sent = await ask(service)
+    polls = [asyncio.create_task(service.poll(sent.session_id, wait=5)) for _ in range(3)]
+    await asyncio.sleep(0.02)
+    await service.handle_callback(callback(quote(sent.short_id, "x")))
+    results = await asyncio.wait_for(asyncio.gather(*polls), 1)
+    assert [r.status for r in results] == ["replied"] * 3
+
+
+# --- sweep --------------------------------------------------------------------------------------------------------
+
+
+async def test_sweep_times_out_and_purges() -> None:
+    clock = Clock()
+    service, _ = make(clock=clock, retention=3600)
+    short = await ask(service, timeout=10)
+    long = await ask(service, timeout=100)
+    clock.now += 5
+    await service.sweep()
+    assert service.store.get(short.session_id).status == "waiting"
+    clock.now += 6
+    await service.sweep()
+    assert service.store.get(short.session_id).status == "timeout"
+    assert service.store.get(long.session_id).status == "waiting"
+    assert (await service.poll(short.session_id)).status == "timeout"
+    clock.now += 3600 - 1
+    await service.sweep()
+    assert service.store.get(short.session_id) is not None  # retained (late answers still land)
+    clock.now += 2
+    await service.sweep()
+    assert service.store.get(short.session_id) is None
+    assert service.store.get_by_short_id(short.short_id) is None
+    assert (await service.poll(short.session_id)).status == "not_found"
+    # The long one timed out at +100 and is still within retention.
+    assert service.store.get(long.session_id).status == "timeout"
+
+
+async def test_sweep_purges_replied_sessions_after_retention() -> None:
+    clock = Clock()
+    service, _ = make(clock=clock, retention=60)
+    sent = await ask(service)
+    await service.handle_callback(callback(quote(sent.short_id, "ok")))
+    clock.now += 59
+    await service.sweep()
+    assert service.store.get(sent.session_id) is not None
+    clock.now += 2
+    await service.sweep()
+    assert service.store.get(sent.session_id) is None
+
+
+# --- many at once -----------------------------------------------------------------------------------------------
+
+
+async def test_200_concurrent_questions_and_quote_replies() -> None:
+    service, delivery = make()
+    responses = await asyncio.gather(
+        *(service.send(SendRequest(message=f"question {i}", chat_id=CHAT, project_name="load")) for i in range(200))
+    )
+    assert all(r.success for r in responses)
+    assert len({r.short_id for r in responses}) == 200
+    assert len(delivery.messages) == 200
+    order = list(responses)
+    random.Random(42).shuffle(order)
+    outcomes = await asyncio.gather(
+        *(service.handle_callback(callback(quote(r.short_id, f"answer for {r.short_id}", "load"))) for r in order)
+    )
+    assert outcomes == ["matched_quote"] * 200
+    for r in responses:
+        session = service.store.get(r.session_id)
+        assert session.status == "replied"
+        assert [reply.content for reply in session.replies] == [f"answer for {r.short_id}"]
+    assert drain(service) == []
+
+
+# --- persistence --------------------------------------------------------------------------------------------------
+
+
+async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    store = SessionStore(SqlitePersistence(path))
+    service, _ = make(store)
+    replied = await ask(service, message="答复我")
+    waiting = await ask(service, message="still waiting", timeout=500)
+    failed_service, failing = make(store)
+    failing.fail_with = DeliveryError("down")
+    failed = await failed_service.send(SendRequest(message="fails", chat_id=CHAT))
+    await service.handle_callback(callback(quote(replied.short_id, "好的"), msgid="persist-1"))
+    await service.handle_callback(callback("@Bot ?", chat="wrkNobody", msgid="persist-2"))
+    before = {s.session_id: s.model_dump() for s in store.all()}
+    store.close()
+
+    reopened = SessionStore(SqlitePersistence(path))
+    try:
+        after = {s.session_id: s.model_dump() for s in reopened.all()}
+        assert after == before
+        assert reopened.get(replied.session_id).status == "replied"
+        assert reopened.get(replied.session_id).replies[0].content == "好的"
+        assert reopened.get(waiting.session_id).status == "waiting"
+        assert reopened.get(failed.session_id).status == "failed"
+        assert reopened.get_by_short_id(waiting.short_id).session_id == waiting.session_id
+        assert [s.session_id for s in reopened.waiting_in_chat(CHAT)] == [waiting.session_id]
+        assert reopened.seen_msgid("persist-1") and reopened.seen_msgid("persist-2")
+        assert not reopened.seen_msgid("persist-3")
+        # A redelivered callback after a restart is still a duplicate.
+        service2, _ = make(reopened)
+        again = callback(quote(replied.short_id, "好的"), msgid="persist-1")
+        assert await service2.handle_callback(again) == "duplicate"
+    finally:
+        reopened.close()
+
+    conn = sqlite3.connect(path)
+    try:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+    finally:
+        conn.close()
+
+
+async def test_sqlite_delete_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    clock = Clock()
+    store = SessionStore(SqlitePersistence(path))
+    service, _ = make(store, clock=clock, retention=10)
+    sent = await ask(service, timeout=5)
+    clock.now += 100
+    await service.sweep()  # times out
+    assert store.get(sent.session_id).status == "timeout"
+    clock.now += 11
+    await service.sweep()  # purges
+    assert store.get(sent.session_id) is None
+    store.close()
+    reopened = SessionStore(SqlitePersistence(path))
+    try:
+        assert reopened.get(sent.session_id) is None
+        assert len(reopened) == 0
+    finally:
+        reopened.close()
+
+
+def test_newer_schema_refused(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    SqlitePersistence(path).close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
+    conn.commit()
+    conn.close()
+    with pytest.raises(RuntimeError, match="schema version 99"):
+        SqlitePersistence(path)
