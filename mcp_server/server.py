@@ -92,6 +92,8 @@ async def _wait(state: HilState, ctx: Context, question: Question, timeout: floa
     base = {"session_id": question.session_id, "short_id": question.short_id}
     progress = 0.0
     try:
+        # Tell the client at once that the question is out and the call is alive; some clients cut silent calls.
+        await ctx.report_progress(progress, round(timeout, 1), f"问题已发送，等待回复中 (#{question.short_id})")
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:

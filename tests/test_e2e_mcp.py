@@ -1,0 +1,254 @@
+"""hil-mcp end to end: a real MCP client session over stdio, the real HIL Server (+ worker) and the fake WeCom."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+from mcp.client.stdio import StdioServerParameters
+
+from tests.procs import Stack
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "chatE2E"
+PROJECT = "e2e-proj"
+HEADER_RE = re.compile(rf"^\[#(?P<short_id>[0-9a-f]{{8}}) {PROJECT}\]")
+PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+def mcp_params(
+    stack: Stack, cwd: Path, *, timeout: float = 30, env: dict[str, str] | None = None
+) -> StdioServerParameters:
+    # The real command line an agent's MCP config would hold; settings the test does not give come from nowhere.
+    base = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))
+    }
+    base.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": "INFO"})
+    base.update(env or {})
+    assert "PATH" in base
+    return StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", CHAT, "--project-name", PROJECT,
+              "--timeout", str(timeout)],
+        env=base,
+        cwd=cwd,
+    )
+
+
+@asynccontextmanager
+async def session(
+    stack: Stack, tmp_path: Path, *, reply_timeout: float = 30, env: dict[str, str] | None = None
+) -> AsyncIterator[tuple[Client, Chat]]:
+    cwd = tmp_path / "mcp"
+    cwd.mkdir(exist_ok=True)
+    async with (
+        Client(mcp_params(stack, cwd, timeout=reply_timeout, env=env)) as client,
+        httpx.AsyncClient(base_url=stack.fake_url, trust_env=False, timeout=30) as http,
+    ):
+        yield client, Chat(http)
+
+
+class Chat:
+    """The person in the WeCom group, through the fake's control API."""
+
+    def __init__(self, http: httpx.AsyncClient) -> None:
+        self.http = http
+
+    async def messages(self, since_seq: int = 0, wait: int = 0) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"chat_id": CHAT, "since_seq": since_seq}
+        if wait:
+            params.update(wait=wait, timeout=20)
+        response = await self.http.get("/_fake/messages", params=params)
+        response.raise_for_status()
+        return response.json()["messages"]
+
+    async def next_message(self, since_seq: int = 0) -> dict[str, Any]:
+        messages = await self.messages(since_seq, wait=1)
+        assert messages, f"no message to {CHAT} after seq {since_seq}"
+        return messages[0]
+
+    async def question(self, text: str, since_seq: int = 0) -> tuple[dict[str, Any], str]:
+        """Wait for the question carrying `text`; returns it and its short id."""
+        while True:
+            message = await self.next_message(since_seq)
+            if text in (message["content"] or ""):
+                match = HEADER_RE.match(message["content"])
+                assert match, message["content"]
+                return message, match["short_id"]
+            since_seq = message["seq"]
+
+    async def count(self, text: str) -> int:
+        return sum(text in (m["content"] or "") for m in await self.messages())
+
+    async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
+        response = await self.http.post(
+            "/_fake/reply", json={"chat_id": CHAT, "text": answer, "quote": question["content"],
+                                  "quote_sender": "HIL助手"},
+        )
+        response.raise_for_status()
+        assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
+
+
+def structured(result: Any) -> dict[str, Any]:
+    assert not result.is_error, result
+    assert result.structured_content is not None
+    return result.structured_content
+
+
+async def poll_status(stack: Stack, ref: str, wait: float = 0) -> str:
+    async with httpx.AsyncClient(trust_env=False, timeout=wait + 10) as http:
+        return (await http.get(f"{stack.server_url}/api/poll/{ref}", params={"wait": wait})).json()["status"]
+
+
+async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
+    async with session(stack, tmp_path) as (client, _):
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    assert {"send_and_wait_reply", "send_message_only", "wait_for_reply"} <= set(tools)
+    assert set(tools["send_and_wait_reply"].input_schema["properties"]) == {
+        "message", "chat_id", "image_paths", "project_name"
+    }
+    assert set(tools["send_message_only"].input_schema["properties"]) == {
+        "message", "chat_id", "image_paths", "project_name"
+    }
+
+
+async def test_send_and_wait_reply_gets_the_quote_reply(stack: Stack, tmp_path: Path) -> None:
+    question_text = "要合并这个 PR 吗？"  # noqa: RUF001
+    outcome: dict[str, Any] = {}
+    async with session(stack, tmp_path) as (client, chat), anyio.create_task_group() as tg:
+
+        async def ask() -> None:
+            outcome["result"] = await client.call_tool("send_and_wait_reply", {"message": question_text})
+
+        tg.start_soon(ask)
+        question, short_id = await chat.question(question_text)
+        assert question["content"].startswith(f"[#{short_id} {PROJECT}]")
+        await chat.quote_reply(question, "可以，合并吧")  # noqa: RUF001
+
+    result = structured(outcome["result"])
+    assert result["status"] == "success", result
+    assert [r["content"] for r in result["replies"]] == ["可以，合并吧"]  # noqa: RUF001
+    assert "可以，合并吧" in result["message"]  # noqa: RUF001
+    assert result["session_id"]
+    assert result.get("short_id") in (None, short_id)
+
+
+async def test_send_message_only_delivers(stack: Stack, tmp_path: Path) -> None:
+    async with session(stack, tmp_path) as (client, chat):
+        result = structured(await client.call_tool("send_message_only", {"message": "部署完成 ✅"}))
+        assert result["status"] == "success", result
+        messages = await chat.messages(wait=1)
+    assert any("部署完成 ✅" in (m["content"] or "") for m in messages), messages
+
+
+async def test_cancelled_call_then_wait_for_reply_and_asking_again(stack: Stack, tmp_path: Path) -> None:
+    # A short heartbeat, so the first progress notification (the call is waiting) comes quickly.
+    async with session(stack, tmp_path, env={"HIL_HEARTBEAT": "0.3"}) as (client, chat):
+
+        async def ask_and_cancel(text: str) -> tuple[dict[str, Any], str]:
+            """Ask, wait until the call is waiting for the answer, then give up on the call (the client cancels)."""
+            waiting = anyio.Event()
+
+            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+                waiting.set()
+
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    await client.call_tool("send_and_wait_reply", {"message": text}, progress_callback=on_progress)
+                    pytest.fail("the call returned although nobody answered")
+
+                tg.start_soon(ask)
+                question, short_id = await chat.question(text)
+                with anyio.fail_after(10):
+                    await waiting.wait()
+                tg.cancel_scope.cancel()
+            # The cancellation reached the MCP server: it told the HIL Server it stopped waiting.
+            # (A long-poll wakes when that happens.)
+            status = await poll_status(stack, short_id)
+            if status == "waiting":
+                status = await poll_status(stack, short_id, wait=10)
+            assert status == "timeout"
+            return question, short_id
+
+        # 1. Cut call, late answer, wait_for_reply() and wait_for_reply(short id) both return it.
+        question, short_id = await ask_and_cancel("第一个问题")
+        await chat.quote_reply(question, "第一个回答")
+        result = structured(await client.call_tool("wait_for_reply", {}))
+        assert result["status"] == "success", result
+        assert [r["content"] for r in result["replies"]] == ["第一个回答"]
+        result = structured(await client.call_tool("wait_for_reply", {"session_id": short_id}))
+        assert result["status"] == "success", result
+        assert [r["content"] for r in result["replies"]] == ["第一个回答"]
+
+        # 2. Cut call, late answer, the agent asks the same again: the answer comes back, nothing new is posted.
+        question, short_id = await ask_and_cancel("第二个问题")
+        await chat.quote_reply(question, "第二个回答")
+        result = structured(await client.call_tool("send_and_wait_reply", {"message": "第二个问题"}))
+        assert result["status"] == "success", result
+        assert [r["content"] for r in result["replies"]] == ["第二个回答"]
+        assert await chat.count("第二个问题") == 1
+        assert await chat.count("第一个问题") == 1
+
+
+async def test_timeout_returns_the_session_and_names_wait_for_reply(stack: Stack, tmp_path: Path) -> None:
+    async with session(stack, tmp_path, reply_timeout=2) as (client, chat):
+        started = time.monotonic()
+        result = structured(await client.call_tool("send_and_wait_reply", {"message": "没人回答的问题"}))
+        elapsed = time.monotonic() - started
+        assert await chat.count("没人回答的问题") == 1
+    assert result["status"] == "timeout", result
+    assert result["session_id"]
+    assert result["session_id"] in result["message"]
+    assert "wait_for_reply" in result["message"]
+    assert 2 <= elapsed < 10
+    assert await poll_status(stack, result["session_id"]) == "timeout"
+
+
+@pytest.mark.parametrize("stack", ["relay"], indirect=True)
+async def test_progress_keeps_a_long_wait_alive(stack: Stack, tmp_path: Path) -> None:
+    """With the default 10 s heartbeat, a 35 s wait sends progress at least every 10.5 s."""
+    times: list[float] = []
+    messages: list[str | None] = []
+    outcome: dict[str, Any] = {}
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        times.append(time.monotonic())
+        messages.append(message)
+
+    async with session(stack, tmp_path, reply_timeout=120) as (client, chat), anyio.create_task_group() as tg:
+        started = time.monotonic()
+
+        async def ask() -> None:
+            outcome["result"] = await client.call_tool(
+                "send_and_wait_reply", {"message": "慢慢回答的问题"}, progress_callback=on_progress
+            )
+            outcome["done"] = time.monotonic()
+
+        tg.start_soon(ask)
+        question, _ = await chat.question("慢慢回答的问题")
+        await anyio.sleep(35)  # the person takes their time
+        await chat.quote_reply(question, "终于回答了")
+
+    result = structured(outcome["result"])
+    assert result["status"] == "success", result
+    assert len(times) >= 3
+    marks = [started, *times, outcome["done"]]
+    gaps = [b - a for a, b in itertools.pairwise(marks)]
+    assert max(gaps) <= 10.5, gaps
+    assert all(m and "等待回复中" in m for m in messages), messages
+    print("progress gaps:", [round(g, 2) for g in gaps])
