@@ -43,6 +43,11 @@ class WorkerSettings(BaseSettings):
         return value
 
     def secrets(self) -> list[str]:
-        values = [self.hil_token, self.bot_key, self.callback_auth_value, self.wecom_callback_token,
-                  self.wecom_callback_aes_key]
+        values = [
+            self.hil_token,
+            self.bot_key,
+            self.callback_auth_value,
+            self.wecom_callback_token,
+            self.wecom_callback_aes_key,
+        ]
         return [v.get_secret_value() for v in values if v is not None and v.get_secret_value()]

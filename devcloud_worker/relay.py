@@ -98,7 +98,9 @@ class RelayClient:
         if isinstance(exc, InvalidStatus):
             status = exc.response.status_code
             if status in (401, 403):
-                logger.error("HIL Server refused this worker (HTTP %d): check HIL_TOKEN against HIL_WORKER_TOKEN", status)
+                logger.error(
+                    "HIL Server refused this worker (HTTP %d): check HIL_TOKEN against HIL_WORKER_TOKEN", status
+                )
             else:
                 logger.warning("HIL Server answered HTTP %d to the WebSocket upgrade", status)
         else:
@@ -176,7 +178,7 @@ class RelayClient:
         server (no hello), drop each once it is written to the socket."""
         try:
             await asyncio.wait_for(hello.wait(), self._hello_timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             logger.info("HIL Server sent no hello: assuming a seed server without callback acknowledgements")
         acks = FEATURE_CALLBACK_ACK in features
         sent: set[int] = set()

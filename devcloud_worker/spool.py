@@ -40,7 +40,8 @@ class Spool:
         def add() -> int:
             assert self._conn is not None
             cur = self._conn.execute(
-                "INSERT INTO spool (data, created_at) VALUES (?, ?)", (json.dumps(data, ensure_ascii=False), time.time())
+                "INSERT INTO spool (data, created_at) VALUES (?, ?)",
+                (json.dumps(data, ensure_ascii=False), time.time()),
             )
             return int(cur.lastrowid or 0)
 

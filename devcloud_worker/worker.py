@@ -40,7 +40,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         spool = Spool(settings.hil_data_dir / "worker-spool.sqlite3")
         async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
-            backend = make_backend(settings.wecom_sender, http, settings.wecom_api_base, settings.bot_key.get_secret_value())
+            backend = make_backend(
+                settings.wecom_sender, http, settings.wecom_api_base, settings.bot_key.get_secret_value()
+            )
             policy = RetryPolicy(deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute)
             sender = RobotSender(backend, http, policy)
             client = RelayClient(
@@ -57,7 +59,9 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             pending = await spool.count()
             logger.info(
                 "worker %s starting: HIL Server %s, %d spooled callbacks to replay",
-                settings.worker_id, settings.hil_url.split("?")[0], pending,
+                settings.worker_id,
+                settings.hil_url.split("?")[0],
+                pending,
             )
             task = asyncio.create_task(client.run(), name="relay")
             try:

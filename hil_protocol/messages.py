@@ -14,8 +14,8 @@ SHORT_ID_RE = re.compile(r"^[0-9a-f]{8}$")
 # but never "]" or a line break (the API refuses those), so "[^\]\n]" ends the name.
 HEADER_RE = re.compile(r"\[#(?P<short_id>[0-9a-f]{8})(?:[ \t]+(?P<project>[^\]\n]*))?\]")
 
-_OPEN_QUOTES = "\u201c\""
-_CLOSE_QUOTES = "\u201d\""
+_OPEN_QUOTES = '\u201c"'
+_CLOSE_QUOTES = '\u201d"'
 # "------" on its own line separates the quoted text from the answer; be lenient about spaces around it.
 _SEPARATOR_RE = re.compile(r"[\u201d\"]?\s*\n?[ \t]*-{6,}[ \t]*\n?", re.MULTILINE)
 # "@RobotName " or "@RobotName\n" at the start of what the person typed.

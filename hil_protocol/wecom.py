@@ -401,7 +401,10 @@ class RobotSender:
         return await self.send_payload(payload)
 
     async def send_markdown(self, chat_id: str | None, content: str) -> int:
-        payload: dict[str, Any] = {"msgtype": "markdown", "markdown": {"content": truncate_bytes(content, MARKDOWN_LIMIT)}}
+        payload: dict[str, Any] = {
+            "msgtype": "markdown",
+            "markdown": {"content": truncate_bytes(content, MARKDOWN_LIMIT)},
+        }
         if chat_id:
             payload["chatid"] = chat_id
         return await self.send_payload(payload)

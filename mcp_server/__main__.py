@@ -19,14 +19,20 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
         prog="hil-mcp",
         description="Human-in-the-loop MCP server for WeCom (企业微信): ask a person, wait for the answer (stdio).",
     )
-    parser.add_argument("--service-url", help="HIL Server URL, with or without /api (env SERVICE_URL; "
-                        "default http://localhost:8081)")
-    parser.add_argument("--mode", choices=["auto", "direct", "relay"], help="accepted for compatibility (env SERVICE_MODE)")
+    parser.add_argument(
+        "--service-url", help="HIL Server URL, with or without /api (env SERVICE_URL; default http://localhost:8081)"
+    )
+    parser.add_argument(
+        "--mode", choices=["auto", "direct", "relay"], help="accepted for compatibility (env SERVICE_MODE)"
+    )
     parser.add_argument("--chat-id", help="default WeCom chat id (env DEFAULT_CHAT_ID)")
     parser.add_argument("--project-name", help="project name shown in the message header (env DEFAULT_PROJECT_NAME)")
     parser.add_argument("--timeout", type=float, help="seconds to wait for a reply (env DEFAULT_TIMEOUT; default 1200)")
-    parser.add_argument("--poll-interval", type=float, help="seconds between polls against servers without "
-                        "long-poll (env POLL_INTERVAL; default 2)")
+    parser.add_argument(
+        "--poll-interval",
+        type=float,
+        help="seconds between polls against servers without long-poll (env POLL_INTERVAL; default 2)",
+    )
     parser.add_argument("--api-token", help="API token for the HIL Server (env HIL_API_TOKEN)")
     parser.add_argument("--version", action="version", version=f"hil-mcp {__version__}")
     args = parser.parse_args(argv)

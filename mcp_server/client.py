@@ -6,6 +6,7 @@ import mimetypes
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 
 IMAGE_MAX_BYTES = 2 * 1024 * 1024
@@ -67,7 +68,7 @@ class HilClient:
         await self._request("POST", f"/api/session/{session_id}/timeout", timeout=10)
 
     async def upload_image(self, path: Path) -> str:
-        data = path.read_bytes()
+        data = await anyio.Path(path).read_bytes()
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         body = await self._request("POST", "/api/upload-image", files={"file": (path.name, data, mime)}, timeout=60)
         if not body.get("success") or not body.get("image_url"):

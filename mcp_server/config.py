@@ -9,10 +9,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class McpSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True, populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True, populate_by_name=True
+    )
 
     service_url: str = Field(
-        default="http://localhost:8081", validation_alias=AliasChoices("service_url", "SERVICE_URL", "DEVCLOUD_SERVICE_URL")
+        default="http://localhost:8081",
+        validation_alias=AliasChoices("service_url", "SERVICE_URL", "DEVCLOUD_SERVICE_URL"),
     )
     mode: Literal["auto", "direct", "relay"] = Field(
         default="auto", validation_alias=AliasChoices("mode", "SERVICE_MODE")
@@ -25,7 +28,9 @@ class McpSettings(BaseSettings):
     poll_interval: float = Field(default=2.0, gt=0, validation_alias=AliasChoices("poll_interval", "POLL_INTERVAL"))
     api_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("api_token", "HIL_API_TOKEN"))
     # Longest single long-poll; progress notifications go out at least this often while waiting.
-    heartbeat_interval: float = Field(default=10.0, gt=0, validation_alias=AliasChoices("heartbeat_interval", "HIL_HEARTBEAT"))
+    heartbeat_interval: float = Field(
+        default=10.0, gt=0, validation_alias=AliasChoices("heartbeat_interval", "HIL_HEARTBEAT")
+    )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("log_level", "HIL_LOG_LEVEL"))
 
     @field_validator("service_url")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-
 import contextlib
 import logging
 import time
@@ -153,14 +152,18 @@ async def _wait(state: HilState, ctx: Context, question: Question, timeout: floa
         "message": (
             f"No reply within {int(timeout)} s. The question (#{question.short_id}, session_id "
             f"{question.session_id}) stays open on the HIL Server and a later answer is kept: call "
-            f"wait_for_reply(session_id=\"{question.session_id}\") to keep waiting, or continue without an answer."
+            f'wait_for_reply(session_id="{question.session_id}") to keep waiting, or continue without an answer.'
         ),
         **base,
     }
 
 
 async def _post(
-    state: HilState, message: str, chat_id: str | None, image_paths: list[str] | None, project_name: str | None,
+    state: HilState,
+    message: str,
+    chat_id: str | None,
+    image_paths: list[str] | None,
+    project_name: str | None,
     wait_reply: bool,
 ) -> dict[str, Any]:
     """Upload images and POST /api/send. Returns the server's answer, or a result dict with status error."""
@@ -254,8 +257,12 @@ def create_server(settings: McpSettings) -> MCPServer[HilState]:
         state = _state(ctx)
         try:
             sent = await _post(
-                state, message, chat_id or state.settings.chat_id, image_paths,
-                project_name or state.settings.project_name, wait_reply=False,
+                state,
+                message,
+                chat_id or state.settings.chat_id,
+                image_paths,
+                project_name or state.settings.project_name,
+                wait_reply=False,
             )
         except HilApiError as exc:
             return {"status": "error", "message": str(exc)}
@@ -266,7 +273,9 @@ def create_server(settings: McpSettings) -> MCPServer[HilState]:
         return {"status": "success", "message": "Message delivered to WeCom."}
 
     @server.tool()
-    async def wait_for_reply(ctx: Context, session_id: str | None = None, timeout: float | None = None) -> dict[str, Any]:
+    async def wait_for_reply(
+        ctx: Context, session_id: str | None = None, timeout: float | None = None
+    ) -> dict[str, Any]:
         """Keep waiting for the answer to a question asked earlier (after a timeout or a cut call).
 
         Args:
@@ -287,5 +296,4 @@ def create_server(settings: McpSettings) -> MCPServer[HilState]:
     return server
 
 
-__all__ = ["create_server", "HilState"]
-
+__all__ = ["HilState", "create_server"]
