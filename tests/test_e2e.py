@@ -267,3 +267,55 @@ def test_logs_never_contain_secrets(stack: Stack) -> None:
 
     for secret in (BOT_KEY, WORKER_TOKEN):
         assert secret not in logs
+
+
+def test_failed_send_is_tried_on_the_next_worker(relay: Stack, tmp_path) -> None:
+    from tests.procs import Proc, free_port
+
+    # A second worker whose WeCom is unreachable: every send it takes fails with a network error.
+    port = free_port()
+    broken = Proc(
+        "broken-worker",
+        ["-m", "devcloud_worker.worker"],
+        {
+            "HIL_URL": f"ws://127.0.0.1:{relay.server_port}/ws",
+            "HIL_TOKEN": relay.procs["worker"].env["HIL_TOKEN"],
+            "BOT_KEY": BOT_KEY,
+            "CALLBACK_HOST": "127.0.0.1",
+            "CALLBACK_PORT": str(port),
+            "WECOM_API_BASE": f"http://127.0.0.1:{free_port()}",
+            "WECOM_RETRY_DEADLINE": "0.3",
+            "HIL_DATA_DIR": str(tmp_path / "broken-data"),
+            "WORKER_ID": "broken-worker",
+        },
+        tmp_path / "broken.log",
+        f"http://127.0.0.1:{port}/health",
+    ).start()
+    relay.procs["broken"] = broken
+    deadline = time.monotonic() + 10
+    while httpx.get(f"{relay.server_url}/health").json()["worker_count"] < 2:
+        assert time.monotonic() < deadline, "second worker did not connect"
+        time.sleep(0.05)
+    results = [relay.send(f"故障转移 {i}", chat_id="chat-failover") for i in range(6)]
+    assert all(r["success"] for r in results), results
+    assert len(relay.messages("chat-failover")) == 6
+    assert "trying the next worker" in relay.procs["server"].log()
+
+
+def test_silent_worker_is_evicted(relay: Stack) -> None:
+    import websockets.sync.client as ws_client
+
+    from tests.procs import WORKER_TOKEN
+
+    # Connects, then never answers the server's pings (HEARTBEAT_INTERVAL=1, HEARTBEAT_TIMEOUT=5 in tests).
+    with ws_client.connect(
+        f"ws://127.0.0.1:{relay.server_port}/ws?worker_id=silent&token={WORKER_TOKEN}", proxy=None
+    ):
+        assert httpx.get(f"{relay.server_url}/health").json()["worker_count"] == 2
+        deadline = time.monotonic() + 10
+        while httpx.get(f"{relay.server_url}/health").json()["worker_count"] != 1:
+            assert time.monotonic() < deadline, "silent worker was not evicted"
+            time.sleep(0.2)
+    assert "worker_id=silent silent for" in relay.procs["server"].log()
+    # The live worker still serves.
+    assert relay.send("还在吗", chat_id="chat-alive")["success"]
