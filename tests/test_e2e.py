@@ -319,3 +319,37 @@ def test_silent_worker_is_evicted(relay: Stack) -> None:
     assert "worker_id=silent silent for" in relay.procs["server"].log()
     # The live worker still serves.
     assert relay.send("还在吗", chat_id="chat-alive")["success"]
+
+
+def _png(width: int = 4) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    raw = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(width))
+    ihdr = struct.pack(">IIBBBBB", width, width, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
+
+
+def test_images_go_out_after_the_text_and_image_replies_come_back(stack: Stack) -> None:
+    import base64
+    import hashlib
+
+    png = _png()
+    uploaded = httpx.post(
+        f"{stack.server_url}/api/upload-image", files={"file": ("shot.png", png, "image/png")}
+    ).json()
+    assert uploaded["success"] and uploaded["image_url"].startswith("data:image/png;base64,")
+    sent = stack.send("看下这张截图？", chat_id="chat-img", images=[uploaded["image_url"]], chat_type="single")
+    assert sent["success"], sent
+    text, image = stack.messages("chat-img")
+    assert text["msgtype"] == "text" and image["msgtype"] == "image"
+    assert image["image_md5"] == hashlib.md5(png).hexdigest()
+    assert base64.b64decode(uploaded["image_url"].split(",", 1)[1]) == png
+
+    stack.reply("chat-img", None, image_url="https://wecom.example/answer.png", chat_type="single")
+    polled = stack.poll(sent["session_id"], wait=5)
+    assert polled["replies"][0]["msg_type"] == "image"
+    assert polled["replies"][0]["image_url"] == "https://wecom.example/answer.png"
