@@ -211,22 +211,11 @@ class RelayClient:
     async def _perform(self, request: Request) -> dict[str, Any]:
         if request.action == ACTION_SEND_MESSAGE:
             msg = SendMessagePayload.model_validate(request.payload)
-            report = await self._sender.send_question(
-                msg.message,
-                chat_id=msg.chat_id,
-                short_id=msg.short_id,
-                project_name=msg.project_name,
-                images=msg.images,
-                mention_list=msg.mention_list,
-            )
-            logger.info("sent short_id=%s chat_id=%s parts=%d", msg.short_id, msg.chat_id, report.parts)
-            return {"parts": report.parts, "images": report.images, "retries": report.retries}
+            data = await self._sender.deliver(msg)
+            logger.info("sent short_id=%s chat_id=%s parts=%d", msg.short_id, msg.chat_id, data["parts"])
+            return data
         if request.action == ACTION_SEND_HINT:
-            hint = SendHintPayload.model_validate(request.payload)
-            if hint.msg_type == "markdown":
-                await self._sender.send_markdown(hint.chat_id, hint.message)
-            else:
-                await self._sender.send_text(hint.chat_id, hint.message)
+            await self._sender.deliver_hint(SendHintPayload.model_validate(request.payload))
             return {}
         if request.action == ACTION_UPLOAD_IMAGE:
             image = UploadImagePayload.model_validate(request.payload)

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import httpx
 
 from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, format_header, split_text, truncate_bytes, utf8_len
+from .relay import SendHintPayload, SendMessagePayload
 
 logger = logging.getLogger(__name__)
 
@@ -437,6 +438,25 @@ class RobotSender:
         for data in loaded:
             retries += await self.send_image(chat_id, data)
         return SendReport(parts=len(parts), images=len(loaded), retries=retries)
+
+
+    async def deliver(self, payload: SendMessagePayload) -> dict[str, int]:
+        """A relay `send_message` request (or its direct-mode equivalent): the question, parts and images."""
+        report = await self.send_question(
+            payload.message,
+            chat_id=payload.chat_id,
+            short_id=payload.short_id,
+            project_name=payload.project_name,
+            images=payload.images,
+            mention_list=payload.mention_list,
+        )
+        return {"parts": report.parts, "images": report.images, "retries": report.retries}
+
+    async def deliver_hint(self, payload: SendHintPayload) -> None:
+        if payload.msg_type == "markdown":
+            await self.send_markdown(payload.chat_id, payload.message)
+        else:
+            await self.send_text(payload.chat_id, payload.message)
 
 
 def _split_plain(message: str) -> list[str]:

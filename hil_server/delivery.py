@@ -32,25 +32,14 @@ class DirectDelivery:
 
     async def send_message(self, payload: SendMessagePayload) -> dict[str, Any]:
         try:
-            report = await self.sender.send_question(
-                payload.message,
-                chat_id=payload.chat_id,
-                short_id=payload.short_id,
-                project_name=payload.project_name,
-                images=payload.images,
-                mention_list=payload.mention_list,
-            )
+            return await self.sender.deliver(payload)
         except WeComError as exc:
             raise DeliveryError(str(exc), exc.errcode) from exc
         except ImageError as exc:
             raise DeliveryError(str(exc)) from exc
-        return {"parts": report.parts, "images": report.images, "retries": report.retries}
 
     async def send_hint(self, payload: SendHintPayload) -> None:
         try:
-            if payload.msg_type == "markdown":
-                await self.sender.send_markdown(payload.chat_id, payload.message)
-            else:
-                await self.sender.send_text(payload.chat_id, payload.message)
+            await self.sender.deliver_hint(payload)
         except WeComError as exc:
             raise DeliveryError(str(exc), exc.errcode) from exc
