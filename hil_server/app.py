@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,10 +20,11 @@ from hil_protocol.logs import setup_logging
 from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, wecom_ok
 from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
 
-from . import __version__, api, ws
+from . import __version__, api, metrics, status, ws
 from .auth import ApiAuth
 from .config import ServerSettings
 from .delivery import Delivery, DirectDelivery
+from .metrics import Metrics, RequestTimer
 from .service import HilService
 from .store import SessionStore, SqlitePersistence
 from .workers import RelayDelivery, WorkerHub
@@ -59,6 +61,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
         _secret(settings.wecom_callback_token),
         _secret(settings.wecom_callback_aes_key),
     )
+    meters = Metrics(version=__version__, mode=mode)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -72,12 +75,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
             if mode == "direct":
                 backend = make_backend(settings.wecom_sender, http, settings.wecom_api_base, _secret(settings.bot_key))
                 policy = RetryPolicy(deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute)
-                delivery = DirectDelivery(RobotSender(backend, http, policy))
+                sender = RobotSender(backend, http, policy)
+                sender.on_attempt = meters.wecom_attempt
+                delivery = DirectDelivery(sender)
             else:
                 delivery = RelayDelivery(hub)
             service = HilService(
                 store, delivery, default_timeout=settings.default_timeout, retention=settings.session_retention
             )
+            service.observe = meters.observe
+            meters.bind(store, hub)
             await service.sweep()  # time out what expired while we were down
             if not auth.enabled:
                 logger.warning("HIL_API_TOKENS is not set: anyone who can reach this server can post to your chats")
@@ -106,6 +113,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
                         "hub": hub,
                         "auth": auth,
                         "observe": service.observe,
+                        "metrics": meters,
+                        "started_at": time.time(),
                     }
                 finally:
                     for link in list(hub.links.values()):
@@ -117,8 +126,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestTimer, metrics=meters, routes=app.router.routes)
     app.include_router(api.router)
     app.include_router(ws.router)
+    app.include_router(status.router)
+    app.include_router(metrics.router)
 
     @app.get("/api/callback", include_in_schema=False)
     async def callback_verify(request: Request) -> Response:

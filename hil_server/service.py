@@ -10,6 +10,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
+from pydantic import Field
+
 from hil_protocol.callback import CallbackError, IncomingMessage, parse_callback
 from hil_protocol.messages import new_short_id
 from hil_protocol.relay import SendHintPayload, SendMessagePayload
@@ -26,7 +28,15 @@ Outcome = Literal[
     "hint_empty", "event", "ignored",
 ]
 
+HintKind = Literal["several", "chat_id", "unknown_quote", "empty", "late", "event"]
+
 POLL_WAIT_MAX = 60.0
+
+
+class QueuedHint(SendHintPayload):
+    """A hint waiting for the hint task. `kind` is for metrics and never goes on the wire."""
+
+    kind: HintKind = Field(default="chat_id", exclude=True)
 
 
 class HilService:
@@ -45,10 +55,10 @@ class HilService:
         self.retention = retention
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
-        self._hints: asyncio.Queue[SendHintPayload] = asyncio.Queue(maxsize=1000)
+        self._hints: asyncio.Queue[QueuedHint] = asyncio.Queue(maxsize=1000)
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
-        # Observers (metrics): called with (event name, label).
-        self.observe: Callable[[str, str], None] = lambda event, label: None
+        # Observer (metrics): ("callback", outcome), ("hint", kind, "sent"|"failed"); the API adds ("poll", kind).
+        self.observe: Callable[..., None] = lambda event, *labels: None
 
     # --- questions ---------------------------------------------------------------------------------------------
 
@@ -195,18 +205,18 @@ class HilService:
             return "duplicate"
         if msg.is_event:
             if msg.event_type in ("enter_chat", "add_to_chat"):
-                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
+                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type), kind="event")
             await self.store.save(msgid=msg.msgid)
             return "event"
         if not msg.answer and not msg.image_urls:
-            self._hint(msg.chat_id, hints.empty_answer(), "text")
+            self._hint(msg.chat_id, hints.empty_answer(), "text", kind="empty")
             await self.store.save(msgid=msg.msgid)
             return "hint_empty"
 
         if msg.quoted_short_id:
             session = self.store.get_by_short_id(msg.quoted_short_id)
             if session is None:
-                self._hint(msg.chat_id, hints.unknown_quote(msg.quoted_short_id), "text")
+                self._hint(msg.chat_id, hints.unknown_quote(msg.quoted_short_id), "text", kind="unknown_quote")
                 await self.store.save(msgid=msg.msgid)
                 return "hint_unknown_quote"
             if session.status == "waiting":
@@ -214,17 +224,17 @@ class HilService:
             late = session.status in ("timeout", "failed")
             outcome = await self._accept(session, msg, "late" if late else "quote")
             if late:
-                self._hint(msg.chat_id, hints.late_answer(session), "text")
+                self._hint(msg.chat_id, hints.late_answer(session), "text", kind="late")
             return outcome
 
         waiting = self.store.waiting_in_chat(msg.chat_id)
         if len(waiting) == 1:
             return await self._accept(waiting[0], msg, "only_waiting")
         if waiting:
-            self._hint(msg.chat_id, hints.several_waiting(waiting))
+            self._hint(msg.chat_id, hints.several_waiting(waiting), kind="several")
             await self.store.save(msgid=msg.msgid)
             return "hint_several"
-        self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type))
+        self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type), kind="chat_id")
         await self.store.save(msgid=msg.msgid)
         return "hint_chat_id"
 
@@ -251,9 +261,11 @@ class HilService:
 
     # --- hints: sent by a background task so reading a callback (or the worker's socket) never waits on WeCom ---
 
-    def _hint(self, chat_id: str, text: str, msg_type: Literal["markdown", "text"] = "markdown") -> None:
+    def _hint(
+        self, chat_id: str, text: str, msg_type: Literal["markdown", "text"] = "markdown", *, kind: HintKind
+    ) -> None:
         try:
-            self._hints.put_nowait(SendHintPayload(chat_id=chat_id, message=text, msg_type=msg_type))
+            self._hints.put_nowait(QueuedHint(chat_id=chat_id, message=text, msg_type=msg_type, kind=kind))
         except asyncio.QueueFull:
             logger.warning("hint queue full, dropping a hint for chat_id=%s", chat_id)
 
@@ -262,9 +274,9 @@ class HilService:
             payload = await self._hints.get()
             try:
                 await self.delivery.send_hint(payload)
-                self.observe("hint", "sent")
+                self.observe("hint", payload.kind, "sent")
             except DeliveryError as exc:
-                self.observe("hint", "failed")
+                self.observe("hint", payload.kind, "failed")
                 logger.warning("hint to chat_id=%s failed: %s", payload.chat_id, exc)
 
     # --- housekeeping ------------------------------------------------------------------------------------------
@@ -294,4 +306,4 @@ class HilService:
                 logger.exception("sweep failed")
 
 
-__all__ = ["CallbackError", "HilService", "Outcome"]
+__all__ = ["CallbackError", "HilService", "HintKind", "Outcome", "QueuedHint"]

@@ -1,0 +1,148 @@
+"""Prometheus metrics (`GET /metrics`) and the middleware that times HTTP requests.
+
+Every app gets its own `CollectorRegistry` (tests build several apps in one process, so nothing is global).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from .store import SessionStore
+from .workers import WorkerHub
+
+METRICS_PATH = "/metrics"
+# Long polls hold a request for up to 60 s, so the buckets reach that far.
+DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# HilService's callback outcomes that mean a reply was stored on a question, and how it was matched.
+_MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "late": "late"}
+
+
+class Metrics:
+    def __init__(self, *, version: str, mode: str, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)  # process_start_time_seconds, memory, open fds (Linux)
+        Gauge("hil_info", "HIL Server version and mode", ["version", "mode"], registry=r).labels(version, mode).set(1)
+        self.waiting = Gauge("hil_waiting_sessions", "Questions waiting for a reply", registry=r)
+        self.replies_matched = Counter(
+            "hil_replies_matched", "Replies stored on a question, by how they were matched", ["method"], registry=r
+        )
+        self.hints_sent = Counter(
+            "hil_hints_sent", "Hints the robot posted (or failed to post) in a chat", ["kind", "result"], registry=r
+        )
+        self.callbacks = Counter("hil_callbacks", "Robot callbacks handled, by outcome", ["outcome"], registry=r)
+        self.wecom_sends = Counter(
+            "hil_wecom_sends", "Send attempts to WeCom by errcode (direct mode; -1 = network error)", ["errcode"],
+            registry=r,
+        )
+        self.worker_connections = Gauge("hil_worker_connections", "Workers connected now (relay mode)", registry=r)
+        self.worker_connects = Counter("hil_worker_connects", "Worker connections accepted (relay mode)", registry=r)
+        self.polls = Counter("hil_polls", "Polls answered, short or long (?wait=N)", ["kind"], registry=r)
+        self.http_duration = Histogram(
+            "hil_http_request_duration_seconds",
+            "HTTP request duration by method and route template",
+            ["method", "route"],
+            buckets=DURATION_BUCKETS,
+            registry=r,
+        )
+        self._workers = 0
+
+    def bind(self, store: SessionStore, hub: WorkerHub) -> None:
+        """Attach to one lifespan's store and worker hub."""
+        self.waiting.set_function(lambda: len(store.waiting()))  # computed at scrape time
+        self._workers = hub.count
+        self.worker_connections.set(hub.count)
+        hub.on_change = self.workers_changed
+
+    def observe(self, event: str, *labels: str) -> None:
+        """HilService's (and the API's) observer: ("callback", outcome), ("hint", kind, result), ("poll", kind)."""
+        if event == "callback" and labels:
+            self.callbacks.labels(labels[0]).inc()
+            method = _MATCHED.get(labels[0])
+            if method:
+                self.replies_matched.labels(method).inc()
+        elif event == "hint" and len(labels) == 2:
+            self.hints_sent.labels(*labels).inc()
+        elif event == "poll" and labels:
+            self.polls.labels(labels[0]).inc()
+
+    def wecom_attempt(self, errcode: int) -> None:
+        """RobotSender.on_attempt: one call per attempt, 0 when WeCom took the message."""
+        self.wecom_sends.labels(str(errcode)).inc()
+
+    def workers_changed(self, count: int) -> None:
+        """WorkerHub.on_change. The hub reports every add as one more than the count it reported last (a
+        replacement reports the removal first), so a rise is a new connection."""
+        if count > self._workers:
+            self.worker_connects.inc(count - self._workers)
+        self._workers = count
+        self.worker_connections.set(count)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def route_template(scope: Scope, routes: Iterable[BaseRoute]) -> str:
+    """The matched route's path template (`/api/poll/{session_id}`), never the raw URL: bounded cardinality."""
+    route = scope.get("route")  # set by Starlette's router on newer versions
+    if route is None:
+        for candidate in routes:
+            match, _ = candidate.matches(scope)
+            if match is Match.FULL:
+                route = candidate
+                break
+            if match is Match.PARTIAL and route is None:
+                route = candidate
+    path = getattr(route, "path", None)
+    return path if isinstance(path, str) and path else "unmatched"
+
+
+class RequestTimer:
+    """Pure ASGI middleware (no buffering, so long polls and uploads stream as before)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: list[BaseRoute]) -> None:
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("path") == METRICS_PATH:
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            method = scope.get("method", "")
+            self.metrics.http_duration.labels(
+                method if method in _METHODS else "other", route_template(scope, self.routes)
+            ).observe(time.perf_counter() - start)
+
+
+router = APIRouter()
+
+
+@router.get(METRICS_PATH, include_in_schema=False)
+async def metrics_endpoint(request: Request) -> Response:
+    """Prometheus text format. Needs an API token (any valid one) when HIL_API_TOKENS is set."""
+    request.state.auth.check(request)
+    return Response(request.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+__all__ = ["Metrics", "RequestTimer", "route_template", "router"]

@@ -1,0 +1,190 @@
+"""`GET /status` (a plain HTML page for people) and `GET /status.json` (the same data for scripts).
+
+With HIL_API_TOKENS set both need a token. A token that may write to any chat sees every question; a token bound
+to chats (`tok=chatA|chatB`) sees only the questions it created, like /api/poll.
+"""
+
+from __future__ import annotations
+
+import time
+from html import escape
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse
+
+from . import __version__
+from .auth import Grant
+from .models import Session
+
+router = APIRouter()
+
+PREVIEW_CHARS = 40
+
+
+def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[:limit] + "…"
+
+
+def _visible(session: Session, grant: Grant | None) -> bool:
+    return grant is None or grant.chats is None or session.owner == grant.owner
+
+
+def status_data(request: Request, grant: Grant | None) -> dict[str, Any]:
+    state = request.state
+    service = state.service
+    now = time.time()
+    waiting = sorted(
+        (s for s in service.store.waiting() if _visible(s, grant)), key=lambda s: s.created_at
+    )
+    recent = []
+    for entry in service.recent:
+        if grant is not None and grant.chats is not None:
+            session = service.store.get_by_short_id(entry["short_id"])
+            if session is None or not _visible(session, grant):
+                continue
+        recent.append({**entry, "seconds_ago": round(now - entry["at"], 1)})
+    workers = [
+        {
+            "worker_id": w["worker_id"],
+            "connected_at": w["connected_at"],
+            "connected_seconds": round(now - w["connected_at"], 1),
+            "last_heartbeat_seconds_ago": w["last_seen_seconds_ago"],
+            "in_flight": w["in_flight"],
+        }
+        for w in state.hub.status()
+    ]
+    return {
+        "service": "hil-server",
+        "version": __version__,
+        "mode": state.mode,
+        "started_at": state.started_at,
+        "uptime_seconds": round(now - state.started_at, 1),
+        "scope": "all" if grant is None or grant.chats is None else "own",
+        "workers": workers,
+        "waiting": [
+            {
+                "short_id": s.short_id,
+                "project": s.project_name,
+                "chat_id": s.chat_id,
+                "age_seconds": round(now - s.created_at, 1),
+                "deadline_in_seconds": round(s.deadline - now, 1),
+                "question": _preview(s.message),
+            }
+            for s in waiting
+        ],
+        "recent": recent,
+    }
+
+
+@router.get("/status.json", include_in_schema=False)
+async def status_json(request: Request) -> dict[str, Any]:
+    return status_data(request, request.state.auth.check(request))
+
+
+@router.get("/status", include_in_schema=False)
+async def status_page(request: Request) -> HTMLResponse:
+    return HTMLResponse(render_html(status_data(request, request.state.auth.check(request))))
+
+
+# --- HTML -----------------------------------------------------------------------------------------------------
+
+
+def duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+def _utc(ts: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(ts))
+
+
+def _table(headers: list[str], rows: list[list[Any]], empty: str) -> str:
+    if not rows:
+        return f'<p class="empty">{escape(empty)}</p>'
+    head = "".join(f"<th>{escape(h)}</th>" for h in headers)
+    body = "".join("<tr>" + "".join(f"<td>{escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+_STYLE = """
+body{font-family:system-ui,-apple-system,"PingFang SC","Microsoft YaHei",sans-serif;margin:2em;color:#222}
+h1{font-size:1.4em}h2{font-size:1.1em;margin-top:1.6em}
+table{border-collapse:collapse}th,td{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}
+th{background:#f3f3f3}td:first-child{font-family:monospace}.empty{color:#888}dl{display:grid;
+grid-template-columns:max-content auto;gap:.2em 1em}dt{color:#555}dd{margin:0}
+"""
+
+
+def render_html(data: dict[str, Any]) -> str:
+    summary = [
+        ("模式 Mode", data["mode"]),
+        ("版本 Version", data["version"]),
+        ("运行时间 Uptime", f"{duration(data['uptime_seconds'])} (since {_utc(data['started_at'])})"),
+        ("等待中 Waiting", str(len(data["waiting"]))),
+    ]
+    if data["mode"] == "relay":
+        summary.append(("Worker 数 Workers", str(len(data["workers"]))))
+    if data["scope"] == "own":
+        summary.append(("范围 Scope", "仅本 token 的问题 / this token's questions only"))
+    parts = [
+        "<!doctype html>",
+        '<html lang="zh-CN"><head><meta charset="utf-8">',
+        '<meta http-equiv="refresh" content="15">',
+        "<title>HIL Server 状态 / status</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>HIL Server 状态 / Status</h1>",
+        "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in summary) + "</dl>",
+    ]
+    if data["mode"] == "relay":
+        parts.append("<h2>Worker 连接 / Workers</h2>")
+        parts.append(
+            _table(
+                ["worker_id", "连接于 Connected since", "上次心跳 Last heartbeat", "处理中 In flight"],
+                [
+                    [
+                        w["worker_id"],
+                        f"{_utc(w['connected_at'])} ({duration(w['connected_seconds'])})",
+                        f"{w['last_heartbeat_seconds_ago']:.0f}s ago",
+                        w["in_flight"],
+                    ]
+                    for w in data["workers"]
+                ],
+                "没有已连接的 Worker / no worker connected",
+            )
+        )
+    parts.append("<h2>等待回复的问题 / Waiting questions</h2>")
+    parts.append(
+        _table(
+            ["短 id Short id", "项目 Project", "会话 Chat", "已等待 Age", "问题 Question"],
+            [
+                [w["short_id"], w["project"] or "–", w["chat_id"] or "–", duration(w["age_seconds"]), w["question"]]
+                for w in data["waiting"]
+            ],
+            "没有等待中的问题 / nothing is waiting",
+        )
+    )
+    parts.append("<h2>最近结果 / Recent outcomes</h2>")
+    parts.append(
+        _table(
+            ["短 id Short id", "项目 Project", "结果 Outcome", "时间 When"],
+            [
+                [r["short_id"], r["project"] or "–", r["outcome"], f"{duration(r['seconds_ago'])} ago"]
+                for r in data["recent"]
+            ],
+            "暂无 / none yet",
+        )
+    )
+    parts.append('<p class="empty"><a href="status.json">status.json</a> · <a href="metrics">metrics</a></p>')
+    parts.append("</body></html>")
+    return "\n".join(parts)
