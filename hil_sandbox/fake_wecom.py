@@ -17,7 +17,8 @@ Error codes where WeCom's documentation does not say which one the webhook retur
 - 44001 "empty media data": upload without a ``media`` part.
 - 40006 "invalid file size": upload smaller than 5 B or larger than 20 MB.
 
-Control API for tests and the sandbox lives under ``/_fake/``; see :func:`create_fake_wecom_app`.
+Control API for tests and the sandbox lives under ``/_fake/``; see :func:`create_fake_wecom_app`. ``GET /`` is the
+sandbox's web chat, where a person reads what the robot sent and answers (``static/chat.html``).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import base64
 import binascii
 import hashlib
+import importlib.resources
 import json
 import logging
 import secrets
@@ -34,15 +36,15 @@ import sys
 import threading
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import httpx
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -61,6 +63,11 @@ MEDIA_MAX_BYTES = 20 * 1024 * 1024
 MEDIA_TTL_SECONDS = 3 * 24 * 3600.0
 MAX_CHAT_IDS = 100
 MAX_NEWS_ARTICLES = 8
+# Images kept for the chat page (robot sends and images people attach); the oldest go first past either bound.
+IMAGE_STORE_MAX_BYTES = 64 * 1024 * 1024
+IMAGE_STORE_MAX_COUNT = 500
+# An image a person attaches in the chat page; real chats take photos larger than a robot may send.
+ATTACH_MAX_BYTES = 10 * 1024 * 1024
 # WeCom gives a callback 5 s before it retries; waiting longer would hide a slow receiver.
 CALLBACK_TIMEOUT_SECONDS = 5.0
 
@@ -105,6 +112,7 @@ ERRMSGS: dict[int, str] = {
 
 ChatType = Literal["group", "single"]
 CallbackMsgType = Literal["text", "image", "mixed", "event"]
+T = TypeVar("T")
 
 
 def errmsg_for(errcode: int, detail: str = "") -> str:
@@ -158,6 +166,7 @@ class SentMessage(BaseModel):
     mentioned_mobile_list: list[str] = Field(default_factory=list)
     image_md5: str | None = None
     image_size: int | None = None
+    image_id: str | None = None  # the bytes at GET /_fake/images/{image_id} while the image store keeps them
     media_id: str | None = None
     file_name: str | None = None
     ts: float
@@ -185,6 +194,39 @@ class UploadedMedia(BaseModel):
     md5: str
     created_at: float
     expires_at: float  # on the fake's clock, not wall time
+
+
+def image_mime(data: bytes) -> str | None:
+    if data.startswith(PNG_MAGIC):
+        return "image/png"
+    if data.startswith(JPEG_MAGIC):
+        return "image/jpeg"
+    return None
+
+
+class ImageStore:
+    """Image bytes by id, bounded in count and total size: the chat page shows them, nothing needs them forever."""
+
+    def __init__(self, max_bytes: int = IMAGE_STORE_MAX_BYTES, max_count: int = IMAGE_STORE_MAX_COUNT) -> None:
+        self.max_bytes = max_bytes
+        self.max_count = max_count
+        self._images: OrderedDict[str, bytes] = OrderedDict()
+        self._size = 0
+
+    def add(self, data: bytes) -> str:
+        image_id = uuid.uuid4().hex
+        self._images[image_id] = data
+        self._size += len(data)
+        while self._images and (self._size > self.max_bytes or len(self._images) > self.max_count):
+            _, old = self._images.popitem(last=False)
+            self._size -= len(old)
+        return image_id
+
+    def get(self, image_id: str) -> bytes | None:
+        return self._images.get(image_id)
+
+    def __len__(self) -> int:
+        return len(self._images)
 
 
 class CallbackNotConfiguredError(RuntimeError):
@@ -290,13 +332,14 @@ class FakeWeCom:
         self.attempts: list[SendAttempt] = []
         self.callbacks: list[dict[str, Any]] = []
         self.media: dict[str, UploadedMedia] = {}
+        self.images = ImageStore()
         self._failures: deque[int] = deque()
         self._windows: dict[str, deque[float]] = {}
 
     # ----- test controls -----
 
     def reset(self) -> None:
-        """Forget messages, attempts, callbacks, media, pending failures and rate windows; keep the config."""
+        """Forget messages, attempts, callbacks, media, images, pending failures, rate windows; keep the config."""
         with self._lock:
             self._clear()
 
@@ -327,42 +370,71 @@ class FakeWeCom:
         with self._lock:
             return list(self.attempts)
 
-    def get_callbacks(self) -> list[dict[str, Any]]:
-        """Callbacks sent by reply(), each ``{"callback", "responses"}``."""
+    def get_callbacks(self, since_seq: int = 0) -> list[dict[str, Any]]:
+        """Callbacks sent by reply() with seq > since_seq, each ``{"seq", "ts", "callback", "responses"}``.
+
+        ``ts`` is when the person wrote (before the POST), so it sorts before whatever the robot said in answer.
+        """
         with self._lock:
-            return list(self.callbacks)
+            return [c for c in self.callbacks if c["seq"] > since_seq]
+
+    def add_image(self, data: bytes) -> str:
+        """Keep image bytes for GET /_fake/images/{id} (bounded; the oldest are forgotten first)."""
+        with self._lock:
+            return self.images.add(data)
+
+    def get_image(self, image_id: str) -> bytes | None:
+        with self._lock:
+            return self.images.get(image_id)
+
+    async def _wait_for(self, select: Callable[[], list[T]], n: int, timeout: float) -> list[T]:
+        """Wait until select() (called under the lock) returns at least n items; TimeoutError otherwise."""
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(timeout):
+            while True:
+                event = asyncio.Event()
+                with self._lock:
+                    found = select()
+                    if len(found) >= n:
+                        return found
+                    # Registered under the lock that sends and replies notify under, so nothing slips in between.
+                    self._waiters.append((loop, event))
+                try:
+                    await event.wait()
+                finally:
+                    with self._lock:
+                        self._waiters.remove((loop, event))
 
     async def wait_for_messages(
         self,
         n: int,
         chat_id: str | None = None,
-        timeout: float = 10,  # noqa: ASYNC109 - part of the agreed test API; reads better than asyncio.timeout()
+        timeout: float = 10,
         *,
         since_seq: int = 0,
     ) -> list[SentMessage]:
         """Wait until at least n accepted sends match (see get_messages) and return them; TimeoutError otherwise."""
-        loop = asyncio.get_running_loop()
-        found: list[SentMessage] = []
         try:
-            async with asyncio.timeout(timeout):
-                while True:
-                    event = asyncio.Event()
-                    with self._lock:
-                        found = self.get_messages(chat_id, since_seq)
-                        if len(found) >= n:
-                            return found
-                        # Registered under the lock handle_send notifies under, so no send slips in between.
-                        self._waiters.append((loop, event))
-                    try:
-                        await event.wait()
-                    finally:
-                        with self._lock:
-                            self._waiters.remove((loop, event))
+            return await self._wait_for(lambda: self.get_messages(chat_id, since_seq), n, timeout)
         except TimeoutError:
+            found = self.get_messages(chat_id, since_seq)
             raise TimeoutError(
                 f"waited {timeout}s for {n} message(s) to chat {chat_id!r} after seq {since_seq}, "
                 f"got {len(found)}: {[m.content for m in found]}"
             ) from None
+
+    async def wait_for_callbacks(
+        self,
+        n: int,
+        timeout: float = 10,
+        *,
+        since_seq: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Wait until at least n callbacks with seq > since_seq were sent and return them; TimeoutError otherwise."""
+        try:
+            return await self._wait_for(lambda: self.get_callbacks(since_seq), n, timeout)
+        except TimeoutError:
+            raise TimeoutError(f"waited {timeout}s for {n} callback(s) after seq {since_seq}") from None
 
     def _notify(self) -> None:
         try:
@@ -398,6 +470,7 @@ class FakeWeCom:
                     raise _Rejected(self._failures.popleft())
                 self._check_rate(key)
                 fields = self._validate(payload, key)
+                image = fields.pop("image_data", None)
             except _Rejected as rejected:
                 errmsg = errmsg_for(rejected.errcode, rejected.detail)
                 self._record_attempt(key, chatid, msgtype, rejected.errcode, errmsg, injected, None)
@@ -411,6 +484,8 @@ class FakeWeCom:
                 )
                 return {"errcode": rejected.errcode, "errmsg": errmsg}
             assert key is not None  # checked first thing above
+            if image is not None:
+                fields["image_id"] = self.images.add(image)
             message = SentMessage(seq=len(self.messages) + 1, key=key, ts=time.time(), **fields)
             self.messages.append(message)
             self._window(key).append(self._clock())
@@ -517,9 +592,10 @@ class FakeWeCom:
             raise _Rejected(ERR_MD5_MISMATCH, f"md5 of the decoded image is {actual}")
         if len(data) > IMAGE_MAX_BYTES:
             raise _Rejected(ERR_INVALID_IMAGE_SIZE, f"image is {len(data)} bytes, at most {IMAGE_MAX_BYTES} allowed")
-        if not data.startswith((PNG_MAGIC, JPEG_MAGIC)):
+        if image_mime(data) is None:
             raise _Rejected(ERR_INVALID_FILE_TYPE, "image must be PNG or JPEG")
-        return {"image_md5": actual, "image_size": len(data)}
+        # image_data is kept only if the send is accepted (handle_send takes it out of the fields).
+        return {"image_md5": actual, "image_size": len(data), "image_data": data}
 
     def _file(self, section: Mapping[str, Any], key: str) -> dict[str, Any]:
         media_id = section.get("media_id")
@@ -672,7 +748,7 @@ class FakeWeCom:
         With ``wecom_retries`` it behaves like WeCom itself: up to 3 attempts in all, ``retry_interval`` apart,
         stopping at the first HTTP 200 (WeCom counts nothing else as delivered).
 
-        Returns ``{"callback": <json sent>, "responses": [{"status_code", "body", "error"}]}``.
+        Returns ``{"seq", "ts", "callback": <json sent>, "responses": [{"status_code", "body", "error"}]}``.
         """
         with self._lock:
             url = self.config.callback_url
@@ -700,6 +776,7 @@ class FakeWeCom:
             at_robot=at_robot,
             base_url=base_url,
         )
+        written_at = time.time()
         # Sequential on purpose: WeCom retries after the previous attempt, it does not send copies at once.
         if wecom_retries:
             responses = []
@@ -712,8 +789,10 @@ class FakeWeCom:
         else:
             responses = [await self._post_callback(self.http_client, url, headers, callback) for _ in range(repeat)]
         with self._lock:
-            self.callbacks.append({"callback": callback, "responses": responses})
-        return {"callback": callback, "responses": responses}
+            record = {"seq": len(self.callbacks) + 1, "ts": written_at, "callback": callback, "responses": responses}
+            self.callbacks.append(record)
+            self._notify()
+        return record
 
     @staticmethod
     async def _post_callback(
@@ -803,11 +882,14 @@ def create_fake_wecom_app(
     Without http_client the lifespan creates one shared AsyncClient for callback POSTs (tests may inject one with an
     ASGI or mock transport instead).
 
-    Routes: ``POST /cgi-bin/webhook/send``, ``POST /cgi-bin/webhook/upload_media``, and the control API
-    ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET /_fake/callbacks``,
-    ``GET|POST /_fake/config``, ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``.
+    Routes: ``POST /cgi-bin/webhook/send``, ``POST /cgi-bin/webhook/upload_media``, the chat page ``GET /``, and the
+    control API ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``,
+    ``GET /_fake/callbacks?since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET|POST /_fake/config``,
+    ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``, ``POST /_fake/images`` (multipart ``file``
+    -> ``{"url"}``) and ``GET /_fake/images/{id}`` (attached images and images the robot sent).
     """
     fake = FakeWeCom(config, http_client=http_client)
+    chat_page = importlib.resources.files(__package__).joinpath("static", "chat.html").read_text(encoding="utf-8")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -863,13 +945,60 @@ def create_fake_wecom_app(
         messages = fake.get_messages(chat_id, since_seq)
         return {"messages": [m.model_dump(mode="json") for m in messages], "timed_out": timed_out}
 
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def page() -> HTMLResponse:
+        return HTMLResponse(chat_page, headers={"Cache-Control": "no-store"})
+
+    @app.get("/_fake/callbacks")
+    async def control_callbacks(
+        since_seq: int = 0,
+        wait: int = 0,
+        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+    ) -> dict[str, Any]:
+        """Callbacks people sent; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
+        timed_out = False
+        if wait > 0:
+            try:
+                await fake.wait_for_callbacks(wait, wait_timeout, since_seq=since_seq)
+            except TimeoutError:
+                timed_out = True
+        return {"callbacks": fake.get_callbacks(since_seq), "timed_out": timed_out}
+
+    @app.post("/_fake/images", status_code=201, response_model=None)
+    async def control_attach_image(request: Request) -> dict[str, Any] | JSONResponse:
+        """Keep an image a person attaches and answer its URL, to pass as image_url to /_fake/reply."""
+        try:
+            async with request.form(max_files=1) as form:
+                upload = form.get("file")
+                data = await upload.read() if isinstance(upload, UploadFile) else None
+        except StarletteHTTPException as exc:
+            return JSONResponse({"detail": f"malformed multipart body: {exc.detail}"}, status_code=400)
+        if data is None:
+            return JSONResponse({"detail": "send the image as multipart field 'file'"}, status_code=400)
+        if len(data) > ATTACH_MAX_BYTES:
+            return JSONResponse(
+                {"detail": f"image is {len(data)} bytes, at most {ATTACH_MAX_BYTES} allowed"}, status_code=413
+            )
+        if image_mime(data) is None:
+            return JSONResponse({"detail": "only PNG and JPEG images can be attached"}, status_code=415)
+        image_id = fake.add_image(data)
+        base = (fake.config.public_url or str(request.base_url)).rstrip("/")
+        log.info("image attached image_id=%s size=%d", image_id, len(data))
+        return {"url": f"{base}/_fake/images/{image_id}", "image_id": image_id}
+
+    @app.get("/_fake/images/{image_id}", response_model=None)
+    async def control_image(image_id: str) -> Response:
+        data = fake.get_image(image_id)
+        if data is None:
+            return JSONResponse(
+                {"detail": f"no image {image_id!r}: unknown, or forgotten to stay in memory bounds"}, status_code=404
+            )
+        # An id names one immutable image, so the browser may keep it.
+        return Response(data, media_type=image_mime(data), headers={"Cache-Control": "max-age=86400, immutable"})
+
     @app.get("/_fake/attempts")
     async def control_attempts() -> dict[str, Any]:
         return {"attempts": [a.model_dump(mode="json") for a in fake.get_attempts()]}
-
-    @app.get("/_fake/callbacks")
-    async def control_callbacks() -> dict[str, Any]:
-        return {"callbacks": fake.get_callbacks()}
 
     @app.post("/_fake/fail")
     async def control_fail(request: FailRequest) -> dict[str, Any]:
@@ -964,7 +1093,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     import uvicorn  # only the CLI needs it; tests build the app without a server
 
-    uvicorn.run(create_fake_wecom_app(config), host=args.host, port=args.port, log_level=args.log_level)
+    # Long polls (the chat page keeps two open) would otherwise hold a shutdown for up to their timeout.
+    uvicorn.run(
+        create_fake_wecom_app(config),
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=2,
+    )
 
 
 if __name__ == "__main__":

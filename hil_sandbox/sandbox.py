@@ -50,8 +50,16 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
 async def serve(host: str, server_port: int, wecom_port: int, data_dir: Path) -> None:
     fake_app, server_app, wecom_url, server_url = build(host, server_port, wecom_port, data_dir)
     servers = [
-        uvicorn.Server(uvicorn.Config(fake_app, host=host, port=wecom_port, log_config=None, access_log=False)),
-        uvicorn.Server(uvicorn.Config(server_app, host=host, port=server_port, log_config=None, access_log=False)),
+        uvicorn.Server(
+            uvicorn.Config(
+                fake_app, host=host, port=wecom_port, log_config=None, access_log=False, timeout_graceful_shutdown=2
+            )
+        ),
+        uvicorn.Server(
+            uvicorn.Config(
+                server_app, host=host, port=server_port, log_config=None, access_log=False, timeout_graceful_shutdown=2
+            )
+        ),
     ]
     print(
         "\n".join(

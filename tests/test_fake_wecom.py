@@ -20,9 +20,11 @@ import respx
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
+from hil_sandbox import fake_wecom
 from hil_sandbox.fake_wecom import (
     FakeWeCom,
     FakeWeComConfig,
+    ImageStore,
     create_fake_wecom_app,
     format_quote_reply,
 )
@@ -566,6 +568,89 @@ async def test_wait_for_messages_across_threads() -> None:
         response = await asyncio.to_thread(client.post, "/cgi-bin/webhook/send", params={"key": KEY}, json=body)
         assert response.json()["errcode"] == 0
         assert [m.content for m in await asyncio.wait_for(waiter, 5)] == ["from another thread"]
+
+
+# ----- what the sandbox chat page uses -----
+
+
+async def test_chat_page_is_served_self_contained(env: Env) -> None:
+    response = await env.client.get("/")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/html")
+    page = response.text
+    for testid in ("composer-input", "send-button", "quote-bar", "chat-id-input", "chat-list", "image-input"):
+        assert f'data-testid="{testid}"' in page
+    # Nothing from elsewhere: no external scripts, styles or fonts.
+    assert "<script src" not in page and "<link" not in page and "@import" not in page
+
+
+async def test_sent_image_is_kept_for_the_page(env: Env) -> None:
+    assert (await env.send(image_body(PNG)))["errcode"] == 0
+    image_id = env.fake.messages[0].image_id
+    assert image_id is not None
+    response = await env.client.get(f"/_fake/images/{image_id}")
+    assert response.status_code == 200 and response.content == PNG
+    assert response.headers["content-type"] == "image/png"
+    assert (await env.send(image_body(PNG, md5="0" * 32)))["errcode"] == 301019
+    assert len(env.fake.images) == 1  # a rejected send keeps nothing
+    await env.client.post("/_fake/reset")
+    assert (await env.client.get(f"/_fake/images/{image_id}")).status_code == 404
+
+
+def test_image_store_forgets_the_oldest_past_its_bounds() -> None:
+    store = ImageStore(max_bytes=10, max_count=2)
+    first, second = store.add(b"1234"), store.add(b"5678")
+    third = store.add(b"9")
+    assert store.get(first) is None and store.get(second) == b"5678" and store.get(third) == b"9"
+    big = store.add(b"0123456789")
+    assert len(store) == 1 and store.get(big) == b"0123456789"
+
+
+async def test_attach_image_then_reply_with_its_url(env: Env) -> None:
+    response = await env.client.post("/_fake/images", files={"file": ("shot.jpg", JPEG, "image/jpeg")})
+    assert response.status_code == 201
+    url = response.json()["url"]
+    assert url == f"{BASE}/_fake/images/{response.json()['image_id']}"
+    served = await env.client.get(url)
+    assert served.content == JPEG and served.headers["content-type"] == "image/jpeg"
+
+    result = (await env.client.post("/_fake/reply", json={"chat_id": "c", "image_url": url})).json()
+    assert result["callback"]["image"] == {"image_url": url}
+
+    env.fake.update_config(public_url="http://wecom.example:8090/")
+    response = await env.client.post("/_fake/images", files={"file": ("a.png", PNG, "image/png")})
+    assert response.json()["url"].startswith("http://wecom.example:8090/_fake/images/")
+
+
+async def test_attach_image_errors(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    post = env.client.post
+    assert (await post("/_fake/images", files={"file": ("a.txt", b"hello", "text/plain")})).status_code == 415
+    assert (await post("/_fake/images", files={"other": ("a.png", PNG, "image/png")})).status_code == 400
+    assert (await post("/_fake/images", content=b"x", headers={"content-type": "text/plain"})).status_code == 400
+    monkeypatch.setattr(fake_wecom, "ATTACH_MAX_BYTES", 16)
+    too_big = await post("/_fake/images", files={"file": ("a.png", PNG, "image/png")})
+    assert too_big.status_code == 413 and "at most 16" in too_big.json()["detail"]
+    assert (await env.client.get("/_fake/images/unknown")).status_code == 404
+    assert len(env.fake.images) == 0
+
+
+async def test_callbacks_have_seq_and_long_poll(env: Env) -> None:
+    before = time.time()
+    first = await env.fake.reply("c", "one")
+    assert first["seq"] == 1 and before <= first["ts"] <= time.time()
+    await env.fake.reply("c", "two")
+    later = (await env.client.get("/_fake/callbacks", params={"since_seq": 1})).json()
+    assert [c["callback"]["text"]["content"] for c in later["callbacks"]] == ["@HIL助手 two"]
+
+    poll = asyncio.create_task(
+        env.client.get("/_fake/callbacks", params={"since_seq": 2, "wait": 1, "timeout": 5})
+    )
+    await asyncio.sleep(0.01)
+    await env.fake.reply("c", "three")
+    body = (await poll).json()
+    assert body["timed_out"] is False and [c["seq"] for c in body["callbacks"]] == [3]
+    body = (await env.client.get("/_fake/callbacks", params={"since_seq": 3, "wait": 1, "timeout": 0.05})).json()
+    assert body == {"callbacks": [], "timed_out": True}
+    assert env.fake._waiters == []
 
 
 # ----- the CLI, as a real process -----
