@@ -11,10 +11,9 @@ from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
 
 from hil_protocol.logs import setup_logging
-from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, wecom_ok
+from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, callback_router
 from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
 
 from .config import WorkerSettings
@@ -85,20 +84,15 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             "spooled_callbacks": await request.state.spool.count(),
         }
 
-    @app.get("/callback", include_in_schema=False)
-    async def callback_verify(request: Request) -> Response:
-        return intake.verify_url(request)
-
-    @app.post("/callback")
-    async def callback(request: Request) -> Response:
-        """The robot's callback: spooled durably, then forwarded to the HIL Server (now or after a reconnect)."""
-        data = await intake.read(request)
-        if isinstance(data, Response):
-            return data
+    async def spool_callback(request: Request, data: dict[str, Any]) -> None:
+        # Durable in the spool before the robot gets its 200; forwarded now or after a reconnect.
         spool_id = await request.state.spool.add(data)
         request.state.client.wake_spool()
         logger.info("callback spooled id=%d msgid=%s chat_id=%s", spool_id, data.get("msgid"), data.get("chatid"))
-        return wecom_ok()
+
+    app.include_router(
+        callback_router("/callback", intake, spool_callback, "The robot's callback, spooled and relayed")
+    )
 
     return app
 

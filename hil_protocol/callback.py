@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from typing import Any, Literal
 
@@ -86,12 +87,24 @@ def parse_callback(data: Any) -> IncomingMessage:
     """Validate a robot callback (a dict from JSON) and take the quote-reply apart. Raises CallbackError."""
     if not isinstance(data, dict):
         raise CallbackError("callback body must be a JSON object")
+    _check_text(data)
     try:
         cb = RobotCallback.model_validate(data)
     except ValidationError as exc:
         fields = ", ".join(".".join(str(p) for p in err["loc"]) for err in exc.errors())
         raise CallbackError(f"not a robot callback: missing or invalid {fields}") from exc
     return to_incoming(cb)
+
+
+def _check_text(data: dict[str, Any]) -> None:
+    # JSON's "\ud800" escapes decode to lone surrogates, which no UTF-8 store, log or WeCom request can carry;
+    # refused here so every path (direct, encrypted, relayed by a worker) stops them before the session store.
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise CallbackError("callback contains text that is not valid Unicode (a lone surrogate)") from None
+    except (RecursionError, ValueError, TypeError):
+        raise CallbackError("callback is nested too deeply or holds values JSON cannot carry") from None
 
 
 def to_incoming(cb: RobotCallback) -> IncomingMessage:

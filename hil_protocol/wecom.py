@@ -249,7 +249,7 @@ async def load_image(src: str | bytes, http: httpx.AsyncClient) -> bytes:
                     if size > IMAGE_MAX_BYTES:
                         raise ImageError("图片超过企业微信的 2 MB 上限")
                     chunks.append(chunk)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
             raise ImageError(f"下载图片失败：{type(exc).__name__}") from exc
         return check_image(b"".join(chunks))
     return check_image(decode_data_url(src))

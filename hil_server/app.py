@@ -13,11 +13,11 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from hil_protocol.logs import setup_logging
-from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, wecom_ok
+from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, callback_router
 from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
 
 from . import __version__, api, metrics, status, ws
@@ -74,7 +74,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
             delivery: Delivery
             if mode == "direct":
                 backend = make_backend(settings.wecom_sender, http, settings.wecom_api_base, _secret(settings.bot_key))
-                policy = RetryPolicy(deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute)
+                policy = RetryPolicy(
+                    deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute
+                )
                 sender = RobotSender(backend, http, policy)
                 sender.on_attempt = meters.wecom_attempt
                 delivery = DirectDelivery(sender)
@@ -92,7 +94,11 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 logger.warning("HIL_WORKER_TOKEN is not set: any worker may connect")
             logger.info(
                 "hil-server %s mode=%s store=%s sessions=%d waiting=%d",
-                __version__, mode, settings.hil_store, len(store), len(store.waiting()),
+                __version__,
+                mode,
+                settings.hil_store,
+                len(store),
+                len(store.waiting()),
             )
             async with asyncio.TaskGroup() as tasks:
                 background = [
@@ -132,20 +138,15 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(status.router)
     app.include_router(metrics.router)
 
-    @app.get("/api/callback", include_in_schema=False)
-    async def callback_verify(request: Request) -> Response:
-        """WeCom's URL verification for the encrypted callback."""
-        return intake.verify_url(request)
-
-    @app.post("/api/callback")
-    async def callback(request: Request) -> Response:
-        """The robot's callback (direct mode): fly-pigeon JSON, or WeCom's encrypted XML/JSON."""
-        data = await intake.read(request)
-        if isinstance(data, Response):
-            return data
+    async def store_callback(request: Request, data: dict[str, Any]) -> None:
         # Stored (and deduplicated) before the 200 goes back; hints are sent afterwards by the hint task.
         await request.state.service.handle_callback(data)
-        return wecom_ok()
+
+    app.include_router(
+        callback_router(
+            "/api/callback", intake, store_callback, "The robot's callback: fly-pigeon JSON or WeCom's encrypted form"
+        )
+    )
 
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -153,8 +154,12 @@ def create_app(settings: ServerSettings) -> FastAPI:
             f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
         )
         return JSONResponse(
-            {"success": False, "error": f"invalid request: {problems}", "message": f"invalid request: {problems}",
-             "detail": jsonable_errors(exc)},
+            {
+                "success": False,
+                "error": f"invalid request: {problems}",
+                "message": f"invalid request: {problems}",
+                "detail": jsonable_errors(exc),
+            },
             status_code=422,
         )
 

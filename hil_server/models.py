@@ -118,6 +118,11 @@ class SendRequest(BaseModel):
     def _mentions(cls, value: list[str] | None) -> list[str] | None:
         if value is not None and (len(value) > 50 or any(len(m) > 64 or not m for m in value)):
             raise ValueError("mention_list takes at most 50 userids of at most 64 characters")
+        for mention in value or []:
+            try:
+                mention.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("mention_list holds text that is not valid Unicode (a lone surrogate)") from None
         return value
 
     @field_validator("timeout")

@@ -239,7 +239,8 @@ class SqlitePersistence:
                 elif op == "purge":
                     self._conn.execute("DELETE FROM msgids WHERE seen_at < ?", args)
             self._conn.execute("COMMIT")
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, ValueError) as exc:  # ValueError: e.g. UnicodeEncodeError from a lone surrogate
+            # Failing the batch's futures, never the thread: a dead writer would leave every later save hanging.
             error = exc
             logger.error("sqlite write failed: %s", exc)
             try:

@@ -576,3 +576,18 @@ def test_ws_disconnect_updates_health(relay: TestClient) -> None:
         "worker_connected": False,
         "worker_count": 0,
     }
+
+
+AES_KEY = base64.b64encode(bytes(range(32))).decode().rstrip("=")
+
+
+def test_encrypted_endpoint_refuses_unsigned_json_unless_auth_header_configured(tmp_path: Path, wecom: WeCom) -> None:
+    crypto = {"wecom_callback_token": "tok123", "wecom_callback_aes_key": AES_KEY}
+    with TestClient(create_app(settings(tmp_path / "a", **crypto))) as c:
+        refused = c.post("/api/callback", json=callback_body("@bot hi"))
+        assert refused.status_code == 403 and "CALLBACK_AUTH_KEY" in refused.json()["errmsg"]
+    auth = {"callback_auth_key": "X-Hil-Auth", "callback_auth_value": "v4lue"}
+    with TestClient(create_app(settings(tmp_path / "b", **crypto, **auth))) as c:
+        assert c.post("/api/callback", json=callback_body("@bot hi", msgid="m-2")).status_code == 401
+        ok = c.post("/api/callback", json=callback_body("@bot hi", msgid="m-3"), headers={"X-Hil-Auth": "v4lue"})
+        assert ok.status_code == 200 and ok.json()["errcode"] == 0
