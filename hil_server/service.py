@@ -63,15 +63,15 @@ class HilService:
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
+        payload = SendMessagePayload(
+            message=request.message,
+            chat_id=request.chat_id,
+            chat_type=request.chat_type,
+            images=request.images,
+            project_name=request.project_name,
+            mention_list=request.mention_list,
+        )
         if not request.wait_reply:
-            payload = SendMessagePayload(
-                message=request.message,
-                chat_id=request.chat_id,
-                chat_type=request.chat_type,
-                images=request.images,
-                project_name=request.project_name,
-                mention_list=request.mention_list,
-            )
             try:
                 await self.delivery.send_message(payload)
             except DeliveryError as exc:
@@ -95,15 +95,7 @@ class HilService:
         )
         # Stored before it is sent, so a reply that comes back faster than WeCom's response still finds it.
         await self.store.save(session)
-        payload = SendMessagePayload(
-            short_id=short_id,
-            message=request.message,
-            chat_id=request.chat_id,
-            chat_type=request.chat_type,
-            images=request.images,
-            project_name=request.project_name,
-            mention_list=request.mention_list,
-        )
+        payload.short_id = short_id
         try:
             await self.delivery.send_message(payload)
         except DeliveryError as exc:
