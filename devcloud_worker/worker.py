@@ -13,7 +13,7 @@ import httpx
 from fastapi import FastAPI, Request
 
 from hil_protocol.logs import setup_logging
-from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, callback_router
+from hil_protocol.web import Accepted, BodyLimitMiddleware, CallbackIntake, callback_router
 from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
 
 from .config import WorkerSettings
@@ -84,11 +84,12 @@ def create_app(settings: WorkerSettings) -> FastAPI:
             "spooled_callbacks": await request.state.spool.count(),
         }
 
-    async def spool_callback(request: Request, data: dict[str, Any]) -> None:
+    async def spool_callback(request: Request, accepted: Accepted) -> None:
         # Durable in the spool before the robot gets its 200; forwarded now or after a reconnect.
-        spool_id = await request.state.spool.add(data)
+        spool_id = await request.state.spool.add(accepted.data)
         request.state.client.wake_spool()
-        logger.info("callback spooled id=%d msgid=%s chat_id=%s", spool_id, data.get("msgid"), data.get("chatid"))
+        msg = accepted.message
+        logger.info("callback spooled id=%d msgid=%s chat_id=%s", spool_id, msg.msgid, msg.chat_id)
 
     app.include_router(
         callback_router("/callback", intake, spool_callback, "The robot's callback, spooled and relayed")

@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter
@@ -13,7 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .callback import CallbackError, parse_callback
+from .callback import CallbackError, IncomingMessage, parse_callback
 
 logger = logging.getLogger(__name__)
 
@@ -26,6 +27,15 @@ def wecom_ok() -> JSONResponse:
 
 def wecom_error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"errcode": status, "errmsg": message, "error": message}, status_code=status)
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A readable robot callback: the body in fly-pigeon's JSON shape (what the worker spools and relays) and the
+    message parsed from it (what the server matches), so it is parsed once."""
+
+    data: dict[str, Any]
+    message: IncomingMessage
 
 
 class CallbackIntake:
@@ -68,8 +78,8 @@ class CallbackIntake:
             return wecom_error(403, "signature or echostr invalid")
         return PlainTextResponse(plain)
 
-    async def read(self, request: Request) -> dict[str, Any] | Response:
-        """The callback dict, or the error response to send back."""
+    async def read(self, request: Request) -> Accepted | Response:
+        """The callback (validated, parsed once), or the error response to send back."""
         if not self.authorized(request):
             logger.warning("callback refused: missing or wrong %s header", self.auth_key)
             return wecom_error(401, f"missing or wrong {self.auth_key} header (CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE)")
@@ -88,15 +98,15 @@ class CallbackIntake:
         try:
             data = json.loads(body)
         except (ValueError, RecursionError):  # RecursionError: absurdly nested arrays/objects
-            return wecom_error(400, "callback body is not JSON (for WeCom's encrypted XML, configure the callback "
-                               "token and AES key)")
+            return wecom_error(
+                400, "callback body is not JSON (for WeCom's encrypted XML, configure the callback token and AES key)"
+            )
         try:
-            parse_callback(data)
+            return Accepted(data, parse_callback(data))
         except CallbackError as exc:
             return wecom_error(400, str(exc))
-        return data
 
-    def _decrypt(self, request: Request, body: bytes) -> dict[str, Any] | Response:
+    def _decrypt(self, request: Request, body: bytes) -> Accepted | Response:
         from .wecom_crypto import WeComCryptoError, WeComSignatureError
         from .wecom_xml import CallbackPayloadError, parse_callback_payload
 
@@ -108,16 +118,16 @@ class CallbackIntake:
                 q.get("msg_signature", ""), q.get("timestamp", ""), q.get("nonce", ""), body
             )
             data = parse_callback_payload(payload)
-            parse_callback(data)
+            accepted = Accepted(data, parse_callback(data))
         except WeComSignatureError:
             return wecom_error(403, "bad msg_signature")
         except (WeComCryptoError, CallbackPayloadError, CallbackError) as exc:
             return wecom_error(400, f"cannot read encrypted callback: {exc}")
-        return data
+        return accepted
 
 
 def callback_router(
-    path: str, intake: CallbackIntake, accept: Callable[[Request, dict[str, Any]], Awaitable[None]], summary: str
+    path: str, intake: CallbackIntake, accept: Callable[[Request, Accepted], Awaitable[None]], summary: str
 ) -> APIRouter:
     """GET (WeCom URL verification) and POST (the callback) on `path`. `accept` stores the callback durably; the
     robot gets its 200 only after it returns, so nothing acknowledged to WeCom can be lost."""
@@ -129,10 +139,10 @@ def callback_router(
 
     @router.post(path, summary=summary, responses=CALLBACK_RESPONSES)
     async def receive(request: Request) -> Response:
-        data = await intake.read(request)
-        if isinstance(data, Response):
-            return data
-        await accept(request, data)
+        accepted = await intake.read(request)
+        if isinstance(accepted, Response):
+            return accepted
+        await accept(request, accepted)
         return wecom_ok()
 
     return router

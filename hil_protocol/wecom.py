@@ -439,7 +439,6 @@ class RobotSender:
             retries += await self.send_image(chat_id, data)
         return SendReport(parts=len(parts), images=len(loaded), retries=retries)
 
-
     async def deliver(self, payload: SendMessagePayload) -> dict[str, int]:
         """A relay `send_message` request (or its direct-mode equivalent): the question, parts and images."""
         report = await self.send_question(

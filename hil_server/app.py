@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from hil_protocol.logs import setup_logging
-from hil_protocol.web import BodyLimitMiddleware, CallbackIntake, callback_router
+from hil_protocol.web import Accepted, BodyLimitMiddleware, CallbackIntake, callback_router
 from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
 
 from . import __version__, api, metrics, status, ws
@@ -138,9 +138,9 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(status.router)
     app.include_router(metrics.router)
 
-    async def store_callback(request: Request, data: dict[str, Any]) -> None:
+    async def store_callback(request: Request, accepted: Accepted) -> None:
         # Stored (and deduplicated) before the 200 goes back; hints are sent afterwards by the hint task.
-        await request.state.service.handle_callback(data)
+        await request.state.service.handle_message(accepted.message)
 
     app.include_router(
         callback_router(

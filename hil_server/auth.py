@@ -61,7 +61,8 @@ class ApiAuth:
                 found = grant
         if found is None:
             raise HTTPException(
-                401, "API token not accepted: check --api-token / HIL_API_TOKEN against the server's HIL_API_TOKENS",
+                401,
+                "API token not accepted: check --api-token / HIL_API_TOKEN against the server's HIL_API_TOKENS",
                 headers={"WWW-Authenticate": "Bearer"},
             )
         return found

@@ -19,7 +19,7 @@ def several_waiting(sessions: list[Session]) -> str:
         lines.append(f"> `#{session.short_id}`{project}：{_preview(session.message)}")
     lines += [
         "",
-        "请对要回答的那条问题消息使用<font color=\"warning\">「引用回复」</font>"
+        '请对要回答的那条问题消息使用<font color="warning">「引用回复」</font>'
         "（长按或右键该消息 → 引用），再输入你的回答。",
     ]
     return "\n".join(lines)
@@ -39,10 +39,7 @@ def chat_id_hint(chat_id: str, chat_type: str) -> str:
 
 
 def unknown_quote(short_id: str) -> str:
-    return (
-        f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。"
-        "如果 AI 还在等待别的问题，请引用那条问题消息回复。"
-    )
+    return f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
 
 
 def late_answer(session: Session) -> str:

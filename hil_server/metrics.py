@@ -6,7 +6,7 @@ Every app gets its own `CollectorRegistry` (tests build several apps in one proc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -48,7 +48,9 @@ class Metrics:
         )
         self.callbacks = Counter("hil_callbacks", "Robot callbacks handled, by outcome", ["outcome"], registry=r)
         self.wecom_sends = Counter(
-            "hil_wecom_sends", "Send attempts to WeCom by errcode (direct mode; -1 = network error)", ["errcode"],
+            "hil_wecom_sends",
+            "Send attempts to WeCom by errcode (direct mode; -1 = network error)",
+            ["errcode"],
             registry=r,
         )
         self.worker_connections = Gauge("hil_worker_connections", "Workers connected now (relay mode)", registry=r)
@@ -100,9 +102,9 @@ class Metrics:
 
 def route_template(scope: Scope, routes: Iterable[BaseRoute]) -> str:
     """The matched route's path template (`/api/poll/{session_id}`), never the raw URL: bounded cardinality."""
-    route = scope.get("route")  # set by Starlette's router on newer versions
+    route = scope.get("route")  # set by FastAPI for its own routes, not for plain Starlette ones
     if route is None:
-        for candidate in routes:
+        for candidate in _flatten(routes):
             match, _ = candidate.matches(scope)
             if match is Match.FULL:
                 route = candidate
@@ -111,6 +113,16 @@ def route_template(scope: Scope, routes: Iterable[BaseRoute]) -> str:
                 route = candidate
     path = getattr(route, "path", None)
     return path if isinstance(path, str) and path else "unmatched"
+
+
+def _flatten(routes: Iterable[BaseRoute]) -> Iterator[BaseRoute]:
+    # Newer FastAPI keeps an included router as one entry; our routers have no prefix, so their paths are absolute.
+    for route in routes:
+        inner = getattr(getattr(route, "original_router", None), "routes", None)
+        if inner is not None:
+            yield from _flatten(inner)
+        else:
+            yield route
 
 
 class RequestTimer:

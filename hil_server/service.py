@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -24,8 +25,16 @@ from .store import SessionStore
 logger = logging.getLogger(__name__)
 
 Outcome = Literal[
-    "matched_quote", "matched_only", "late", "duplicate", "hint_several", "hint_chat_id", "hint_unknown_quote",
-    "hint_empty", "event", "ignored",
+    "matched_quote",
+    "matched_only",
+    "late",
+    "duplicate",
+    "hint_several",
+    "hint_chat_id",
+    "hint_unknown_quote",
+    "hint_empty",
+    "event",
+    "ignored",
 ]
 
 HintKind = Literal["several", "chat_id", "unknown_quote", "empty", "late", "event"]
@@ -123,10 +132,10 @@ class HilService:
         wait = max(0.0, min(wait, POLL_WAIT_MAX))
         if wait and not session.replies and session.status in ("waiting", "timeout"):
             event = self._waiters.setdefault(session.session_id, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), timeout=wait)
-            except asyncio.TimeoutError:
-                pass
+            # asyncio.timeout, not wait_for: no extra task per held poll (10,000 open polls cost ~10 MB less).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(wait):
+                    await event.wait()
             session = self.store.get(session.session_id) or session
         return self._poll_response(session)
 
@@ -186,9 +195,14 @@ class HilService:
     async def handle_message(self, msg: IncomingMessage) -> Outcome:
         outcome = await self._handle(msg)
         self.observe("callback", outcome)
-        logger.info(
-            "callback msgid=%s chat_id=%s quoted=%s outcome=%s", msg.msgid, msg.chat_id, msg.quoted_short_id, outcome
-        )
+        if outcome not in ("matched_quote", "matched_only", "late"):  # a match logs its own line, with the session
+            logger.info(
+                "callback msgid=%s chat_id=%s quoted=%s outcome=%s",
+                msg.msgid,
+                msg.chat_id,
+                msg.quoted_short_id,
+                outcome,
+            )
         return outcome
 
     async def _handle(self, msg: IncomingMessage) -> Outcome:
@@ -248,7 +262,14 @@ class HilService:
         await self.store.save(session, msgid=msg.msgid)
         self._record(session, f"replied ({how})")
         self._wake(session.session_id)
-        logger.info("reply matched session_id=%s short_id=%s by=%s", session.session_id, session.short_id, how)
+        logger.info(
+            "reply matched session_id=%s short_id=%s by=%s msgid=%s chat_id=%s",
+            session.session_id,
+            session.short_id,
+            how,
+            msg.msgid,
+            msg.chat_id,
+        )
         return {"quote": "matched_quote", "only_waiting": "matched_only", "late": "late"}[how]
 
     # --- hints: sent by a background task so reading a callback (or the worker's socket) never waits on WeCom ---

@@ -35,9 +35,7 @@ def status_data(request: Request, grant: Grant | None) -> dict[str, Any]:
     state = request.state
     service = state.service
     now = time.time()
-    waiting = sorted(
-        (s for s in service.store.waiting() if _visible(s, grant)), key=lambda s: s.created_at
-    )
+    waiting = sorted((s for s in service.store.waiting() if _visible(s, grant)), key=lambda s: s.created_at)
     recent = []
     for entry in service.recent:
         if grant is not None and grant.chats is not None:

@@ -12,7 +12,6 @@ and then saves without awaiting in between (duplicate msgids, matching) cannot r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import queue
 import sqlite3
@@ -191,9 +190,7 @@ class SqlitePersistence:
     async def write(
         self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
     ) -> None:
-        rows = [
-            (s.session_id, s.short_id, s.chat_id, s.status, s.created_at, s.model_dump_json()) for s in sessions
-        ]
+        rows = [(s.session_id, s.short_id, s.chat_id, s.status, s.created_at, s.model_dump_json()) for s in sessions]
         await self._submit("write", (rows, list(msgids), list(delete)))
 
     async def purge_msgids(self, before: float) -> None:

@@ -98,7 +98,7 @@ class WorkerHub:
             try:
                 async with self._changed:
                     await asyncio.wait_for(self._changed.wait_for(lambda: bool(self.links)), self.grace)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
         links = [link for link in self.links.values() if link.alive]
         if not links:
@@ -134,7 +134,7 @@ class WorkerHub:
         try:
             await link.send(Request(id=request_id, action=action, payload=payload))
             response = await asyncio.wait_for(future, self.request_timeout)
-        except asyncio.TimeoutError as exc:
+        except TimeoutError as exc:
             raise DeliveryError(f"worker {link.worker_id} 在 {self.request_timeout:.0f} 秒内没有应答") from exc
         except (ConnectionError, RuntimeError, OSError) as exc:
             raise DeliveryError(f"与 worker {link.worker_id} 的连接中断") from exc

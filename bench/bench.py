@@ -1,0 +1,659 @@
+#!/usr/bin/env python
+"""hil-mcp benchmark: starts the real processes on 127.0.0.1 (fake WeCom, HIL Server, DevCloud Worker), measures,
+and prints a table of figures against targets.
+
+    ./hil bench [--rounds 20] [--sessions 10000] [--only P1,P3]
+
+P1  a person's quote-reply -> the MCP tool call returns (real MCP client over stdio, relay mode)
+P2  200 concurrent /api/send until all 200 reached WeCom (relay mode)
+P3  N waiting sessions with N open long-polls: server RSS, and reply -> poll-returns p99 for a sample (relay mode)
+P4  callbacks matched per second, POSTed straight to /api/callback (direct mode)
+
+A missed target is reported, not fatal: the exit status is 0 when every measurement ran, 1 when one failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import shlex
+import shutil
+import signal
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+# The processes the bench starts run this checkout's code too, whatever is installed in the venv.
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+import httpx  # noqa: E402
+
+from tests.procs import BOT_KEY, Stack  # noqa: E402
+
+ROBOT = "HIL助手"  # the fake's robot name, as it appears in "@HIL助手 answer"
+PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+# --- results ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    figure: str
+    measured: str
+    target: str
+    ok: bool | None  # None: no target (context only)
+
+
+@dataclass
+class Results:
+    rows: list[Row] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+    def add(self, figure: str, measured: str, target: str = "", ok: bool | None = None) -> None:
+        self.rows.append(Row(figure, measured, target, ok))
+        mark = {True: "ok", False: "MISSED", None: ""}[ok]
+        print(f"  -> {figure}: {measured}  {('(target ' + target + ') ' + mark) if target else ''}", flush=True)
+
+    def note(self, text: str) -> None:
+        self.notes.append(text)
+        print(f"  note: {text}", flush=True)
+
+    def table(self) -> str:
+        lines = ["| figure | measured | target | ok |", "|---|---|---|---|"]
+        for row in self.rows:
+            ok = {True: "✅", False: "❌", None: "–"}[row.ok]
+            lines.append(f"| {row.figure} | {row.measured} | {row.target or '–'} | {ok} |")
+        return "\n".join(lines)
+
+
+def log(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile (p99 of 200 samples is the 198th smallest)."""
+    ordered = sorted(values)
+    rank = max(1, -(-len(ordered) * pct // 100))
+    return ordered[int(rank) - 1]
+
+
+# --- machine ----------------------------------------------------------------------------------------------------
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Raise the soft file-descriptor limit to the hard one; processes started later inherit it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 1_048_576)
+    if soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
+async def settled_fd_count(pid: int, quiet: float = 0.3, limit: float = 5.0) -> int:
+    """The process's fd count once it has stopped changing (closed connections take a moment to go)."""
+    deadline = time.monotonic() + limit
+    last, since = fd_count(pid), time.monotonic()
+    while time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+        now = fd_count(pid)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            break
+    return last
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, from /proc/<pid>/stat."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_of(stack: Stack) -> dict[str, float]:
+    return {name: cpu_seconds(proc.popen.pid) for name, proc in stack.procs.items() if proc.popen is not None}
+
+
+def cpu_note(before: dict[str, float], after: dict[str, float], wall: float, bench_cpu: float) -> str:
+    """Who used the CPU over a phase, as a share of one core."""
+    parts = [f"{name} {(after[name] - before[name]) / wall:.0%}" for name in before]
+    return f"CPU (share of one core over {wall:.2f} s): " + ", ".join(parts) + f", bench {bench_cpu / wall:.0%}"
+
+
+def machine() -> str:
+    try:
+        model = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    except (OSError, StopIteration):
+        model = platform.processor() or "?"
+    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return (
+        f"nproc={os.cpu_count()} ({model}), {mem_gb:.0f} GB RAM, {platform.system()} {platform.release()}, "
+        f"Python {platform.python_version()} ({sys.executable})"
+    )
+
+
+# --- stacks -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def running_stack(mode: str, workdir: Path, name: str, **kw: Any):
+    tmp = workdir / name
+    tmp.mkdir(parents=True, exist_ok=True)
+    # The product's sweep interval, not the tests' 0.5 s (which makes the O(sessions) sweep run 10x as often).
+    kw.setdefault("server_env", {"SWEEP_INTERVAL": "5"})
+    stack = Stack(mode, tmp, **kw)
+    started = time.monotonic()
+    try:
+        stack.start()
+        log(f"{name}: {mode}-mode stack up in {time.monotonic() - started:.1f}s "
+            f"(fake {stack.fake_url}, server {stack.server_url}"
+            f"{', worker ' + stack.worker_url if mode == 'relay' else ''})")
+        yield stack
+    finally:
+        stack.stop()
+
+
+def client(timeout: float = 30, **kw: Any) -> httpx.AsyncClient:
+    """httpx for the control calls (a few requests each). Load goes through Http1: httpcore's pool scans every
+    connection on each request, which made the bench, not the server, the bottleneck (profiled: >90% of the
+    bench's CPU in connection_pool._assign_requests_to_connections with 50-200 connections)."""
+    return httpx.AsyncClient(trust_env=False, timeout=timeout, **kw)
+
+
+class Http1:
+    """One keep-alive HTTP/1.1 connection with the least client-side work, so load measures the server."""
+
+    def __init__(self, base_url: str) -> None:
+        host, _, port = base_url.removeprefix("http://").partition(":")
+        self.host, self.port = host, int(port)
+        self._reader: asyncio.StreamReader | None = None
+        self._writer: asyncio.StreamWriter | None = None
+
+    async def connect(self) -> Http1:
+        self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
+        return self
+
+    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+        if self._writer is None:
+            await self.connect()
+        assert self._reader is not None and self._writer is not None
+        head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+        if body is not None:
+            head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        self._writer.write(head.encode() + b"\r\n" + (body or b""))
+        raw = await self._reader.readuntil(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        status = int(lines[0].split(" ", 2)[1])
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if "content-length" in headers:
+            data = await self._reader.readexactly(int(headers["content-length"]))
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            chunks = []
+            while size := int((await self._reader.readuntil(b"\r\n")).split(b";")[0], 16):
+                chunks.append(await self._reader.readexactly(size))
+                await self._reader.readexactly(2)
+            await self._reader.readuntil(b"\r\n")
+            data = b"".join(chunks)
+        else:
+            data = await self._reader.read()
+            headers["connection"] = "close"
+        if headers.get("connection", "").lower() == "close":
+            self.close()
+        return status, data
+
+    async def json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+        raw = body if body is None or isinstance(body, bytes) else json.dumps(body).encode()
+        status, data = await self.request(method, path, raw)
+        return status, json.loads(data) if data else None
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        self._reader = self._writer = None
+
+
+async def open_conns(base_url: str, n: int) -> list[Http1]:
+    return list(await asyncio.gather(*(Http1(base_url).connect() for _ in range(n))))
+
+
+def close_all(conns: list[Http1]) -> None:
+    for conn in conns:
+        conn.close()
+
+
+async def fake_messages(http: httpx.AsyncClient, stack: Stack, chat_id: str, since_seq: int = 0, wait: int = 0,
+                        timeout: float = 30) -> list[dict[str, Any]]:
+    params: dict[str, Any] = {"chat_id": chat_id, "since_seq": since_seq}
+    if wait:
+        params.update(wait=wait, timeout=timeout)
+    response = await http.get(f"{stack.fake_url}/_fake/messages", params=params, timeout=timeout + 10)
+    response.raise_for_status()
+    return response.json()["messages"]
+
+
+async def last_seq(http: httpx.AsyncClient, stack: Stack) -> int:
+    response = await http.get(f"{stack.fake_url}/_fake/messages", params={"since_seq": 0})
+    messages = response.json()["messages"]
+    return messages[-1]["seq"] if messages else 0
+
+
+async def lanes(conns: list[Http1], items: list[Any], fn: Callable[[Http1, Any], Awaitable[Any]]) -> list[Any]:
+    """Run fn over items, one lane per connection (so at most len(conns) in flight); results in order."""
+    results: list[Any] = [None] * len(items)
+    it = iter(enumerate(items))
+
+    async def lane(conn: Http1) -> None:
+        for i, item in it:
+            results[i] = await fn(conn, item)
+
+    await asyncio.gather(*(lane(conn) for conn in conns))
+    return results
+
+
+async def create_sessions(stack: Stack, n: int, chat_id: str, concurrency: int = 200, label: str = "q",
+                          timeout: float = 3600) -> list[dict[str, Any]]:
+    """n questions through /api/send, `concurrency` at a time; returns the send answers (+ message)."""
+    conns = await open_conns(stack.server_url, concurrency)
+
+    async def one(conn: Http1, i: int) -> dict[str, Any]:
+        message = f"bench {label} {i}"
+        body = {"message": message, "chat_id": chat_id, "timeout": timeout}
+        status, answer = await conn.json("POST", "/api/send", body)
+        if status != 200 or not answer.get("success"):
+            raise RuntimeError(f"/api/send failed: HTTP {status} {answer}")
+        return {**answer, "message": message}
+
+    try:
+        return await lanes(conns, list(range(n)), one)
+    finally:
+        close_all(conns)
+
+
+def quote_of(short_id: str, message: str, project: str | None = None) -> str:
+    head = f"[#{short_id} {project}]" if project else f"[#{short_id}]"
+    return f"{head}\n{message}"
+
+
+# --- P1: reply -> MCP tool returns ------------------------------------------------------------------------------
+
+
+async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    chat = "bench"
+    env = {k: v for k, v in os.environ.items()
+           if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", chat, "--timeout", "60"],
+        env=env,
+        cwd=str(workdir),
+    )
+    latencies: list[float] = []
+    with (workdir / "mcp.log").open("w") as errlog:
+        async with Client(stdio_client(params, errlog=errlog)) as mcp, client(30) as http:
+            since = await last_seq(http, stack)
+            for i in range(rounds + 1):  # round 0 warms up every hop and is not counted
+                text = f"bench P1 question {i}"
+                call = asyncio.create_task(mcp.call_tool("send_and_wait_reply", {"message": text}))
+                messages = await fake_messages(http, stack, chat, since, wait=1, timeout=20)
+                question = next((m for m in messages if text in (m["content"] or "")), None)
+                if question is None:
+                    call.cancel()
+                    raise RuntimeError(f"question {i} did not reach the fake WeCom: {messages}")
+                since = max(m["seq"] for m in messages)
+                # The tool's long-poll starts right after /api/send answers; give it a moment to be parked.
+                await asyncio.sleep(0.05)
+                answer = f"answer {i}"
+                body = {"chat_id": chat, "text": answer, "quote": question["content"], "quote_sender": ROBOT}
+                t0 = time.perf_counter()
+                post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
+                result = await asyncio.wait_for(call, 30)
+                t1 = time.perf_counter()
+                response = await post
+                response.raise_for_status()
+                out = result.structured_content or {}
+                got = [r.get("content") for r in out.get("replies") or []]
+                if result.is_error or out.get("status") != "success" or got != [answer]:
+                    raise RuntimeError(f"round {i}: unexpected tool result {result}")
+                if i:
+                    latencies.append((t1 - t0) * 1000)
+    median = statistics.median(latencies)
+    res.add(f"P1 person's quote-reply → MCP tool call returns (relay, stdio MCP client), median of {len(latencies)}",
+            f"{median:.1f} ms (max {max(latencies):.1f})", "≤ 30 ms", median <= 30)
+
+
+# --- P2: 200 concurrent sends -----------------------------------------------------------------------------------
+
+
+async def p2_trial(stack: Stack, conns: list[Http1], trial: int) -> tuple[float, float, str]:
+    """One burst of len(conns) concurrent sends: (seconds until all at WeCom, until the last answer, CPU note)."""
+    n = len(conns)
+    chat = f"bench-p2-{trial}"
+    async with client(60) as http:
+        since = await last_seq(http, stack)
+        bodies = [json.dumps({"message": f"bench P2 {trial}.{i}", "chat_id": chat, "timeout": 600}).encode()
+                  for i in range(n)]
+        arrived = asyncio.create_task(fake_messages(http, stack, chat, since, wait=n, timeout=30))
+        await asyncio.sleep(0.2)  # the fake's long-poll is parked before the clock starts
+        cpu0, bench0 = cpu_of(stack), time.process_time()
+        t0 = time.perf_counter()
+        sends = (c.json("POST", "/api/send", body) for c, body in zip(conns, bodies, strict=True))
+        answers = await asyncio.gather(*sends)
+        t_sent = time.perf_counter()
+        messages = await arrived
+        t1 = time.perf_counter()
+        cpu1, bench1 = cpu_of(stack), time.process_time()
+    failed = [a for status, a in answers if status != 200 or not a.get("success")]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {n} sends failed, e.g. {failed[0]}")
+    if len(messages) < n:
+        raise RuntimeError(f"only {len(messages)} of {n} messages reached the fake WeCom")
+    return t1 - t0, t_sent - t0, cpu_note(cpu0, cpu1, t1 - t0, bench1 - bench0)
+
+
+async def p2(stack: Stack, res: Results, n: int = 200, trials: int = 3) -> None:
+    conns = await open_conns(stack.server_url, n)
+    try:
+        # Warm-up: every connection used once, and a small burst so the worker's pool to WeCom is open (it sends up
+        # to 8 at once per robot).
+        await asyncio.gather(*(c.request("GET", "/health") for c in conns))
+        warm = await asyncio.gather(*(
+            c.json("POST", "/api/send", {"message": f"warm-up {i}", "chat_id": "bench-p2", "wait_reply": False})
+            for i, c in enumerate(conns[:16])
+        ))
+        assert all(status == 200 and answer.get("success") for status, answer in warm), warm
+        results = [await p2_trial(stack, conns, trial) for trial in range(trials)]
+    finally:
+        close_all(conns)
+    arrived = sorted(r[0] for r in results)
+    median = statistics.median(arrived)
+    res.add(f"P2 {n} concurrent /api/send → all at WeCom (relay), median of {trials}",
+            f"{median:.3f} s (each: {', '.join(f'{r[0]:.3f}' for r in results)})", "≤ 0.5 s", median <= 0.5)
+    res.note("P2 (median burst) " + sorted(results)[len(results) // 2][2])
+
+
+# --- P3: N waiting sessions with open long-polls ----------------------------------------------------------------
+
+
+async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
+    chat = "bench-p3"
+    server_pid = stack.procs["server"].popen.pid
+    async with client(10) as http:
+        await http.post(f"{stack.fake_url}/_fake/config", json={"rate_limit": None})
+    rss_idle = rss_mb(server_pid)
+
+    t0 = time.perf_counter()
+    sessions = await create_sessions(stack, n, chat, concurrency=200, label="P3")
+    created = time.perf_counter() - t0
+    rss_sessions = rss_mb(server_pid)
+    log(f"P3: {n} sessions created in {created:.1f}s ({n / created:.0f}/s); server RSS {rss_sessions:.0f} MB")
+    res.add("P3 … sessions created (200 concurrent /api/send, relay)", f"{n} in {created:.1f} s ({n / created:.0f}/s)")
+
+    done_at: dict[str, float] = {}
+    polls: dict[str, asyncio.Task[tuple[int, Any]]] = {}
+    conns: list[Http1] = []
+    base_fds = await settled_fd_count(server_pid)
+
+    async def poll(session_id: str) -> tuple[int, Any]:
+        conn = Http1(stack.server_url)
+        conns.append(conn)
+        try:
+            return await conn.json("GET", f"/api/poll/{session_id}?wait=60")
+        finally:
+            done_at[session_id] = time.perf_counter()
+
+    try:
+        t0 = time.perf_counter()
+        batch = 500  # below uvicorn's listen backlog (2048), so no SYN is dropped and retried a second later
+        for start in range(0, n, batch):
+            for i in range(start, min(start + batch, n)):
+                sid = sessions[i]["session_id"]
+                polls[sid] = asyncio.create_task(poll(sid))
+            target = base_fds + min(start + batch, n)
+            deadline = time.monotonic() + 10
+            while fd_count(server_pid) < target and time.monotonic() < deadline:  # noqa: ASYNC110 - another process
+                await asyncio.sleep(0.02)
+            if fd_count(server_pid) < target:
+                log(f"P3: server accepted only {fd_count(server_pid) - base_fds} of {min(start + batch, n)} so far")
+        opened_in = time.perf_counter() - t0
+        await asyncio.sleep(1.0)  # let the last requests reach their handlers
+        early = [sid for sid, task in polls.items() if task.done()]
+        open_now = fd_count(server_pid) - base_fds
+        rss_polls = rss_mb(server_pid)
+        log(f"P3: {len(polls)} long-polls started in {opened_in:.1f}s; server holds {open_now} more fds, "
+            f"{len(early)} polls already ended; RSS {rss_polls:.0f} MB")
+        if early:
+            task = polls[early[0]]
+            why = repr(task.exception()) if task.exception() else str(task.result())[:200]
+            res.note(f"{len(early)} polls ended before any reply (first: {why})")
+        achieved = min(n - len(early), open_now)
+        ok_n = achieved >= n
+        res.add("P3 open long-polls held at once", f"{achieved} of {n}", f"{n}", ok_n)
+        if not ok_n:
+            res.note(f"only {achieved} of {n} long-polls could be held open on this machine")
+        res.add(f"P3 server RSS with {achieved} waiting sessions + open long-polls",
+                f"{rss_polls:.0f} MB (idle {rss_idle:.0f} MB, sessions only {rss_sessions:.0f} MB)",
+                "≤ 300 MB", rss_polls <= 300)
+
+        # Reply to a sample, one at a time, and time reply -> that session's poll returns.
+        open_ids = [sid for sid in polls if not polls[sid].done()]
+        by_id = {s["session_id"]: s for s in sessions}
+        picks = random.Random(3).sample(open_ids, min(sample, len(open_ids)))
+        latencies: list[float] = []
+        async with client(30) as http:
+            cpu0, w0 = cpu_seconds(server_pid), time.perf_counter()
+            for sid in picks:
+                s = by_id[sid]
+                body = {"chat_id": chat, "text": f"answer {s['short_id']}",
+                        "quote": quote_of(s["short_id"], s["message"]), "quote_sender": ROBOT}
+                t0 = time.perf_counter()
+                post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
+                _, out = await asyncio.wait_for(polls[sid], 30)
+                latencies.append((done_at[sid] - t0) * 1000)
+                (await post).raise_for_status()
+                if out.get("status") != "replied" or out["replies"][0]["content"] != f"answer {s['short_id']}":
+                    raise RuntimeError(f"unexpected poll answer for {sid}: {out}")
+            cpu_used = cpu_seconds(server_pid) - cpu0
+            wall = time.perf_counter() - w0
+        p99 = percentile(latencies, 99)
+        res.add(f"P3 reply → long-poll returns, p99 ({len(latencies)} sampled, {achieved} polls open)",
+                f"{p99:.1f} ms (median {statistics.median(latencies):.1f}, max {max(latencies):.1f})",
+                "≤ 50 ms", p99 <= 50)
+        log(f"P3: server CPU during the sample {cpu_used:.2f}s of {wall:.2f}s")
+    finally:
+        for task in polls.values():
+            task.cancel()
+        await asyncio.gather(*polls.values(), return_exceptions=True)
+        close_all(conns)
+
+
+# --- P4: callbacks matched per second (direct mode) -------------------------------------------------------------
+
+
+def callback_body(stack: Stack, chat: str, short_id: str, message: str, answer: str) -> bytes:
+    """The fly-pigeon JSON of a quote-reply (WECOM.md): “Sender：\\n<quoted>”\\n------\\n@Robot answer."""
+    content = f"\u201c{ROBOT}\uff1a\n{quote_of(short_id, message)}\u201d\n------\n@{ROBOT} {answer}"
+    return json.dumps({
+        "webhook_url": f"{stack.fake_url}/cgi-bin/webhook/send?key={BOT_KEY}",
+        "msgid": uuid.uuid4().hex,
+        "chatid": chat,
+        "chattype": "group",
+        "msgtype": "text",
+        "from": {"userid": "zhangsan", "name": "张三", "alias": "zhangsan"},
+        "text": {"content": content},
+    }, ensure_ascii=False).encode()
+
+
+async def p4_trial(stack: Stack, m: int, trial: int, concurrency: int) -> tuple[float, int, float, float]:
+    """m waiting sessions, then their m quote-reply callbacks: (elapsed, matched, server CPU s, bench CPU s)."""
+    chat = f"bench-p4-{trial}"
+    server_pid = stack.procs["server"].popen.pid
+    sessions = await create_sessions(stack, m, chat, concurrency=100, label=f"P4.{trial}")
+    bodies = [callback_body(stack, chat, s["short_id"], s["message"], f"answer {s['short_id']}") for s in sessions]
+    conns = await open_conns(stack.server_url, concurrency)
+    try:
+        await asyncio.gather(*(c.request("GET", "/health") for c in conns))  # every connection used once
+
+        async def post(conn: Http1, body: bytes) -> None:
+            status, data = await conn.request("POST", "/api/callback", body)
+            if status != 200 or json.loads(data).get("errcode") != 0:
+                raise RuntimeError(f"callback refused: HTTP {status} {data[:200]!r}")
+
+        await asyncio.sleep(0.5)  # let the session burst's log lines and sqlite commits drain
+        cpu0, bench0 = cpu_seconds(server_pid), time.process_time()
+        t0 = time.perf_counter()
+        await lanes(conns, bodies, post)
+        elapsed = time.perf_counter() - t0
+        server_cpu, bench_cpu = cpu_seconds(server_pid) - cpu0, time.process_time() - bench0
+
+        async def check(conn: Http1, s: dict[str, Any]) -> bool:
+            _, out = await conn.json("GET", f"/api/poll/{s['session_id']}")
+            got = [r.get("content") for r in out.get("replies") or []]
+            return out.get("status") == "replied" and got == [f"answer {s['short_id']}"]
+
+        matched = sum(await lanes(conns, sessions, check))
+    finally:
+        close_all(conns)
+    return elapsed, matched, server_cpu, bench_cpu
+
+
+async def p4(stack: Stack, m: int, res: Results, concurrency: int = 50, trials: int = 3) -> None:
+    results = [await p4_trial(stack, m, trial, concurrency) for trial in range(trials)]
+    rates = [matched / elapsed for elapsed, matched, _, _ in results]
+    all_matched = all(matched == m for _, matched, _, _ in results)
+    median = statistics.median(rates)
+    res.add(f"P4 callbacks matched per second (direct mode, {m} per trial, {concurrency} concurrent "
+            f"POST /api/callback), median of {trials}",
+            f"{median:,.0f}/s (each: {', '.join(f'{r:,.0f}' for r in rates)}; "
+            f"{'all' if all_matched else 'NOT all'} {m * trials} matched, checked by poll)",
+            "≥ 2,000/s", median >= 2000 and all_matched)
+    elapsed, _, server_cpu, bench_cpu = sorted(results, key=lambda r: r[1] / r[0])[len(results) // 2]
+    res.note(f"P4 (median trial): server CPU {server_cpu / elapsed:.0%} and bench CPU {bench_cpu / elapsed:.0%} of one "
+             f"core over {elapsed:.2f} s; {server_cpu / (m or 1) * 1e6:.0f} µs of server CPU per callback")
+
+
+# --- main -------------------------------------------------------------------------------------------------------
+
+
+async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
+    only = {x.strip().upper() for x in args.only.split(",")} if args.only else {"P1", "P2", "P3", "P4"}
+    # SIGTERM (timeout, CI) cancels like Ctrl-C, so the stacks below are stopped instead of left running.
+    main_task = asyncio.current_task()
+    assert main_task is not None
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, main_task.cancel)
+
+    async def measure(name: str, fn: Callable[[], Awaitable[None]]) -> None:
+        log(f"{name} ...")
+        started = time.monotonic()
+        try:
+            await fn()
+        except Exception as exc:
+            res.failed.append(name)
+            res.add(f"{name} failed", f"{type(exc).__name__}: {str(exc)[:300]}", "", False)
+            traceback.print_exc()
+        log(f"{name} done in {time.monotonic() - started:.1f}s")
+
+    if only & {"P1", "P2"}:
+        with running_stack("relay", workdir, "relay-p1p2") as stack:
+            if "P1" in only:
+                await measure("P1", lambda: p1(stack, workdir, args.rounds, res))
+            if "P2" in only:
+                await measure("P2", lambda: p2(stack, res))
+    if "P3" in only:
+        with running_stack("relay", workdir, "relay-p3") as stack:
+            await measure("P3", lambda: p3(stack, args.sessions, res))
+    if "P4" in only:
+        with running_stack("direct", workdir, "direct-p4") as stack:
+            await measure("P4", lambda: p4(stack, args.callbacks, res))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="./hil bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=20, help="P1 rounds (default 20)")
+    parser.add_argument("--sessions", type=int, default=10000,
+                        help="P3 waiting sessions / open long-polls (default 10000)")
+    parser.add_argument("--callbacks", type=int, default=2000,
+                        help="P4 sessions answered by callbacks, per trial (default 2000)")
+    parser.add_argument("--only", help="comma-separated subset, e.g. P1,P3")
+    parser.add_argument("--keep", action="store_true", help="keep the processes' logs and data (printed at the end)")
+    args = parser.parse_args(argv)
+
+    soft, hard = raise_nofile()
+    print(f"command: {shlex.join([sys.executable, *sys.argv])}  (= ./hil bench {shlex.join(sys.argv[1:])})")
+    print(f"machine: {machine()}")
+    print(f"open files limit: {soft} (hard {hard})")
+    load = os.getloadavg()
+    print(f"load average before: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+    if load[0] > 1.0:
+        print("warning: the machine is busy; figures are noisier and lower than on an idle machine")
+    if soft < args.sessions + 200:
+        print(f"warning: RLIMIT_NOFILE {soft} is below --sessions {args.sessions}; P3 will hold fewer long-polls")
+
+    workdir = Path(tempfile.mkdtemp(prefix="hil-bench-"))
+    res = Results()
+    started = time.monotonic()
+    try:
+        asyncio.run(run(args, workdir, res))
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        res.failed.append("interrupted")
+        print("\ninterrupted: processes stopped", file=sys.stderr)
+    finally:
+        keep = args.keep or bool(res.failed)
+        print()
+        print(res.table())
+        for text in res.notes:
+            print(f"- {text}")
+        load = os.getloadavg()
+        print(f"\ntotal {time.monotonic() - started:.0f} s; "
+              f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        if keep:
+            print(f"logs and data: {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return 1 if res.failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
