@@ -132,6 +132,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
 
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(api.PollFastPath)
     app.add_middleware(RequestTimer, metrics=meters, routes=app.router.routes)
     app.include_router(api.router)
     app.include_router(ws.router)
