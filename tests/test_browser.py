@@ -281,3 +281,47 @@ def test_rendering_escapes_text_and_shows_robot_images(sandbox: Sandbox, page: A
     page.on("request", lambda r: requests.append(r.url))
     page.wait_for_timeout(1500)
     assert requests == []
+
+
+def _ask_through_hil_mcp(server_url: str, question: str, cwd: Path) -> dict[str, Any]:
+    """A real MCP client session over stdio with hil-mcp, asking `question` (runs in its own thread and loop)."""
+    import asyncio
+    import json
+    import os
+    import sys
+
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters
+
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--service-url", server_url, "--chat-id", "mcp-chat", "--project-name", "cursor",
+              "--timeout", "60"],
+        env=env,
+        cwd=str(cwd),
+    )
+
+    async def run() -> dict[str, Any]:
+        async with Client(params) as client:
+            result = await client.call_tool("send_and_wait_reply", {"message": question})
+            return json.loads(result.content[0].text)
+
+    return asyncio.run(run())
+
+
+def test_question_from_hil_mcp_is_answered_in_the_page(sandbox: Sandbox, page: Any, tmp_path: Path) -> None:
+    """The README's promise: point hil-mcp at the sandbox, answer in the page, the tool gets the answer."""
+    expect = sync_api.expect
+    open_chat(page, "mcp-chat")
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        call = pool.submit(_ask_through_hil_mcp, sandbox.server_url, "部署到生产环境吗？", tmp_path)
+        question = by(page, "message").and_(page.locator('[data-kind="robot"]')).filter(has_text="部署到生产环境吗？")
+        expect(question).to_have_count(1, timeout=30_000)
+        expect(question).to_contain_text("cursor]")
+        by(question, "quote-button").click()
+        by(page, "composer-input").fill("可以，先灰度")
+        by(page, "send-button").click()
+        result = call.result(timeout=60)
+    assert result["status"] == "success", result
+    assert [r["content"] for r in result["replies"]] == ["可以，先灰度"]
