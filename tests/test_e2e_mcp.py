@@ -252,3 +252,17 @@ async def test_progress_keeps_a_long_wait_alive(stack: Stack, tmp_path: Path) ->
     assert max(gaps) <= 10.5, gaps
     assert all(m and "等待回复中" in m for m in messages), messages
     print("progress gaps:", [round(g, 2) for g in gaps])
+
+
+async def test_invalid_bot_key_is_said_in_words_within_2s(stack: Stack, tmp_path: Path) -> None:
+    import time
+
+    async with session(stack, tmp_path) as (client, _chat):
+        async with httpx.AsyncClient(trust_env=False) as http:
+            await http.post(f"{stack.fake_url}/_fake/fail", json={"errcodes": [93000]})
+        started = time.monotonic()
+        result = structured(await client.call_tool("send_and_wait_reply", {"message": "发得出去吗？"}))
+        elapsed = time.monotonic() - started
+    assert elapsed < 2, elapsed
+    assert result["status"] == "error", result
+    assert "93000" in result["message"] and "BOT_KEY" in result["message"]
