@@ -7,6 +7,8 @@ import pytest
 
 from tests.procs import Stack
 
+pytest_plugins = ["tests.server_fixtures"]
+
 
 @pytest.fixture(params=["direct", "relay"])
 def stack(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Stack]:

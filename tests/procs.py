@@ -112,8 +112,19 @@ class Stack:
     def start(self) -> Stack:
         self.procs["fake"] = Proc(
             "fake-wecom",
-            ["-m", "hil_sandbox.fake_wecom", "--port", str(self.fake_port), "--bot-key", BOT_KEY,
-             "--callback-url", self.callback_url, "--log-level", "warning", *self.fake_args],
+            [
+                "-m",
+                "hil_sandbox.fake_wecom",
+                "--port",
+                str(self.fake_port),
+                "--bot-key",
+                BOT_KEY,
+                "--callback-url",
+                self.callback_url,
+                "--log-level",
+                "warning",
+                *self.fake_args,
+            ],
             {},
             self.tmp / "fake.log",
             f"{self.fake_url}/_fake/config",
@@ -198,7 +209,9 @@ class Stack:
         response.raise_for_status()
         return response.json()
 
-    def messages(self, chat_id: str | None = None, wait: int | None = None, timeout: float = 10) -> list[dict[str, Any]]:
+    def messages(
+        self, chat_id: str | None = None, wait: int | None = None, timeout: float = 10
+    ) -> list[dict[str, Any]]:
         params: dict[str, Any] = {}
         if chat_id:
             params["chat_id"] = chat_id

@@ -455,7 +455,15 @@ def test_env_example_loads(tmp_path: Path, example: str, module: str) -> None:
     env = clean_env(tmp_path, "x")
     del env["HIL_DATA_DIR"], env["HIL_LOG_LEVEL"]
     result = subprocess.run(
-        ["bash", "-c", 'set -ae; . "$1"; : "${BOT_KEY:=placeholder-key}"; exec "$2" -c "$3"', "x", str(ROOT / "deploy" / example), sys.executable, code],
+        [
+            "bash",
+            "-c",
+            'set -ae; . "$1"; : "${BOT_KEY:=placeholder-key}"; exec "$2" -c "$3"',
+            "x",
+            str(ROOT / "deploy" / example),
+            sys.executable,
+            code,
+        ],
         env=env,
         cwd=tmp_path,
         capture_output=True,

@@ -95,15 +95,22 @@ def test_two_hundred_concurrent_questions_each_matched(stack: Stack) -> None:
         async with httpx.AsyncClient(base_url=stack.fake_url, timeout=60) as fake:
             replies = await asyncio.gather(
                 *(
-                    fake.post("/_fake/reply", json={"chat_id": "chat200", "quote": q["content"],
-                                                   "text": f"answer for {HEADER.match(q['content']).group(1)}"})
+                    fake.post(
+                        "/_fake/reply",
+                        json={
+                            "chat_id": "chat200",
+                            "quote": q["content"],
+                            "text": f"answer for {HEADER.match(q['content']).group(1)}",
+                        },
+                    )
                     for q in questions
                 )
             )
             assert all(r.json()["responses"][0]["status_code"] == 200 for r in replies)
         async with httpx.AsyncClient(base_url=stack.server_url, timeout=60) as http:
-            polls = await asyncio.gather(*(http.get(f"/api/poll/{s['session_id']}", params={"wait": 10})
-                                           for s in sessions))
+            polls = await asyncio.gather(
+                *(http.get(f"/api/poll/{s['session_id']}", params={"wait": 10}) for s in sessions)
+            )
         matched = 0
         for poll in polls:
             body = poll.json()
@@ -188,10 +195,16 @@ def test_reply_while_server_is_down_is_not_lost(stack: Stack) -> None:
         async with httpx.AsyncClient(timeout=60) as http:
             # WeCom's own behaviour: 3 attempts, stopping at the first 200.
             reply = asyncio.create_task(
-                http.post(f"{stack.fake_url}/_fake/reply", json={
-                    "chat_id": "chat-down", "quote": question["content"], "text": "我在你重启时回答",
-                    "wecom_retries": True, "retry_interval": 1.5,
-                })
+                http.post(
+                    f"{stack.fake_url}/_fake/reply",
+                    json={
+                        "chat_id": "chat-down",
+                        "quote": question["content"],
+                        "text": "我在你重启时回答",
+                        "wecom_retries": True,
+                        "retry_interval": 1.5,
+                    },
+                )
             )
             await asyncio.sleep(0.5)
             await asyncio.to_thread(stack.start_server)
@@ -308,9 +321,7 @@ def test_silent_worker_is_evicted(relay: Stack) -> None:
     from tests.procs import WORKER_TOKEN
 
     # Connects, then never answers the server's pings (HEARTBEAT_INTERVAL=1, HEARTBEAT_TIMEOUT=5 in tests).
-    with ws_client.connect(
-        f"ws://127.0.0.1:{relay.server_port}/ws?worker_id=silent&token={WORKER_TOKEN}", proxy=None
-    ):
+    with ws_client.connect(f"ws://127.0.0.1:{relay.server_port}/ws?worker_id=silent&token={WORKER_TOKEN}", proxy=None):
         assert httpx.get(f"{relay.server_url}/health").json()["worker_count"] == 2
         deadline = time.monotonic() + 10
         while httpx.get(f"{relay.server_url}/health").json()["worker_count"] != 1:
@@ -338,9 +349,7 @@ def test_images_go_out_after_the_text_and_image_replies_come_back(stack: Stack) 
     import hashlib
 
     png = _png()
-    uploaded = httpx.post(
-        f"{stack.server_url}/api/upload-image", files={"file": ("shot.png", png, "image/png")}
-    ).json()
+    uploaded = httpx.post(f"{stack.server_url}/api/upload-image", files={"file": ("shot.png", png, "image/png")}).json()
     assert uploaded["success"] and uploaded["image_url"].startswith("data:image/png;base64,")
     sent = stack.send("看下这张截图？", chat_id="chat-img", images=[uploaded["image_url"]], chat_type="single")
     assert sent["success"], sent

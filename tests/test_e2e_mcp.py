@@ -127,7 +127,7 @@ async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
 
 
 async def test_send_and_wait_reply_gets_the_quote_reply(stack: Stack, tmp_path: Path) -> None:
-    question_text = "要合并这个 PR 吗？"  # noqa: RUF001
+    question_text = "要合并这个 PR 吗？"
     outcome: dict[str, Any] = {}
     async with session(stack, tmp_path) as (client, chat), anyio.create_task_group() as tg:
 
@@ -137,12 +137,12 @@ async def test_send_and_wait_reply_gets_the_quote_reply(stack: Stack, tmp_path: 
         tg.start_soon(ask)
         question, short_id = await chat.question(question_text)
         assert question["content"].startswith(f"[#{short_id} {PROJECT}]")
-        await chat.quote_reply(question, "可以，合并吧")  # noqa: RUF001
+        await chat.quote_reply(question, "可以，合并吧")
 
     result = structured(outcome["result"])
     assert result["status"] == "success", result
-    assert [r["content"] for r in result["replies"]] == ["可以，合并吧"]  # noqa: RUF001
-    assert "可以，合并吧" in result["message"]  # noqa: RUF001
+    assert [r["content"] for r in result["replies"]] == ["可以，合并吧"]
+    assert "可以，合并吧" in result["message"]
     assert result["session_id"]
     assert result.get("short_id") in (None, short_id)
 

@@ -1,5 +1,5 @@
 """hil_protocol.messages: the question header, splitting to WeCom's 2048-byte limit, and quote-reply parsing."""
-# ruff: noqa: RUF001  (full-width punctuation is what WeCom users type; the tests use it on purpose)
+
 
 from __future__ import annotations
 

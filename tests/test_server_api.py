@@ -1,98 +1,30 @@
 """The HIL Server's HTTP and WebSocket API: create_app(settings) under TestClient, WeCom mocked with respx."""
-# ruff: noqa: RUF001  (full-width punctuation is what WeCom users type; the tests use it on purpose)
+
 
 from __future__ import annotations
 
 import base64
-import json
-import os
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
-import respx
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
 from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server import __version__
 from hil_server.app import create_app
-from hil_server.config import ServerSettings
+from tests.server_fixtures import BASE, SEND, WeCom, settings
 
-BASE = "https://wecom.test"
-SEND = "/cgi-bin/webhook/send"
-BOT_KEY = "test-bot-key-abcdef"
+# Settings read the environment and ./.env: neither may leak into these tests.
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 WORKER_TOKEN = "worker-token-123456"
 CHAT = "wrkChatA"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Settings read the environment and ./.env: neither may leak into these tests.
-    for name in list(os.environ):
-        if name.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "HEARTBEAT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def settings(tmp_path: Path, **kw: Any) -> ServerSettings:
-    values: dict[str, Any] = {
-        "hil_mode": "direct",
-        "bot_key": BOT_KEY,
-        "wecom_api_base": BASE,
-        "hil_data_dir": tmp_path / "data",
-        "wecom_retry_deadline": 2.0,
-        "worker_grace": 0.2,
-    }
-    values.update(kw)
-    return ServerSettings(**values)
-
-
-class WeCom:
-    """respx stand-in for the robot webhook: records what it accepted, answers with `errcode`."""
-
-    def __init__(self, router: respx.MockRouter) -> None:
-        self.errcode = 0
-        self.accepted: list[dict[str, Any]] = []
-        self.route = router.post(SEND).mock(side_effect=self._send)
-
-    def _send(self, request: httpx.Request) -> httpx.Response:
-        assert request.url.params["key"] == BOT_KEY
-        if self.errcode:
-            return httpx.Response(200, json={"errcode": self.errcode, "errmsg": "invalid webhook url"})
-        self.accepted.append(json.loads(request.content))
-        return httpx.Response(200, json={"errcode": 0, "errmsg": "ok"})
-
-    def texts(self) -> list[str]:
-        return [p["text"]["content"] for p in self.accepted if p["msgtype"] == "text"]
-
-    def markdowns(self) -> list[str]:
-        return [p["markdown"]["content"] for p in self.accepted if p["msgtype"] == "markdown"]
-
-    def wait_for(self, predicate: Any, timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"WeCom did not get the expected message; got {self.accepted}")
-
-
-@pytest.fixture
-def wecom() -> Iterator[WeCom]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
-        yield WeCom(router)
-
-
-@pytest.fixture
-def client(tmp_path: Path, wecom: WeCom) -> Iterator[TestClient]:
-    with TestClient(create_app(settings(tmp_path))) as c:
-        yield c
 
 
 def callback_body(text: str, chat: str = CHAT, msgid: str = "m-1") -> dict[str, Any]:

@@ -1,5 +1,5 @@
 """hil_server.service.HilService (with the in-memory store and a recording delivery) and the SQLite store."""
-# ruff: noqa: RUF001  (full-width punctuation is what WeCom users type; the tests use it on purpose)
+
 
 from __future__ import annotations
 

@@ -10,74 +10,28 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-import respx
 import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from hil_server.app import create_app
-from hil_server.config import ServerSettings
 from hil_server.service import QueuedHint
 from tests.procs import Stack
+from tests.server_fixtures import WeCom, settings
 
 ROOT = Path(__file__).resolve().parent.parent
-BASE = "https://wecom.test"
-SEND = "/cgi-bin/webhook/send"
+
+# Settings read the environment and ./.env: neither may leak into these tests.
+pytestmark = pytest.mark.usefixtures("clean_env")
+
 WORKER_TOKEN = "worker-token-123456"
 ADMIN_TOKEN = "admin-token-abcdef"
 BOUND_TOKEN = "bound-token-654321"
-
-
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    for name in list(os.environ):
-        if name.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "HEARTBEAT_")):
-            monkeypatch.delenv(name)
-    monkeypatch.chdir(tmp_path)
-
-
-def settings(tmp_path: Path, **kw: Any) -> ServerSettings:
-    values: dict[str, Any] = {
-        "hil_mode": "direct",
-        "bot_key": "k",
-        "wecom_api_base": BASE,
-        "hil_data_dir": tmp_path / "data",
-        "wecom_retry_deadline": 1.0,
-        "worker_grace": 0.2,
-    }
-    values.update(kw)
-    return ServerSettings(**values)
-
-
-class WeCom:
-    def __init__(self, router: respx.MockRouter) -> None:
-        self.errcode = 0
-        self.accepted: list[dict[str, Any]] = []
-        router.post(SEND).mock(side_effect=self._send)
-
-    def _send(self, request: httpx.Request) -> httpx.Response:
-        if self.errcode:
-            return httpx.Response(200, json={"errcode": self.errcode, "errmsg": "invalid webhook url"})
-        self.accepted.append(json.loads(request.content))
-        return httpx.Response(200, json={"errcode": 0, "errmsg": "ok"})
-
-
-@pytest.fixture
-def wecom() -> Iterator[WeCom]:
-    with respx.mock(base_url=BASE, assert_all_called=False) as router:
-        yield WeCom(router)
-
-
-@pytest.fixture
-def client(tmp_path: Path, wecom: WeCom) -> Iterator[TestClient]:
-    with TestClient(create_app(settings(tmp_path))) as c:
-        yield c
 
 
 def callback_body(text: str, chat: str = "chatA", msgid: str = "m-1") -> dict[str, Any]:
@@ -335,7 +289,7 @@ def test_dockerfile_builds_one_non_root_image() -> None:
     ]
     froms = [rest for op, rest in instructions if op == "FROM"]
     assert froms and all(f.startswith("python:3.12-slim") for f in froms)
-    assert '[server]' in text and "pip install" in text
+    assert "[server]" in text and "pip install" in text
     users = [rest.strip() for op, rest in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0")
     assert "HIL_DATA_DIR=/data" in text
@@ -351,7 +305,11 @@ def entrypoint(*args: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     return subprocess.run(
         ["sh", str(ROOT / "deploy" / "docker-entrypoint.sh"), *args],
-        env=env, capture_output=True, text=True, timeout=60, check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
 
 
@@ -389,7 +347,10 @@ def docker_compose_available() -> bool:
 def test_docker_compose_config_accepts_the_file() -> None:
     result = subprocess.run(
         ["docker", "compose", "-f", str(ROOT / "docker-compose.yml"), "--profile", "demo", "config", "--quiet"],
-        capture_output=True, text=True, check=False, cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stderr
 

@@ -1,5 +1,5 @@
 """hil_protocol.wecom: the robot client (webhook and fly-pigeon backends), images, retries and pacing."""
-# ruff: noqa: RUF001  (full-width punctuation is what WeCom users type; the tests use it on purpose)
+
 
 from __future__ import annotations
 

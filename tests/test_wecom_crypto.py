@@ -20,7 +20,7 @@ AES_KEY = "jWmYm7qr5nMoAUwZRjGtBxmz3KA1tkAj3ykkR6q2B2C"
 TIMESTAMP = "1409659813"
 NONCE = "1372623149"
 # Full-width punctuation on purpose: it is what WeCom clients send.
-QUOTE_REPLY = "“张三：\n[#1a2b3c4d my project]\n要部署到生产环境吗？”\n------\n@HIL机器人 可以，部署吧 <ok> & 谢谢"  # noqa: RUF001
+QUOTE_REPLY = "“张三：\n[#1a2b3c4d my project]\n要部署到生产环境吗？”\n------\n@HIL机器人 可以，部署吧 <ok> & 谢谢"
 
 
 # --- the oracle: WECOM.md's rules written out directly, sharing no code with hil_protocol -------------------------

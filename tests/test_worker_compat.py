@@ -100,10 +100,16 @@ def seed_and_worker(tmp_path: Path) -> Iterator[tuple[SeedServer, Proc, str]]:
 
 
 def test_callbacks_flow_to_a_server_that_never_acknowledges(seed_and_worker) -> None:
-    seed, worker, worker_url = seed_and_worker
+    seed, _, worker_url = seed_and_worker
     for i in range(3):
-        body = {"msgid": f"seed-{i}", "chatid": "c1", "chattype": "group", "msgtype": "text",
-                "from": {"userid": "u"}, "text": {"content": f"@bot answer {i}"}}
+        body = {
+            "msgid": f"seed-{i}",
+            "chatid": "c1",
+            "chattype": "group",
+            "msgtype": "text",
+            "from": {"userid": "u"},
+            "text": {"content": f"@bot answer {i}"},
+        }
         assert httpx.post(f"{worker_url}/callback", json=body).json()["errcode"] == 0
     frames = seed.wait_for("callback", 3)
     assert [f["data"]["callback_data"]["msgid"] for f in frames] == ["seed-0", "seed-1", "seed-2"]  # in order
@@ -118,12 +124,30 @@ def test_seed_requests_are_answered(seed_and_worker) -> None:
     seed, _, _ = seed_and_worker
     seed.send({"type": "ping"})
     seed.wait_for("pong")
-    seed.send({"type": "request", "id": "r1", "action": "send_message",
-               "payload": {"short_id": "1a2b3c4d", "message": "seed question", "chat_id": "c1", "chat_type": "group",
-                           "images": [], "project_name": "seed"}})
+    seed.send(
+        {
+            "type": "request",
+            "id": "r1",
+            "action": "send_message",
+            "payload": {
+                "short_id": "1a2b3c4d",
+                "message": "seed question",
+                "chat_id": "c1",
+                "chat_type": "group",
+                "images": [],
+                "project_name": "seed",
+            },
+        }
+    )
     [response] = seed.wait_for("response")
     assert response["id"] == "r1" and response["success"] is True, response
-    seed.send({"type": "request", "id": "r2", "action": "send_hint",
-               "payload": {"chat_id": "c1", "message": "**hint**", "msg_type": "markdown"}})
+    seed.send(
+        {
+            "type": "request",
+            "id": "r2",
+            "action": "send_hint",
+            "payload": {"chat_id": "c1", "message": "**hint**", "msg_type": "markdown"},
+        }
+    )
     responses = seed.wait_for("response", 2)
     assert responses[1]["id"] == "r2" and responses[1]["success"] is True
