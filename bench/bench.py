@@ -181,9 +181,11 @@ def running_stack(mode: str, workdir: Path, name: str, **kw: Any):
     started = time.monotonic()
     try:
         stack.start()
-        log(f"{name}: {mode}-mode stack up in {time.monotonic() - started:.1f}s "
+        log(
+            f"{name}: {mode}-mode stack up in {time.monotonic() - started:.1f}s "
             f"(fake {stack.fake_url}, server {stack.server_url}"
-            f"{', worker ' + stack.worker_url if mode == 'relay' else ''})")
+            f"{', worker ' + stack.worker_url if mode == 'relay' else ''})"
+        )
         yield stack
     finally:
         stack.stop()
@@ -260,8 +262,9 @@ def close_all(conns: list[Http1]) -> None:
         conn.close()
 
 
-async def fake_messages(http: httpx.AsyncClient, stack: Stack, chat_id: str, since_seq: int = 0, wait: int = 0,
-                        timeout: float = 30) -> list[dict[str, Any]]:
+async def fake_messages(
+    http: httpx.AsyncClient, stack: Stack, chat_id: str, since_seq: int = 0, wait: int = 0, timeout: float = 30
+) -> list[dict[str, Any]]:
     params: dict[str, Any] = {"chat_id": chat_id, "since_seq": since_seq}
     if wait:
         params.update(wait=wait, timeout=timeout)
@@ -289,8 +292,9 @@ async def lanes(conns: list[Http1], items: list[Any], fn: Callable[[Http1, Any],
     return results
 
 
-async def create_sessions(stack: Stack, n: int, chat_id: str, concurrency: int = 200, label: str = "q",
-                          timeout: float = 3600) -> list[dict[str, Any]]:
+async def create_sessions(
+    stack: Stack, n: int, chat_id: str, concurrency: int = 200, label: str = "q", timeout: float = 3600
+) -> list[dict[str, Any]]:
     """n questions through /api/send, `concurrency` at a time; returns the send answers (+ message)."""
     conns = await open_conns(stack.server_url, concurrency)
 
@@ -321,8 +325,11 @@ async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
     chat = "bench"
-    env = {k: v for k, v in os.environ.items()
-           if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))
+    }
     env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
     params = StdioServerParameters(
         command=sys.executable,
@@ -360,8 +367,12 @@ async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
                 if i:
                     latencies.append((t1 - t0) * 1000)
     median = statistics.median(latencies)
-    res.add(f"P1 person's quote-reply → MCP tool call returns (relay, stdio MCP client), median of {len(latencies)}",
-            f"{median:.1f} ms (max {max(latencies):.1f})", "≤ 30 ms", median <= 30)
+    res.add(
+        f"P1 person's quote-reply → MCP tool call returns (relay, stdio MCP client), median of {len(latencies)}",
+        f"{median:.1f} ms (max {max(latencies):.1f})",
+        "≤ 30 ms",
+        median <= 30,
+    )
 
 
 # --- P2: 200 concurrent sends -----------------------------------------------------------------------------------
@@ -373,8 +384,9 @@ async def p2_trial(stack: Stack, conns: list[Http1], trial: int) -> tuple[float,
     chat = f"bench-p2-{trial}"
     async with client(60) as http:
         since = await last_seq(http, stack)
-        bodies = [json.dumps({"message": f"bench P2 {trial}.{i}", "chat_id": chat, "timeout": 600}).encode()
-                  for i in range(n)]
+        bodies = [
+            json.dumps({"message": f"bench P2 {trial}.{i}", "chat_id": chat, "timeout": 600}).encode() for i in range(n)
+        ]
         arrived = asyncio.create_task(fake_messages(http, stack, chat, since, wait=n, timeout=30))
         await asyncio.sleep(0.2)  # the fake's long-poll is parked before the clock starts
         cpu0, bench0 = cpu_of(stack), time.process_time()
@@ -399,18 +411,24 @@ async def p2(stack: Stack, res: Results, n: int = 200, trials: int = 3) -> None:
         # Warm-up: every connection used once, and a small burst so the worker's pool to WeCom is open (it sends up
         # to 8 at once per robot).
         await asyncio.gather(*(c.request("GET", "/health") for c in conns))
-        warm = await asyncio.gather(*(
-            c.json("POST", "/api/send", {"message": f"warm-up {i}", "chat_id": "bench-p2", "wait_reply": False})
-            for i, c in enumerate(conns[:16])
-        ))
+        warm = await asyncio.gather(
+            *(
+                c.json("POST", "/api/send", {"message": f"warm-up {i}", "chat_id": "bench-p2", "wait_reply": False})
+                for i, c in enumerate(conns[:16])
+            )
+        )
         assert all(status == 200 and answer.get("success") for status, answer in warm), warm
         results = [await p2_trial(stack, conns, trial) for trial in range(trials)]
     finally:
         close_all(conns)
     arrived = sorted(r[0] for r in results)
     median = statistics.median(arrived)
-    res.add(f"P2 {n} concurrent /api/send → all at WeCom (relay), median of {trials}",
-            f"{median:.3f} s (each: {', '.join(f'{r[0]:.3f}' for r in results)})", "≤ 0.5 s", median <= 0.5)
+    res.add(
+        f"P2 {n} concurrent /api/send → all at WeCom (relay), median of {trials}",
+        f"{median:.3f} s (each: {', '.join(f'{r[0]:.3f}' for r in results)})",
+        "≤ 0.5 s",
+        median <= 0.5,
+    )
     res.note("P2 (median burst) " + sorted(results)[len(results) // 2][2])
 
 
@@ -462,8 +480,10 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
         early = [sid for sid, task in polls.items() if task.done()]
         open_now = fd_count(server_pid) - base_fds
         rss_polls = rss_mb(server_pid)
-        log(f"P3: {len(polls)} long-polls started in {opened_in:.1f}s; server holds {open_now} more fds, "
-            f"{len(early)} polls already ended; RSS {rss_polls:.0f} MB")
+        log(
+            f"P3: {len(polls)} long-polls started in {opened_in:.1f}s; server holds {open_now} more fds, "
+            f"{len(early)} polls already ended; RSS {rss_polls:.0f} MB"
+        )
         if early:
             task = polls[early[0]]
             why = repr(task.exception()) if task.exception() else str(task.result())[:200]
@@ -473,9 +493,12 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
         res.add("P3 open long-polls held at once", f"{achieved} of {n}", f"{n}", ok_n)
         if not ok_n:
             res.note(f"only {achieved} of {n} long-polls could be held open on this machine")
-        res.add(f"P3 server RSS with {achieved} waiting sessions + open long-polls",
-                f"{rss_polls:.0f} MB (idle {rss_idle:.0f} MB, sessions only {rss_sessions:.0f} MB)",
-                "≤ 300 MB", rss_polls <= 300)
+        res.add(
+            f"P3 server RSS with {achieved} waiting sessions + open long-polls",
+            f"{rss_polls:.0f} MB (idle {rss_idle:.0f} MB, sessions only {rss_sessions:.0f} MB)",
+            "≤ 300 MB",
+            rss_polls <= 300,
+        )
 
         # Reply to a sample, one at a time, and time reply -> that session's poll returns.
         open_ids = [sid for sid in polls if not polls[sid].done()]
@@ -486,8 +509,12 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
             cpu0, w0 = cpu_seconds(server_pid), time.perf_counter()
             for sid in picks:
                 s = by_id[sid]
-                body = {"chat_id": chat, "text": f"answer {s['short_id']}",
-                        "quote": quote_of(s["short_id"], s["message"]), "quote_sender": ROBOT}
+                body = {
+                    "chat_id": chat,
+                    "text": f"answer {s['short_id']}",
+                    "quote": quote_of(s["short_id"], s["message"]),
+                    "quote_sender": ROBOT,
+                }
                 t0 = time.perf_counter()
                 post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
                 _, out = await asyncio.wait_for(polls[sid], 30)
@@ -498,9 +525,12 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
             cpu_used = cpu_seconds(server_pid) - cpu0
             wall = time.perf_counter() - w0
         p99 = percentile(latencies, 99)
-        res.add(f"P3 reply → long-poll returns, p99 ({len(latencies)} sampled, {achieved} polls open)",
-                f"{p99:.1f} ms (median {statistics.median(latencies):.1f}, max {max(latencies):.1f})",
-                "≤ 50 ms", p99 <= 50)
+        res.add(
+            f"P3 reply → long-poll returns, p99 ({len(latencies)} sampled, {achieved} polls open)",
+            f"{p99:.1f} ms (median {statistics.median(latencies):.1f}, max {max(latencies):.1f})",
+            "≤ 50 ms",
+            p99 <= 50,
+        )
         log(f"P3: server CPU during the sample {cpu_used:.2f}s of {wall:.2f}s")
     finally:
         for task in polls.values():
@@ -515,15 +545,18 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
 def callback_body(stack: Stack, chat: str, short_id: str, message: str, answer: str) -> bytes:
     """The fly-pigeon JSON of a quote-reply (WECOM.md): “Sender：\\n<quoted>”\\n------\\n@Robot answer."""
     content = f"\u201c{ROBOT}\uff1a\n{quote_of(short_id, message)}\u201d\n------\n@{ROBOT} {answer}"
-    return json.dumps({
-        "webhook_url": f"{stack.fake_url}/cgi-bin/webhook/send?key={BOT_KEY}",
-        "msgid": uuid.uuid4().hex,
-        "chatid": chat,
-        "chattype": "group",
-        "msgtype": "text",
-        "from": {"userid": "zhangsan", "name": "张三", "alias": "zhangsan"},
-        "text": {"content": content},
-    }, ensure_ascii=False).encode()
+    return json.dumps(
+        {
+            "webhook_url": f"{stack.fake_url}/cgi-bin/webhook/send?key={BOT_KEY}",
+            "msgid": uuid.uuid4().hex,
+            "chatid": chat,
+            "chattype": "group",
+            "msgtype": "text",
+            "from": {"userid": "zhangsan", "name": "张三", "alias": "zhangsan"},
+            "text": {"content": content},
+        },
+        ensure_ascii=False,
+    ).encode()
 
 
 async def p4_trial(stack: Stack, m: int, trial: int, concurrency: int) -> tuple[float, int, float, float]:
@@ -564,14 +597,19 @@ async def p4(stack: Stack, m: int, res: Results, concurrency: int = 50, trials: 
     rates = [matched / elapsed for elapsed, matched, _, _ in results]
     all_matched = all(matched == m for _, matched, _, _ in results)
     median = statistics.median(rates)
-    res.add(f"P4 callbacks matched per second (direct mode, {m} per trial, {concurrency} concurrent "
-            f"POST /api/callback), median of {trials}",
-            f"{median:,.0f}/s (each: {', '.join(f'{r:,.0f}' for r in rates)}; "
-            f"{'all' if all_matched else 'NOT all'} {m * trials} matched, checked by poll)",
-            "≥ 2,000/s", median >= 2000 and all_matched)
+    res.add(
+        f"P4 callbacks matched per second (direct mode, {m} per trial, {concurrency} concurrent "
+        f"POST /api/callback), median of {trials}",
+        f"{median:,.0f}/s (each: {', '.join(f'{r:,.0f}' for r in rates)}; "
+        f"{'all' if all_matched else 'NOT all'} {m * trials} matched, checked by poll)",
+        "≥ 2,000/s",
+        median >= 2000 and all_matched,
+    )
     elapsed, _, server_cpu, bench_cpu = sorted(results, key=lambda r: r[1] / r[0])[len(results) // 2]
-    res.note(f"P4 (median trial): server CPU {server_cpu / elapsed:.0%} and bench CPU {bench_cpu / elapsed:.0%} of one "
-             f"core over {elapsed:.2f} s; {server_cpu / (m or 1) * 1e6:.0f} µs of server CPU per callback")
+    res.note(
+        f"P4 (median trial): server CPU {server_cpu / elapsed:.0%} and bench CPU {bench_cpu / elapsed:.0%} of one "
+        f"core over {elapsed:.2f} s; {server_cpu / (m or 1) * 1e6:.0f} µs of server CPU per callback"
+    )
 
 
 # --- main -------------------------------------------------------------------------------------------------------
@@ -612,10 +650,12 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="./hil bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20, help="P1 rounds (default 20)")
-    parser.add_argument("--sessions", type=int, default=10000,
-                        help="P3 waiting sessions / open long-polls (default 10000)")
-    parser.add_argument("--callbacks", type=int, default=2000,
-                        help="P4 sessions answered by callbacks, per trial (default 2000)")
+    parser.add_argument(
+        "--sessions", type=int, default=10000, help="P3 waiting sessions / open long-polls (default 10000)"
+    )
+    parser.add_argument(
+        "--callbacks", type=int, default=2000, help="P4 sessions answered by callbacks, per trial (default 2000)"
+    )
     parser.add_argument("--only", help="comma-separated subset, e.g. P1,P3")
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs and data (printed at the end)")
     args = parser.parse_args(argv)
@@ -646,8 +686,9 @@ def main(argv: list[str] | None = None) -> int:
         for text in res.notes:
             print(f"- {text}")
         load = os.getloadavg()
-        print(f"\ntotal {time.monotonic() - started:.0f} s; "
-              f"load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
+        print(
+            f"\ntotal {time.monotonic() - started:.0f} s; load average after: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
+        )
         if keep:
             print(f"logs and data: {workdir}")
         else:

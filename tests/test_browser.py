@@ -296,8 +296,18 @@ def _ask_through_hil_mcp(server_url: str, question: str, cwd: Path) -> dict[str,
     env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
     params = StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_server", "--service-url", server_url, "--chat-id", "mcp-chat", "--project-name", "cursor",
-              "--timeout", "60"],
+        args=[
+            "-m",
+            "mcp_server",
+            "--service-url",
+            server_url,
+            "--chat-id",
+            "mcp-chat",
+            "--project-name",
+            "cursor",
+            "--timeout",
+            "60",
+        ],
         env=env,
         cwd=str(cwd),
     )

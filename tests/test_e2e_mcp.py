@@ -42,8 +42,18 @@ def mcp_params(
     assert "PATH" in base
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", CHAT, "--project-name", PROJECT,
-              "--timeout", str(timeout)],
+        args=[
+            "-m",
+            "mcp_server",
+            "--service-url",
+            stack.server_url,
+            "--chat-id",
+            CHAT,
+            "--project-name",
+            PROJECT,
+            "--timeout",
+            str(timeout),
+        ],
         env=base,
         cwd=cwd,
     )
@@ -96,8 +106,8 @@ class Chat:
 
     async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
         response = await self.http.post(
-            "/_fake/reply", json={"chat_id": CHAT, "text": answer, "quote": question["content"],
-                                  "quote_sender": "HIL助手"},
+            "/_fake/reply",
+            json={"chat_id": CHAT, "text": answer, "quote": question["content"], "quote_sender": "HIL助手"},
         )
         response.raise_for_status()
         assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
@@ -119,10 +129,16 @@ async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert {"send_and_wait_reply", "send_message_only", "wait_for_reply"} <= set(tools)
     assert set(tools["send_and_wait_reply"].input_schema["properties"]) == {
-        "message", "chat_id", "image_paths", "project_name"
+        "message",
+        "chat_id",
+        "image_paths",
+        "project_name",
     }
     assert set(tools["send_message_only"].input_schema["properties"]) == {
-        "message", "chat_id", "image_paths", "project_name"
+        "message",
+        "chat_id",
+        "image_paths",
+        "project_name",
     }
 
 

@@ -641,9 +641,7 @@ async def test_callbacks_have_seq_and_long_poll(env: Env) -> None:
     later = (await env.client.get("/_fake/callbacks", params={"since_seq": 1})).json()
     assert [c["callback"]["text"]["content"] for c in later["callbacks"]] == ["@HIL助手 two"]
 
-    poll = asyncio.create_task(
-        env.client.get("/_fake/callbacks", params={"since_seq": 2, "wait": 1, "timeout": 5})
-    )
+    poll = asyncio.create_task(env.client.get("/_fake/callbacks", params={"since_seq": 2, "wait": 1, "timeout": 5}))
     await asyncio.sleep(0.01)
     await env.fake.reply("c", "three")
     body = (await poll).json()

@@ -256,8 +256,18 @@ def test_garbage_bodies(callback: Callback) -> None:
     rng = random.Random(20240601)
     for size in (1, 7, 64, 2048, 65536):
         callback.post(rng.randbytes(size))
-    for raw in (b"", b"\xff\xfe\x00", b"\x00" * 100, b"{", b"[]", b"null", b"1e999999", b'"\\ud800"',
-                b"\xef\xbb\xbf{}", b'{"chatid": "c", "msgtype": "text", "chatid": 1}'):
+    for raw in (
+        b"",
+        b"\xff\xfe\x00",
+        b"\x00" * 100,
+        b"{",
+        b"[]",
+        b"null",
+        b"1e999999",
+        b'"\\ud800"',
+        b"\xef\xbb\xbf{}",
+        b'{"chatid": "c", "msgtype": "text", "chatid": 1}',
+    ):
         callback.post(raw)
     # Strings that no UTF-8 store or log can hold (lone surrogates) anywhere in an otherwise good callback.
     for field in ("msgid", "chatid", "chattype", "msgtype", "webhook_url"):
@@ -265,8 +275,12 @@ def test_garbage_bodies(callback: Callback) -> None:
     callback.post(json.dumps(valid(text={"content": "\udfff"})))
     callback.post(json.dumps(valid(**{"from": {"userid": "\ud83d"}})))
     # Every content type, including none and a lying one.
-    for content_type in ("text/plain", "application/xml", "multipart/form-data; boundary=x",
-                         "application/json; charset=latin-1"):
+    for content_type in (
+        "text/plain",
+        "application/xml",
+        "multipart/form-data; boundary=x",
+        "application/json; charset=latin-1",
+    ):
         callback.post(b"@@@", headers={"content-type": content_type})
     callback.request("POST", content=b"{}", expect=(403,) if callback.crypto else (400,))
 
@@ -327,12 +341,26 @@ def test_garbage_encrypted_requests(crypto_callback: Callback) -> None:
     get = callback.request
     # URL verification with garbage: no query, partial query, bad signature, signed garbage echostr.
     get("GET", expect=(400, 403))
-    for params in ({"echostr": "abc"}, {"msg_signature": "", "echostr": ""}, {"msg_signature": "0" * 40},
-                   {"msg_signature": "é" * 40, "timestamp": "\x00", "nonce": "%", "echostr": "%%%"}):
+    for params in (
+        {"echostr": "abc"},
+        {"msg_signature": "", "echostr": ""},
+        {"msg_signature": "0" * 40},
+        {"msg_signature": "é" * 40, "timestamp": "\x00", "nonce": "%", "echostr": "%%%"},
+    ):
         get("GET", params=params, expect=(400, 403))
-    for echostr in ("not base64!", "QUJD", "A" * 44, "A" * 43 + "=", "", " ", "\u00e9" * 10,
-                    ORACLE.encrypt("x")[:-4], ORACLE.encrypt(b"\xff\xfe not utf-8"), ORACLE.encrypt("x", b"wrong-id"),
-                    WeComOracle(CRYPTO_TOKEN, new_aes_key()).encrypt("x")):
+    for echostr in (
+        "not base64!",
+        "QUJD",
+        "A" * 44,
+        "A" * 43 + "=",
+        "",
+        " ",
+        "\u00e9" * 10,
+        ORACLE.encrypt("x")[:-4],
+        ORACLE.encrypt(b"\xff\xfe not utf-8"),
+        ORACLE.encrypt("x", b"wrong-id"),
+        WeComOracle(CRYPTO_TOKEN, new_aes_key()).encrypt("x"),
+    ):
         get("GET", params={**ORACLE.query(echostr), "echostr": echostr}, expect=(400, 403))
     get("GET", params={**ORACLE.verification("ok"), "timestamp": "1"}, expect=(403,))
     get("GET", content=b"x" * 1000, params=ORACLE.verification("ok"), expect=(200,))
@@ -345,18 +373,37 @@ def test_garbage_encrypted_requests(crypto_callback: Callback) -> None:
     callback.post(body, params={**params, "msg_signature": "0" * 40}, expect=(403,))
     callback.post(body, params={**params, "nonce": params["nonce"] + "1"}, expect=(403,))
     callback.post(body, params={k: v for k, v in params.items() if k != "timestamp"}, expect=(403,))
-    for bad_body in (b"", b"<xml/>", b"<xml><Encrypt></Encrypt></xml>", b"{}", b'{"encrypt": 5}', b"[1]",
-                     b"<xml><Encrypt><![CDATA[%%%]]></Encrypt></xml>", os.urandom(300)):
+    for bad_body in (
+        b"",
+        b"<xml/>",
+        b"<xml><Encrypt></Encrypt></xml>",
+        b"{}",
+        b'{"encrypt": 5}',
+        b"[1]",
+        b"<xml><Encrypt><![CDATA[%%%]]></Encrypt></xml>",
+        os.urandom(300),
+    ):
         callback.post(bad_body, params=params, expect=(400, 403))
-    for payload in ("", "plain text", "{", "[1]", "<xml/>", "<xml><MsgType>text</MsgType></xml>",
-                    json.dumps({"chatid": [5], "msgtype": "text"}), '{"chatid": "\\ud800", "msgtype": "text"}',
-                    "<xml>" + "<a>" * 50 + "</a>" * 50 + "</xml>"):
+    for payload in (
+        "",
+        "plain text",
+        "{",
+        "[1]",
+        "<xml/>",
+        "<xml><MsgType>text</MsgType></xml>",
+        json.dumps({"chatid": [5], "msgtype": "text"}),
+        '{"chatid": "\\ud800", "msgtype": "text"}',
+        "<xml>" + "<a>" * 50 + "</a>" * 50 + "</xml>",
+    ):
         encrypt = ORACLE.encrypt(payload)
         for form in (f"<xml><Encrypt>{encrypt}</Encrypt></xml>", json.dumps({"Encrypt": encrypt})):
             callback.post(form, params=ORACLE.query(encrypt), expect=(400,))
     # Signed, but encrypted with another key, or for another receive id, or truncated.
-    for encrypt in (WeComOracle(CRYPTO_TOKEN, new_aes_key()).encrypt("<xml/>"), ORACLE.encrypt("<xml/>", b"corp"),
-                    ORACLE.encrypt("<xml/>")[:-8] + "AAAAAAA="):
+    for encrypt in (
+        WeComOracle(CRYPTO_TOKEN, new_aes_key()).encrypt("<xml/>"),
+        ORACLE.encrypt("<xml/>", b"corp"),
+        ORACLE.encrypt("<xml/>")[:-8] + "AAAAAAA=",
+    ):
         callback.post(f"<xml><Encrypt>{encrypt}</Encrypt></xml>", params=ORACLE.query(encrypt), expect=(400,))
     # And the good ones in both forms still go through.
     callback.post(body, params=params, expect=(200,))
@@ -385,14 +432,27 @@ def test_send_hand_cases(mode: str, tmp_path: Path, wecom: Any) -> None:
         # Lone surrogates (JSON escapes) in every free-text field: refused before they reach a store or WeCom.
         for field in ("message", "project_name", "mention_list", "images", "chat_id"):
             value = '["\\ud800"]' if field in ("mention_list", "images") else '"\\ud800"'
-            body = send(f'{{"message": "q", "{field}": {value}}}'.replace('"message": "q", "message"', '"message"')
-                        .encode(), (422,))
+            body = send(
+                f'{{"message": "q", "{field}": {value}}}'.replace('"message": "q", "message"', '"message"').encode(),
+                (422,),
+            )
             assert field in body["error"], body
-        for raw in (b'{"message": "q", "timeout": NaN}', b'{"message": "q", "timeout": Infinity}',
-                    b'{"message": "q", "timeout": -Infinity}', b"[" * 50_000, b'{"message": ' * 50_000):
+        for raw in (
+            b'{"message": "q", "timeout": NaN}',
+            b'{"message": "q", "timeout": Infinity}',
+            b'{"message": "q", "timeout": -Infinity}',
+            b"[" * 50_000,
+            b'{"message": ' * 50_000,
+        ):
             send(raw, (400, 422))
         # Image URLs that cannot be fetched, or are not even URLs to httpx: the question fails, it does not hang.
-        for url in ("http://[::", "http://\x00x", "http://" + "a" * 70_000, "https://:99999/", "http://example.invalid/a.png"):
+        for url in (
+            "http://[::",
+            "http://\x00x",
+            "http://" + "a" * 70_000,
+            "https://:99999/",
+            "http://example.invalid/a.png",
+        ):
             body = send({"message": f"img {url[:20]}", "chat_id": "c", "images": [url]}, (200,))
             assert body["success"] is False, body
             if "session_id" in body:

@@ -50,9 +50,7 @@ class FakeHil:
         self._asked: anyio.Event | None = None
         self.send = router.post("/api/send").mock(side_effect=self._send)
         self.poll = router.get(path__regex=r"^/api/poll/(?P<ref>[^/]+)$").mock(side_effect=self._poll)
-        self.timeout = router.post(path__regex=r"^/api/session/(?P<ref>[^/]+)/timeout$").mock(
-            side_effect=self._timeout
-        )
+        self.timeout = router.post(path__regex=r"^/api/session/(?P<ref>[^/]+)/timeout$").mock(side_effect=self._timeout)
         self.upload = router.post("/api/upload-image").respond(
             json={"success": True, "image_url": "data:image/png;base64,AAAA"}
         )
@@ -64,8 +62,13 @@ class FakeHil:
         session = self.find(session) if isinstance(session, str) else session
         assert session is not None
         session.replies.append(
-            {"msg_type": "text", "content": text, "image_url": None,
-             "from_user": {"userid": "u1", "name": "张三", "alias": "zhangsan"}, "timestamp": time.time()}
+            {
+                "msg_type": "text",
+                "content": text,
+                "image_url": None,
+                "from_user": {"userid": "u1", "name": "张三", "alias": "zhangsan"},
+                "timestamp": time.time(),
+            }
         )
         session.status = "replied"
         session.event.set()
@@ -90,8 +93,13 @@ class FakeHil:
             self._asked.set()
             self._asked = None
         return httpx.Response(
-            200, json={"success": True, "session_id": session.session_id, "short_id": session.short_id,
-                       "message": "消息已发送"},
+            200,
+            json={
+                "success": True,
+                "session_id": session.session_id,
+                "short_id": session.short_id,
+                "message": "消息已发送",
+            },
         )
 
     async def _poll(self, request: httpx.Request, ref: str) -> httpx.Response:
@@ -102,16 +110,30 @@ class FakeHil:
             return httpx.Response(fault, json={"detail": "unavailable"})
         session = self.find(ref)
         if session is None:
-            return httpx.Response(200, json={"session_id": ref, "status": "not_found", "has_reply": False,
-                                             "replies": [], "message": "会话不存在或已过期"})
+            return httpx.Response(
+                200,
+                json={
+                    "session_id": ref,
+                    "status": "not_found",
+                    "has_reply": False,
+                    "replies": [],
+                    "message": "会话不存在或已过期",
+                },
+            )
         wait = float(request.url.params.get("wait", 0))
         if self.honour_wait and wait and not session.replies:
             with anyio.move_on_after(wait):
                 await session.event.wait()
         return httpx.Response(
-            200, json={"session_id": session.session_id, "short_id": session.short_id,
-                       "status": "replied" if session.replies else session.status,
-                       "has_reply": bool(session.replies), "replies": session.replies, "message": ""},
+            200,
+            json={
+                "session_id": session.session_id,
+                "short_id": session.short_id,
+                "status": "replied" if session.replies else session.status,
+                "has_reply": bool(session.replies),
+                "replies": session.replies,
+                "message": "",
+            },
         )
 
     def _timeout(self, request: httpx.Request, ref: str) -> httpx.Response:
@@ -124,8 +146,13 @@ class FakeHil:
 
 
 def settings(**overrides: Any) -> McpSettings:
-    values: dict[str, Any] = {"service_url": BASE, "chat_id": "c1", "timeout": 5, "poll_interval": 0.01,
-                              "heartbeat_interval": 1}
+    values: dict[str, Any] = {
+        "service_url": BASE,
+        "chat_id": "c1",
+        "timeout": 5,
+        "poll_interval": 0.01,
+        "heartbeat_interval": 1,
+    }
     values.update(overrides)
     return McpSettings(**values)
 
@@ -469,8 +496,18 @@ async def test_progress_strictly_increases_against_a_fast_polled_seed_server(rou
 
 # --- configuration ---
 
-ENV_VARS = ("SERVICE_URL", "DEVCLOUD_SERVICE_URL", "SERVICE_MODE", "DEFAULT_CHAT_ID", "DEFAULT_PROJECT_NAME",
-            "DEFAULT_TIMEOUT", "POLL_INTERVAL", "HIL_API_TOKEN", "HIL_HEARTBEAT", "HIL_LOG_LEVEL")
+ENV_VARS = (
+    "SERVICE_URL",
+    "DEVCLOUD_SERVICE_URL",
+    "SERVICE_MODE",
+    "DEFAULT_CHAT_ID",
+    "DEFAULT_PROJECT_NAME",
+    "DEFAULT_TIMEOUT",
+    "POLL_INTERVAL",
+    "HIL_API_TOKEN",
+    "HIL_HEARTBEAT",
+    "HIL_LOG_LEVEL",
+)
 
 
 @pytest.fixture
@@ -498,10 +535,31 @@ def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
 def test_parse_args_keeps_only_given_flags() -> None:
     assert parse_args([]) == {}
     assert parse_args(
-        ["--service-url", "http://h:1/api", "--mode", "relay", "--chat-id", "c", "--project-name", "p",
-         "--timeout", "60", "--poll-interval", "0.5", "--api-token", "t"]
-    ) == {"service_url": "http://h:1/api", "mode": "relay", "chat_id": "c", "project_name": "p", "timeout": 60.0,
-          "poll_interval": 0.5, "api_token": "t"}
+        [
+            "--service-url",
+            "http://h:1/api",
+            "--mode",
+            "relay",
+            "--chat-id",
+            "c",
+            "--project-name",
+            "p",
+            "--timeout",
+            "60",
+            "--poll-interval",
+            "0.5",
+            "--api-token",
+            "t",
+        ]
+    ) == {
+        "service_url": "http://h:1/api",
+        "mode": "relay",
+        "chat_id": "c",
+        "project_name": "p",
+        "timeout": 60.0,
+        "poll_interval": 0.5,
+        "api_token": "t",
+    }
 
 
 def test_flag_beats_env_beats_dotenv_beats_default(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -512,7 +570,11 @@ def test_flag_beats_env_beats_dotenv_beats_default(clean_env: pytest.MonkeyPatch
     )
     s = from_cli()
     assert (s.service_url, s.chat_id, s.timeout, s.poll_interval, s.project_name) == (
-        "http://dotenv:1", "dotenv-chat", 30, 3, "dotenv-proj"
+        "http://dotenv:1",
+        "dotenv-chat",
+        30,
+        3,
+        "dotenv-proj",
     )
     assert s.api_token is not None and s.api_token.get_secret_value() == "dotenv-token"
 
@@ -526,8 +588,18 @@ def test_flag_beats_env_beats_dotenv_beats_default(clean_env: pytest.MonkeyPatch
     assert s.api_token is not None and s.api_token.get_secret_value() == "env-token"
     assert s.project_name == "dotenv-proj"  # not in the environment: .env still counts
 
-    s = from_cli("--service-url", "http://flag:3/", "--chat-id", "flag-chat", "--timeout", "50",
-                 "--poll-interval", "5", "--api-token", "flag-token")
+    s = from_cli(
+        "--service-url",
+        "http://flag:3/",
+        "--chat-id",
+        "flag-chat",
+        "--timeout",
+        "50",
+        "--poll-interval",
+        "5",
+        "--api-token",
+        "flag-token",
+    )
     assert (s.service_url, s.chat_id, s.timeout, s.poll_interval) == ("http://flag:3", "flag-chat", 50, 5)
     assert s.api_token is not None and s.api_token.get_secret_value() == "flag-token"
 

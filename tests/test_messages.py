@@ -1,6 +1,5 @@
 """hil_protocol.messages: the question header, splitting to WeCom's 2048-byte limit, and quote-reply parsing."""
 
-
 from __future__ import annotations
 
 import re

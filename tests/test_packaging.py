@@ -35,8 +35,9 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(args: list[str], cwd: Path, *, timeout: float = RUN_TIMEOUT, check: bool = True,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run(
+    args: list[str], cwd: Path, *, timeout: float = RUN_TIMEOUT, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     result = subprocess.run(
         args, cwd=cwd, env=env or clean_env(), capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -85,8 +86,10 @@ def test_plain_install_runs_hil_mcp_without_server_dependencies(base_venv: Venv)
         assert flag in help_text
     assert re.search(r"\d+\.\d+\.\d+", run([base_venv.bin("hil-mcp"), "--version"], base_venv.cwd).stdout)
     # The MCP server itself can be built, not only its argument parser.
-    base_venv.python("from mcp_server.config import McpSettings\nfrom mcp_server.server import create_server\n"
-                     "create_server(McpSettings(_env_file=None))")
+    base_venv.python(
+        "from mcp_server.config import McpSettings\nfrom mcp_server.server import create_server\n"
+        "create_server(McpSettings(_env_file=None))"
+    )
     # The servers' own dependencies stay out. (mcp 2.x itself requires uvicorn and starlette, and cryptography through
     # pyjwt[crypto], so those are present whatever we declare; fastapi and websockets are ours alone.)
     assert not base_venv.importable("fastapi")
@@ -100,15 +103,23 @@ def test_server_commands_without_the_extra_say_what_to_install(base_venv: Venv, 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = str(sock.getsockname()[1])
-    env = clean_env(HIL_HOST="127.0.0.1", HIL_PORT=port, CALLBACK_HOST="127.0.0.1", CALLBACK_PORT=port,
-                    BOT_KEY="k", HIL_DATA_DIR=str(base_venv.cwd / "data"))
+    env = clean_env(
+        HIL_HOST="127.0.0.1",
+        HIL_PORT=port,
+        CALLBACK_HOST="127.0.0.1",
+        CALLBACK_PORT=port,
+        BOT_KEY="k",
+        HIL_DATA_DIR=str(base_venv.cwd / "data"),
+    )
     result = run([base_venv.bin(command)], base_venv.cwd, check=False, env=env, timeout=30)
     output = result.stdout + result.stderr
     assert result.returncode != 0, output
     assert "fastapi" in output, output
     if "hil-mcp[server]" not in output:
-        pytest.xfail(f"{command} without the server extra dies with a bare traceback instead of naming the extra:\n"
-                     f"{output[-600:]}")
+        pytest.xfail(
+            f"{command} without the server extra dies with a bare traceback instead of naming the extra:\n"
+            f"{output[-600:]}"
+        )
     assert "Traceback" not in output, output
 
 
@@ -121,8 +132,14 @@ def test_server_extra_brings_the_servers(server_venv: Venv, tmp_path: Path) -> N
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    env = clean_env(HIL_HOST="127.0.0.1", HIL_PORT=str(port), BOT_KEY="k", HIL_DATA_DIR=str(tmp_path / "data"),
-                    WECOM_API_BASE="http://127.0.0.1:1", NO_PROXY="127.0.0.1")
+    env = clean_env(
+        HIL_HOST="127.0.0.1",
+        HIL_PORT=str(port),
+        BOT_KEY="k",
+        HIL_DATA_DIR=str(tmp_path / "data"),
+        WECOM_API_BASE="http://127.0.0.1:1",
+        NO_PROXY="127.0.0.1",
+    )
     log = (tmp_path / "server.log").open("w")
     proc = subprocess.Popen(
         [server_venv.bin("hil-server")], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT
@@ -151,8 +168,13 @@ def uv_env(venv: Venv, cache: Path) -> dict[str, str]:
     for line in config.splitlines():
         key, _, value = line.partition("=")
         values[key.rsplit(".", 1)[-1]] = value.strip().strip("'\"")
-    env = clean_env(UV_CACHE_DIR=str(cache / "cache"), UV_TOOL_DIR=str(cache / "tools"), UV_PYTHON=venv.bin("python"),
-                    UV_PYTHON_DOWNLOADS="never", UV_NO_CONFIG="1")
+    env = clean_env(
+        UV_CACHE_DIR=str(cache / "cache"),
+        UV_TOOL_DIR=str(cache / "tools"),
+        UV_PYTHON=venv.bin("python"),
+        UV_PYTHON_DOWNLOADS="never",
+        UV_NO_CONFIG="1",
+    )
     if values.get("find-links"):
         env["UV_FIND_LINKS"] = ",".join(values["find-links"].split())
     if values.get("extra-index-url"):
@@ -166,8 +188,9 @@ def uv_env(venv: Venv, cache: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def uvx(base_venv: Venv, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, dict[str, str]]]:
-    installed = run([base_venv.bin("python"), "-m", "pip", "install", "uv"], base_venv.cwd, check=False,
-                    timeout=INSTALL_TIMEOUT)
+    installed = run(
+        [base_venv.bin("python"), "-m", "pip", "install", "uv"], base_venv.cwd, check=False, timeout=INSTALL_TIMEOUT
+    )
     if installed.returncode != 0:
         pytest.skip(f"uv is not installable here: {installed.stderr[-400:]}")
     yield base_venv.bin("uvx"), uv_env(base_venv, tmp_path_factory.mktemp("uv"))
@@ -178,6 +201,11 @@ def test_uvx_from_the_checkout(uvx: tuple[str, dict[str, str]], base_venv: Venv)
     result = run([command, "--from", str(REPO), "hil-mcp", "--help"], base_venv.cwd, env=env, timeout=INSTALL_TIMEOUT)
     assert "--service-url" in result.stdout
     # The same environment uvx built for hil-mcp has no server dependencies.
-    probe = run([command, "--from", str(REPO), "python", "-c", "import fastapi"], base_venv.cwd, env=env,
-                check=False, timeout=INSTALL_TIMEOUT)
+    probe = run(
+        [command, "--from", str(REPO), "python", "-c", "import fastapi"],
+        base_venv.cwd,
+        env=env,
+        check=False,
+        timeout=INSTALL_TIMEOUT,
+    )
     assert probe.returncode != 0 and "fastapi" in probe.stderr, probe.stderr

@@ -161,8 +161,19 @@ def mcp_params(stack: Stack, cwd: Path, chat: str, *extra: str) -> StdioServerPa
     cwd.mkdir(exist_ok=True)
     return StdioServerParameters(
         command=sys.executable,
-        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", chat, "--project-name", "sec",
-              "--timeout", "30", *extra],
+        args=[
+            "-m",
+            "mcp_server",
+            "--service-url",
+            stack.server_url,
+            "--chat-id",
+            chat,
+            "--project-name",
+            "sec",
+            "--timeout",
+            "30",
+            *extra,
+        ],
         env=env,
         cwd=cwd,
     )
@@ -360,8 +371,13 @@ async def test_no_secret_in_any_log(mode: str, tmp_path: Path) -> None:
         "HIL_LOG_LEVEL": "DEBUG",
     }
     wecom = WeComOracle(cb_token, aes_key)
-    stack = Stack(mode=mode, tmp=tmp_path, server_env=env, worker_env=env,
-                  fake_args=["--callback-header", f"X-Hil-Auth: {auth_value}"])
+    stack = Stack(
+        mode=mode,
+        tmp=tmp_path,
+        server_env=env,
+        worker_env=env,
+        fake_args=["--callback-header", f"X-Hil-Auth: {auth_value}"],
+    )
     mcp_log = tmp_path / "mcp.log"
     try:
         stack.start()
@@ -382,9 +398,10 @@ async def test_no_secret_in_any_log(mode: str, tmp_path: Path) -> None:
             assert client.post(stack.callback_url, content=b"{}", headers={"X-Hil-Auth": "wrong"}).status_code == 401
             verify = client.get(stack.callback_url, params=wecom.verification("12345"), headers=headers)
             assert verify.text == "12345"
-            assert client.get(f"{stack.server_url}/api/poll/{sent['session_id']}", params={"wait": 5}).json()[
-                "status"
-            ] == "replied"
+            assert (
+                client.get(f"{stack.server_url}/api/poll/{sent['session_id']}", params={"wait": 5}).json()["status"]
+                == "replied"
+            )
         with http("not-a-token") as client:
             assert client.get(f"{stack.server_url}/api/poll/{sent['session_id']}").status_code == 401
         params_mcp = mcp_params(stack, tmp_path / "mcp", "chatS", "--api-token", bound_token)

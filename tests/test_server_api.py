@@ -1,6 +1,5 @@
 """The HIL Server's HTTP and WebSocket API: create_app(settings) under TestClient, WeCom mocked with respx."""
 
-
 from __future__ import annotations
 
 import base64

@@ -1,6 +1,5 @@
 """hil_server.service.HilService (with the in-memory store and a recording delivery) and the SQLite store."""
 
-
 from __future__ import annotations
 
 import asyncio

@@ -1,6 +1,5 @@
 """hil_protocol.wecom: the robot client (webhook and fly-pigeon backends), images, retries and pacing."""
 
-
 from __future__ import annotations
 
 import asyncio
