@@ -27,9 +27,9 @@ class McpSettings(BaseSettings):
     timeout: float = Field(default=1200.0, gt=0, validation_alias=AliasChoices("timeout", "DEFAULT_TIMEOUT"))
     poll_interval: float = Field(default=2.0, gt=0, validation_alias=AliasChoices("poll_interval", "POLL_INTERVAL"))
     api_token: SecretStr | None = Field(default=None, validation_alias=AliasChoices("api_token", "HIL_API_TOKEN"))
-    # Longest single long-poll; progress notifications go out at least this often while waiting.
+    # Longest single long-poll: progress goes out at least this often (9 s keeps "every 10 s" with room to spare).
     heartbeat_interval: float = Field(
-        default=10.0, gt=0, validation_alias=AliasChoices("heartbeat_interval", "HIL_HEARTBEAT")
+        default=9.0, gt=0, validation_alias=AliasChoices("heartbeat_interval", "HIL_HEARTBEAT")
     )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("log_level", "HIL_LOG_LEVEL"))
 
