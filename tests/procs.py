@@ -222,3 +222,22 @@ class Stack:
 
     def fake(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         return httpx.post(f"{self.fake_url}/_fake/{path}", json=body, timeout=10).json()
+
+
+def mcp_stdio_params(
+    server_url: str, cwd: Path, *args: str, env: dict[str, str] | None = None, log_level: str = "INFO"
+):
+    """hil-mcp launched over stdio as an agent's MCP config would: `python -m mcp_server --service-url URL *args`.
+
+    Settings the test does not give come from nowhere: inherited HIL_/SERVICE_/DEFAULT_ variables and proxies are
+    dropped, and `cwd` (created) keeps any `.env` out."""
+    from mcp.client.stdio import StdioServerParameters
+
+    skip = ("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_")
+    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(skip)}
+    base.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": log_level})
+    base.update(env or {})
+    cwd.mkdir(parents=True, exist_ok=True)
+    return StdioServerParameters(
+        command=sys.executable, args=["-m", "mcp_server", "--service-url", server_url, *args], env=base, cwd=cwd
+    )

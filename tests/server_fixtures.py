@@ -86,3 +86,16 @@ def wecom() -> Iterator[WeCom]:
 def client(tmp_path: Path, wecom: WeCom) -> Iterator[TestClient]:
     with TestClient(create_app(settings(tmp_path))) as c:
         yield c
+
+
+def callback_body(text: str, chat: str = "chatA", msgid: str = "m-1") -> dict[str, Any]:
+    """A fly-pigeon text callback from 张三 in a group chat."""
+    return {
+        "chatid": chat,
+        "chattype": "group",
+        "msgid": msgid,
+        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
+        "msgtype": "text",
+        "text": {"content": text},
+        "webhook_url": f"{BASE}{SEND}?key=xyz",
+    }

@@ -21,7 +21,7 @@ import httpx
 import pytest
 
 from hil_sandbox.sandbox import SANDBOX_BOT_KEY
-from tests.procs import Proc, free_port
+from tests.procs import Proc, free_port, mcp_stdio_params
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed: pip install playwright (it is in the test extra)"
@@ -287,30 +287,10 @@ def _ask_through_hil_mcp(server_url: str, question: str, cwd: Path) -> dict[str,
     """A real MCP client session over stdio with hil-mcp, asking `question` (runs in its own thread and loop)."""
     import asyncio
     import json
-    import os
-    import sys
 
     from mcp import Client
-    from mcp.client.stdio import StdioServerParameters
 
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower()}
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=[
-            "-m",
-            "mcp_server",
-            "--service-url",
-            server_url,
-            "--chat-id",
-            "mcp-chat",
-            "--project-name",
-            "cursor",
-            "--timeout",
-            "60",
-        ],
-        env=env,
-        cwd=str(cwd),
-    )
+    params = mcp_stdio_params(server_url, cwd, "--chat-id", "mcp-chat", "--project-name", "cursor", "--timeout", "60")
 
     async def run() -> dict[str, Any]:
         async with Client(params) as client:

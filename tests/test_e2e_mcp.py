@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import itertools
-import os
 import re
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,45 +16,20 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from tests.procs import Stack
+from tests.procs import Stack, mcp_stdio_params
 
 pytestmark = pytest.mark.e2e
 
 CHAT = "chatE2E"
 PROJECT = "e2e-proj"
 HEADER_RE = re.compile(rf"^\[#(?P<short_id>[0-9a-f]{{8}}) {PROJECT}\]")
-PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
 def mcp_params(
     stack: Stack, cwd: Path, *, timeout: float = 30, env: dict[str, str] | None = None
 ) -> StdioServerParameters:
-    # The real command line an agent's MCP config would hold; settings the test does not give come from nowhere.
-    base = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))
-    }
-    base.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": "INFO"})
-    base.update(env or {})
-    assert "PATH" in base
-    return StdioServerParameters(
-        command=sys.executable,
-        args=[
-            "-m",
-            "mcp_server",
-            "--service-url",
-            stack.server_url,
-            "--chat-id",
-            CHAT,
-            "--project-name",
-            PROJECT,
-            "--timeout",
-            str(timeout),
-        ],
-        env=base,
-        cwd=cwd,
-    )
+    args = ["--chat-id", CHAT, "--project-name", PROJECT, "--timeout", str(timeout)]
+    return mcp_stdio_params(stack.server_url, cwd, *args, env=env)
 
 
 @asynccontextmanager

@@ -11,7 +11,6 @@ import os
 import re
 import secrets
 import struct
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,14 +26,13 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from hil_sandbox.fake_wecom import format_quote_reply
-from tests.procs import BOT_KEY, WORKER_TOKEN, Stack
+from tests.procs import BOT_KEY, WORKER_TOKEN, Stack, mcp_stdio_params
 
 pytestmark = pytest.mark.e2e
 
 MODES = ["direct", "relay"]
 ROBOT = "HIL助手"
 HEADER_RE = re.compile(r"^\[#(?P<short_id>[0-9a-f]{8})")
-PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
 
 
 # --- the WeCom side, written from WECOM.md ------------------------------------------------------------------------
@@ -152,31 +150,8 @@ def question(stack: Stack, chat: str, short_id: str) -> str:
 
 
 def mcp_params(stack: Stack, cwd: Path, chat: str, *extra: str) -> StdioServerParameters:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))
-    }
-    env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": "DEBUG"})
-    cwd.mkdir(exist_ok=True)
-    return StdioServerParameters(
-        command=sys.executable,
-        args=[
-            "-m",
-            "mcp_server",
-            "--service-url",
-            stack.server_url,
-            "--chat-id",
-            chat,
-            "--project-name",
-            "sec",
-            "--timeout",
-            "30",
-            *extra,
-        ],
-        env=env,
-        cwd=cwd,
-    )
+    args = ["--chat-id", chat, "--project-name", "sec", "--timeout", "30", *extra]
+    return mcp_stdio_params(stack.server_url, cwd, *args, log_level="DEBUG")
 
 
 async def ask_over_mcp(stack: Stack, params: StdioServerParameters, errlog: Path, chat: str, text: str) -> dict:

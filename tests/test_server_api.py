@@ -16,7 +16,8 @@ from starlette.websockets import WebSocketDisconnect
 from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server import __version__
 from hil_server.app import create_app
-from tests.server_fixtures import BASE, SEND, WeCom, settings
+from tests import server_fixtures as fixtures
+from tests.server_fixtures import WeCom, settings
 
 # Settings read the environment and ./.env: neither may leak into these tests.
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -27,15 +28,7 @@ PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
 
 
 def callback_body(text: str, chat: str = CHAT, msgid: str = "m-1") -> dict[str, Any]:
-    return {
-        "chatid": chat,
-        "chattype": "group",
-        "msgid": msgid,
-        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
-        "msgtype": "text",
-        "text": {"content": text},
-        "webhook_url": f"{BASE}{SEND}?key=xyz",
-    }
+    return fixtures.callback_body(text, chat, msgid)
 
 
 def quote(short_id: str, answer: str) -> str:

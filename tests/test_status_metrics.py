@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from hil_server.app import create_app
 from hil_server.service import QueuedHint
 from tests.procs import Stack
-from tests.server_fixtures import WeCom, settings
+from tests.server_fixtures import WeCom, callback_body, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -32,17 +32,6 @@ pytestmark = pytest.mark.usefixtures("clean_env")
 WORKER_TOKEN = "worker-token-123456"
 ADMIN_TOKEN = "admin-token-abcdef"
 BOUND_TOKEN = "bound-token-654321"
-
-
-def callback_body(text: str, chat: str = "chatA", msgid: str = "m-1") -> dict[str, Any]:
-    return {
-        "chatid": chat,
-        "chattype": "group",
-        "msgid": msgid,
-        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
-        "msgtype": "text",
-        "text": {"content": text},
-    }
 
 
 def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
