@@ -176,7 +176,7 @@ def running_stack(mode: str, workdir: Path, name: str, **kw: Any):
     tmp = workdir / name
     tmp.mkdir(parents=True, exist_ok=True)
     # The product's sweep interval, not the tests' 0.5 s (which makes the O(sessions) sweep run 10x as often).
-    kw.setdefault("server_env", {"SWEEP_INTERVAL": "5"})
+    kw.setdefault("server_env", {"HIL_SWEEP_INTERVAL": "5"})
     stack = Stack(mode, tmp, **kw)
     started = time.monotonic()
     try:

@@ -12,42 +12,29 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 
-from hil_protocol.logs import setup_logging
-from hil_protocol.web import Accepted, BodyLimitMiddleware, CallbackIntake, callback_router
-from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
+from hil_protocol.callback_endpoint import Accepted, callback_router
+from hil_protocol.http_limits import BodyLimitMiddleware
+from hil_protocol.settings import secret_value
 
 from .config import WorkerSettings
-from .relay import RelayClient
+from .link import RelayClient
 from .spool import Spool
 
 logger = logging.getLogger("devcloud_worker")
 
 
-def _secret(value: Any) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
 def create_app(settings: WorkerSettings) -> FastAPI:
-    intake = CallbackIntake(
-        settings.callback_auth_key,
-        _secret(settings.callback_auth_value),
-        _secret(settings.wecom_callback_token),
-        _secret(settings.wecom_callback_aes_key),
-    )
+    intake = settings.callback_intake()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         spool = Spool(settings.hil_data_dir / "worker-spool.sqlite3")
         async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
-            backend = make_backend(
-                settings.wecom_sender, http, settings.wecom_api_base, settings.bot_key.get_secret_value()
-            )
-            policy = RetryPolicy(deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute)
-            sender = RobotSender(backend, http, policy)
+            sender = settings.robot_sender(http)
             client = RelayClient(
                 hil_url=settings.hil_url,
                 worker_id=settings.worker_id,
-                token=_secret(settings.hil_token),
+                token=secret_value(settings.hil_token),
                 sender=sender,
                 http=http,
                 spool=spool,
@@ -99,20 +86,10 @@ def create_app(settings: WorkerSettings) -> FastAPI:
 
 
 def main() -> None:
-    try:
-        settings = WorkerSettings()
-    except ValueError as exc:
-        raise SystemExit(f"hil-worker: configuration error (BOT_KEY is required): {exc}") from None
-    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
-    import uvicorn
+    """`python -m devcloud_worker.worker` (the seed's command): the same as `hil-worker`."""
+    from .cli import main as cli_main
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.callback_host,
-        port=settings.callback_port,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-    )
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -11,20 +11,21 @@ import asyncio
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import uvicorn
-
+from hil_protocol.cli import exit_without_server_extra
 from hil_protocol.logs import setup_logging
-from hil_server.app import create_app
-from hil_server.config import ServerSettings
-
-from .fake_wecom import FakeWeComConfig, create_fake_wecom_app
 
 SANDBOX_BOT_KEY = "sandbox-bot-key"
 logger = logging.getLogger("hil_sandbox")
 
 
-def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_name: str = "HIL助手"):
+def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_name: str = "HIL助手") -> Any:
+    from hil_server.app import create_app
+    from hil_server.config import ServerSettings
+
+    from .fake_wecom import FakeWeComConfig, create_fake_wecom_app
+
     wecom_url = f"http://{host}:{wecom_port}"
     server_url = f"http://{host}:{server_port}"
     fake_app = create_fake_wecom_app(
@@ -48,6 +49,8 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
 
 
 async def serve(host: str, server_port: int, wecom_port: int, data_dir: Path) -> None:
+    import uvicorn
+
     fake_app, server_app, wecom_url, server_url = build(host, server_port, wecom_port, data_dir)
     servers = [
         uvicorn.Server(
@@ -89,6 +92,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--data-dir", type=Path, default=Path("./data/sandbox"))
     parser.add_argument("--log-level", default="INFO")
     args = parser.parse_args(argv)
+    try:
+        import fastapi  # noqa: F401  # the sandbox runs the HIL Server
+    except ModuleNotFoundError as exc:
+        exit_without_server_extra("hil-sandbox", exc)
     setup_logging(args.log_level, "text", [])
     try:
         asyncio.run(serve(args.host, args.port, args.wecom_port, args.data_dir))

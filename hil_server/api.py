@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Upload
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hil_protocol.wecom import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
+from hil_protocol.wecom_robot import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__
 from .auth import Grant
@@ -29,11 +29,7 @@ def _grant(request: Request) -> Grant | None:
 
 def health_body(request: Request) -> dict[str, Any]:
     state = request.state
-    body: dict[str, Any] = {"status": "healthy", "mode": state.mode}
-    if state.mode == "relay":
-        body["worker_connected"] = state.hub.count > 0
-        body["worker_count"] = state.hub.count
-    return body
+    return {"status": "healthy", "mode": state.mode, **state.channel.health().fields}
 
 
 @router.get("/")

@@ -16,51 +16,29 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from hil_protocol.logs import setup_logging
-from hil_protocol.web import Accepted, BodyLimitMiddleware, CallbackIntake, callback_router
-from hil_protocol.wecom import RetryPolicy, RobotSender, make_backend
+from hil_protocol.callback_endpoint import Accepted, callback_router
+from hil_protocol.http_limits import BodyLimitMiddleware
+from hil_protocol.settings import secret_value
 
-from . import __version__, api, metrics, status, ws
+from . import __version__, api, metrics, status, worker_socket
 from .auth import ApiAuth
+from .channels import Channel
+from .channels.webhook import WebhookChannel
+from .channels.workers import RelayChannel, WorkerHub
 from .config import ServerSettings
-from .delivery import Delivery, DirectDelivery
 from .metrics import Metrics, RequestTimer
 from .service import HilService
 from .store import SessionStore, SqlitePersistence
-from .workers import RelayDelivery, WorkerHub
 
 logger = logging.getLogger("hil_server")
 
 
-def _secret(value: Any) -> str | None:
-    return value.get_secret_value() if value is not None else None
-
-
-def secrets_of(settings: ServerSettings) -> list[str]:
-    """Every configured secret value, so the log filter can redact them wherever they appear."""
-    values = [
-        _secret(settings.bot_key),
-        _secret(settings.hil_worker_token),
-        _secret(settings.callback_auth_value),
-        _secret(settings.wecom_callback_token),
-        _secret(settings.wecom_callback_aes_key),
-    ]
-    for item in (_secret(settings.hil_api_tokens) or "").split(","):
-        values.append(item.partition("=")[0].strip())
-    return [v for v in values if v]
-
-
 def create_app(settings: ServerSettings) -> FastAPI:
     mode = settings.mode
-    if mode == "direct" and not _secret(settings.bot_key):
+    if mode == "direct" and not secret_value(settings.bot_key):
         raise ValueError("HIL_MODE=direct needs BOT_KEY (the WeCom robot's webhook key)")
-    auth = ApiAuth(_secret(settings.hil_api_tokens))
-    intake = CallbackIntake(
-        settings.callback_auth_key,
-        _secret(settings.callback_auth_value),
-        _secret(settings.wecom_callback_token),
-        _secret(settings.wecom_callback_aes_key),
-    )
+    auth = ApiAuth(secret_value(settings.hil_api_tokens))
+    intake = settings.callback_intake()
     meters = Metrics(version=__version__, mode=mode)
 
     @contextlib.asynccontextmanager
@@ -71,26 +49,24 @@ def create_app(settings: ServerSettings) -> FastAPI:
         store = SessionStore(persistence)
         hub = WorkerHub(grace=settings.worker_grace, request_timeout=settings.relay_request_timeout)
         async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
-            delivery: Delivery
+            channel: Channel
             if mode == "direct":
-                backend = make_backend(settings.wecom_sender, http, settings.wecom_api_base, _secret(settings.bot_key))
-                policy = RetryPolicy(
-                    deadline=settings.wecom_retry_deadline, max_per_minute=settings.wecom_max_per_minute
-                )
-                sender = RobotSender(backend, http, policy)
+                sender = settings.robot_sender(http)
                 sender.on_attempt = meters.wecom_attempt
-                delivery = DirectDelivery(sender)
+                channel = WebhookChannel(sender)
             else:
-                delivery = RelayDelivery(hub)
+                channel = RelayChannel(
+                    hub, heartbeat_interval=settings.heartbeat_interval, heartbeat_timeout=settings.heartbeat_timeout
+                )
             service = HilService(
-                store, delivery, default_timeout=settings.default_timeout, retention=settings.session_retention
+                store, channel, default_timeout=settings.hil_default_timeout, retention=settings.session_retention
             )
             service.observe = meters.observe
             meters.bind(store, hub)
             await service.sweep()  # time out what expired while we were down
             if not auth.enabled:
                 logger.warning("HIL_API_TOKENS is not set: anyone who can reach this server can post to your chats")
-            if mode == "relay" and not _secret(settings.hil_worker_token):
+            if mode == "relay" and not secret_value(settings.hil_worker_token):
                 logger.warning("HIL_WORKER_TOKEN is not set: any worker may connect")
             logger.info(
                 "hil-server %s mode=%s store=%s sessions=%d waiting=%d",
@@ -103,20 +79,16 @@ def create_app(settings: ServerSettings) -> FastAPI:
             async with asyncio.TaskGroup() as tasks:
                 background = [
                     tasks.create_task(service.run_hints(), name="hints"),
-                    tasks.create_task(service.run_sweeper(settings.sweep_interval), name="sweeper"),
+                    tasks.create_task(service.run_sweeper(settings.hil_sweep_interval), name="sweeper"),
+                    tasks.create_task(channel.run(service.handle_message), name=f"channel-{channel.name}"),
                 ]
-                if mode == "relay":
-                    background.append(
-                        tasks.create_task(
-                            hub.heartbeat(settings.heartbeat_interval, settings.heartbeat_timeout), name="heartbeat"
-                        )
-                    )
                 try:
                     yield {
                         "settings": settings,
                         "mode": mode,
                         "service": service,
                         "hub": hub,
+                        "channel": channel,
                         "auth": auth,
                         "observe": service.observe,
                         "metrics": meters,
@@ -135,7 +107,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.add_middleware(api.PollFastPath)
     app.add_middleware(RequestTimer, metrics=meters, routes=app.router.routes)
     app.include_router(api.router)
-    app.include_router(ws.router)
+    app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
 
@@ -180,18 +152,10 @@ def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 
 
 def main() -> None:
-    settings = ServerSettings()
-    setup_logging(settings.hil_log_level, settings.hil_log_format, secrets_of(settings))
-    import uvicorn
+    """`python -m hil_server.app` (the seed's command): the same as `hil-server`."""
+    from .cli import main as cli_main
 
-    uvicorn.run(
-        create_app(settings),
-        host=settings.hil_host,
-        port=settings.hil_port,
-        log_config=None,
-        timeout_graceful_shutdown=5,
-        ws_max_size=4 * 1024 * 1024,
-    )
+    cli_main()
 
 
 if __name__ == "__main__":

@@ -2,47 +2,40 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from hil_protocol.settings import RobotSettings, secret_value
 
 
-class ServerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", env_file_encoding="utf-8", extra="ignore", env_ignore_empty=True)
-
+class ServerSettings(RobotSettings):
     hil_host: str = "0.0.0.0"
-    hil_port: int = 8081
+    hil_port: int = Field(default=8081, ge=0, le=65535)
     hil_mode: Literal["auto", "relay", "direct"] = "auto"
-    bot_key: SecretStr | None = None
     hil_worker_token: SecretStr | None = None
-    heartbeat_interval: float = 30.0
-    heartbeat_timeout: float = 90.0
-    wecom_api_base: str = "https://qyapi.weixin.qq.com"
-    wecom_sender: Literal["webhook", "pigeon", "auto"] = "webhook"
-    wecom_max_per_minute: int | None = Field(default=None, ge=1)
-    wecom_retry_deadline: float = 60.0
-    hil_data_dir: Path = Path("./data")
+    heartbeat_interval: float = Field(default=30.0, gt=0)
+    heartbeat_timeout: float = Field(default=90.0, gt=0)
     hil_store: Literal["sqlite", "memory"] = "sqlite"
     hil_api_tokens: SecretStr | None = None
-    callback_auth_key: str | None = None
-    callback_auth_value: SecretStr | None = None
-    wecom_callback_token: SecretStr | None = None
-    wecom_callback_aes_key: SecretStr | None = None
     # seconds a send waits for a worker to (re)connect in relay mode before failing
-    worker_grace: float = 10.0
-    relay_request_timeout: float = 90.0
-    default_timeout: float = 1200.0
+    worker_grace: float = Field(default=10.0, ge=0)
+    relay_request_timeout: float = Field(default=90.0, gt=0)
     # how long a closed question (replied / timed out) is kept, so late answers are not lost
-    session_retention: float = 24 * 3600.0
-    sweep_interval: float = 5.0
-    max_body_bytes: int = 4 * 1024 * 1024
-    hil_log_level: str = "INFO"
-    hil_log_format: Literal["text", "json"] = "text"
+    session_retention: float = Field(default=24 * 3600.0, gt=0)
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    # The server's own settings added after the seed carry HIL_, so a variable meant for hil-mcp (DEFAULT_TIMEOUT)
+    # never changes the server. Seconds a question waits when /api/send gives no timeout:
+    hil_default_timeout: float = Field(default=1200.0, gt=0)
+    hil_sweep_interval: float = Field(default=5.0, gt=0)
 
     @property
     def mode(self) -> Literal["relay", "direct"]:
         if self.hil_mode == "auto":
-            return "direct" if self.bot_key and self.bot_key.get_secret_value() else "relay"
+            return "direct" if secret_value(self.bot_key) else "relay"
         return self.hil_mode
+
+    def secrets(self) -> list[str]:
+        # HIL_API_TOKENS is a list (`tokA,tokB=chat1|chat2`): each token is a secret, the chat ids are not.
+        tokens = [item.partition("=")[0].strip() for item in (secret_value(self.hil_api_tokens) or "").split(",")]
+        return [s for s in super().secrets() if s != secret_value(self.hil_api_tokens)] + [t for t in tokens if t]

@@ -22,8 +22,8 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .channels.workers import WorkerHub
 from .store import SessionStore
-from .workers import WorkerHub
 
 METRICS_PATH = "/metrics"
 # Long polls hold a request for up to 60 s, so the buckets reach that far.

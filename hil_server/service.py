@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -11,14 +12,12 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any, Literal
 
-from pydantic import Field
-
 from hil_protocol.callback import CallbackError, IncomingMessage, parse_callback
 from hil_protocol.messages import new_short_id
-from hil_protocol.relay import SendHintPayload, SendMessagePayload
+from hil_protocol.outbound import Notice, Question
 
 from . import hints
-from .delivery import Delivery, DeliveryError
+from .channels import Channel, ChannelError
 from .models import PollResponse, Reply, SendRequest, SendResponse, Session, UserInfo
 from .store import SessionStore
 
@@ -42,29 +41,23 @@ HintKind = Literal["several", "chat_id", "unknown_quote", "empty", "late", "even
 POLL_WAIT_MAX = 60.0
 
 
-class QueuedHint(SendHintPayload):
-    """A hint waiting for the hint task. `kind` is for metrics and never goes on the wire."""
-
-    kind: HintKind = Field(default="chat_id", exclude=True)
-
-
 class HilService:
     def __init__(
         self,
         store: SessionStore,
-        delivery: Delivery,
+        channel: Channel,
         *,
         default_timeout: float = 1200.0,
         retention: float = 24 * 3600.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
-        self.delivery = delivery
+        self.channel = channel
         self.default_timeout = default_timeout
         self.retention = retention
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
-        self._hints: asyncio.Queue[QueuedHint] = asyncio.Queue(maxsize=1000)
+        self._hints: asyncio.Queue[Notice] = asyncio.Queue(maxsize=1000)
         self.recent: deque[dict[str, Any]] = deque(maxlen=50)
         # Observer (metrics): ("callback", outcome), ("hint", kind, "sent"|"failed"); the API adds ("poll", kind).
         self.observe: Callable[..., None] = lambda event, *labels: None
@@ -72,18 +65,18 @@ class HilService:
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
-        payload = SendMessagePayload(
+        question = Question(
             message=request.message,
             chat_id=request.chat_id,
             chat_type=request.chat_type,
-            images=request.images,
+            images=tuple(request.images),
             project_name=request.project_name,
-            mention_list=request.mention_list,
+            mention_list=tuple(request.mention_list or ()),
         )
         if not request.wait_reply:
             try:
-                await self.delivery.send_message(payload)
-            except DeliveryError as exc:
+                await self.channel.send_question(question)
+            except ChannelError as exc:
                 return SendResponse(success=False, message=f"发送失败：{exc}", error=str(exc), errcode=exc.errcode)
             return SendResponse(success=True, message="消息已发送")
 
@@ -104,10 +97,9 @@ class HilService:
         )
         # Stored before it is sent, so a reply that comes back faster than WeCom's response still finds it.
         await self.store.save(session)
-        payload.short_id = short_id
         try:
-            await self.delivery.send_message(payload)
-        except DeliveryError as exc:
+            await self.channel.send_question(dataclasses.replace(question, short_id=short_id))
+        except ChannelError as exc:
             await self._close(session, "failed", error=str(exc))
             logger.warning("send failed session_id=%s short_id=%s: %s", session.session_id, short_id, exc)
             return SendResponse(
@@ -278,19 +270,19 @@ class HilService:
         self, chat_id: str, text: str, msg_type: Literal["markdown", "text"] = "markdown", *, kind: HintKind
     ) -> None:
         try:
-            self._hints.put_nowait(QueuedHint(chat_id=chat_id, message=text, msg_type=msg_type, kind=kind))
+            self._hints.put_nowait(Notice(chat_id=chat_id, text=text, markdown=msg_type == "markdown", kind=kind))
         except asyncio.QueueFull:
             logger.warning("hint queue full, dropping a hint for chat_id=%s", chat_id)
 
     async def run_hints(self) -> None:
         while True:
-            payload = await self._hints.get()
+            notice = await self._hints.get()
             try:
-                await self.delivery.send_hint(payload)
-                self.observe("hint", payload.kind, "sent")
-            except DeliveryError as exc:
-                self.observe("hint", payload.kind, "failed")
-                logger.warning("hint to chat_id=%s failed: %s", payload.chat_id, exc)
+                await self.channel.send_notice(notice)
+                self.observe("hint", notice.kind, "sent")
+            except ChannelError as exc:
+                self.observe("hint", notice.kind, "failed")
+                logger.warning("hint to chat_id=%s failed: %s", notice.chat_id, exc)
 
     # --- housekeeping ------------------------------------------------------------------------------------------
 
@@ -319,4 +311,4 @@ class HilService:
                 logger.exception("sweep failed")
 
 
-__all__ = ["CallbackError", "HilService", "HintKind", "Outcome", "QueuedHint"]
+__all__ = ["CallbackError", "HilService", "HintKind", "Outcome"]

@@ -144,7 +144,7 @@ class Stack:
             "HEARTBEAT_INTERVAL": "1",
             "HEARTBEAT_TIMEOUT": "5",
             "WECOM_RETRY_DEADLINE": "30",
-            "SWEEP_INTERVAL": "0.5",
+            "HIL_SWEEP_INTERVAL": "0.5",
         }
         if self.mode == "direct":
             env["BOT_KEY"] = BOT_KEY

@@ -1,4 +1,4 @@
-"""hil_server.service.HilService (with the in-memory store and a recording delivery) and the SQLite store."""
+"""hil_server.service.HilService (with the in-memory store and a recording channel) and the SQLite store."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from typing import Any
 
 import pytest
 
-from hil_protocol.relay import SendHintPayload, SendMessagePayload
+from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.relay_frames import SendHintPayload, SendMessagePayload
 from hil_sandbox.fake_wecom import format_quote_reply
-from hil_server.delivery import DeliveryError
+from hil_server.channels import ChannelError
 from hil_server.models import SendRequest
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence
@@ -23,24 +24,26 @@ OTHER_CHAT = "wrkChatB"
 ROBOT = "HIL助手"
 
 
-class FakeDelivery:
-    mode = "fake"
+class FakeChannel:
+    """Records what the service sends, in the relay wire shape (what a person would read)."""
+
+    name = "fake"
 
     def __init__(self) -> None:
         self.messages: list[SendMessagePayload] = []
         self.hints: list[SendHintPayload] = []
-        self.fail_with: DeliveryError | None = None
+        self.fail_with: ChannelError | None = None
 
-    async def send_message(self, payload: SendMessagePayload) -> dict[str, Any]:
+    async def send_question(self, question: Question) -> SendReceipt:
         if self.fail_with is not None:
             raise self.fail_with
-        self.messages.append(payload)
-        return {"parts": 1}
+        self.messages.append(SendMessagePayload.of(question))
+        return SendReceipt()
 
-    async def send_hint(self, payload: SendHintPayload) -> None:
+    async def send_notice(self, notice: Notice) -> None:
         if self.fail_with is not None:
             raise self.fail_with
-        self.hints.append(payload)
+        self.hints.append(SendHintPayload.of(notice))
 
 
 class Clock:
@@ -51,15 +54,15 @@ class Clock:
         return self.now
 
 
-def make(store: SessionStore | None = None, **kw: Any) -> tuple[HilService, FakeDelivery]:
-    delivery = FakeDelivery()
+def make(store: SessionStore | None = None, **kw: Any) -> tuple[HilService, FakeChannel]:
+    delivery = FakeChannel()
     return HilService(store if store is not None else SessionStore(), delivery, **kw), delivery
 
 
 def drain(service: HilService) -> list[SendHintPayload]:
     out = []
     while not service._hints.empty():
-        out.append(service._hints.get_nowait())
+        out.append(SendHintPayload.of(service._hints.get_nowait()))
     return out
 
 
@@ -122,7 +125,7 @@ async def test_send_without_wait_creates_no_session() -> None:
 
 async def test_delivery_error_fails_the_session() -> None:
     service, delivery = make()
-    delivery.fail_with = DeliveryError("机器人 Key 无效，请检查 BOT_KEY", 93000)
+    delivery.fail_with = ChannelError("机器人 Key 无效，请检查 BOT_KEY", 93000)
     response = await service.send(SendRequest(message="q", chat_id=CHAT))
     assert response.success is False
     assert response.errcode == 93000
@@ -325,7 +328,7 @@ async def test_run_hints_delivers_and_survives_failures() -> None:
     service, delivery = make()
     task = asyncio.create_task(service.run_hints())
     try:
-        delivery.fail_with = DeliveryError("down")
+        delivery.fail_with = ChannelError("down")
         await service.handle_callback(callback("@Bot a", chat="c1"))
         for _ in range(50):
             if service._hints.empty():
@@ -465,7 +468,7 @@ async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
     replied = await ask(service, message="答复我")
     waiting = await ask(service, message="still waiting", timeout=500)
     failed_service, failing = make(store)
-    failing.fail_with = DeliveryError("down")
+    failing.fail_with = ChannelError("down")
     failed = await failed_service.send(SendRequest(message="fails", chat_id=CHAT))
     await service.handle_callback(callback(quote(replied.short_id, "好的"), msgid="persist-1"))
     await service.handle_callback(callback("@Bot ?", chat="wrkNobody", msgid="persist-2"))

@@ -19,8 +19,9 @@ import yaml
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from hil_protocol.outbound import Notice
+from hil_protocol.relay_frames import SendHintPayload
 from hil_server.app import create_app
-from hil_server.service import QueuedHint
 from tests.procs import Stack
 from tests.server_fixtures import WeCom, callback_body, settings
 
@@ -128,9 +129,12 @@ def test_hints_are_counted_by_kind_and_result(client: TestClient, wecom: WeCom) 
 
 
 def test_hint_kind_stays_off_the_wire() -> None:
-    hint = QueuedHint(chat_id="c", message="m", msg_type="text", kind="several")
-    assert hint.kind == "several"
-    assert hint.model_dump(exclude_none=True) == {"chat_id": "c", "message": "m", "msg_type": "text"}
+    hint = Notice(chat_id="c", text="m", markdown=False, kind="several")
+    assert SendHintPayload.of(hint).model_dump(exclude_none=True) == {
+        "chat_id": "c",
+        "message": "m",
+        "msg_type": "text",
+    }
 
 
 def test_each_app_has_its_own_registry(tmp_path: Path, wecom: WeCom) -> None:

@@ -1,4 +1,4 @@
-"""hil_protocol.wecom: the robot client (webhook and fly-pigeon backends), images, retries and pacing."""
+"""hil_protocol.wecom_robot: the robot client (webhook and fly-pigeon backends), images, retries and pacing."""
 
 from __future__ import annotations
 
@@ -17,7 +17,8 @@ import pytest
 import respx
 
 from hil_protocol.messages import TEXT_LIMIT, utf8_len
-from hil_protocol.wecom import (
+from hil_protocol.outbound import Question
+from hil_protocol.wecom_robot import (
     IMAGE_MAX_BYTES,
     ImageError,
     PigeonBackend,
@@ -249,7 +250,16 @@ async def test_send_question_splits_in_order_and_sends_images_last(
     message = nine_kb()
     assert utf8_len(message) > 9000
     report = await sender(http).send_question(
-        message, chat_id="chat-9", short_id="1a2b3c4d", project_name="proj x", images=[data_url(PNG), data_url(JPEG)]
+        Question(
+            message,
+            chat_id="chat-9",
+            short_id="1a2b3c4d",
+            project_name="proj x",
+            images=(
+                data_url(PNG),
+                data_url(JPEG),
+            ),
+        )
     )
     payloads = sent(route)
     texts = [p for p in payloads if p["msgtype"] == "text"]
@@ -270,7 +280,7 @@ async def test_send_question_splits_in_order_and_sends_images_last(
 
 async def test_mention_only_on_first_part(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     route = mock.post(SEND).mock(return_value=ok())
-    await sender(http).send_question(nine_kb(), chat_id="c", short_id="1a2b3c4d", mention_list=["zhangsan"])
+    await sender(http).send_question(Question(nine_kb(), chat_id="c", short_id="1a2b3c4d", mention_list=("zhangsan",)))
     payloads = sent(route)
     assert len(payloads) >= 4
     assert payloads[0]["text"]["mentioned_list"] == ["zhangsan"]
@@ -279,13 +289,13 @@ async def test_mention_only_on_first_part(mock: respx.MockRouter, http: httpx.As
 
 async def test_short_question_is_one_part_with_header(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     route = mock.post(SEND).mock(return_value=ok())
-    await sender(http).send_question("部署到生产？", chat_id="c", short_id="0000abcd")
+    await sender(http).send_question(Question("部署到生产？", chat_id="c", short_id="0000abcd"))
     assert [p["text"]["content"] for p in sent(route)] == ["[#0000abcd]\n部署到生产？"]
 
 
 async def test_send_without_short_id_has_no_header(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     route = mock.post(SEND).mock(return_value=ok())
-    await sender(http).send_question("note", chat_id="c")
+    await sender(http).send_question(Question("note", chat_id="c"))
     assert [p["text"]["content"] for p in sent(route)] == ["note"]
 
 
@@ -304,14 +314,26 @@ async def test_bad_image_fails_before_anything_is_sent(
 ) -> None:
     route = mock.post(SEND).mock(return_value=ok())
     with pytest.raises(ImageError, match=match):
-        await sender(http).send_question("q", chat_id="c", short_id="1a2b3c4d", images=[data_url(PNG), image])
+        await sender(http).send_question(
+            Question(
+                "q",
+                chat_id="c",
+                short_id="1a2b3c4d",
+                images=(
+                    data_url(PNG),
+                    image,
+                ),
+            )
+        )
     assert route.call_count == 0
 
 
 async def test_http_image_url_is_fetched(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
     route = mock.post(SEND).mock(return_value=ok())
     image_route = mock.get("https://images.test/pic.jpg").mock(return_value=httpx.Response(200, content=JPEG))
-    await sender(http).send_question("look", chat_id="c", short_id="1a2b3c4d", images=["https://images.test/pic.jpg"])
+    await sender(http).send_question(
+        Question("look", chat_id="c", short_id="1a2b3c4d", images=("https://images.test/pic.jpg",))
+    )
     assert image_route.call_count == 1
     payloads = sent(route)
     assert payloads[-1]["image"]["md5"] == hashlib.md5(JPEG).hexdigest()
@@ -322,7 +344,7 @@ async def test_http_image_404_is_image_error(mock: respx.MockRouter, http: httpx
     mock.get("https://images.test/missing.png").mock(return_value=httpx.Response(404))
     with pytest.raises(ImageError, match="404"):
         await sender(http).send_question(
-            "q", chat_id="c", short_id="1a2b3c4d", images=["https://images.test/missing.png"]
+            Question("q", chat_id="c", short_id="1a2b3c4d", images=("https://images.test/missing.png",))
         )
     assert route.call_count == 0
 

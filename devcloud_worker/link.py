@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from collections.abc import Generator
@@ -14,7 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from hil_protocol.relay import (
+from hil_protocol.relay_frames import (
     ACTION_SEND_HINT,
     ACTION_SEND_MESSAGE,
     ACTION_UPLOAD_IMAGE,
@@ -34,7 +35,7 @@ from hil_protocol.relay import (
     dump_frame,
     parse_frame,
 )
-from hil_protocol.wecom import ImageError, RobotSender, WeComError, load_image, to_data_url
+from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError, load_image, to_data_url
 
 from .spool import Spool
 
@@ -210,12 +211,12 @@ class RelayClient:
 
     async def _perform(self, request: Request) -> dict[str, Any]:
         if request.action == ACTION_SEND_MESSAGE:
-            msg = SendMessagePayload.model_validate(request.payload)
-            data = await self._sender.deliver(msg)
-            logger.info("sent short_id=%s chat_id=%s parts=%d", msg.short_id, msg.chat_id, data["parts"])
-            return data
+            question = SendMessagePayload.model_validate(request.payload).question()
+            receipt = await self._sender.send_question(question)
+            logger.info("sent short_id=%s chat_id=%s parts=%d", question.short_id, question.chat_id, receipt.parts)
+            return dataclasses.asdict(receipt)
         if request.action == ACTION_SEND_HINT:
-            await self._sender.deliver_hint(SendHintPayload.model_validate(request.payload))
+            await self._sender.send_notice(SendHintPayload.model_validate(request.payload).notice())
             return {}
         if request.action == ACTION_UPLOAD_IMAGE:
             image = UploadImagePayload.model_validate(request.payload)

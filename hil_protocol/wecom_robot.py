@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import httpx
 
-from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, format_header, split_text, truncate_bytes, utf8_len
-from .relay import SendHintPayload, SendMessagePayload
+from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, split_text, truncate_bytes, utf8_len
+from .outbound import Notice, Question, SendReceipt
 
 logger = logging.getLogger(__name__)
 
@@ -337,13 +337,6 @@ class _Pacer:
             self._throttled = False
 
 
-@dataclass
-class SendReport:
-    parts: int
-    images: int
-    retries: int
-
-
 class RobotSender:
     """One per robot (BOT_KEY): everything that goes to WeCom goes through here."""
 
@@ -413,49 +406,26 @@ class RobotSender:
     async def send_image(self, chat_id: str | None, data: bytes) -> int:
         return await self.send_payload(image_payload(chat_id, check_image(data)))
 
-    async def send_question(
-        self,
-        message: str,
-        *,
-        chat_id: str | None,
-        short_id: str | None = None,
-        project_name: str | None = None,
-        images: list[str] | None = None,
-        mention_list: list[str] | None = None,
-    ) -> SendReport:
+    async def send_question(self, question: Question) -> SendReceipt:
         """A question: header + text split into parts (sent in order), then its images."""
         # Load every image first: a bad image should fail the question before any part reaches the chat.
-        loaded = [await load_image(src, self._http) for src in images or []]
-        if short_id:
-            parts = split_text(message, format_header(short_id, project_name))
-        else:
-            prefix = f"[{project_name}]\n" if project_name else ""
-            parts = split_text(message, prefix.rstrip("\n")) if prefix else _split_plain(message)
+        loaded = [await load_image(src, self._http) for src in question.images]
+        header = question.header
+        parts = split_text(question.message, header) if header else _split_plain(question.message)
+        mentions = list(question.mention_list) or None
         retries = 0
         for index, part in enumerate(parts):
             # Mention people once, on the first part, so they are not pinged five times for one question.
-            retries += await self.send_text(chat_id, part, mention_list if index == 0 else None)
+            retries += await self.send_text(question.chat_id, part, mentions if index == 0 else None)
         for data in loaded:
-            retries += await self.send_image(chat_id, data)
-        return SendReport(parts=len(parts), images=len(loaded), retries=retries)
+            retries += await self.send_image(question.chat_id, data)
+        return SendReceipt(parts=len(parts), images=len(loaded), retries=retries)
 
-    async def deliver(self, payload: SendMessagePayload) -> dict[str, int]:
-        """A relay `send_message` request (or its direct-mode equivalent): the question, parts and images."""
-        report = await self.send_question(
-            payload.message,
-            chat_id=payload.chat_id,
-            short_id=payload.short_id,
-            project_name=payload.project_name,
-            images=payload.images,
-            mention_list=payload.mention_list,
-        )
-        return {"parts": report.parts, "images": report.images, "retries": report.retries}
-
-    async def deliver_hint(self, payload: SendHintPayload) -> None:
-        if payload.msg_type == "markdown":
-            await self.send_markdown(payload.chat_id, payload.message)
+    async def send_notice(self, notice: Notice) -> None:
+        if notice.markdown:
+            await self.send_markdown(notice.chat_id, notice.text)
         else:
-            await self.send_text(payload.chat_id, payload.message)
+            await self.send_text(notice.chat_id, notice.text)
 
 
 def _split_plain(message: str) -> list[str]:

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from .outbound import Notice, Question
+
 # Features a peer may announce in `hello`.
 FEATURE_CALLBACK_ACK = "callback_ack"
 
@@ -96,6 +98,8 @@ ACTION_UPLOAD_IMAGE = "upload_image"
 
 
 class SendMessagePayload(BaseModel):
+    """`send_message`: a question (or a plain message) on the wire. Seed workers read exactly these fields."""
+
     model_config = ConfigDict(extra="ignore")
 
     short_id: str | None = None
@@ -106,13 +110,45 @@ class SendMessagePayload(BaseModel):
     project_name: str | None = None
     mention_list: list[str] | None = None
 
+    @classmethod
+    def of(cls, question: Question) -> SendMessagePayload:
+        return cls(
+            short_id=question.short_id,
+            message=question.message,
+            chat_id=question.chat_id,
+            chat_type=question.chat_type,
+            images=list(question.images),
+            project_name=question.project_name,
+            mention_list=list(question.mention_list) or None,
+        )
+
+    def question(self) -> Question:
+        return Question(
+            message=self.message,
+            chat_id=self.chat_id,
+            chat_type=self.chat_type,
+            short_id=self.short_id,
+            project_name=self.project_name,
+            images=tuple(self.images),
+            mention_list=tuple(self.mention_list or ()),
+        )
+
 
 class SendHintPayload(BaseModel):
+    """`send_hint`: a notice on the wire."""
+
     model_config = ConfigDict(extra="ignore")
 
     chat_id: str | None = None
     message: str
     msg_type: Literal["markdown", "text"] = "markdown"
+
+    @classmethod
+    def of(cls, notice: Notice) -> SendHintPayload:
+        return cls(chat_id=notice.chat_id, message=notice.text, msg_type="markdown" if notice.markdown else "text")
+
+    def notice(self) -> Notice:
+        return Notice(chat_id=self.chat_id, text=self.message, markdown=self.msg_type == "markdown")
 
 
 class UploadImagePayload(BaseModel):

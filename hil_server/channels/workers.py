@@ -1,4 +1,4 @@
-"""Relay mode: the DevCloud Workers connected over WebSocket, and delivery through them."""
+"""Relay mode: the DevCloud Workers connected over the relay WebSocket, and the channel that sends through them."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hil_protocol.relay import (
+from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.relay_frames import (
     ACTION_SEND_HINT,
     ACTION_SEND_MESSAGE,
     Ping,
@@ -21,7 +22,7 @@ from hil_protocol.relay import (
     dump_frame,
 )
 
-from .delivery import DeliveryError
+from . import ChannelError, ChannelHealth, Inbox
 
 logger = logging.getLogger(__name__)
 
@@ -110,15 +111,15 @@ class WorkerHub:
     async def request(self, action: str, payload: dict[str, Any]) -> dict[str, Any]:
         links = await self._wait_for_worker()
         if not links:
-            raise DeliveryError(
+            raise ChannelError(
                 "没有已连接的 DevCloud Worker（relay 模式需要 worker 连接到 HIL Server 的 /ws）；"
                 "请检查 worker 是否在运行、HIL_URL 与 HIL_TOKEN 是否正确"
             )
-        last: DeliveryError | None = None
+        last: ChannelError | None = None
         for link in links:
             try:
                 return await self._request_one(link, action, payload)
-            except DeliveryError as exc:
+            except ChannelError as exc:
                 last = exc
                 if exc.errcode is not None and exc.errcode > 0:
                     # WeCom itself refused the message: another worker with the same robot would be refused too.
@@ -135,13 +136,13 @@ class WorkerHub:
             await link.send(Request(id=request_id, action=action, payload=payload))
             response = await asyncio.wait_for(future, self.request_timeout)
         except TimeoutError as exc:
-            raise DeliveryError(f"worker {link.worker_id} 在 {self.request_timeout:.0f} 秒内没有应答") from exc
+            raise ChannelError(f"worker {link.worker_id} 在 {self.request_timeout:.0f} 秒内没有应答") from exc
         except (ConnectionError, RuntimeError, OSError) as exc:
-            raise DeliveryError(f"与 worker {link.worker_id} 的连接中断") from exc
+            raise ChannelError(f"与 worker {link.worker_id} 的连接中断") from exc
         finally:
             link.pending.pop(request_id, None)
         if not response.success:
-            raise DeliveryError(response.error or "worker 发送失败", response.errcode)
+            raise ChannelError(response.error or "worker 发送失败", response.errcode)
         return response.data or {}
 
     async def heartbeat(self, interval: float, timeout: float) -> None:
@@ -176,14 +177,35 @@ class WorkerHub:
         ]
 
 
-class RelayDelivery:
-    mode = "relay"
+class RelayChannel:
+    """Sends through a connected worker; what people send arrives as `callback` frames on the worker socket
+    (`worker_socket.py`), which hands it to the inbox."""
 
-    def __init__(self, hub: WorkerHub) -> None:
+    name = "relay"
+
+    def __init__(self, hub: WorkerHub, *, heartbeat_interval: float = 30.0, heartbeat_timeout: float = 90.0) -> None:
         self.hub = hub
+        self._interval = heartbeat_interval
+        self._timeout = heartbeat_timeout
 
-    async def send_message(self, payload: SendMessagePayload) -> dict[str, Any]:
-        return await self.hub.request(ACTION_SEND_MESSAGE, payload.model_dump(exclude_none=True))
+    async def send_question(self, question: Question) -> SendReceipt:
+        data = await self.hub.request(
+            ACTION_SEND_MESSAGE, SendMessagePayload.of(question).model_dump(exclude_none=True)
+        )
+        return SendReceipt(
+            parts=_int(data.get("parts"), 1), images=_int(data.get("images"), 0), retries=_int(data.get("retries"), 0)
+        )
 
-    async def send_hint(self, payload: SendHintPayload) -> None:
-        await self.hub.request(ACTION_SEND_HINT, payload.model_dump(exclude_none=True))
+    async def send_notice(self, notice: Notice) -> None:
+        await self.hub.request(ACTION_SEND_HINT, SendHintPayload.of(notice).model_dump(exclude_none=True))
+
+    async def run(self, inbox: Inbox) -> None:
+        await self.hub.heartbeat(self._interval, self._timeout)
+
+    def health(self) -> ChannelHealth:
+        return ChannelHealth(fields={"worker_connected": self.hub.count > 0, "worker_count": self.hub.count})
+
+
+def _int(value: Any, default: int) -> int:
+    # A seed worker answers send_message with data of its own shape; the counts are informative only.
+    return value if isinstance(value, int) and not isinstance(value, bool) else default

@@ -8,7 +8,7 @@ import uuid
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
 from hil_protocol.callback import CallbackError
-from hil_protocol.relay import (
+from hil_protocol.relay_frames import (
     FEATURE_CALLBACK_ACK,
     Callback,
     CallbackAck,
@@ -21,7 +21,7 @@ from hil_protocol.relay import (
 )
 
 from .auth import worker_token_ok
-from .workers import WorkerLink
+from .channels.workers import WorkerLink
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,3 @@
+from devcloud_worker.cli import main
+
+main()

@@ -1,0 +1,52 @@
+"""`hil-worker` / `python -m devcloud_worker`: run the DevCloud Worker. Flags override the environment and `.env`."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+
+from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
+from hil_protocol.logs import setup_logging
+
+PROG = "hil-worker"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="DevCloud Worker: inside the intranet, keeps a WebSocket to the HIL Server, sends its messages to "
+        "WeCom (企业微信) and forwards the robot's callbacks. Settings come from the environment and .env "
+        "(see deploy/worker.env.example; BOT_KEY is required); these flags override them.",
+    )
+    parser.add_argument("--hil-url", help="the HIL Server's WebSocket URL (HIL_URL, default ws://localhost:8081/ws)")
+    parser.add_argument("--host", help="callback listen address (CALLBACK_HOST, default 0.0.0.0)")
+    parser.add_argument("--port", type=int, help="callback listen port (CALLBACK_PORT, default 8082)")
+    parser.add_argument("--data-dir", help="where the callback spool lives (HIL_DATA_DIR, default ./data)")
+    parser.add_argument("--worker-id", help="this worker's name on the server (WORKER_ID, default random)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        from .config import WorkerSettings
+        from .worker import create_app
+    except ModuleNotFoundError as exc:
+        exit_without_server_extra(PROG, exc)
+    overrides = {
+        "hil_url": args.hil_url,
+        "callback_host": args.host,
+        "callback_port": args.port,
+        "hil_data_dir": args.data_dir,
+        "worker_id": args.worker_id,
+    }
+    settings = load_settings(WorkerSettings, PROG, overrides)
+    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
+    with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG):
+        serve(
+            create_app(settings),
+            host=settings.callback_host,
+            port=settings.callback_port,
+            prog=PROG,
+            flag="--port / CALLBACK_PORT",
+        )

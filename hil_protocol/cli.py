@@ -1,0 +1,104 @@
+"""What the console scripts share: one-line errors instead of tracebacks (a missing extra, bad settings, a port in
+use, a data directory that cannot be used), settings with flag overrides, and binding before serving.
+
+Imports nothing beyond the standard library and pydantic at module level, so `--help` and the missing-extra
+message work on a plain `pip install hil-mcp`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from pydantic_settings import BaseSettings
+
+    S = TypeVar("S", bound=BaseSettings)
+else:
+    S = TypeVar("S")
+
+logger = logging.getLogger(__name__)
+
+# Top-level modules that come with the `server` extra, not with a plain `pip install hil-mcp`.
+SERVER_MODULES = frozenset({"fastapi", "websockets", "cryptography", "multipart", "prometheus_client"})
+
+
+def fail(prog: str, message: str, code: int = 1) -> NoReturn:
+    print(f"{prog}: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def exit_without_server_extra(prog: str, exc: ModuleNotFoundError) -> NoReturn:
+    """Call from `except ModuleNotFoundError` around a server-side import."""
+    if (exc.name or "").split(".")[0] not in SERVER_MODULES:
+        raise exc
+    fail(
+        prog,
+        f"{exc.name} is not installed; the HIL Server, the worker and the sandbox need the server extra: "
+        "pip install 'hil-mcp[server]'",
+    )
+
+
+def load_settings(cls: type[S], prog: str, overrides: dict[str, Any]) -> S:
+    """Settings from flags (`overrides`, None values left out), then the environment, `.env` and defaults."""
+    try:
+        return cls(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
+        )
+        fail(prog, f"invalid configuration: {problems}", 2)
+
+
+def bind(host: str, port: int, prog: str, flag: str) -> socket.socket:
+    """A listening socket on host:port, or one line that names the port and the flag to change it."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            fail(prog, f"port {port} on {host} is already in use; stop what uses it, or choose another with {flag}")
+        fail(prog, f"cannot listen on {host}:{port} ({exc.strerror or exc}); check the address given with {flag}")
+    sock.set_inheritable(True)
+    return sock
+
+
+@contextlib.contextmanager
+def data_dir_lock(directory: Path, name: str, prog: str) -> Iterator[None]:
+    """Hold this process's exclusive lock on its data directory, or exit with one line naming the holder."""
+    from .datadir import DataDirError, DataDirLock
+
+    lock = DataDirLock(directory, name)
+    try:
+        lock.acquire()
+    except DataDirError as exc:
+        fail(prog, str(exc))
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def serve(app: Any, *, host: str, port: int, prog: str, flag: str, **options: Any) -> None:
+    """Run an ASGI app with uvicorn on a socket bound first (so a taken port is one line, not a traceback).
+    A startup failure exits non-zero."""
+    import uvicorn
+
+    sock = bind(host, port, prog, flag)
+    config = uvicorn.Config(app, log_config=None, timeout_graceful_shutdown=5, **options)
+    server = uvicorn.Server(config)
+    logger.info("%s listening on %s:%d", prog, host, sock.getsockname()[1])
+    server.run(sockets=[sock])
+    if not server.started:
+        raise SystemExit(1)

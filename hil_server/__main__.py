@@ -1,0 +1,3 @@
+from hil_server.cli import main
+
+main()

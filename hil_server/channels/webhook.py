@@ -1,0 +1,38 @@
+"""Direct mode: the HIL Server posts through the group robot's webhook itself. What people send arrives on the robot
+callback (`POST /api/callback`), outside this channel."""
+
+from __future__ import annotations
+
+import asyncio
+
+from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError
+
+from . import ChannelError, ChannelHealth, Inbox
+
+
+class WebhookChannel:
+    name = "webhook"
+
+    def __init__(self, sender: RobotSender) -> None:
+        self.sender = sender
+
+    async def send_question(self, question: Question) -> SendReceipt:
+        try:
+            return await self.sender.send_question(question)
+        except WeComError as exc:
+            raise ChannelError(str(exc), exc.errcode) from exc
+        except ImageError as exc:
+            raise ChannelError(str(exc)) from exc
+
+    async def send_notice(self, notice: Notice) -> None:
+        try:
+            await self.sender.send_notice(notice)
+        except WeComError as exc:
+            raise ChannelError(str(exc), exc.errcode) from exc
+
+    async def run(self, inbox: Inbox) -> None:
+        await asyncio.Event().wait()  # nothing to keep alive: the callback route feeds the inbox
+
+    def health(self) -> ChannelHealth:
+        return ChannelHealth()
