@@ -13,7 +13,7 @@ import httpx
 from fastapi import FastAPI, Request
 
 from hil_protocol.callback_endpoint import Accepted, callback_router
-from hil_protocol.http_limits import BodyLimitMiddleware
+from hil_protocol.http_limits import RequestLimits
 from hil_protocol.settings import secret_value
 
 from .config import WorkerSettings
@@ -59,7 +59,7 @@ def create_app(settings: WorkerSettings) -> FastAPI:
                 spool.close()
 
     app = FastAPI(title="hil-worker", lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=1024 * 1024)
+    app.add_middleware(RequestLimits, max_bytes=1024 * 1024, body_timeout=settings.hil_body_timeout)
 
     @app.get("/health")
     async def health(request: Request) -> dict[str, Any]:

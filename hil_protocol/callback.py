@@ -77,6 +77,8 @@ class IncomingMessage(BaseModel):
     from_user: CallbackUser = Field(default_factory=CallbackUser)
     event_type: str | None = None
     received_at: float = Field(default_factory=time.time)
+    # the channel's reference to this message, for answering it (the AI bot replies to a callback's req_id)
+    reply_to: str | None = None
 
     @property
     def is_event(self) -> bool:

@@ -1,64 +1,89 @@
-"""Request limits the HIL Server and the worker share, as pure ASGI middleware."""
+"""Request limits the HIL Server and the worker share, as pure ASGI middleware: a body larger than `max_bytes` is
+refused with 413 (whether or not Content-Length says so), and a body that has not arrived within `body_timeout`
+seconds of the request is answered with 408 and the connection closed, so clients dripping bodies byte by byte
+cannot hold the server's requests open."""
 
 from __future__ import annotations
 
-import json
+import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .http_errors import send_error
 
-class BodyLimitMiddleware:
-    """Refuse request bodies over `max_bytes` with 413, whether or not Content-Length is given."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+class _TooLarge(Exception):
+    pass
+
+
+class _TooSlow(Exception):
+    pass
+
+
+class RequestLimits:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, body_timeout: float = 30.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.body_timeout = body_timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        bounded = scope.get("http_version") in ("1.0", "1.1")
+        length: int | None = None
+        chunked = False
         for name, value in scope.get("headers", []):
             if name == b"content-length":
                 try:
-                    too_big = int(value) > self.max_bytes
+                    length = int(value)
                 except ValueError:
-                    too_big, bounded = False, False
-                if too_big:
-                    await self._reject(send)
-                    return
+                    chunked = True  # unknown length: count what arrives
             elif name == b"transfer-encoding":
-                bounded = False
-        if bounded:
-            # HTTP/1.x without Transfer-Encoding: the server reads exactly Content-Length bytes (none without it),
-            # already checked above, so there is nothing to count. Skipping the wrappers saves ~1 KB per open
-            # long-poll and a coroutine hop per ASGI message (bench P3/P4).
+                chunked = True
+        if length is not None and length > self.max_bytes:
+            await self._reject(send, _TooLarge())
+            return
+        if not chunked and not length and scope.get("http_version") in ("1.0", "1.1"):
+            # No body: nothing to count or wait for. Long-polls take this path, so they pay for no wrapper (bench P3).
             await self.app(scope, receive, send)
             return
+        await self._limited(scope, receive, send)
+
+    async def _limited(self, scope: Scope, receive: Receive, send: Send) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.body_timeout
         received = 0
+        body_done = False
+        refused: Exception | None = None
         started = False
-        too_large = False
         replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received, too_large
-            message = await receive()
+            nonlocal received, body_done, refused
+            if body_done:
+                return await receive()  # only http.disconnect is left: no deadline on that
+            try:
+                async with asyncio.timeout(max(0.0, deadline - loop.time())):
+                    message = await receive()
+            except TimeoutError:
+                refused = _TooSlow()
+                raise refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
-                    too_large = True
-                    raise _TooLarge
+                    refused = _TooLarge()
+                    raise refused
+                body_done = not message.get("more_body", False)
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started, replaced
-            if too_large and (replaced or not started):
-                # The app caught _TooLarge and answered on its own (FastAPI: 400 "error parsing the body"):
-                # send the 413 instead and drop the app's response.
+            if refused is not None and (replaced or not started):
+                # The app caught our exception and answered on its own (FastAPI: 400 "error parsing the body"):
+                # send the 413/408 instead and drop the app's response.
                 if not replaced:
                     replaced = started = True
-                    await self._reject(send)
+                    await self._reject(send, refused)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -66,17 +91,19 @@ class BodyLimitMiddleware:
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except _TooLarge:
+        except (_TooLarge, _TooSlow) as exc:
             if not started:
-                await self._reject(send)
+                await self._reject(send, exc)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(
-            {"success": False, "error": f"request body larger than {self.max_bytes} bytes", "errcode": 413}
-        ).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json")]})
-        await send({"type": "http.response.body", "body": body})
-
-
-class _TooLarge(Exception):
-    pass
+    async def _reject(self, send: Send, reason: Exception) -> None:
+        if isinstance(reason, _TooSlow):
+            # "connection: close" makes the server drop the connection with the unread rest of the body.
+            await send_error(
+                send,
+                408,
+                f"request body did not arrive within {self.body_timeout:.0f} seconds",
+                errcode=408,
+                headers=[(b"connection", b"close")],
+            )
+        else:
+            await send_error(send, 413, f"request body larger than {self.max_bytes} bytes", errcode=413)

@@ -9,7 +9,10 @@ from dataclasses import dataclass
 TEXT_LIMIT = 2048
 MARKDOWN_LIMIT = 4096
 
-SHORT_ID_RE = re.compile(r"^[0-9a-f]{8}$")
+# Every id pattern is used with fullmatch: "$" would let a trailing newline through.
+SHORT_ID_RE = re.compile(r"[0-9a-f]{8}")
+# What names a question: its session_id (32 hex) or the short id shown in the chat (8 hex).
+SESSION_REF_RE = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{24})?")
 # The header as it stands at the start of a question (or of a part of one). Project names may contain spaces,
 # but never "]" or a line break (the API refuses those), so "[^\]\n]" ends the name.
 HEADER_RE = re.compile(r"\[#(?P<short_id>[0-9a-f]{8})(?:[ \t]+(?P<project>[^\]\n]*))?\]")

@@ -55,7 +55,11 @@ class RobotSettings(CommonSettings):
     callback_auth_value: SecretStr | None = None
     wecom_callback_token: SecretStr | None = None
     wecom_callback_aes_key: SecretStr | None = None
+    # seconds a signed callback's timestamp may be off from now before it is refused as a replay
+    hil_callback_max_age: float = Field(default=300.0, ge=10)
     hil_data_dir: Path = Path("./data")
+    # seconds a request body may take to arrive before the connection is closed (slow-body clients)
+    hil_body_timeout: float = Field(default=30.0, gt=0)
 
     def robot_sender(self, http: httpx.AsyncClient) -> RobotSender:
         """The one client every message to this robot goes through."""
@@ -77,4 +81,5 @@ class RobotSettings(CommonSettings):
             secret_value(self.callback_auth_value),
             secret_value(self.wecom_callback_token),
             secret_value(self.wecom_callback_aes_key),
+            max_age=self.hil_callback_max_age,
         )

@@ -45,11 +45,17 @@ class Supervisor:
         self._on_restart = on_restart
         self._clock = clock
         self.tasks: dict[str, TaskState] = {}
+        self._handles: list[asyncio.Task[None]] = []
 
     def start(self, group: asyncio.TaskGroup, name: str, run: Callable[[], Awaitable[None]]) -> None:
-        """Run `run()` for the life of `group`, restarting it whenever it raises or returns."""
+        """Run `run()` in `group` until `cancel()`, restarting it whenever it raises or returns."""
         self.tasks[name] = TaskState(name)
-        group.create_task(self._keep(name, run), name=name)
+        self._handles.append(group.create_task(self._keep(name, run), name=name))
+
+    def cancel(self) -> None:
+        """Stop every supervised task (at shutdown, so their TaskGroup can end)."""
+        for handle in self._handles:
+            handle.cancel()
 
     async def _keep(self, name: str, run: Callable[[], Awaitable[None]]) -> None:
         state = self.tasks[name]

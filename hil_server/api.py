@@ -1,159 +1,176 @@
-"""The HTTP API the MCP server (and people with curl) use."""
+"""The HTTP API the MCP server (and people with curl) use.
+
+Authentication happens before any of this runs (`auth.AuthMiddleware`); handlers read the caller's grant with
+`grant_of()`, the lifespan state with `server_state()`, decide visibility with `auth.can_see()` and raise the errors
+`errors.render()` turns into responses.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
 import re
 from typing import Annotated, Any
 
 from fastapi import APIRouter, File, HTTPException, Path, Query, Request, UploadFile
 from fastapi.responses import JSONResponse, Response
+from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hil_protocol.wecom_robot import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
-from . import __version__
-from .auth import Grant
-from .models import SESSION_ID_RE, PollResponse, SendRequest, SendResponse
+from . import __version__, errors
+from .auth import can_see, grant_of
+from .errors import InvalidRequest
+from .models import PollResponse, SendRequest, SendResponse, Session, is_session_ref
+from .state import ServerState, server_state
 
 logger = logging.getLogger(__name__)
 
 router = APIRouter()
 
 SessionId = Annotated[str, Path(description="the session_id from /api/send, or its 8-character short id")]
+NOT_FOUND = "会话不存在或已过期"
+NOT_AN_ID = "not a session id (32 or 8 lowercase hex characters)"
 
 
-def _grant(request: Request) -> Grant | None:
-    return request.state.auth.check(request)
-
-
-def health_body(request: Request) -> dict[str, Any]:
-    state = request.state
-    return {"status": "healthy", "mode": state.mode, **state.channel.health().fields}
+def health(state: ServerState) -> tuple[int, dict[str, Any]]:
+    """Whether this server can do its job now: 200 healthy, or 503 degraded with the reason."""
+    channel = state["channel"].health()
+    problems = [] if channel.ok else [channel.reason or f"the {state['channel'].name} channel is down"]
+    if state["service"].store.broken is not None:
+        problems.append(state["service"].store.broken)
+    problems += state["supervisor"].problems()
+    body: dict[str, Any] = {
+        "status": "degraded" if problems else "healthy",
+        "mode": state["mode"],
+        "channel": state["channel"].name,
+        **channel.fields,
+    }
+    if problems:
+        body["reason"] = "; ".join(problems)
+    return (503 if problems else 200), body
 
 
 @router.get("/")
 async def root(request: Request) -> dict[str, Any]:
-    return {"service": "hil-server", "version": __version__, **health_body(request)}
+    return {"service": "hil-server", "version": __version__, **health(server_state(request))[1]}
 
 
-@router.get("/health")
-@router.get("/api/health")
-async def health(request: Request) -> dict[str, Any]:
-    return health_body(request)
+@router.get("/health", responses={503: {"description": "degraded: the body's `reason` says why"}})
+@router.get("/api/health", include_in_schema=False)
+async def health_endpoint(request: Request) -> JSONResponse:
+    status, body = health(server_state(request))
+    return JSONResponse(body, status_code=status)
 
 
 @router.post("/api/send", response_model=SendResponse, response_model_exclude_none=True)
 async def send(body: SendRequest, request: Request) -> SendResponse:
-    grant = _grant(request)
-    request.state.auth.check_chat(grant, body.chat_id)
-    return await request.state.service.send(body, owner=grant.owner if grant else None)
+    state = server_state(request)
+    grant = grant_of(request)
+    if grant is not None and body.chat_id is None:
+        body.chat_id = grant.default_chat
+    state["auth"].check_chat(grant, body.chat_id)
+    return await state["service"].send(body, owner=grant.owner if grant else None)
 
 
-async def _poll(request: Request, session_id: str, wait: float) -> Response:
-    grant = _grant(request)
-    if not SESSION_ID_RE.match(session_id):
-        return JSONResponse(
-            {
-                "session_id": session_id,
-                "status": "not_found",
-                "has_reply": False,
-                "replies": [],
-                "message": "not a session id (32 or 8 lowercase hex characters)",
-            },
-            status_code=404,
-        )
-    service = request.state.service
-    session = service.store.find(session_id)
-    if session is not None and grant is not None and session.owner not in (None, grant.owner):
-        # Another token's question: say nothing about it.
-        result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message="会话不存在或已过期")
-    else:
-        request.state.observe("poll", "long" if wait else "short")
-        result = await service.poll(session_id, wait)
-    return Response(result.model_dump_json(), media_type="application/json")
+def visible_session(request: Request, ref: str) -> Session | None:
+    """The session `ref` names, if it exists and the caller may see it (another token's question: None)."""
+    session = server_state(request)["service"].store.find(ref)
+    if session is None or not can_see(grant_of(request), session):
+        return None
+    return session
 
 
-async def poll_endpoint(request: Request) -> Response:
-    """`GET /api/poll/{session_id}?wait=N`, served by `PollFastPath`."""
-    raw = request.query_params.get("wait", "0")
+def parse_wait(raw: str | None) -> float:
+    """`?wait=N`: 0–60 seconds (nan and inf refused)."""
+    if raw is None:
+        return 0.0
     try:
         wait = float(raw)
     except ValueError:
-        wait = -1.0
-    if not 0 <= wait <= 60:  # also refuses nan and inf
-        return JSONResponse(
-            {
-                "success": False,
-                "error": "invalid request: wait: must be a number of seconds from 0 to 60",
-                "message": "invalid request: wait: must be a number of seconds from 0 to 60",
-            },
-            status_code=422,
-        )
+        wait = math.nan
+    if not 0 <= wait <= 60:
+        raise InvalidRequest("wait: must be a number of seconds from 0 to 60")
+    return wait
+
+
+async def poll_response(request: Request, session_id: str, raw_wait: str | None) -> Response:
+    """`GET /api/poll/{session_id}?wait=N`, for the FastAPI route and the fast path alike."""
     try:
-        return await _poll(request, request.path_params["session_id"], wait)
-    except HTTPException as exc:
-        return JSONResponse(
-            {"success": False, "error": exc.detail, "message": exc.detail, "detail": exc.detail},
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
+        wait = parse_wait(raw_wait)
+        if not is_session_ref(session_id):
+            result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message=NOT_AN_ID)
+            return Response(result.model_dump_json(), status_code=404, media_type="application/json")
+        session = visible_session(request, session_id)
+        if session is None:
+            result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message=NOT_FOUND)
+        else:
+            result = await server_state(request)["service"].poll(session, wait)
+    except Exception as exc:  # the fast path has no exception handlers: render() knows ours, re-raises the rest
+        return errors.render(exc)
+    return Response(result.model_dump_json(), media_type="application/json")
 
 
-class PollFastPath:
-    """Serves `GET /api/poll/{id}` before FastAPI's routing and exception layers (pure ASGI middleware).
-
-    Long-polls are held open by the thousand, and every layer a request passes through keeps its frames alive while
-    it waits: skipping FastAPI's router and dependency machinery saves ~10 KB per open poll (10,000 open polls:
-    ~100 MB). Everything else goes to the app unchanged. The FastAPI route below documents the endpoint in the
-    OpenAPI schema; its validation is the same."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
-            match = _POLL_PATH.match(scope["path"])
-            if match is not None:
-                scope["path_params"] = {"session_id": match.group(1)}
-                response = await poll_endpoint(Request(scope, receive))
-                await response(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-_POLL_PATH = re.compile(r"^/api/poll/([^/]+)$")
+POLL_PATH = "/api/poll/{session_id}"
 
 
 @router.get(
-    "/api/poll/{session_id}",
+    POLL_PATH,
     response_model=PollResponse,
     responses={401: {"description": "API token missing or wrong"}, 404: {"description": "not a session id"}},
 )
 async def poll(
     session_id: SessionId,
     request: Request,
-    wait: Annotated[float, Query(ge=0, le=60, description="hold up to N seconds until a reply arrives")] = 0,
+    wait: Annotated[
+        str | None,
+        Query(description="hold up to N seconds (0–60) until a reply arrives", examples=["30"]),
+    ] = None,
 ) -> Response:
-    """Poll a session (long-poll with `wait`). Served by `PollFastPath`; this declaration is its schema."""
-    return await _poll(request, session_id, wait)
+    """Poll a session (long-poll with `wait`). Served by `PollFastPath` in the app; both run `poll_response`."""
+    return await poll_response(request, session_id, wait)
+
+
+class PollFastPath:
+    """Serves `GET /api/poll/{id}` before FastAPI's routing and dependency layers (pure ASGI middleware).
+
+    Long-polls are held open by the thousand, and every layer a request passes through keeps its frames alive while
+    it waits: skipping FastAPI's router saves ~10 KB per open poll (10,000 open polls: ~100 MB). It runs the same
+    `poll_response` as the route above and marks the request with that route, so metrics see the same template."""
+
+    def __init__(self, app: ASGIApp, route: BaseRoute) -> None:
+        self.app = app
+        self.route = route
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in ("GET", "HEAD"):
+            match = _POLL_RE.fullmatch(scope["path"])
+            if match is not None:
+                scope["route"] = self.route
+                request = Request(scope, receive)
+                response = await poll_response(request, match.group(1), request.query_params.get("wait"))
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_POLL_RE = re.compile(r"/api/poll/([^/]+)")
 
 
 @router.post("/api/session/{session_id}/timeout")
 async def session_timeout(session_id: SessionId, request: Request) -> dict[str, Any]:
-    grant = _grant(request)
-    if not SESSION_ID_RE.match(session_id):
-        raise HTTPException(404, "not a session id (32 or 8 lowercase hex characters)")
-    session = request.state.service.store.find(session_id)
-    if session is None or (grant is not None and session.owner not in (None, grant.owner)):
-        return {"success": False, "message": "会话不存在或已过期"}
-    await request.state.service.mark_timeout(session_id)
+    if not is_session_ref(session_id):
+        raise HTTPException(404, NOT_AN_ID)
+    session = visible_session(request, session_id)
+    if session is None:
+        return {"success": False, "message": NOT_FOUND}
+    await server_state(request)["service"].mark_timeout(session)
     return {"success": True, "message": "已标记为停止等待"}
 
 
 @router.post("/api/upload-image")
-async def upload_image(request: Request, file: Annotated[UploadFile, File()]) -> dict[str, Any]:
-    _grant(request)
+async def upload_image(file: Annotated[UploadFile, File()]) -> dict[str, Any]:
     data = await file.read(IMAGE_MAX_BYTES + 1)
     try:
         check_image(data)

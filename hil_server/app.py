@@ -1,5 +1,4 @@
-"""The HIL Server application: `create_app(settings)`, and `main()` to run it (`hil-server`,
-`python -m hil_server.app`)."""
+"""The HIL Server application: `create_app(settings)`; `main()` runs it (`hil-server`, `python -m hil_server.app`)."""
 
 from __future__ import annotations
 
@@ -8,147 +7,179 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
+from fastapi.routing import APIRoute
 
-from hil_protocol.callback_endpoint import Accepted, callback_router
-from hil_protocol.http_limits import BodyLimitMiddleware
+from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router, wecom_error
+from hil_protocol.http_limits import RequestLimits
 from hil_protocol.settings import secret_value
+from hil_protocol.supervise import Supervisor
 
-from . import __version__, api, metrics, status, worker_socket
-from .auth import ApiAuth
+from . import __version__, api, errors, metrics, status, worker_socket
+from .auth import ApiAuth, AuthMiddleware
 from .channels import Channel
 from .channels.webhook import WebhookChannel
 from .channels.workers import RelayChannel, WorkerHub
 from .config import ServerSettings
+from .events import RecentEvents
 from .metrics import Metrics, RequestTimer
 from .service import HilService
-from .store import SessionStore, SqlitePersistence
+from .state import ServerState, server_state
+from .store import SessionStore, SqlitePersistence, StoreUnavailable
 
 logger = logging.getLogger("hil_server")
 
 
-def create_app(settings: ServerSettings) -> FastAPI:
+def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> FastAPI:
+    """The HIL Server. Raises ValueError for settings that cannot work together. `poll_fast_path=False` serves
+    long-polls through FastAPI's router instead (tests compare the two)."""
     mode = settings.mode
     if mode == "direct" and not secret_value(settings.bot_key):
         raise ValueError("HIL_MODE=direct needs BOT_KEY (the WeCom robot's webhook key)")
     auth = ApiAuth(secret_value(settings.hil_api_tokens))
     intake = settings.callback_intake()
+    take_callbacks = mode == "direct" or settings.hil_relay_callbacks
+    if mode == "relay" and settings.hil_relay_callbacks and not intake.authenticated:
+        raise ValueError(
+            "HIL_RELAY_CALLBACKS=true needs callback authentication on this public server: set "
+            "CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE or WECOM_CALLBACK_TOKEN/WECOM_CALLBACK_AES_KEY"
+        )
     meters = Metrics(version=__version__, mode=mode)
 
     @contextlib.asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
         persistence = None
         if settings.hil_store == "sqlite":
-            persistence = SqlitePersistence(settings.hil_data_dir / "hil-server.sqlite3")
-        store = SessionStore(persistence)
-        hub = WorkerHub(grace=settings.worker_grace, request_timeout=settings.relay_request_timeout)
-        async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
-            channel: Channel
-            if mode == "direct":
-                sender = settings.robot_sender(http)
-                sender.on_attempt = meters.wecom_attempt
-                channel = WebhookChannel(sender)
-            else:
-                channel = RelayChannel(
-                    hub, heartbeat_interval=settings.heartbeat_interval, heartbeat_timeout=settings.heartbeat_timeout
+            persistence = await SqlitePersistence.open(settings.hil_data_dir / "hil-server.sqlite3")
+        store = await SessionStore.open(persistence)
+        hub = WorkerHub(
+            grace=settings.worker_grace,
+            request_timeout=settings.relay_request_timeout,
+            on_change=meters.workers_changed,
+        )
+        supervisor = Supervisor(on_restart=meters.task_restarted)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
+                channel: Channel
+                if mode == "direct":
+                    sender = settings.robot_sender(http)
+                    sender.on_attempt = meters.wecom_attempt
+                    channel = WebhookChannel(sender)
+                else:
+                    channel = RelayChannel(
+                        hub,
+                        heartbeat_interval=settings.heartbeat_interval,
+                        heartbeat_timeout=settings.heartbeat_timeout,
+                    )
+                service = HilService(
+                    store,
+                    channel,
+                    metrics=meters,
+                    events=RecentEvents(),
+                    default_timeout=settings.hil_default_timeout,
+                    retention=settings.session_retention,
+                    msgid_memory=settings.hil_callback_max_age * 2,
+                    default_chat_id=settings.hil_default_chat_id,
                 )
-            service = HilService(
-                store, channel, default_timeout=settings.hil_default_timeout, retention=settings.session_retention
-            )
-            service.observe = meters.observe
-            meters.bind(store, hub)
-            await service.sweep()  # time out what expired while we were down
-            if not auth.enabled:
-                logger.warning("HIL_API_TOKENS is not set: anyone who can reach this server can post to your chats")
-            if mode == "relay" and not secret_value(settings.hil_worker_token):
-                logger.warning("HIL_WORKER_TOKEN is not set: any worker may connect")
-            logger.info(
-                "hil-server %s mode=%s store=%s sessions=%d waiting=%d",
-                __version__,
-                mode,
-                settings.hil_store,
-                len(store),
-                len(store.waiting()),
-            )
-            async with asyncio.TaskGroup() as tasks:
-                background = [
-                    tasks.create_task(service.run_hints(), name="hints"),
-                    tasks.create_task(service.run_sweeper(settings.hil_sweep_interval), name="sweeper"),
-                    tasks.create_task(channel.run(service.handle_message), name=f"channel-{channel.name}"),
-                ]
-                try:
-                    yield {
-                        "settings": settings,
-                        "mode": mode,
-                        "service": service,
-                        "hub": hub,
-                        "channel": channel,
-                        "auth": auth,
-                        "observe": service.observe,
-                        "metrics": meters,
-                        "started_at": time.time(),
-                    }
-                finally:
-                    for link in list(hub.links.values()):
-                        with contextlib.suppress(Exception):
-                            await link.close(1001, "server shutting down")
-                    for task in background:
-                        task.cancel()
-            store.close()
+                meters.bind(store)
+                await service.resolve_interrupted()
+                await service.sweep()  # time out what expired while we were down
+                warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
+                logger.info(
+                    "hil-server %s mode=%s channel=%s store=%s sessions=%d waiting=%d",
+                    __version__,
+                    mode,
+                    channel.name,
+                    settings.hil_store,
+                    len(store),
+                    len(store.waiting()),
+                )
+                async with asyncio.TaskGroup() as tasks:
+                    supervisor.start(tasks, "notices", service.run_notices)
+                    supervisor.start(tasks, "sweeper", lambda: service.run_sweeper(settings.hil_sweep_interval))
+                    supervisor.start(tasks, f"channel-{channel.name}", lambda: channel.run(service.handle_message))
+                    supervisor.start(
+                        tasks, "store-recovery", lambda: store.run_recovery(settings.hil_store_retry_interval)
+                    )
+                    try:
+                        yield {
+                            "settings": settings,
+                            "mode": mode,
+                            "service": service,
+                            "channel": channel,
+                            "hub": hub,
+                            "auth": auth,
+                            "intake": intake,
+                            "metrics": meters,
+                            "supervisor": supervisor,
+                            "started_at": time.time(),
+                        }
+                    finally:
+                        for link in list(hub.links.values()):
+                            with contextlib.suppress(Exception):
+                                await link.close(1001, "server shutting down")
+                        supervisor.cancel()
+        finally:
+            await store.close()
 
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
-    app.add_middleware(api.PollFastPath)
-    app.add_middleware(RequestTimer, metrics=meters, routes=app.router.routes)
+    errors.install(app)
     app.include_router(api.router)
     app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
+    if take_callbacks:
 
-    async def store_callback(request: Request, accepted: Accepted) -> None:
-        # Stored (and deduplicated) before the 200 goes back; hints are sent afterwards by the hint task.
-        await request.state.service.handle_message(accepted.message)
+        async def store_callback(request: Request, accepted: Accepted) -> None:
+            # Stored (and deduplicated) before the 200 goes back; notices are sent afterwards by their task.
+            try:
+                await server_state(request)["service"].handle_message(accepted.message)
+            except StoreUnavailable as exc:
+                raise NotStored(str(exc)) from exc
 
-    app.include_router(
-        callback_router(
-            "/api/callback", intake, store_callback, "The robot's callback: fly-pigeon JSON or WeCom's encrypted form"
+        app.include_router(
+            callback_router(
+                "/api/callback",
+                intake,
+                store_callback,
+                "The robot's callback: fly-pigeon JSON or WeCom's encrypted form",
+            )
         )
-    )
+    else:
 
-    @app.exception_handler(RequestValidationError)
-    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'] if p != 'body') or 'body'}: {err['msg']}" for err in exc.errors()
-        )
-        return JSONResponse(
-            {
-                "success": False,
-                "error": f"invalid request: {problems}",
-                "message": f"invalid request: {problems}",
-                "detail": jsonable_errors(exc),
-            },
-            status_code=422,
-        )
+        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
+        async def callbacks_go_to_workers() -> object:
+            return wecom_error(
+                404,
+                "this HIL Server runs in relay mode: point the robot's callback at a DevCloud Worker "
+                "(http://<worker>:8082/callback), which relays it over its link. To take callbacks here as well, "
+                "set HIL_RELAY_CALLBACKS=true with CALLBACK_AUTH_KEY/VALUE or WeCom's callback Token/AESKey",
+            )
 
-    @app.exception_handler(HTTPException)
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        return JSONResponse(
-            {"success": False, "error": exc.detail, "message": exc.detail, "detail": exc.detail},
-            status_code=exc.status_code,
-            headers=exc.headers,
-        )
-
+    # Outermost first: metrics time everything; limits and auth run before any body is parsed.
+    if poll_fast_path:
+        poll_route = next(r for r in api.router.routes if isinstance(r, APIRoute) and r.path == api.POLL_PATH)
+        app.add_middleware(api.PollFastPath, route=poll_route)
+    app.add_middleware(AuthMiddleware, auth=auth)
+    app.add_middleware(RequestLimits, max_bytes=settings.max_body_bytes, body_timeout=settings.hil_body_timeout)
+    app.add_middleware(RequestTimer, metrics=meters, routes=app.router.routes)
     return app
 
 
-def jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
-    return [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+def warn_about(settings: ServerSettings, mode: str, tokens: bool, open_callbacks: bool) -> None:
+    """What an operator must hear at start: the ways in that nobody guards."""
+    if not tokens:
+        logger.warning("HIL_API_TOKENS is not set: anyone who can reach this server can post to your chats")
+    if mode == "relay" and not secret_value(settings.hil_worker_token):
+        logger.warning("HIL_WORKER_TOKEN is not set: any worker may connect")
+    if open_callbacks:
+        logger.warning(
+            "CALLBACKS ARE UNAUTHENTICATED: anyone who can reach /api/callback can answer questions in any name. "
+            "Set CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE (fly-pigeon) or WECOM_CALLBACK_TOKEN/WECOM_CALLBACK_AES_KEY "
+            "(WeCom's signed callback), or keep this port off every network but the robot's"
+        )
 
 
 def main() -> None:

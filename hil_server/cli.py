@@ -6,7 +6,7 @@ import argparse
 import contextlib
 from collections.abc import Sequence
 
-from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
+from hil_protocol.cli import data_dir_lock, exit_without_server_extra, fail, load_settings, serve
 from hil_protocol.logs import setup_logging
 
 from . import __version__
@@ -45,9 +45,13 @@ def main(argv: Sequence[str] | None = None) -> None:
         if settings.hil_store == "sqlite"
         else contextlib.nullcontext()
     )
+    try:
+        app = create_app(settings)
+    except ValueError as exc:  # settings that cannot work together: one line that says which
+        fail(PROG, f"invalid configuration: {exc}", 2)
     with lock:
         serve(
-            create_app(settings),
+            app,
             host=settings.hil_host,
             port=settings.hil_port,
             prog=PROG,

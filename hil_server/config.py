@@ -28,6 +28,13 @@ class ServerSettings(RobotSettings):
     # never changes the server. Seconds a question waits when /api/send gives no timeout:
     hil_default_timeout: float = Field(default=1200.0, gt=0)
     hil_sweep_interval: float = Field(default=5.0, gt=0)
+    # the chat a question goes to when /api/send names none (WeCom's chat id, as the chat-id hint shows it);
+    # unset: the robot's default delivery (its group chats)
+    hil_default_chat_id: str | None = None
+    # relay mode takes robot callbacks through its workers only; true also serves /api/callback (authenticated)
+    hil_relay_callbacks: bool = False
+    # seconds between attempts to write again after the store failed (a full or failing disk)
+    hil_store_retry_interval: float = Field(default=2.0, gt=0)
 
     @property
     def mode(self) -> Literal["relay", "direct"]:

@@ -51,3 +51,14 @@ def late_answer(session: Session) -> str:
 
 def empty_answer() -> str:
     return "收到了一条空消息。请在 @机器人 之后输入你的回答，或引用问题消息后再回复。"
+
+
+def other_chat(short_id: str) -> str:
+    return f"问题 `#{short_id}` 不是在这个会话里提出的，这里的回答不会被采纳。请在提出该问题的会话里引用它回复。"
+
+
+def abandoned(session: Session) -> str:
+    return (
+        f"{format_header(session.short_id, session.project_name)} 服务在发送这个问题时重启了，问题可能没有完整发出，"
+        "已作废：请不要回答它，AI 会收到失败的结果并可以重新提问。"
+    )

@@ -22,18 +22,22 @@ from prometheus_client import (
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from .channels.workers import WorkerHub
+from .matching import Outcome
+from .state import server_state
 from .store import SessionStore
 
 METRICS_PATH = "/metrics"
 # Long polls hold a request for up to 60 s, so the buckets reach that far.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# HilService's callback outcomes that mean a reply was stored on a question, and how it was matched.
+# Outcomes that mean a reply was stored on a question, and how it was matched.
 _MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "late": "late"}
 
 
 class Metrics:
+    """The app's Prometheus metrics. Implements the service's `ServiceMetrics`; `wecom_attempt` and
+    `workers_changed` are handed to the robot client and the worker hub when they are built."""
+
     def __init__(self, *, version: str, mode: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
@@ -56,6 +60,9 @@ class Metrics:
         self.worker_connections = Gauge("hil_worker_connections", "Workers connected now (relay mode)", registry=r)
         self.worker_connects = Counter("hil_worker_connects", "Worker connections accepted (relay mode)", registry=r)
         self.polls = Counter("hil_polls", "Polls answered, short or long (?wait=N)", ["kind"], registry=r)
+        self.task_restarts = Counter(
+            "hil_background_restarts", "Background tasks restarted after a crash", ["task"], registry=r
+        )
         self.http_duration = Histogram(
             "hil_http_request_duration_seconds",
             "HTTP request duration by method and route template",
@@ -65,31 +72,31 @@ class Metrics:
         )
         self._workers = 0
 
-    def bind(self, store: SessionStore, hub: WorkerHub) -> None:
-        """Attach to one lifespan's store and worker hub."""
+    def bind(self, store: SessionStore) -> None:
+        """Attach to one lifespan's store."""
         self.waiting.set_function(lambda: len(store.waiting()))  # computed at scrape time
-        self._workers = hub.count
-        self.worker_connections.set(hub.count)
-        hub.on_change = self.workers_changed
 
-    def observe(self, event: str, *labels: str) -> None:
-        """HilService's (and the API's) observer: ("callback", outcome), ("hint", kind, result), ("poll", kind)."""
-        if event == "callback" and labels:
-            self.callbacks.labels(labels[0]).inc()
-            method = _MATCHED.get(labels[0])
-            if method:
-                self.replies_matched.labels(method).inc()
-        elif event == "hint" and len(labels) == 2:
-            self.hints_sent.labels(*labels).inc()
-        elif event == "poll" and labels:
-            self.polls.labels(labels[0]).inc()
+    def callback(self, outcome: Outcome) -> None:
+        self.callbacks.labels(outcome).inc()
+        method = _MATCHED.get(outcome)
+        if method:
+            self.replies_matched.labels(method).inc()
+
+    def notice(self, kind: str, sent: bool) -> None:
+        self.hints_sent.labels(kind, "sent" if sent else "failed").inc()
+
+    def poll(self, held: bool) -> None:
+        self.polls.labels("long" if held else "short").inc()
+
+    def task_restarted(self, task: str) -> None:
+        self.task_restarts.labels(task).inc()
 
     def wecom_attempt(self, errcode: int) -> None:
         """RobotSender.on_attempt: one call per attempt, 0 when WeCom took the message."""
         self.wecom_sends.labels(str(errcode)).inc()
 
     def workers_changed(self, count: int) -> None:
-        """WorkerHub.on_change. The hub reports every add as one more than the count it reported last (a
+        """The worker hub's on_change. The hub reports every add as one more than the count it reported last (a
         replacement reports the removal first), so a rise is a new connection."""
         if count > self._workers:
             self.worker_connects.inc(count - self._workers)
@@ -152,9 +159,8 @@ router = APIRouter()
 
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
-    """Prometheus text format. Needs an API token (any valid one) when HIL_API_TOKENS is set."""
-    request.state.auth.check(request)
-    return Response(request.state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    """Prometheus text format. Needs an API token (any valid one) when HIL_API_TOKENS is set (AuthMiddleware)."""
+    return Response(server_state(request)["metrics"].render(), media_type=CONTENT_TYPE_LATEST)
 
 
 __all__ = ["Metrics", "RequestTimer", "route_template", "router"]

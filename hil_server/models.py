@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import re
 import time
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from hil_protocol.messages import utf8_len
+from hil_protocol.messages import SESSION_REF_RE, utf8_len
 
 # A message splits into parts of ~2 KB; 20 KB keeps a question within ~10 parts.
 MESSAGE_MAX_BYTES = 20 * 1024
 PROJECT_MAX_CHARS = 64
 MAX_IMAGES = 5
 TIMEOUT_MAX = 7 * 24 * 3600
-CHAT_ID_RE = re.compile(r"^[A-Za-z0-9_@.:=+/-]{1,128}$")
-SESSION_ID_RE = re.compile(r"^[0-9a-f]{8}([0-9a-f]{24})?$")
+CHAT_ID_RE = re.compile(r"[A-Za-z0-9_@.:=+/-]{1,128}")  # fullmatch only
 
-SessionStatus = Literal["waiting", "replied", "timeout", "failed"]
+# `sending` until the channel accepted the question (a person may not have seen it yet); polls show it as waiting.
+SessionStatus = Literal["sending", "waiting", "replied", "timeout", "failed"]
+
+
+def is_session_ref(value: str) -> bool:
+    """A session_id (32 hex) or short id (8 hex), lowercase, nothing else (no trailing newline)."""
+    return SESSION_REF_RE.fullmatch(value) is not None
 
 
 class UserInfo(BaseModel):
@@ -37,6 +42,9 @@ class Reply(BaseModel):
     timestamp: float = Field(default_factory=time.time)
     msgid: str | None = None
     matched_by: Literal["quote", "only_waiting", "late"] = "quote"
+    # where the answer was given (always the question's own chat; recorded for questions sent without a chat_id)
+    chat_id: str | None = None
+    chat_type: str | None = None
 
 
 class Session(BaseModel):
@@ -58,7 +66,7 @@ class Session(BaseModel):
 def _check_chat_id(value: str | None) -> str | None:
     if value is None or value == "":
         return None
-    if not CHAT_ID_RE.match(value):
+    if not CHAT_ID_RE.fullmatch(value):
         raise ValueError("chat_id must be 1-128 letters, digits or _@.:=+/- (as WeCom shows it in the chat-id hint)")
     return value
 
@@ -149,7 +157,3 @@ class PollResponse(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     message: str
     short_id: str | None = None
-
-
-def error_body(message: str, **extra: Any) -> dict[str, Any]:
-    return {"success": False, "error": message, "message": message, **extra}

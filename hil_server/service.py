@@ -1,4 +1,10 @@
-"""The heart of the HIL Server: create questions, match the person's messages to them, answer polls."""
+"""The heart of the HIL Server: create questions, hand what people send to the matching rules, answer polls.
+
+A question is `sending` until its channel accepted it, then `waiting` until a person answers (`replied`), the agent
+stops waiting or its deadline passes (`timeout`), or it could not be delivered (`failed`). A question that is
+`sending` when the server dies is resolved at the next start (`failed`, with a notice in the chat), so no question
+waits that no person was shown.
+"""
 
 from __future__ import annotations
 
@@ -8,37 +14,47 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import deque
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal, Protocol
 
-from hil_protocol.callback import CallbackError, IncomingMessage, parse_callback
+from hil_protocol.callback import IncomingMessage
 from hil_protocol.messages import new_short_id
 from hil_protocol.outbound import Notice, Question
 
 from . import hints
 from .channels import Channel, ChannelError
+from .events import RecentEvents
+from .matching import Decision, Outcome, decide
 from .models import PollResponse, Reply, SendRequest, SendResponse, Session, UserInfo
-from .store import SessionStore
+from .store import SessionStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
-Outcome = Literal[
-    "matched_quote",
-    "matched_only",
-    "late",
-    "duplicate",
-    "hint_several",
-    "hint_chat_id",
-    "hint_unknown_quote",
-    "hint_empty",
-    "event",
-    "ignored",
-]
-
-HintKind = Literal["several", "chat_id", "unknown_quote", "empty", "late", "event"]
-
 POLL_WAIT_MAX = 60.0
+# A question the agent waits on again (wait_for_reply after a timeout) stays open this long past the held poll,
+# so the next poll of the same wait finds it still waiting.
+REOPEN_GRACE = 5.0
+
+
+class ServiceMetrics(Protocol):
+    """What the service reports (Prometheus in the app; nothing in tests)."""
+
+    def callback(self, outcome: Outcome) -> None: ...
+
+    def notice(self, kind: str, sent: bool) -> None: ...
+
+    def poll(self, held: bool) -> None: ...
+
+
+class NoMetrics:
+    def callback(self, outcome: Outcome) -> None:
+        pass
+
+    def notice(self, kind: str, sent: bool) -> None:
+        pass
+
+    def poll(self, held: bool) -> None:
+        pass
 
 
 class HilService:
@@ -47,27 +63,35 @@ class HilService:
         store: SessionStore,
         channel: Channel,
         *,
+        metrics: ServiceMetrics | None = None,
+        events: RecentEvents | None = None,
         default_timeout: float = 1200.0,
         retention: float = 24 * 3600.0,
+        msgid_memory: float = 300.0,
+        default_chat_id: str | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
         self.channel = channel
+        self.metrics: ServiceMetrics = metrics or NoMetrics()
+        self.events = events or RecentEvents(clock=clock)
         self.default_timeout = default_timeout
         self.retention = retention
+        # msgids are remembered at least as long as a signed callback may be replayed, whatever the retention
+        self.msgid_memory = max(retention, msgid_memory)
+        self.default_chat_id = default_chat_id
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
-        self._hints: asyncio.Queue[Notice] = asyncio.Queue(maxsize=1000)
-        self.recent: deque[dict[str, Any]] = deque(maxlen=50)
-        # Observer (metrics): ("callback", outcome), ("hint", kind, "sent"|"failed"); the API adds ("poll", kind).
-        self.observe: Callable[..., None] = lambda event, *labels: None
+        self._notices: asyncio.Queue[Notice] = asyncio.Queue(maxsize=1000)
 
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
+        """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable."""
+        chat_id = request.chat_id or self.default_chat_id
         question = Question(
             message=request.message,
-            chat_id=request.chat_id,
+            chat_id=chat_id,
             chat_type=request.chat_type,
             images=tuple(request.images),
             project_name=request.project_name,
@@ -87,15 +111,17 @@ class HilService:
         session = Session(
             session_id=uuid.uuid4().hex,
             short_id=short_id,
-            chat_id=request.chat_id,
+            chat_id=chat_id,
             chat_type=request.chat_type,
             project_name=request.project_name,
             message=request.message,
+            status="sending",
             created_at=now,
             deadline=now + (request.timeout or self.default_timeout),
             owner=owner,
         )
-        # Stored before it is sent, so a reply that comes back faster than WeCom's response still finds it.
+        # Stored before it is sent, so a quote-reply to its first part that comes back before the last part is
+        # sent still finds it; `sending` keeps it out of plain-reply matching and hints until a person saw it.
         await self.store.save(session)
         try:
             await self.channel.send_question(dataclasses.replace(question, short_id=short_id))
@@ -110,19 +136,24 @@ class HilService:
                 error=str(exc),
                 errcode=exc.errcode,
             )
-        logger.info("question sent session_id=%s short_id=%s chat_id=%s", session.session_id, short_id, session.chat_id)
+        if session.status == "sending":  # a fast quote-reply may have answered it already
+            session.status = "waiting"
+            await self.store.save(session)
+        logger.info("question sent session_id=%s short_id=%s chat_id=%s", session.session_id, short_id, chat_id)
         return SendResponse(
             success=True, session_id=session.session_id, short_id=short_id, message="消息已发送，等待回复"
         )
 
-    async def poll(self, session_id: str, wait: float = 0.0) -> PollResponse:
-        session = self.store.find(session_id)
-        if session is None:
-            return PollResponse(
-                session_id=session_id, status="not_found", has_reply=False, message="会话不存在或已过期"
-            )
+    async def poll(self, session: Session, wait: float = 0.0) -> PollResponse:
+        """The session's state; with `wait`, held until a reply arrives or `wait` seconds pass. Waiting again on a
+        question that timed out opens it again for as long as the wait lasts, so plain replies match it too."""
+        if self.store.broken is not None:
+            raise StoreUnavailable(self.store.broken)
+        self.metrics.poll(held=wait > 0)
         wait = max(0.0, min(wait, POLL_WAIT_MAX))
-        if wait and not session.replies and session.status in ("waiting", "timeout"):
+        if wait and not session.replies and session.status in ("sending", "waiting", "timeout"):
+            if session.status == "timeout":
+                await self._reopen(session, wait)
             event = self._waiters.setdefault(session.session_id, asyncio.Event())
             # asyncio.timeout, not wait_for: no extra task per held poll (10,000 open polls cost ~10 MB less).
             with contextlib.suppress(TimeoutError):
@@ -131,11 +162,17 @@ class HilService:
             session = self.store.get(session.session_id) or session
         return self._poll_response(session)
 
+    async def _reopen(self, session: Session, wait: float) -> None:
+        session.status = "waiting"
+        session.deadline = max(session.deadline, self._clock() + wait + REOPEN_GRACE)
+        session.closed_at = None
+        await self.store.save(session)
+        logger.info("waiting again session_id=%s short_id=%s", session.session_id, session.short_id)
+
     def _poll_response(self, session: Session) -> PollResponse:
-        status = session.status
-        if session.replies:
-            status = "replied"
+        status = "replied" if session.replies else session.status
         messages = {
+            "sending": "发送中，等待回复",
             "waiting": "等待回复中",
             "replied": "已收到回复",
             "timeout": "等待超时",
@@ -144,20 +181,22 @@ class HilService:
         return PollResponse(
             session_id=session.session_id,
             short_id=session.short_id,
-            status=status,
+            # Clients know waiting|replied|timeout|failed: a question still being sent is waiting to them.
+            status="waiting" if status == "sending" else status,
             has_reply=bool(session.replies),
             replies=session.replies,
             message=messages[status],
         )
 
-    async def mark_timeout(self, session_id: str) -> bool:
-        session = self.store.find(session_id)
-        if session is None:
-            return False
-        if session.status == "waiting":
+    async def mark_timeout(self, session: Session) -> None:
+        if session.status in ("sending", "waiting"):
             await self._close(session, "timeout")
             logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
-        return True
+
+    def newest_open(self, owner: str | None) -> Session | None:
+        """The newest question of this owner (an API token; None: asked without tokens) that has no answer yet."""
+        candidates = [s for s in self.store.all() if s.owner == owner and not s.replies and s.status != "failed"]
+        return max(candidates, key=lambda s: s.created_at, default=None)
 
     async def _close(self, session: Session, status: Literal["replied", "timeout", "failed"], error: str | None = None):
         session.status = status
@@ -165,7 +204,7 @@ class HilService:
         if error:
             session.error = error
         await self.store.save(session)
-        self._record(session, status)
+        self.events.add(session, status)
         self._wake(session.session_id)
 
     def _wake(self, session_id: str) -> None:
@@ -173,120 +212,103 @@ class HilService:
         if event is not None:
             event.set()
 
-    def _record(self, session: Session, outcome: str) -> None:
-        self.recent.appendleft(
-            {"short_id": session.short_id, "project": session.project_name, "outcome": outcome, "at": self._clock()}
-        )
-
-    # --- the person's messages ---------------------------------------------------------------------------------
-
-    async def handle_callback(self, data: Any) -> Outcome:
-        """A robot callback (fly-pigeon JSON shape). Raises CallbackError for a body that is not one."""
-        return await self.handle_message(parse_callback(data))
+    # --- what people send --------------------------------------------------------------------------------------
 
     async def handle_message(self, msg: IncomingMessage) -> Outcome:
-        outcome = await self._handle(msg)
-        self.observe("callback", outcome)
-        if outcome not in ("matched_quote", "matched_only", "late"):  # a match logs its own line, with the session
+        """Match one message and make the outcome durable before returning. Raises StoreUnavailable."""
+        if self.store.broken is not None:
+            # Memory may hold what never reached the disk (a msgid marked seen): decide nothing until it is reloaded.
+            raise StoreUnavailable(self.store.broken)
+        decision = decide(msg, self.store)
+        await self._apply(decision, msg)
+        self.metrics.callback(decision.outcome)
+        if decision.session is None:  # a match logs its own line, with the session
             logger.info(
-                "callback msgid=%s chat_id=%s quoted=%s outcome=%s",
+                "message msgid=%s chat_id=%s quoted=%s outcome=%s",
                 msg.msgid,
                 msg.chat_id,
                 msg.quoted_short_id,
-                outcome,
+                decision.outcome,
             )
-        return outcome
+        return decision.outcome
 
-    async def _handle(self, msg: IncomingMessage) -> Outcome:
-        # From here until store.save() there is no await: the duplicate check and the match are atomic.
-        if msg.msgid and self.store.seen_msgid(msg.msgid):
-            return "duplicate"
-        if msg.is_event:
-            if msg.event_type in ("enter_chat", "add_to_chat"):
-                self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type), kind="event")
+    async def _apply(self, decision: Decision, msg: IncomingMessage) -> None:
+        # No await between decide() and store.save(): the duplicate check and the match are atomic.
+        if decision.outcome == "duplicate":
+            return
+        session = decision.session
+        if session is not None and decision.matched_by is not None:
+            session.replies.append(
+                Reply(
+                    msg_type="text" if msg.msg_type == "text" else msg.msg_type,  # type: ignore[arg-type]
+                    content=msg.answer,
+                    image_url=msg.image_urls[0] if msg.image_urls else None,
+                    images=msg.image_urls,
+                    from_user=UserInfo.model_validate(msg.from_user.model_dump()),
+                    timestamp=msg.received_at,
+                    msgid=msg.msgid,
+                    matched_by=decision.matched_by,
+                    chat_id=msg.chat_id,
+                    chat_type=msg.chat_type,
+                )
+            )
+            if session.status in ("sending", "waiting"):
+                session.status = "replied"
+                session.closed_at = self._clock()
+            await self.store.save(session, msgid=msg.msgid)
+            by = msg.from_user.name or msg.from_user.userid or None
+            if msg.from_user.name and msg.from_user.userid:
+                by = f"{msg.from_user.name} ({msg.from_user.userid})"
+            self.events.add(session, f"replied ({decision.matched_by})", by=by, chat_id=msg.chat_id)
+            self._wake(session.session_id)
+            logger.info(
+                "reply matched session_id=%s short_id=%s by=%s msgid=%s chat_id=%s userid=%s",
+                session.session_id,
+                session.short_id,
+                decision.matched_by,
+                msg.msgid,
+                msg.chat_id,
+                msg.from_user.userid,
+            )
+        elif msg.msgid:
             await self.store.save(msgid=msg.msgid)
-            return "event"
-        if not msg.answer and not msg.image_urls:
-            self._hint(msg.chat_id, hints.empty_answer(), "text", kind="empty")
-            await self.store.save(msgid=msg.msgid)
-            return "hint_empty"
+        if decision.notice is not None:
+            self._notify(decision.notice)
 
-        if msg.quoted_short_id:
-            session = self.store.get_by_short_id(msg.quoted_short_id)
-            if session is None:
-                self._hint(msg.chat_id, hints.unknown_quote(msg.quoted_short_id), "text", kind="unknown_quote")
-                await self.store.save(msgid=msg.msgid)
-                return "hint_unknown_quote"
-            if session.status == "waiting":
-                return await self._accept(session, msg, "quote")
-            late = session.status in ("timeout", "failed")
-            outcome = await self._accept(session, msg, "late" if late else "quote")
-            if late:
-                self._hint(msg.chat_id, hints.late_answer(session), "text", kind="late")
-            return outcome
+    # --- notices: sent by a background task so reading a callback (or a socket) never waits on WeCom ----------
 
-        waiting = self.store.waiting_in_chat(msg.chat_id)
-        if len(waiting) == 1:
-            return await self._accept(waiting[0], msg, "only_waiting")
-        if waiting:
-            self._hint(msg.chat_id, hints.several_waiting(waiting), kind="several")
-            await self.store.save(msgid=msg.msgid)
-            return "hint_several"
-        self._hint(msg.chat_id, hints.chat_id_hint(msg.chat_id, msg.chat_type), kind="chat_id")
-        await self.store.save(msgid=msg.msgid)
-        return "hint_chat_id"
-
-    async def _accept(self, session: Session, msg: IncomingMessage, how: Literal["quote", "only_waiting", "late"]):
-        reply = Reply(
-            msg_type="text" if msg.msg_type == "text" else msg.msg_type,  # type: ignore[arg-type]
-            content=msg.answer,
-            image_url=msg.image_urls[0] if msg.image_urls else None,
-            images=msg.image_urls,
-            from_user=UserInfo.model_validate(msg.from_user.model_dump()),
-            timestamp=msg.received_at,
-            msgid=msg.msgid,
-            matched_by=how,
-        )
-        session.replies.append(reply)
-        if session.status == "waiting":
-            session.status = "replied"
-            session.closed_at = self._clock()
-        await self.store.save(session, msgid=msg.msgid)
-        self._record(session, f"replied ({how})")
-        self._wake(session.session_id)
-        logger.info(
-            "reply matched session_id=%s short_id=%s by=%s msgid=%s chat_id=%s",
-            session.session_id,
-            session.short_id,
-            how,
-            msg.msgid,
-            msg.chat_id,
-        )
-        return {"quote": "matched_quote", "only_waiting": "matched_only", "late": "late"}[how]
-
-    # --- hints: sent by a background task so reading a callback (or the worker's socket) never waits on WeCom ---
-
-    def _hint(
-        self, chat_id: str, text: str, msg_type: Literal["markdown", "text"] = "markdown", *, kind: HintKind
-    ) -> None:
+    def _notify(self, notice: Notice) -> None:
         try:
-            self._hints.put_nowait(Notice(chat_id=chat_id, text=text, markdown=msg_type == "markdown", kind=kind))
+            self._notices.put_nowait(notice)
         except asyncio.QueueFull:
-            logger.warning("hint queue full, dropping a hint for chat_id=%s", chat_id)
+            logger.warning("notice queue full, dropping a %s notice for chat_id=%s", notice.kind, notice.chat_id)
 
-    async def run_hints(self) -> None:
+    async def run_notices(self) -> None:
         while True:
-            notice = await self._hints.get()
+            notice = await self._notices.get()
             try:
                 await self.channel.send_notice(notice)
-                self.observe("hint", notice.kind, "sent")
+                self.metrics.notice(notice.kind, sent=True)
             except ChannelError as exc:
-                self.observe("hint", notice.kind, "failed")
-                logger.warning("hint to chat_id=%s failed: %s", notice.chat_id, exc)
+                self.metrics.notice(notice.kind, sent=False)
+                logger.warning("%s notice to chat_id=%s failed: %s", notice.kind, notice.chat_id, exc)
 
     # --- housekeeping ------------------------------------------------------------------------------------------
 
+    async def resolve_interrupted(self) -> None:
+        """At start: questions the last run was still sending may never have reached the chat. They fail (the
+        agent's poll says why) and the chat is told not to answer them."""
+        for session in [s for s in self.store.all() if s.status == "sending"]:
+            await self._close(session, "failed", error="服务在发送这个问题时重启，问题可能没有完整发出；请重新提问")
+            notice = Notice(chat_id=session.chat_id, text=hints.abandoned(session), markdown=False, kind="abandoned")
+            self._notify(notice)
+            logger.warning(
+                "question interrupted by a restart session_id=%s short_id=%s", session.session_id, session.short_id
+            )
+
     async def sweep(self) -> None:
+        if self.store.broken is not None:
+            return  # nothing can be written; recovery reloads the store first
         now = self._clock()
         for session in self.store.waiting():
             if session.deadline <= now:
@@ -295,20 +317,18 @@ class HilService:
         expired = [
             s.session_id
             for s in self.store.all()
-            if s.status != "waiting" and (s.closed_at or s.created_at) + self.retention <= now
+            if s.status not in ("sending", "waiting") and (s.closed_at or s.created_at) + self.retention <= now
         ]
         if expired:
             await self.store.delete(expired)
             logger.info("purged %d closed sessions", len(expired))
-        await self.store.forget_msgids(now - self.retention)
+        await self.store.forget_msgids(now - self.msgid_memory)
 
     async def run_sweeper(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            try:
+            with contextlib.suppress(StoreUnavailable):  # the store logged it; recovery reloads it
                 await self.sweep()
-            except Exception:  # keep sweeping; one bad pass must not stop timeouts forever
-                logger.exception("sweep failed")
 
 
-__all__ = ["CallbackError", "HilService", "HintKind", "Outcome"]
+__all__ = ["HilService", "NoMetrics", "Outcome", "ServiceMetrics"]

@@ -1,7 +1,6 @@
 """`GET /status` (a plain HTML page for people) and `GET /status.json` (the same data for scripts).
 
-With HIL_API_TOKENS set both need a token. A token that may write to any chat sees every question; a token bound
-to chats (`tok=chatA|chatB`) sees only the questions it created, like /api/poll.
+With HIL_API_TOKENS set both need a token, and show what that token may see (`auth.can_see`, as /api/poll).
 """
 
 from __future__ import annotations
@@ -14,8 +13,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse
 
 from . import __version__
-from .auth import Grant
-from .models import Session
+from .api import health
+from .auth import can_see, grant_of
+from .state import ServerState, server_state
 
 router = APIRouter()
 
@@ -27,22 +27,28 @@ def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
     return flat if len(flat) <= limit else flat[:limit] + "…"
 
 
-def _visible(session: Session, grant: Grant | None) -> bool:
-    return grant is None or grant.chats is None or session.owner == grant.owner
-
-
-def status_data(request: Request, grant: Grant | None) -> dict[str, Any]:
-    state = request.state
-    service = state.service
+def status_data(request: Request) -> dict[str, Any]:
+    state = server_state(request)
+    grant = grant_of(request)
+    service = state["service"]
     now = time.time()
-    waiting = sorted((s for s in service.store.waiting() if _visible(s, grant)), key=lambda s: s.created_at)
+    waiting = sorted((s for s in service.store.waiting() if can_see(grant, s)), key=lambda s: s.created_at)
     recent = []
-    for entry in service.recent:
-        if grant is not None and grant.chats is not None:
-            session = service.store.get_by_short_id(entry["short_id"])
-            if session is None or not _visible(session, grant):
-                continue
-        recent.append({**entry, "seconds_ago": round(now - entry["at"], 1)})
+    for event in service.events:
+        session = service.store.get(event.session_id)
+        if grant is not None and (session is None or not can_see(grant, session)):
+            continue
+        recent.append(
+            {
+                "short_id": event.short_id,
+                "project": event.project,
+                "outcome": event.outcome,
+                "by": event.by,
+                "chat_id": event.chat_id,
+                "at": event.at,
+                "seconds_ago": round(now - event.at, 1),
+            }
+        )
     workers = [
         {
             "worker_id": w["worker_id"],
@@ -51,15 +57,20 @@ def status_data(request: Request, grant: Grant | None) -> dict[str, Any]:
             "last_heartbeat_seconds_ago": w["last_seen_seconds_ago"],
             "in_flight": w["in_flight"],
         }
-        for w in state.hub.status()
+        for w in state["hub"].status()
     ]
+    _, health_body = health(state)
     return {
         "service": "hil-server",
         "version": __version__,
-        "mode": state.mode,
-        "started_at": state.started_at,
-        "uptime_seconds": round(now - state.started_at, 1),
-        "scope": "all" if grant is None or grant.chats is None else "own",
+        "mode": state["mode"],
+        "channel": state["channel"].name,
+        "health": health_body["status"],
+        "problems": health_body.get("reason"),
+        "callbacks": callback_auth(state),
+        "started_at": state["started_at"],
+        "uptime_seconds": round(now - state["started_at"], 1),
+        "scope": "all" if grant is None else "own",
         "workers": workers,
         "waiting": [
             {
@@ -76,14 +87,29 @@ def status_data(request: Request, grant: Grant | None) -> dict[str, Any]:
     }
 
 
+def callback_auth(state: ServerState) -> str:
+    """How robot callbacks to this server are authenticated, in words for the status page."""
+    intake = state["intake"]
+    if state["mode"] == "relay" and not state["settings"].hil_relay_callbacks:
+        return "through workers only (/api/callback is off)"
+    if not intake.authenticated:
+        return "callbacks unauthenticated"
+    ways = []
+    if intake.crypto is not None:
+        ways.append("WeCom signature")
+    if intake.auth_key:
+        ways.append(f"{intake.auth_key} header")
+    return " or ".join(ways)
+
+
 @router.get("/status.json", include_in_schema=False)
 async def status_json(request: Request) -> dict[str, Any]:
-    return status_data(request, request.state.auth.check(request))
+    return status_data(request)
 
 
 @router.get("/status", include_in_schema=False)
 async def status_page(request: Request) -> HTMLResponse:
-    return HTMLResponse(render_html(status_data(request, request.state.auth.check(request))))
+    return HTMLResponse(render_html(status_data(request)))
 
 
 # --- HTML -----------------------------------------------------------------------------------------------------
@@ -129,6 +155,8 @@ def render_html(data: dict[str, Any]) -> str:
         ("模式 Mode", data["mode"]),
         ("版本 Version", data["version"]),
         ("运行时间 Uptime", f"{duration(data['uptime_seconds'])} (since {_utc(data['started_at'])})"),
+        ("健康 Health", data["health"] + (f" — {data['problems']}" if data["problems"] else "")),
+        ("回调鉴权 Callbacks", data["callbacks"]),
         ("等待中 Waiting", str(len(data["waiting"]))),
     ]
     if data["mode"] == "relay":
@@ -175,9 +203,16 @@ def render_html(data: dict[str, Any]) -> str:
     parts.append("<h2>最近结果 / Recent outcomes</h2>")
     parts.append(
         _table(
-            ["短 id Short id", "项目 Project", "结果 Outcome", "时间 When"],
+            ["短 id Short id", "项目 Project", "结果 Outcome", "回答者 By", "会话 Chat", "时间 When"],
             [
-                [r["short_id"], r["project"] or "–", r["outcome"], f"{duration(r['seconds_ago'])} ago"]
+                [
+                    r["short_id"],
+                    r["project"] or "–",
+                    r["outcome"],
+                    r["by"] or "–",
+                    r["chat_id"] or "–",
+                    f"{duration(r['seconds_ago'])} ago",
+                ]
                 for r in data["recent"]
             ],
             "暂无 / none yet",

@@ -5,6 +5,11 @@ hands each change to a `Persistence`, awaiting it: when `save()` returns, the ch
 in-memory state happen synchronously at the start of `save()`, before its first await, so a caller that checks
 and then saves without awaiting in between (duplicate msgids, matching) cannot race another task.
 
+When a write fails (a full or failing disk) the store stops: memory may hold what never reached the disk, so every
+later write is refused with `StoreUnavailable` (callbacks answer 503 and are sent again; /health says degraded)
+until `recover()` finds the disk writable again and reloads memory from it. Nothing is acknowledged that is not
+durable, and nothing durable is forgotten.
+
 `SqlitePersistence` is the embedded default; a networked store can implement `Persistence` (or replace
 `SessionStore`) without touching the handlers.
 """
@@ -17,9 +22,9 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from .models import Session
 
@@ -27,9 +32,15 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 
+Snapshot = tuple[list[Session], dict[str, float]]
+
+
+class StoreUnavailable(Exception):
+    """The store cannot make changes durable now; `str()` says why."""
+
 
 class Persistence(Protocol):
-    def load(self) -> tuple[list[Session], dict[str, float]]: ...
+    async def load(self) -> Snapshot: ...
 
     async def write(
         self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
@@ -37,21 +48,29 @@ class Persistence(Protocol):
 
     async def purge_msgids(self, before: float) -> None: ...
 
-    def close(self) -> None: ...
+    async def probe(self) -> None:
+        """Raise unless a write would succeed now."""
+        ...
+
+    async def close(self) -> None: ...
 
 
 class SessionStore:
-    def __init__(self, persistence: Persistence | None = None) -> None:
+    def __init__(self, persistence: Persistence | None = None, clock: Callable[[], float] = time.time) -> None:
         self._persistence = persistence
+        self._clock = clock
         self._sessions: dict[str, Session] = {}
         self._by_short: dict[str, str] = {}
         self._waiting_by_chat: dict[str | None, dict[str, None]] = {}  # insertion-ordered sets
         self._msgids: dict[str, float] = {}
+        self.broken: str | None = None  # why writes are refused, while they are
+
+    @classmethod
+    async def open(cls, persistence: Persistence | None = None) -> SessionStore:
+        store = cls(persistence)
         if persistence is not None:
-            sessions, msgids = persistence.load()
-            for session in sessions:
-                self._index(session)
-            self._msgids = msgids
+            store._replace(await persistence.load())
+        return store
 
     # --- reads (memory) ---
     def get(self, session_id: str) -> Session | None:
@@ -87,31 +106,84 @@ class SessionStore:
 
     # --- writes: memory now, durable when awaited ---
     async def save(self, *sessions: Session, msgid: str | None = None) -> None:
-        now = time.time()
+        self._check_writable()
+        now = self._clock()
         for session in sessions:
             self._index(session)
         if msgid:
             self._msgids[msgid] = now
-        if self._persistence is not None:
-            await self._persistence.write(sessions, [(msgid, now)] if msgid else ())
+        await self._write(sessions, [(msgid, now)] if msgid else ())
 
     async def delete(self, session_ids: Iterable[str]) -> None:
+        self._check_writable()
         ids = [i for i in session_ids if i in self._sessions]
         for session_id in ids:
             session = self._sessions.pop(session_id)
             self._by_short.pop(session.short_id, None)
             self._unwait(session)
-        if self._persistence is not None and ids:
-            await self._persistence.write(delete=ids)
+        if ids:
+            await self._write(delete=ids)
 
     async def forget_msgids(self, before: float) -> None:
+        self._check_writable()
         self._msgids = {m: t for m, t in self._msgids.items() if t >= before}
         if self._persistence is not None:
-            await self._persistence.purge_msgids(before)
+            try:
+                await self._persistence.purge_msgids(before)
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                self._break(exc)
 
-    def close(self) -> None:
+    async def recover(self) -> bool:
+        """When broken: if the disk takes writes again, reload memory from it and take writes again."""
+        if self.broken is None or self._persistence is None:
+            return True
+        try:
+            await self._persistence.probe()
+            snapshot = await self._persistence.load()
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            logger.warning("store still unavailable: %s", exc)
+            return False
+        self._replace(snapshot)
+        logger.warning("store writable again; reloaded %d sessions from disk", len(self._sessions))
+        self.broken = None
+        return True
+
+    async def run_recovery(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            if self.broken is not None:
+                await self.recover()
+
+    async def close(self) -> None:
         if self._persistence is not None:
-            self._persistence.close()
+            await self._persistence.close()
+
+    def _check_writable(self) -> None:
+        if self.broken is not None:
+            raise StoreUnavailable(self.broken)
+
+    async def _write(
+        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+    ) -> None:
+        if self._persistence is None:
+            return
+        try:
+            await self._persistence.write(sessions, msgids, delete)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self._break(exc)
+            raise StoreUnavailable(self.broken) from exc
+
+    def _break(self, exc: Exception) -> None:
+        if self.broken is None:
+            logger.error("store write failed, refusing writes until the disk takes them again: %s", exc)
+        self.broken = f"the session store cannot write ({type(exc).__name__}: {exc})"[:300]
+
+    def _replace(self, snapshot: Snapshot) -> None:
+        sessions, msgids = snapshot
+        self._sessions, self._by_short, self._waiting_by_chat = {}, {}, {}
+        for session in sessions:
+            self._index(session)
+        self._msgids = dict(msgids)
 
     def _index(self, session: Session) -> None:
         old = self._sessions.get(session.session_id)
@@ -131,19 +203,27 @@ class SessionStore:
 
 
 class SqlitePersistence:
-    """SQLite in WAL mode, written by one thread that commits whatever is queued in one transaction (group
-    commit), so many concurrent saves cost one fsync-free commit and the event loop never touches the disk."""
+    """SQLite in WAL mode, used by one thread that commits whatever writes are queued in one transaction (group
+    commit), so many concurrent saves cost one commit and the event loop never touches the disk. Open it with
+    `await SqlitePersistence.open(path)`."""
 
     def __init__(self, path: Path) -> None:
+        # Blocking: call through open(), which runs this in a thread.
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
-        self._queue: queue.Queue[tuple[str, tuple, asyncio.Future[None], asyncio.AbstractEventLoop] | None] = (
-            queue.Queue()
-        )
+        self._queue: queue.Queue[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._migrate()
+        try:
+            self._migrate()
+        except BaseException:
+            self._conn.close()
+            raise
         self._thread = threading.Thread(target=self._run, name="hil-sqlite-writer", daemon=True)
         self._thread.start()
+
+    @classmethod
+    async def open(cls, path: Path) -> SqlitePersistence:
+        return await asyncio.to_thread(cls, path)
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -177,15 +257,8 @@ class SqlitePersistence:
                 """
             )
 
-    def load(self) -> tuple[list[Session], dict[str, float]]:
-        sessions: list[Session] = []
-        for (data,) in self._conn.execute("SELECT data FROM sessions ORDER BY created_at"):
-            try:
-                sessions.append(Session.model_validate_json(data))
-            except ValueError:
-                logger.warning("skipping an unreadable session row in %s", self.path)
-        msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids").fetchall())
-        return sessions, msgids
+    async def load(self) -> Snapshot:
+        return await self._submit("load", None)
 
     async def write(
         self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
@@ -196,12 +269,21 @@ class SqlitePersistence:
     async def purge_msgids(self, before: float) -> None:
         await self._submit("purge", (before,))
 
-    async def _submit(self, op: str, args: tuple) -> None:
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._queue.put((op, args, future, loop))
-        await future
+    async def probe(self) -> None:
+        await self._submit("probe", None)
 
+    async def close(self) -> None:
+        self._queue.put(None)
+        await asyncio.to_thread(self._thread.join, 10)
+        await asyncio.to_thread(self._conn.close)
+
+    async def _submit(self, op: str, args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._queue.put((op, args, future, loop))
+        return await future
+
+    # --- the writer thread ---
     def _run(self) -> None:
         while True:
             item = self._queue.get()
@@ -214,16 +296,56 @@ class SqlitePersistence:
                 except queue.Empty:
                     break
                 if nxt is None:
-                    self._commit(batch)
+                    self._process(batch)
                     return
                 batch.append(nxt)
-            self._commit(batch)
+            self._process(batch)
 
-    def _commit(self, batch: list) -> None:
+    def _process(self, batch: list[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> None:
+        # Consecutive writes share one transaction; loads and probes run on their own, in queue order.
+        group: list[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
+        for item in batch:
+            if item[0] in ("write", "purge"):
+                group.append(item)
+                continue
+            self._commit(group)
+            group = []
+            op, _, future, loop = item
+            try:
+                result = self._load() if op == "load" else self._probe()
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                logger.error("sqlite %s failed: %s", op, exc)
+                loop.call_soon_threadsafe(_settle, future, None, exc)
+            else:
+                loop.call_soon_threadsafe(_settle, future, result, None)
+        self._commit(group)
+
+    def _load(self) -> Snapshot:
+        sessions: list[Session] = []
+        for (data,) in self._conn.execute("SELECT data FROM sessions ORDER BY created_at"):
+            try:
+                sessions.append(Session.model_validate_json(data))
+            except ValueError:
+                logger.warning("skipping an unreadable session row in %s", self.path)
+        msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids").fetchall())
+        return sessions, msgids
+
+    def _probe(self) -> None:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            self._conn.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('probe', ?)", (str(time.time()),))
+            self._conn.execute("COMMIT")
+        except BaseException:
+            self._rollback()
+            raise
+
+    def _commit(self, group: list[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop]]) -> None:
+        if not group:
+            return
         error: Exception | None = None
         try:
             self._conn.execute("BEGIN")
-            for op, args, _, _ in batch:
+            for op, args, _, _ in group:
                 if op == "write":
                     rows, msgids, delete = args
                     self._conn.executemany(
@@ -237,26 +359,24 @@ class SqlitePersistence:
                     self._conn.execute("DELETE FROM msgids WHERE seen_at < ?", args)
             self._conn.execute("COMMIT")
         except (sqlite3.Error, ValueError) as exc:  # ValueError: e.g. UnicodeEncodeError from a lone surrogate
-            # Failing the batch's futures, never the thread: a dead writer would leave every later save hanging.
+            # Failing the group's futures, never the thread: a dead writer would leave every later save hanging.
             error = exc
             logger.error("sqlite write failed: %s", exc)
-            try:
-                self._conn.execute("ROLLBACK")
-            except sqlite3.Error:
-                pass
-        for _, _, future, loop in batch:
-            loop.call_soon_threadsafe(_settle, future, error)
+            self._rollback()
+        for _, _, future, loop in group:
+            loop.call_soon_threadsafe(_settle, future, None, error)
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=10)
-        self._conn.close()
+    def _rollback(self) -> None:
+        try:
+            self._conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
-def _settle(future: asyncio.Future[None], error: Exception | None) -> None:
+def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -> None:
     if future.done():
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)

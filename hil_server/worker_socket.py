@@ -7,7 +7,7 @@ import uuid
 
 from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 
-from hil_protocol.callback import CallbackError
+from hil_protocol.callback import CallbackError, parse_callback
 from hil_protocol.relay_frames import (
     FEATURE_CALLBACK_ACK,
     Callback,
@@ -19,9 +19,12 @@ from hil_protocol.relay_frames import (
     Response,
     parse_frame,
 )
+from hil_protocol.settings import secret_value
 
 from .auth import worker_token_ok
 from .channels.workers import WorkerLink
+from .state import server_state
+from .store import StoreUnavailable
 
 logger = logging.getLogger(__name__)
 
@@ -30,15 +33,15 @@ router = APIRouter()
 
 @router.websocket("/ws")
 async def worker_socket(websocket: WebSocket, worker_id: str | None = None, token: str | None = None) -> None:
-    state = websocket.state
-    expected = state.settings.hil_worker_token.get_secret_value() if state.settings.hil_worker_token else None
+    state = server_state(websocket)
+    expected = secret_value(state["settings"].hil_worker_token)
     if not worker_token_ok(expected, token, websocket.headers.get("authorization")):
-        logger.warning("worker refused: bad token worker_id=%s", worker_id)
+        logger.warning("worker refused: bad token worker_id=%s", (worker_id or "")[:64])
         await websocket.close(code=1008, reason="invalid worker token")
         return
     await websocket.accept()
-    hub = state.hub
-    service = state.service
+    hub = state["hub"]
+    service = state["service"]
 
     async def close(code: int, reason: str) -> None:
         await websocket.close(code=code, reason=reason)
@@ -49,11 +52,14 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
     logger.info("worker connected worker_id=%s workers=%d", link.worker_id, hub.count)
     try:
         # Never await a reply from this socket while reading it: responses resolve futures other tasks await,
-        # and hints go out through the hint task, so this loop only stores and acknowledges.
-        async for text in websocket.iter_text():
+        # and notices go out through the notice task, so this loop only stores and acknowledges.
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
             link.touch()
             try:
-                frame = parse_frame(text)
+                frame = parse_frame(message.get("text") or message.get("bytes") or b"")
             except FrameError as exc:
                 logger.warning("worker_id=%s sent a bad frame: %s", link.worker_id, exc)
                 continue
@@ -61,16 +67,19 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
                 hub.resolve(link, frame)
             elif isinstance(frame, Callback):
                 try:
-                    await service.handle_callback(frame.data.callback_data)
+                    await service.handle_message(parse_callback(frame.data.callback_data))
                 except CallbackError as exc:
                     # Acknowledged all the same: it will never parse, and the worker must not replay it forever.
                     logger.warning("worker_id=%s forwarded an unreadable callback: %s", link.worker_id, exc)
+                except StoreUnavailable as exc:
+                    # Not acknowledged: the worker keeps it and sends it again after it reconnects.
+                    logger.error("worker_id=%s callback not stored (%s); closing the link", link.worker_id, exc)
+                    await websocket.close(code=1011, reason="store unavailable; resend later")
+                    break
                 if frame.id:
                     await link.send(CallbackAck(id=frame.id))
             elif isinstance(frame, Ping):
                 await link.send(Pong())
-            elif isinstance(frame, Pong):
-                pass
     except WebSocketDisconnect:
         pass
     finally:

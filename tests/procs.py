@@ -134,7 +134,8 @@ class Stack:
             self.start_worker()
         return self
 
-    def start_server(self) -> Proc:
+    def server_process_env(self) -> dict[str, str]:
+        """The server's environment in this stack (the test's server_env last)."""
         env = {
             "HIL_HOST": "127.0.0.1",
             "HIL_PORT": str(self.server_port),
@@ -151,8 +152,15 @@ class Stack:
         else:
             env["HIL_WORKER_TOKEN"] = WORKER_TOKEN
         env.update(self.server_env)
+        return env
+
+    def start_server(self) -> Proc:
         self.procs["server"] = Proc(
-            "hil-server", ["-m", "hil_server.app"], env, self.tmp / "server.log", f"{self.server_url}/health"
+            "hil-server",
+            ["-m", "hil_server.app"],
+            self.server_process_env(),
+            self.tmp / "server.log",
+            f"{self.server_url}/health",
         ).start()
         return self.procs["server"]
 

@@ -200,6 +200,7 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
     assert health_json(started.stdout) == {
         "status": "healthy",
         "mode": "relay",
+        "channel": "relay",
         "worker_connected": False,
         "worker_count": 0,
     }
@@ -432,6 +433,8 @@ def test_env_example_lists_every_setting_with_its_default(example: str, settings
             assert value == "", name
         elif isinstance(default, Path):
             assert Path(value) == default, name
+        elif isinstance(default, bool):
+            assert value.lower() == str(default).lower(), name
         elif isinstance(default, (int, float)):
             assert float(value) == default, name
         else:

@@ -286,9 +286,12 @@ def test_garbage_bodies(callback: Callback) -> None:
 
 
 def test_huge_and_deep_bodies(callback: Callback) -> None:
-    callback.post(b"{" + b'"a": "' + b"x" * (3 * 1024 * 1024) + b'"}', expect=(413,))
+    # Where only signed callbacks are taken, unsigned JSON is refused before its body is read (or by the size limit
+    # in front of everything, whichever comes first).
+    too_big = (403, 413) if callback.crypto else (413,)
+    callback.post(b"{" + b'"a": "' + b"x" * (3 * 1024 * 1024) + b'"}', expect=too_big)
     chunks = iter([b'{"chatid": "', b"c" * (2 * 1024 * 1024), b'"}'])  # no Content-Length
-    callback.request("POST", content=chunks, expect=(413,), headers={"content-type": "application/json"})
+    callback.request("POST", content=chunks, expect=too_big, headers={"content-type": "application/json"})
     callback.post(json.dumps([valid()] * 500))  # big, but an array
     callback.post(json.dumps(valid(text={"content": "长" * 100_000})), expect=(200,))  # big, but a callback
     for depth in (100_000, 5_000):

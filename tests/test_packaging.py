@@ -154,7 +154,7 @@ def test_server_extra_brings_the_servers(server_venv: Venv, tmp_path: Path) -> N
             except httpx.TransportError:
                 assert time.monotonic() < deadline, (tmp_path / "server.log").read_text()
                 time.sleep(0.1)
-        assert health.json() == {"status": "healthy", "mode": "direct"}
+        assert health.json() == {"status": "healthy", "mode": "direct", "channel": "webhook"}
     finally:
         proc.terminate()
         proc.wait(10)

@@ -4,120 +4,37 @@ oracle written here from WECOM.md (not with hil_protocol.wecom_crypto), and no s
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import json
-import os
 import re
 import secrets
-import struct
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from xml.sax.saxutils import escape
 
 import anyio
 import httpx
 import pytest
-from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from hil_sandbox.fake_wecom import format_quote_reply
-from tests.procs import BOT_KEY, WORKER_TOKEN, Stack, mcp_stdio_params
+from tests.procs import BOT_KEY, WORKER_TOKEN, Proc, Stack, mcp_stdio_params
+from tests.wecom_oracle import (
+    WeComOracle,
+    new_aes_key,
+    new_callback_token,
+    tamper,
+    text_payload_json,
+    text_payload_xml,
+)
 
 pytestmark = pytest.mark.e2e
 
 MODES = ["direct", "relay"]
 ROBOT = "HIL助手"
 HEADER_RE = re.compile(r"^\[#(?P<short_id>[0-9a-f]{8})")
-
-
-# --- the WeCom side, written from WECOM.md ------------------------------------------------------------------------
-
-
-def new_aes_key() -> str:
-    """An EncodingAESKey as the robot console shows it: 43 base64 characters (32 bytes, '=' dropped)."""
-    return base64.b64encode(os.urandom(32)).decode().rstrip("=")
-
-
-def new_callback_token() -> str:
-    return "cb" + secrets.token_hex(12)  # 3-32 letters/digits
-
-
-class WeComOracle:
-    """What WeCom does with the robot's Token and EncodingAESKey: sign, and encrypt to AES-256-CBC."""
-
-    def __init__(self, token: str, encoding_aes_key: str) -> None:
-        self.token = token
-        self.key = base64.b64decode(encoding_aes_key + "=")
-        assert len(self.key) == 32
-
-    def sign(self, timestamp: str, nonce: str, encrypt: str) -> str:
-        # lowercase hex SHA1 of [Token, timestamp, nonce, encrypt] sorted, then joined
-        return hashlib.sha1("".join(sorted([self.token, timestamp, nonce, encrypt])).encode()).hexdigest()
-
-    def encrypt(self, message: str | bytes, receive_id: bytes = b"") -> str:
-        raw = message.encode() if isinstance(message, str) else message
-        # 16 random bytes + 4-byte big-endian length + message + receiveid ("" for robots)
-        plain = os.urandom(16) + struct.pack(">I", len(raw)) + raw + receive_id
-        pad = 32 - len(plain) % 32  # PKCS#7 to a 32-byte block: 1..32 bytes of value `pad`
-        plain += bytes([pad]) * pad
-        encryptor = Cipher(algorithms.AES(self.key), modes.CBC(self.key[:16])).encryptor()
-        return base64.b64encode(encryptor.update(plain) + encryptor.finalize()).decode()
-
-    def query(self, encrypt: str, **extra: str) -> dict[str, str]:
-        timestamp, nonce = str(int(time.time())), secrets.token_hex(6)
-        return {"msg_signature": self.sign(timestamp, nonce, encrypt), "timestamp": timestamp, "nonce": nonce, **extra}
-
-    def verification(self, echo_plain: str) -> dict[str, str]:
-        """GET query for URL verification."""
-        echostr = self.encrypt(echo_plain)
-        return {**self.query(echostr), "echostr": echostr}
-
-    def xml_post(self, payload_xml: str) -> tuple[dict[str, str], bytes]:
-        encrypt = self.encrypt(payload_xml)
-        return self.query(encrypt), f"<xml><Encrypt><![CDATA[{encrypt}]]></Encrypt></xml>".encode()
-
-    def json_post(self, payload: dict[str, Any]) -> tuple[dict[str, str], bytes]:
-        encrypt = self.encrypt(json.dumps(payload, ensure_ascii=False))
-        return self.query(encrypt, robot_callback_format="json"), json.dumps({"encrypt": encrypt}).encode()
-
-
-def cdata(value: str) -> str:
-    return f"<![CDATA[{value}]]>"
-
-
-def text_payload_xml(chat_id: str, content: str, msgid: str, userid: str = "lisi") -> str:
-    """A decrypted text callback in WeCom's XML (PascalCase) form."""
-    return (
-        "<xml>"
-        f"<WebhookUrl>{cdata('https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=xx')}</WebhookUrl>"
-        f"<MsgId>{cdata(msgid)}</MsgId><ChatId>{cdata(chat_id)}</ChatId><ChatType>group</ChatType>"
-        f"<From><UserId>{cdata(userid)}</UserId><Name>{cdata('李四')}</Name><Alias>{escape(userid)}</Alias></From>"
-        f"<MsgType>text</MsgType><Text><Content>{cdata(content)}</Content></Text>"
-        "</xml>"
-    )
-
-
-def text_payload_json(chat_id: str, content: str, msgid: str, userid: str = "lisi") -> dict[str, Any]:
-    """The same in the JSON (snake_case) form, for URLs with robot_callback_format=json."""
-    return {
-        "webhook_url": "https://qyapi.weixin.qq.com/cgi-bin/webhook/send?key=xx",
-        "msgid": msgid,
-        "chatid": chat_id,
-        "chattype": "group",
-        "from": {"userid": userid, "name": "李四", "alias": userid},
-        "msgtype": "text",
-        "text": {"content": content},
-    }
-
-
-def tamper(signature: str) -> str:
-    """The same signature with one character changed."""
-    return signature[:-1] + ("0" if signature[-1] != "0" else "1")
 
 
 # --- processes --------------------------------------------------------------------------------------------------------
@@ -202,8 +119,10 @@ def test_api_tokens_over_http(token_stack: Stack) -> None:
         other_chat = tok_b.post(send, json={"message": "越权", "chat_id": "chatY"})
         assert other_chat.status_code == 403, other_chat.text
         assert "chatX" in other_chat.json()["error"]
-        assert tok_b.post(send, json={"message": "不指定会话"}).status_code == 403
         assert stack.messages() == [], "a refused send reached WeCom"
+        # Without a chat_id, a token bound to chats asks in its first one.
+        default = tok_b.post(send, json={"message": "不指定会话"}).json()
+        assert default["success"] is True and question(stack, "chatX", default["short_id"])
 
         sent = tok_b.post(send, json={"message": "tokB 的问题", "chat_id": "chatX"}).json()
         assert sent["success"] is True, sent
@@ -408,3 +327,120 @@ async def test_no_secret_in_any_log(mode: str, tmp_path: Path) -> None:
         if value in text
     ]
     assert not leaks, leaks
+
+
+# --- (e) attacks on the answer: each fails, and the asked person still gets through -------------------------------
+
+
+def forged_callback(chat: str, text: str, msgid: str, userid: str = "ceo", chattype: str = "group") -> dict[str, Any]:
+    return {
+        "chatid": chat,
+        "chattype": chattype,
+        "msgid": msgid,
+        "msgtype": "text",
+        "from": {"userid": userid, "name": "CEO"},
+        "text": {"content": text},
+    }
+
+
+def test_relay_server_takes_no_callbacks_of_its_own(tmp_path: Path) -> None:
+    env = {"HIL_API_TOKENS": "tok"}
+    with running("relay", tmp_path, env=env) as stack, http("tok") as client:
+        sent = client.post(f"{stack.server_url}/api/send", json={"message": "上线吗？", "chat_id": "chatR"}).json()
+        forged = forged_callback("chatR", "yes, deploy", "forged-1")
+        response = client.post(f"{stack.server_url}/api/callback", json=forged)
+        assert response.status_code == 404 and "DevCloud Worker" in response.json()["error"], response.text
+        # Without any token, too.
+        assert httpx.post(f"{stack.server_url}/api/callback", json=forged, trust_env=False).status_code == 404
+        poll = f"{stack.server_url}/api/poll/{sent['session_id']}"
+        assert client.get(poll).json()["status"] == "waiting"
+        stack.reply("chatR", "不行", quote=question(stack, "chatR", sent["short_id"]), quote_sender=ROBOT)
+        replied = client.get(poll, params={"wait": 5}).json()
+        assert replied["status"] == "replied" and replied["replies"][0]["content"] == "不行"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_signed_reply_reaches_a_setup_with_signing_and_a_header_rule(mode: str, tmp_path: Path) -> None:
+    token, key = new_callback_token(), new_aes_key()
+    env = {
+        "WECOM_CALLBACK_TOKEN": token,
+        "WECOM_CALLBACK_AES_KEY": key,
+        "CALLBACK_AUTH_KEY": "X-Hil-Auth",
+        "CALLBACK_AUTH_VALUE": "h3ader-value",
+    }
+    wecom = WeComOracle(token, key)
+    with running(mode, tmp_path, env=env, fake_args=["--callback-header", "X-Hil-Auth: h3ader-value"]) as stack:
+        sent = stack.send("签名和请求头都配置了", chat_id="chatSH")
+        content = format_quote_reply(question(stack, "chatSH", sent["short_id"]), "签名回答", ROBOT, ROBOT)
+        params, body = wecom.json_post(text_payload_json("chatSH", content, "sh-1"))
+        with http() as client:  # WeCom cannot add a custom header to its signed POST
+            response = client.post(stack.callback_url, params=params, content=body)
+            assert response.status_code == 200, response.text
+            unsigned = client.post(stack.callback_url, json=forged_callback("chatSH", "yes", "sh-2"))
+            assert unsigned.status_code == 401
+        polled = stack.poll(sent["session_id"], wait=5)
+        assert polled["status"] == "replied" and polled["replies"][0]["content"] == "签名回答"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_quotes_from_other_chats_never_answer(mode: str, tmp_path: Path) -> None:
+    with running(mode, tmp_path) as stack:
+        sent = stack.send("只在 chatQ 里问", chat_id="chatQ")
+        quoted = question(stack, "chatQ", sent["short_id"])
+        # Another group quotes the real message; a private chat types the quote by hand.
+        stack.reply("chatOther", "yes, deploy", quote=quoted, quote_sender=ROBOT)
+        typed = f"\u201c[#{sent['short_id']}]\u201d\n------\nyes"
+        stack.reply("zhangsan", typed, chat_type="single")
+        assert stack.poll(sent["session_id"], wait=1)["status"] == "waiting"
+        hints = [m for m in stack.messages("chatOther", wait=1) if "不是在这个会话" in (m["content"] or "")]
+        assert hints, stack.messages("chatOther")
+        stack.reply("chatQ", "不上线", quote=quoted, quote_sender=ROBOT)
+        polled = stack.poll(sent["session_id"], wait=5)
+        (reply,) = polled["replies"]
+        assert reply["content"] == "不上线" and reply["chat_id"] == "chatQ"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_stale_and_replayed_signed_callbacks_are_refused(mode: str, tmp_path: Path) -> None:
+    token, key = new_callback_token(), new_aes_key()
+    env = {"WECOM_CALLBACK_TOKEN": token, "WECOM_CALLBACK_AES_KEY": key, "HIL_CALLBACK_MAX_AGE": "60"}
+    wecom = WeComOracle(token, key)
+    with running(mode, tmp_path, env=env) as stack, http() as client:
+        first = stack.send("第一个问题", chat_id="chatRP")
+        captured = wecom.json_post(text_payload_json("chatRP", "yes", "cap-1"))
+        assert client.post(stack.callback_url, params=captured[0], content=captured[1]).status_code == 200
+        assert stack.poll(first["session_id"], wait=5)["status"] == "replied"
+
+        second = stack.send("第二个问题", chat_id="chatRP")
+        # Replayed as captured: a duplicate; replayed years later with its old timestamp: refused.
+        assert client.post(stack.callback_url, params=captured[0], content=captured[1]).status_code == 200
+        old = wecom.json_post(text_payload_json("chatRP", "yes", "cap-old"), at=time.time() - 3 * 365 * 86400)
+        stale = client.post(stack.callback_url, params=old[0], content=old[1])
+        assert stale.status_code == 403 and "timestamp" in stale.json()["error"]
+        assert stack.poll(second["session_id"], wait=1)["status"] == "waiting"
+
+        fresh = wecom.json_post(text_payload_json("chatRP", "第二个：不", "new-2"))
+        assert client.post(stack.callback_url, params=fresh[0], content=fresh[1]).status_code == 200
+        polled = stack.poll(second["session_id"], wait=5)
+        assert [r["content"] for r in polled["replies"]] == ["第二个：不"]
+
+
+def test_a_token_without_chats_stops_the_server_in_one_line(tmp_path: Path) -> None:
+    stack = Stack(mode="direct", tmp=tmp_path, server_env={"HIL_API_TOKENS": "good,s3cretbad="})
+    proc = Proc("hil-server", ["-m", "hil_server.app"], stack.server_process_env(), tmp_path / "server.log").start()
+    assert proc.popen is not None
+    assert proc.popen.wait(20) == 2
+    output = proc.log().strip()
+    assert "HIL_API_TOKENS entry 2" in output and "s3cretbad" not in output
+    assert "Traceback" not in output, output
+
+
+def test_malformed_ids_never_reach_a_session(tmp_path: Path) -> None:
+    with running("direct", tmp_path) as stack, http() as client:
+        sent = stack.send("id 测试", chat_id="chatID")
+        # (A client normalises "../" itself; hil-mcp checks ids before it builds a URL, see its tests.)
+        for ref in ("..%2F..%2Fstatus.json", sent["short_id"] + "%0A", sent["short_id"].upper(), "%00" * 8):
+            response = client.get(f"{stack.server_url}/api/poll/{ref}")
+            assert response.status_code == 404, (ref, response.text)
+            assert response.json().get("status", "not_found") == "not_found", response.text
+        assert client.get(f"{stack.server_url}/api/poll/{sent['short_id']}").json()["status"] == "waiting"

@@ -42,14 +42,26 @@ def test_health_direct(client: TestClient) -> None:
     for path in ("/health", "/api/health"):
         response = client.get(path)
         assert response.status_code == 200
-        assert response.json() == {"status": "healthy", "mode": "direct"}
+        assert response.json() == {"status": "healthy", "mode": "direct", "channel": "webhook"}
     root = client.get("/").json()
-    assert root == {"service": "hil-server", "version": __version__, "status": "healthy", "mode": "direct"}
+    assert root == {
+        "service": "hil-server",
+        "version": __version__,
+        "status": "healthy",
+        "mode": "direct",
+        "channel": "webhook",
+    }
 
 
 def test_health_relay(tmp_path: Path) -> None:
     with TestClient(create_app(settings(tmp_path, hil_mode="relay", bot_key=None))) as client:
-        expected = {"status": "healthy", "mode": "relay", "worker_connected": False, "worker_count": 0}
+        expected = {
+            "status": "healthy",
+            "mode": "relay",
+            "channel": "relay",
+            "worker_connected": False,
+            "worker_count": 0,
+        }
         assert client.get("/health").json() == expected
         assert client.get("/api/health").json() == expected
         root = client.get("/").json()
@@ -296,8 +308,11 @@ def test_api_tokens(tmp_path: Path, wecom: WeCom) -> None:
         forbidden = client.post("/api/send", json={"message": "q", "chat_id": "chat3"}, headers=b)
         assert forbidden.status_code == 403
         assert "chat1" in forbidden.json()["error"]
-        assert client.post("/api/send", json={"message": "q"}, headers=b).status_code == 403
         assert wecom.route.call_count == 0
+        # Without a chat_id a bound token asks in its first chat.
+        default = client.post("/api/send", json={"message": "q"}, headers=b).json()
+        assert default["success"] is True
+        assert wecom.accepted[-1]["chatid"] == "chat1"
         sent = client.post("/api/send", json={"message": "q", "chat_id": "chat1"}, headers=b).json()
         assert sent["success"] is True
         assert client.get(f"/api/poll/{sent['session_id']}", headers=b).json()["status"] == "waiting"
@@ -497,6 +512,7 @@ def test_ws_disconnect_updates_health(relay: TestClient) -> None:
     assert relay.get("/health").json() == {
         "status": "healthy",
         "mode": "relay",
+        "channel": "relay",
         "worker_connected": False,
         "worker_count": 0,
     }

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
+from hil_protocol.callback import parse_callback
 from hil_protocol.outbound import Notice, Question, SendReceipt
 from hil_protocol.relay_frames import SendHintPayload, SendMessagePayload
 from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server.channels import ChannelError
-from hil_server.models import SendRequest
+from hil_server.models import PollResponse, SendRequest
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence
 
@@ -59,10 +60,33 @@ def make(store: SessionStore | None = None, **kw: Any) -> tuple[HilService, Fake
     return HilService(store if store is not None else SessionStore(), delivery, **kw), delivery
 
 
+async def handle(service: HilService, data: Any) -> str:
+    return await service.handle_message(parse_callback(data))
+
+
+async def poll(service: HilService, ref: str | None, wait: float = 0) -> PollResponse:
+    session = service.store.find(ref or "")
+    if session is None:
+        return PollResponse(session_id=ref or "", status="not_found", has_reply=False, message="not found")
+    return await service.poll(session, wait)
+
+
+async def stop_waiting(service: HilService, ref: str | None) -> bool:
+    session = service.store.find(ref or "")
+    if session is None:
+        return False
+    await service.mark_timeout(session)
+    return True
+
+
+async def open_store(path: Path) -> SessionStore:
+    return await SessionStore.open(await SqlitePersistence.open(path))
+
+
 def drain(service: HilService) -> list[SendHintPayload]:
     out = []
-    while not service._hints.empty():
-        out.append(SendHintPayload.of(service._hints.get_nowait()))
+    while not service._notices.empty():
+        out.append(SendHintPayload.of(service._notices.get_nowait()))
     return out
 
 
@@ -111,8 +135,8 @@ async def test_send_creates_waiting_session_and_sends_payload() -> None:
     assert payload.message == "Deploy now?"
     assert payload.chat_id == CHAT
     assert payload.project_name == "proj"
-    poll = await service.poll(response.session_id)
-    assert poll.status == "waiting" and not poll.has_reply
+    result = await poll(service, response.session_id)
+    assert result.status == "waiting" and not result.has_reply
 
 
 async def test_send_without_wait_creates_no_session() -> None:
@@ -134,9 +158,9 @@ async def test_delivery_error_fails_the_session() -> None:
     session = service.store.get(response.session_id)
     assert session is not None and session.status == "failed"
     assert service.store.waiting_in_chat(CHAT) == []
-    poll = await service.poll(response.session_id)
-    assert poll.status == "failed"
-    assert "BOT_KEY" in poll.message
+    result = await poll(service, response.session_id)
+    assert result.status == "failed"
+    assert "BOT_KEY" in result.message
 
 
 async def test_timeout_argument_sets_deadline() -> None:
@@ -154,11 +178,11 @@ async def test_timeout_argument_sets_deadline() -> None:
 async def test_plain_reply_matches_the_only_waiting_session() -> None:
     service, _ = make()
     sent = await ask(service)
-    outcome = await service.handle_callback(callback(f"@{ROBOT} yes, go"))
+    outcome = await handle(service, callback(f"@{ROBOT} yes, go"))
     assert outcome == "matched_only"
-    poll = await service.poll(sent.session_id)
-    assert poll.status == "replied" and poll.has_reply
-    (reply,) = poll.replies
+    result = await poll(service, sent.session_id)
+    assert result.status == "replied" and result.has_reply
+    (reply,) = result.replies
     assert reply.content == "yes, go"
     assert reply.matched_by == "only_waiting"
     assert reply.from_user.userid == "zhangsan"
@@ -168,7 +192,7 @@ async def test_plain_reply_matches_the_only_waiting_session() -> None:
 async def test_plain_reply_ignores_sessions_of_other_chats() -> None:
     service, _ = make()
     other = await ask(service, chat=OTHER_CHAT)
-    outcome = await service.handle_callback(callback("@Bot hi", chat=CHAT))
+    outcome = await handle(service, callback("@Bot hi", chat=CHAT))
     assert outcome == "hint_chat_id"
     assert service.store.get(other.session_id).status == "waiting"
 
@@ -176,7 +200,7 @@ async def test_plain_reply_ignores_sessions_of_other_chats() -> None:
 async def test_three_waiting_and_plain_reply_gives_one_hint() -> None:
     service, _ = make()
     sent = [await ask(service, message=f"question {i}") for i in range(3)]
-    outcome = await service.handle_callback(callback(f"@{ROBOT} which?"))
+    outcome = await handle(service, callback(f"@{ROBOT} which?"))
     assert outcome == "hint_several"
     for s in sent:
         assert service.store.get(s.session_id).status == "waiting"
@@ -192,9 +216,9 @@ async def test_three_waiting_and_plain_reply_gives_one_hint() -> None:
 async def test_quote_reply_matches_only_the_quoted_session() -> None:
     service, _ = make()
     sent = [await ask(service, message=f"question {i}") for i in range(3)]
-    outcome = await service.handle_callback(callback(quote(sent[1].short_id, "the second one")))
+    outcome = await handle(service, callback(quote(sent[1].short_id, "the second one")))
     assert outcome == "matched_quote"
-    statuses = [(await service.poll(s.session_id)).status for s in sent]
+    statuses = [(await poll(service, s.session_id)).status for s in sent]
     assert statuses == ["waiting", "replied", "waiting"]
     reply = service.store.get(sent[1].session_id).replies[0]
     assert reply.content == "the second one"
@@ -202,15 +226,23 @@ async def test_quote_reply_matches_only_the_quoted_session() -> None:
     assert drain(service) == []
 
 
-async def test_quote_reply_by_short_id_works_from_any_chat() -> None:
+async def test_quote_of_a_question_from_another_chat_is_not_an_answer() -> None:
     service, _ = make()
     sent = await ask(service, chat=OTHER_CHAT)
-    assert await service.handle_callback(callback(quote(sent.short_id, "ok"), chat=CHAT)) == "matched_quote"
+    # Someone in another group (or a private chat typing the quote by hand) quotes the question.
+    assert await handle(service, callback(quote(sent.short_id, "yes, deploy"), chat=CHAT)) == "hint_other_chat"
+    (hint,) = drain(service)
+    assert hint.chat_id == CHAT and sent.short_id in hint.message
+    assert (await poll(service, sent.session_id)).status == "waiting"
+    # The person in the question's own chat still gets through.
+    assert await handle(service, callback(quote(sent.short_id, "no"), chat=OTHER_CHAT)) == "matched_quote"
+    (reply,) = (await poll(service, sent.session_id)).replies
+    assert reply.content == "no" and reply.chat_id == OTHER_CHAT
 
 
 async def test_nothing_waiting_gives_chat_id_hint() -> None:
     service, _ = make()
-    outcome = await service.handle_callback(callback(f"@{ROBOT} hello", chat="wrkLonelyChat"))
+    outcome = await handle(service, callback(f"@{ROBOT} hello", chat="wrkLonelyChat"))
     assert outcome == "hint_chat_id"
     (hint,) = drain(service)
     assert hint.chat_id == "wrkLonelyChat"
@@ -221,7 +253,7 @@ async def test_nothing_waiting_gives_chat_id_hint() -> None:
 async def test_unknown_quoted_short_id_gives_hint() -> None:
     service, _ = make()
     sent = await ask(service)
-    outcome = await service.handle_callback(callback(quote("deadbeef", "answer")))
+    outcome = await handle(service, callback(quote("deadbeef", "answer")))
     assert outcome == "hint_unknown_quote"
     assert service.store.get(sent.session_id).status == "waiting"  # not taken by the only-waiting rule
     (hint,) = drain(service)
@@ -232,17 +264,17 @@ async def test_duplicate_msgid_recorded_once() -> None:
     service, _ = make()
     sent = await ask(service)
     data = callback(quote(sent.short_id, "yes"), msgid="dup-1")
-    assert await service.handle_callback(data) == "matched_quote"
-    assert await service.handle_callback(data) == "duplicate"
-    assert await service.handle_callback(dict(data)) == "duplicate"
+    assert await handle(service, data) == "matched_quote"
+    assert await handle(service, data) == "duplicate"
+    assert await handle(service, dict(data)) == "duplicate"
     assert len(service.store.get(sent.session_id).replies) == 1
 
 
 async def test_duplicate_of_a_hinted_message_hints_once() -> None:
     service, _ = make()
     data = callback("@Bot hi", msgid="dup-2")
-    assert await service.handle_callback(data) == "hint_chat_id"
-    assert await service.handle_callback(data) == "duplicate"
+    assert await handle(service, data) == "hint_chat_id"
+    assert await handle(service, data) == "duplicate"
     assert len(drain(service)) == 1
 
 
@@ -251,7 +283,7 @@ async def test_enter_chat_event_is_not_a_reply() -> None:
     sent = await ask(service)
     event = callback(msgtype="event", event={"event_type": "enter_chat"}, chattype="single")
     del event["text"]
-    assert await service.handle_callback(event) == "event"
+    assert await handle(service, event) == "event"
     assert service.store.get(sent.session_id).status == "waiting"
     (hint,) = drain(service)
     assert CHAT in hint.message and "DEFAULT_CHAT_ID" in hint.message
@@ -260,14 +292,14 @@ async def test_enter_chat_event_is_not_a_reply() -> None:
 async def test_delete_event_is_silent() -> None:
     service, _ = make()
     event = callback(msgtype="event", event={"event_type": "delete_from_chat"})
-    assert await service.handle_callback(event) == "event"
+    assert await handle(service, event) == "event"
     assert drain(service) == []
 
 
 async def test_empty_answer_gives_hint_and_no_reply() -> None:
     service, _ = make()
     sent = await ask(service)
-    assert await service.handle_callback(callback(f"@{ROBOT}")) == "hint_empty"
+    assert await handle(service, callback(f"@{ROBOT}")) == "hint_empty"
     assert service.store.get(sent.session_id).replies == []
     assert len(drain(service)) == 1
 
@@ -277,7 +309,7 @@ async def test_image_reply_matches_with_url() -> None:
     sent = await ask(service)
     data = callback(msgtype="image", image={"image_url": "https://wework.test/1.png"})
     del data["text"]
-    assert await service.handle_callback(data) == "matched_only"
+    assert await handle(service, data) == "matched_only"
     reply = service.store.get(sent.session_id).replies[0]
     assert reply.msg_type == "image"
     assert reply.image_url == "https://wework.test/1.png"
@@ -286,16 +318,16 @@ async def test_image_reply_matches_with_url() -> None:
 async def test_late_quote_reply_after_timeout() -> None:
     service, _ = make()
     sent = await ask(service)
-    assert await service.mark_timeout(sent.session_id) is True
-    assert (await service.poll(sent.session_id)).status == "timeout"
-    outcome = await service.handle_callback(callback(quote(sent.short_id, "sorry, late")))
+    assert await stop_waiting(service, sent.session_id) is True
+    assert (await poll(service, sent.session_id)).status == "timeout"
+    outcome = await handle(service, callback(quote(sent.short_id, "sorry, late")))
     assert outcome == "late"
     session = service.store.get(sent.session_id)
     assert session.status == "timeout"
     (reply,) = session.replies
     assert reply.content == "sorry, late" and reply.matched_by == "late"
-    poll = await service.poll(sent.session_id)
-    assert poll.has_reply and poll.replies[0].content == "sorry, late"
+    result = await poll(service, sent.session_id)
+    assert result.has_reply and result.replies[0].content == "sorry, late"
     (hint,) = drain(service)
     assert sent.short_id in hint.message
     assert hint.msg_type == "text"
@@ -304,38 +336,38 @@ async def test_late_quote_reply_after_timeout() -> None:
 async def test_plain_reply_does_not_go_to_timed_out_session() -> None:
     service, _ = make()
     sent = await ask(service)
-    await service.mark_timeout(sent.session_id)
-    assert await service.handle_callback(callback("@Bot answer")) == "hint_chat_id"
+    await stop_waiting(service, sent.session_id)
+    assert await handle(service, callback("@Bot answer")) == "hint_chat_id"
     assert service.store.get(sent.session_id).replies == []
 
 
 async def test_mark_timeout_unknown_session() -> None:
     service, _ = make()
-    assert await service.mark_timeout("0" * 32) is False
+    assert await stop_waiting(service, "0" * 32) is False
 
 
 async def test_poll_unknown_and_by_short_id() -> None:
     service, _ = make()
-    assert (await service.poll("f" * 32)).status == "not_found"
+    assert (await poll(service, "f" * 32)).status == "not_found"
     sent = await ask(service)
-    assert (await service.poll(sent.short_id)).session_id == sent.session_id
+    assert (await poll(service, sent.short_id)).session_id == sent.session_id
 
 
 # --- hints task -------------------------------------------------------------------------------------------------
 
 
-async def test_run_hints_delivers_and_survives_failures() -> None:
+async def test_notices_are_delivered_and_survive_failures() -> None:
     service, delivery = make()
-    task = asyncio.create_task(service.run_hints())
+    task = asyncio.create_task(service.run_notices())
     try:
         delivery.fail_with = ChannelError("down")
-        await service.handle_callback(callback("@Bot a", chat="c1"))
+        await handle(service, callback("@Bot a", chat="c1"))
         for _ in range(50):
-            if service._hints.empty():
+            if service._notices.empty():
                 break
             await asyncio.sleep(0.005)
         delivery.fail_with = None
-        await service.handle_callback(callback("@Bot b", chat="c2"))
+        await handle(service, callback("@Bot b", chat="c2"))
         for _ in range(200):
             if delivery.hints:
                 break
@@ -352,11 +384,11 @@ async def test_run_hints_delivers_and_survives_failures() -> None:
 async def test_long_poll_returns_soon_after_reply() -> None:
     service, _ = make()
     sent = await ask(service)
-    poll_task = asyncio.create_task(service.poll(sent.session_id, wait=5))
+    poll_task = asyncio.create_task(poll(service, sent.session_id, wait=5))
     await asyncio.sleep(0.05)
     assert not poll_task.done()
     replied_at = time.monotonic()
-    await service.handle_callback(callback(quote(sent.short_id, "now")))
+    await handle(service, callback(quote(sent.short_id, "now")))
     result = await asyncio.wait_for(poll_task, 2)
     elapsed = time.monotonic() - replied_at
     assert elapsed < 1.0
@@ -367,7 +399,7 @@ async def test_long_poll_returns_after_wait_when_nothing_comes() -> None:
     service, _ = make()
     sent = await ask(service)
     start = time.monotonic()
-    result = await service.poll(sent.session_id, wait=0.2)
+    result = await poll(service, sent.session_id, wait=0.2)
     elapsed = time.monotonic() - start
     assert 0.15 <= elapsed < 1.0
     assert result.status == "waiting" and not result.has_reply
@@ -376,9 +408,9 @@ async def test_long_poll_returns_after_wait_when_nothing_comes() -> None:
 async def test_long_poll_wakes_on_timeout_mark() -> None:
     service, _ = make()
     sent = await ask(service)
-    poll_task = asyncio.create_task(service.poll(sent.session_id, wait=5))
+    poll_task = asyncio.create_task(poll(service, sent.session_id, wait=5))
     await asyncio.sleep(0.02)
-    await service.mark_timeout(sent.session_id)
+    await stop_waiting(service, sent.session_id)
     result = await asyncio.wait_for(poll_task, 1)
     assert result.status == "timeout"
 
@@ -386,9 +418,9 @@ async def test_long_poll_wakes_on_timeout_mark() -> None:
 async def test_several_long_polls_on_one_session_all_wake() -> None:
     service, _ = make()
     sent = await ask(service)
-    polls = [asyncio.create_task(service.poll(sent.session_id, wait=5)) for _ in range(3)]
+    polls = [asyncio.create_task(poll(service, sent.session_id, wait=5)) for _ in range(3)]
     await asyncio.sleep(0.02)
-    await service.handle_callback(callback(quote(sent.short_id, "x")))
+    await handle(service, callback(quote(sent.short_id, "x")))
     results = await asyncio.wait_for(asyncio.gather(*polls), 1)
     assert [r.status for r in results] == ["replied"] * 3
 
@@ -408,7 +440,7 @@ async def test_sweep_times_out_and_purges() -> None:
     await service.sweep()
     assert service.store.get(short.session_id).status == "timeout"
     assert service.store.get(long.session_id).status == "waiting"
-    assert (await service.poll(short.session_id)).status == "timeout"
+    assert (await poll(service, short.session_id)).status == "timeout"
     clock.now += 3600 - 1
     await service.sweep()
     assert service.store.get(short.session_id) is not None  # retained (late answers still land)
@@ -416,7 +448,7 @@ async def test_sweep_times_out_and_purges() -> None:
     await service.sweep()
     assert service.store.get(short.session_id) is None
     assert service.store.get_by_short_id(short.short_id) is None
-    assert (await service.poll(short.session_id)).status == "not_found"
+    assert (await poll(service, short.session_id)).status == "not_found"
     # The long one timed out at +100 and is still within retention.
     assert service.store.get(long.session_id).status == "timeout"
 
@@ -425,7 +457,7 @@ async def test_sweep_purges_replied_sessions_after_retention() -> None:
     clock = Clock()
     service, _ = make(clock=clock, retention=60)
     sent = await ask(service)
-    await service.handle_callback(callback(quote(sent.short_id, "ok")))
+    await handle(service, callback(quote(sent.short_id, "ok")))
     clock.now += 59
     await service.sweep()
     assert service.store.get(sent.session_id) is not None
@@ -448,7 +480,7 @@ async def test_200_concurrent_questions_and_quote_replies() -> None:
     order = list(responses)
     random.Random(42).shuffle(order)
     outcomes = await asyncio.gather(
-        *(service.handle_callback(callback(quote(r.short_id, f"answer for {r.short_id}", "load"))) for r in order)
+        *(handle(service, callback(quote(r.short_id, f"answer for {r.short_id}", "load"))) for r in order)
     )
     assert outcomes == ["matched_quote"] * 200
     for r in responses:
@@ -463,19 +495,19 @@ async def test_200_concurrent_questions_and_quote_replies() -> None:
 
 async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
-    store = SessionStore(SqlitePersistence(path))
+    store = await open_store(path)
     service, _ = make(store)
     replied = await ask(service, message="答复我")
     waiting = await ask(service, message="still waiting", timeout=500)
     failed_service, failing = make(store)
     failing.fail_with = ChannelError("down")
     failed = await failed_service.send(SendRequest(message="fails", chat_id=CHAT))
-    await service.handle_callback(callback(quote(replied.short_id, "好的"), msgid="persist-1"))
-    await service.handle_callback(callback("@Bot ?", chat="wrkNobody", msgid="persist-2"))
+    await handle(service, callback(quote(replied.short_id, "好的"), msgid="persist-1"))
+    await handle(service, callback("@Bot ?", chat="wrkNobody", msgid="persist-2"))
     before = {s.session_id: s.model_dump() for s in store.all()}
-    store.close()
+    await store.close()
 
-    reopened = SessionStore(SqlitePersistence(path))
+    reopened = await open_store(path)
     try:
         after = {s.session_id: s.model_dump() for s in reopened.all()}
         assert after == before
@@ -490,9 +522,9 @@ async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
         # A redelivered callback after a restart is still a duplicate.
         service2, _ = make(reopened)
         again = callback(quote(replied.short_id, "好的"), msgid="persist-1")
-        assert await service2.handle_callback(again) == "duplicate"
+        assert await handle(service2, again) == "duplicate"
     finally:
-        reopened.close()
+        await reopened.close()
 
     conn = sqlite3.connect(path)
     try:
@@ -504,7 +536,7 @@ async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
 async def test_sqlite_delete_is_durable(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
     clock = Clock()
-    store = SessionStore(SqlitePersistence(path))
+    store = await open_store(path)
     service, _ = make(store, clock=clock, retention=10)
     sent = await ask(service, timeout=5)
     clock.now += 100
@@ -513,21 +545,21 @@ async def test_sqlite_delete_is_durable(tmp_path: Path) -> None:
     clock.now += 11
     await service.sweep()  # purges
     assert store.get(sent.session_id) is None
-    store.close()
-    reopened = SessionStore(SqlitePersistence(path))
+    await store.close()
+    reopened = await open_store(path)
     try:
         assert reopened.get(sent.session_id) is None
         assert len(reopened) == 0
     finally:
-        reopened.close()
+        await reopened.close()
 
 
-def test_newer_schema_refused(tmp_path: Path) -> None:
+async def test_newer_schema_refused(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
-    SqlitePersistence(path).close()
+    await (await SqlitePersistence.open(path)).close()
     conn = sqlite3.connect(path)
     conn.execute("UPDATE meta SET value='99' WHERE key='schema_version'")
     conn.commit()
     conn.close()
     with pytest.raises(RuntimeError, match="schema version 99"):
-        SqlitePersistence(path)
+        await SqlitePersistence.open(path)

@@ -213,9 +213,11 @@ def test_tokens_protect_status_and_metrics(tmp_path: Path, wecom: WeCom) -> None
         bound = {"authorization": f"Bearer {BOUND_TOKEN}"}
         mine = client.post("/api/send", json={"message": "admin 的问题", "chat_id": "chatA"}, headers=admin).json()
         theirs = client.post("/api/send", json={"message": "bound 的问题", "chat_id": "chatB"}, headers=bound).json()
-        everything = client.get("/status.json", headers=admin).json()
-        assert everything["scope"] == "all"
-        assert {w["short_id"] for w in everything["waiting"]} == {mine["short_id"], theirs["short_id"]}
+        # One visibility rule everywhere (auth.can_see): a token sees the questions it asked, even one that may
+        # write to any chat; nobody reads another token's questions and answers.
+        admins = client.get("/status.json", headers=admin).json()
+        assert admins["scope"] == "own"
+        assert [w["short_id"] for w in admins["waiting"]] == [mine["short_id"]]
         own = client.get("/status.json", headers=bound).json()
         assert own["scope"] == "own"
         assert [w["short_id"] for w in own["waiting"]] == [theirs["short_id"]]

@@ -52,13 +52,19 @@ class WorkerLink:
 
 
 class WorkerHub:
-    def __init__(self, *, grace: float = 10.0, request_timeout: float = 90.0) -> None:
+    def __init__(
+        self,
+        *,
+        grace: float = 10.0,
+        request_timeout: float = 90.0,
+        on_change: Callable[[int], None] | None = None,
+    ) -> None:
         self.grace = grace
         self.request_timeout = request_timeout
         self.links: dict[str, WorkerLink] = {}
         self._changed = asyncio.Condition()
         self._rr = 0
-        self.on_change: Callable[[int], None] = lambda count: None
+        self._on_change = on_change or (lambda count: None)
 
     @property
     def count(self) -> int:
@@ -74,7 +80,7 @@ class WorkerHub:
             except Exception:  # the old socket is usually already gone
                 pass
         self.links[link.worker_id] = link
-        self.on_change(self.count)
+        self._on_change(self.count)
         async with self._changed:
             self._changed.notify_all()
 
@@ -82,7 +88,7 @@ class WorkerHub:
         link.alive = False
         if self.links.get(link.worker_id) is link:
             del self.links[link.worker_id]
-            self.on_change(self.count)
+            self._on_change(self.count)
         for future in link.pending.values():
             if not future.done():
                 future.set_exception(ConnectionError(f"worker {link.worker_id} left: {reason}"))
