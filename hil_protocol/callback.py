@@ -64,6 +64,13 @@ class RobotCallback(_Loose):
     event: CallbackEvent | None = None
 
 
+class CardClick(BaseModel):
+    """A button pressed on a card the bot sent (the AI bot's template_card_event)."""
+
+    task_id: str
+    key: str
+
+
 class IncomingMessage(BaseModel):
     """What a person sent to the robot, ready for matching."""
 
@@ -79,6 +86,7 @@ class IncomingMessage(BaseModel):
     received_at: float = Field(default_factory=time.time)
     # the channel's reference to this message, for answering it (the AI bot replies to a callback's req_id)
     reply_to: str | None = None
+    card: CardClick | None = None
 
     @property
     def is_event(self) -> bool:

@@ -20,6 +20,15 @@ class Question:
     project_name: str | None = None
     images: tuple[str, ...] = ()
     mention_list: tuple[str, ...] = ()
+    # A typed answer: the options a person picks from (buttons on the AI bot, numbered lines in text), whether free
+    # text is still an answer, who may answer (WeCom userids; empty: anyone in the chat), and for an approval how
+    # many different people must approve.
+    options: tuple[str, ...] = ()
+    allow_text: bool = True
+    responders: tuple[str, ...] = ()
+    approvals_required: int = 0
+    # A stable id for the question's card (the AI bot's task_id; the session id), so a click finds its question.
+    card_id: str | None = None
 
     @property
     def header(self) -> str:
@@ -39,6 +48,17 @@ class Notice:
     markdown: bool = True
     kind: str = "notice"
     reply_to: str | None = None
+
+
+@dataclass(frozen=True)
+class CardUpdate:
+    """Replace a question's card after a click (the AI bot allows it within 5 s of the click, answering it):
+    `text` says what was decided and by whom; the buttons are gone."""
+
+    card_id: str
+    reply_to: str
+    title: str
+    text: str
 
 
 @dataclass(frozen=True)

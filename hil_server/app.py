@@ -82,6 +82,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                     retention=settings.session_retention,
                     msgid_memory=settings.hil_callback_max_age * 2,
                     default_chat_id=settings.hil_default_chat_id,
+                    default_responders=settings.default_responders,
                 )
                 meters.bind(store)
                 await service.resolve_interrupted()

@@ -31,10 +31,16 @@ class ServerSettings(RobotSettings):
     # the chat a question goes to when /api/send names none (WeCom's chat id, as the chat-id hint shows it);
     # unset: the robot's default delivery (its group chats)
     hil_default_chat_id: str | None = None
+    # comma-separated WeCom userids who may answer a question that names no responders (empty: anyone in the chat)
+    hil_default_responders: str = ""
     # relay mode takes robot callbacks through its workers only; true also serves /api/callback (authenticated)
     hil_relay_callbacks: bool = False
     # seconds between attempts to write again after the store failed (a full or failing disk)
     hil_store_retry_interval: float = Field(default=2.0, gt=0)
+
+    @property
+    def default_responders(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(u.strip() for u in self.hil_default_responders.split(",") if u.strip()))
 
     @property
     def mode(self) -> Literal["relay", "direct"]:

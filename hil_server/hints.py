@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from hil_protocol.messages import format_header
 
+from .approvals import tally
 from .models import Session
 
 
@@ -62,3 +63,52 @@ def abandoned(session: Session) -> str:
         f"{format_header(session.short_id, session.project_name)} 服务在发送这个问题时重启了，问题可能没有完整发出，"
         "已作废：请不要回答它，AI 会收到失败的结果并可以重新提问。"
     )
+
+
+def not_a_responder(session: Session) -> str:
+    people = "、".join(f"@{r}" for r in session.responders)
+    return f"只有 {people} 可以回答 #{session.short_id}，你的回复没有被采纳。"
+
+
+def pick_one(session: Session) -> str:
+    if session.approvals_required:
+        return f"`#{session.short_id}` 需要一个决定：回复 **1** 批准 或 **2** 拒绝（可在后面附上说明）。"
+    options = "、".join(f"**{i}** {label}" for i, label in enumerate(session.options, start=1))
+    return f"`#{session.short_id}` 请从选项中选择：{options}（回复数字或选项文字）。"
+
+
+def card_result(session: Session) -> str:
+    """What a question's card says once people acted on it: the decision and who made it, or why it is closed."""
+    tally = approval_lines(session)
+    if tally:
+        return tally
+    chosen = [r for r in session.replies if r.choice is not None]
+    if chosen:
+        first = chosen[0]
+        return f"✅ {first.from_user.name or first.answered_by} 选择了「{first.choice.label}」"  # type: ignore[union-attr]
+    if session.replies:
+        first = session.replies[0]
+        return f"✅ {first.from_user.name or first.answered_by} 已用文字回答"
+    if session.status == "timeout":
+        return "⌛ 已超时，AI 不再等待这个问题"
+    if session.status == "failed":
+        return "⚠️ 这个问题没有发送成功"
+    return "等待回答中"
+
+
+def approval_lines(session: Session) -> str:
+    if not session.approvals_required:
+        return ""
+    state = tally(session)
+    names = {r.answered_by: (r.from_user.name or r.answered_by) for r in session.replies}
+    if state.approved is True:
+        return "✅ " + "、".join(names.get(u, u) for u in state.decided_by) + " 批准了"
+    if state.approved is False:
+        who = names.get(state.decided_by[0], state.decided_by[0]) if state.decided_by else "有人"
+        comment = f"：{state.comment}" if state.comment else ""
+        return f"❌ {who} 拒绝了{comment}"
+    return f"已批准 {state.approvals}/{state.required}，等待更多批准"
+
+
+def card_title(session: Session) -> str:
+    return format_header(session.short_id, session.project_name)

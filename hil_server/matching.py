@@ -1,13 +1,17 @@
-"""Which question a person's message answers, decided without side effects: `decide()` reads the store and returns a
-`Decision`; the service applies it (one write, one place).
+"""Which question a person's message answers, and what it answers, decided without side effects: `decide()` reads
+the store and returns a `Decision`; the service applies it (one write, one place).
 
 Rules, in order:
 1. A msgid already handled is a duplicate (WeCom's retries, a worker's replay).
-2. Events and empty messages are not answers (a greeting with the chat id, or a hint).
+2. A button click answers the question whose card it is. Other events and empty messages are not answers (a
+   greeting with the chat id, or a hint).
 3. A quote-reply names its question by the short id in the quoted header. It answers that question only in the
    question's own conversation; quoted in another chat it is not an answer, and that chat is told so.
 4. A plain reply answers the only question waiting in its chat; with several waiting, the chat gets a list and is
    asked to quote; with none, the chat gets its chat id.
+5. Once the question is known: someone not among its responders is not taken (told once per question); a question
+   with options takes an option (by number, label or button) or, when it allows text, free text; an approval takes a
+   decision (批准 / 拒绝, with a comment after it).
 
 A question sent without a chat_id went to the robot's default delivery (its group chats), so it belongs to every
 group chat of the robot and to no single chat.
@@ -22,14 +26,18 @@ from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import Notice
 
 from . import hints
+from .choices import APPROVAL_OPTIONS, Pick, pick_decision, pick_option
 from .models import Session
 from .store import SessionStore
 
 Outcome = Literal[
     "matched_quote",
     "matched_only",
+    "matched_button",
     "late",
     "duplicate",
+    "refused_responder",
+    "hint_options",
     "hint_several",
     "hint_chat_id",
     "hint_unknown_quote",
@@ -38,16 +46,15 @@ Outcome = Literal[
     "event",
     "ignored",
 ]
-MatchedBy = Literal["quote", "only_waiting", "late"]
-
-OPEN_STATUSES = ("sending", "waiting")
+MatchedBy = Literal["quote", "only_waiting", "late", "button"]
 
 
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
-    session: Session | None = None  # the question the message answers
-    matched_by: MatchedBy | None = None
+    session: Session | None = None  # the question the message is about
+    matched_by: MatchedBy | None = None  # set when the message is taken as an answer
+    pick: Pick | None = None  # the option (or decision) it chose
     notice: Notice | None = None  # what the robot says in the chat about it
 
 
@@ -61,6 +68,8 @@ def in_conversation(session: Session, msg: IncomingMessage) -> bool:
 def decide(msg: IncomingMessage, store: SessionStore) -> Decision:
     if msg.msgid and store.seen_msgid(msg.msgid):
         return Decision("duplicate")
+    if msg.card is not None:
+        return _click(msg, store)
     if msg.is_event:
         if msg.event_type in ("enter_chat", "add_to_chat"):
             return Decision("event", notice=_notice(msg, hints.chat_id_hint(msg.chat_id, msg.chat_type), "event"))
@@ -76,17 +85,55 @@ def decide(msg: IncomingMessage, store: SessionStore) -> Decision:
         if not in_conversation(session, msg):
             text = hints.other_chat(session.short_id)
             return Decision("hint_other_chat", notice=_notice(msg, text, "other_chat", markdown=False))
-        if session.status in ("timeout", "failed"):
-            text = hints.late_answer(session)
-            return Decision("late", session, "late", _notice(msg, text, "late", markdown=False))
-        return Decision("matched_quote", session, "quote")
+        return _answer(session, msg, "quote")
 
     waiting = [s for s in store.waiting_in_chat(msg.chat_id) if in_conversation(s, msg)]
     if len(waiting) == 1:
-        return Decision("matched_only", waiting[0], "only_waiting")
+        return _answer(waiting[0], msg, "only_waiting")
     if waiting:
         return Decision("hint_several", notice=_notice(msg, hints.several_waiting(waiting), "several"))
     return Decision("hint_chat_id", notice=_notice(msg, hints.chat_id_hint(msg.chat_id, msg.chat_type), "chat_id"))
+
+
+def _click(msg: IncomingMessage, store: SessionStore) -> Decision:
+    assert msg.card is not None
+    session = store.get(msg.card.task_id)
+    if session is None or not in_conversation(session, msg):
+        return Decision("ignored")  # a card we did not send, or long purged: nothing to answer
+    options = APPROVAL_OPTIONS if session.approvals_required else tuple(session.options)
+    key = msg.card.key
+    if not (key.isascii() and key.isdigit() and len(key) <= 2) or not 0 <= int(key) < len(options):
+        return Decision("ignored", session)
+    return _answer(session, msg, "button", Pick(int(key), options[int(key)]))
+
+
+def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick | None = None) -> Decision:
+    """`msg` is about `session`: is it taken, and as what?"""
+    userid = msg.from_user.userid
+    if session.responders and userid not in session.responders:
+        told = any(r.userid == userid for r in session.refused)
+        notice = None if told else _notice(msg, hints.not_a_responder(session), "not_responder", markdown=False)
+        return Decision("refused_responder", session, notice=notice)
+    if session.status in ("timeout", "failed"):
+        late = _notice(msg, hints.late_answer(session), "late", markdown=False)
+        return Decision("late", session, "late", _choose(session, msg) if pick is None else pick, late)
+    if session.status == "replied" and (session.options or session.approvals_required):
+        # A typed question is decided once; later clicks and replies change nothing (the card says so).
+        return Decision("ignored", session)
+    if pick is None and (session.options or session.approvals_required):
+        pick = _choose(session, msg)
+        if pick is None and (session.approvals_required or not session.allow_text):
+            return Decision("hint_options", session, notice=_notice(msg, hints.pick_one(session), "options"))
+    outcome: Outcome = {"quote": "matched_quote", "only_waiting": "matched_only", "button": "matched_button"}.get(
+        how, "matched_quote"
+    )  # type: ignore[assignment]
+    return Decision(outcome, session, how, pick)
+
+
+def _choose(session: Session, msg: IncomingMessage) -> Pick | None:
+    if session.approvals_required:
+        return pick_decision(msg.answer)
+    return pick_option(msg.answer, session.options)
 
 
 def _notice(msg: IncomingMessage, text: str, kind: str, *, markdown: bool = True) -> Notice:

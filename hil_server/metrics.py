@@ -31,7 +31,7 @@ METRICS_PATH = "/metrics"
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 # Outcomes that mean a reply was stored on a question, and how it was matched.
-_MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "late": "late"}
+_MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "matched_button": "button", "late": "late"}
 
 
 class Metrics:

@@ -6,9 +6,11 @@ import re
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from hil_protocol.messages import SESSION_REF_RE, utf8_len
+
+from .choices import check_options
 
 # A message splits into parts of ~2 KB; 20 KB keeps a question within ~10 parts.
 MESSAGE_MAX_BYTES = 20 * 1024
@@ -16,6 +18,7 @@ PROJECT_MAX_CHARS = 64
 MAX_IMAGES = 5
 TIMEOUT_MAX = 7 * 24 * 3600
 CHAT_ID_RE = re.compile(r"[A-Za-z0-9_@.:=+/-]{1,128}")  # fullmatch only
+USERID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
 # `sending` until the channel accepted the question (a person may not have seen it yet); polls show it as waiting.
 SessionStatus = Literal["sending", "waiting", "replied", "timeout", "failed"]
@@ -33,6 +36,13 @@ class UserInfo(BaseModel):
     alias: str = ""
 
 
+class Choice(BaseModel):
+    """The option a reply picked: its position (0-based) and label."""
+
+    index: int
+    label: str
+
+
 class Reply(BaseModel):
     msg_type: Literal["text", "image", "mixed"]
     content: str = ""
@@ -41,10 +51,33 @@ class Reply(BaseModel):
     from_user: UserInfo = Field(default_factory=UserInfo)
     timestamp: float = Field(default_factory=time.time)
     msgid: str | None = None
-    matched_by: Literal["quote", "only_waiting", "late"] = "quote"
+    matched_by: Literal["quote", "only_waiting", "late", "button"] = "quote"
     # where the answer was given (always the question's own chat; recorded for questions sent without a chat_id)
     chat_id: str | None = None
     chat_type: str | None = None
+    # who answered (WeCom userid, as `responders` names people) and, for a question with options, what they chose
+    answered_by: str = ""
+    choice: Choice | None = None
+    via: Literal["text", "button"] = "text"
+
+
+class Refused(BaseModel):
+    """An answer that was not taken: from someone not among the question's responders."""
+
+    userid: str
+    name: str = ""
+    at: float
+    text: str = ""
+
+
+class Approval(BaseModel):
+    """Where an approval stands: `approved` is None until it is decided."""
+
+    approved: bool | None = None
+    decided_by: list[str] = Field(default_factory=list)
+    comment: str = ""
+    approvals: int = 0
+    required: int = 1
 
 
 class Session(BaseModel):
@@ -61,6 +94,11 @@ class Session(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     error: str | None = None
     owner: str | None = None  # the API token's name that created it, when tokens are configured
+    options: list[str] = Field(default_factory=list)
+    allow_text: bool = True
+    responders: list[str] = Field(default_factory=list)
+    approvals_required: int = 0
+    refused: list[Refused] = Field(default_factory=list)
 
 
 def _check_chat_id(value: str | None) -> str | None:
@@ -82,6 +120,19 @@ class SendRequest(BaseModel):
     project_name: str | None = None
     timeout: float | None = Field(default=None, description="seconds the session waits for a reply")
     wait_reply: bool = True
+    options: list[str] | None = Field(
+        default=None, description="1–20 short labels the person picks from (buttons on the AI bot, numbers in text)"
+    )
+    allow_text: bool = Field(default=True, description="with options: whether a free-text answer is still taken")
+    responders: list[str] | None = Field(
+        default=None, description="WeCom userids allowed to answer (empty: anyone in the chat; HIL_DEFAULT_RESPONDERS)"
+    )
+    approvals_required: int | None = Field(
+        default=None,
+        ge=1,
+        le=10,
+        description="makes this an approval (批准/拒绝): how many different responders must approve; one 拒绝 decides",
+    )
 
     @field_validator("message")
     @classmethod
@@ -133,6 +184,30 @@ class SendRequest(BaseModel):
                 raise ValueError("mention_list holds text that is not valid Unicode (a lone surrogate)") from None
         return value
 
+    @field_validator("options")
+    @classmethod
+    def _options(cls, value: list[str] | None) -> list[str] | None:
+        return None if value is None else check_options(value)
+
+    @field_validator("responders")
+    @classmethod
+    def _responders(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        cleaned = list(dict.fromkeys(v.strip() for v in value if v.strip()))
+        if len(cleaned) > 50 or any(not USERID_RE.fullmatch(v) for v in cleaned):
+            raise ValueError("responders takes at most 50 WeCom userids (letters, digits, _ - . @)")
+        return cleaned
+
+    @model_validator(mode="after")
+    def _approval(self) -> SendRequest:
+        if self.approvals_required is not None:
+            if self.options:
+                raise ValueError("an approval has its own options (批准 / 拒绝): leave options out")
+            if self.responders and self.approvals_required > len(self.responders):
+                raise ValueError("approvals_required is larger than the number of responders")
+        return self
+
     @field_validator("timeout")
     @classmethod
     def _timeout(cls, value: float | None) -> float | None:
@@ -157,3 +232,5 @@ class PollResponse(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     message: str
     short_id: str | None = None
+    choice: Choice | None = None  # with options: what the deciding reply chose
+    approval: Approval | None = None  # for an approval: where it stands

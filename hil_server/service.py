@@ -19,13 +19,15 @@ from typing import Literal, Protocol
 
 from hil_protocol.callback import IncomingMessage
 from hil_protocol.messages import new_short_id
-from hil_protocol.outbound import Notice, Question
+from hil_protocol.outbound import CardUpdate, Notice, Question
 
 from . import hints
+from .approvals import tally
 from .channels import Channel, ChannelError
+from .choices import APPROVAL_OPTIONS
 from .events import RecentEvents
 from .matching import Decision, Outcome, decide
-from .models import PollResponse, Reply, SendRequest, SendResponse, Session, UserInfo
+from .models import Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session, UserInfo
 from .store import SessionStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class HilService:
         retention: float = 24 * 3600.0,
         msgid_memory: float = 300.0,
         default_chat_id: str | None = None,
+        default_responders: tuple[str, ...] = (),
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -80,22 +83,30 @@ class HilService:
         # msgids are remembered at least as long as a signed callback may be replayed, whatever the retention
         self.msgid_memory = max(retention, msgid_memory)
         self.default_chat_id = default_chat_id
+        self.default_responders = default_responders
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
-        self._notices: asyncio.Queue[Notice] = asyncio.Queue(maxsize=1000)
+        self._notices: asyncio.Queue[Notice | CardUpdate] = asyncio.Queue(maxsize=1000)
 
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
         """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable."""
         chat_id = request.chat_id or self.default_chat_id
+        approval = request.approvals_required or 0
+        responders = tuple(request.responders or self.default_responders)
         question = Question(
             message=request.message,
             chat_id=chat_id,
             chat_type=request.chat_type,
             images=tuple(request.images),
             project_name=request.project_name,
-            mention_list=tuple(request.mention_list or ()),
+            # The people who may answer are mentioned, so WeCom tells them.
+            mention_list=tuple(dict.fromkeys([*(request.mention_list or ()), *responders])),
+            options=APPROVAL_OPTIONS if approval else tuple(request.options or ()),
+            allow_text=False if approval else request.allow_text,
+            responders=responders,
+            approvals_required=approval,
         )
         if not request.wait_reply:
             try:
@@ -119,12 +130,18 @@ class HilService:
             created_at=now,
             deadline=now + (request.timeout or self.default_timeout),
             owner=owner,
+            options=list(question.options),
+            allow_text=question.allow_text,
+            responders=list(responders),
+            approvals_required=approval,
         )
         # Stored before it is sent, so a quote-reply to its first part that comes back before the last part is
         # sent still finds it; `sending` keeps it out of plain-reply matching and hints until a person saw it.
         await self.store.save(session)
         try:
-            await self.channel.send_question(dataclasses.replace(question, short_id=short_id))
+            await self.channel.send_question(
+                dataclasses.replace(question, short_id=short_id, card_id=session.session_id)
+            )
         except ChannelError as exc:
             await self._close(session, "failed", error=str(exc))
             logger.warning("send failed session_id=%s short_id=%s: %s", session.session_id, short_id, exc)
@@ -170,7 +187,9 @@ class HilService:
         logger.info("waiting again session_id=%s short_id=%s", session.session_id, session.short_id)
 
     def _poll_response(self, session: Session) -> PollResponse:
-        status = "replied" if session.replies else session.status
+        approval = tally(session) if session.approvals_required else None
+        answered = approval.approved is not None if approval else bool(session.replies)
+        status = "replied" if answered else session.status
         messages = {
             "sending": "发送中，等待回复",
             "waiting": "等待回复中",
@@ -186,6 +205,8 @@ class HilService:
             has_reply=bool(session.replies),
             replies=session.replies,
             message=messages[status],
+            choice=next((r.choice for r in session.replies if r.choice is not None), None),
+            approval=approval,
         )
 
     async def mark_timeout(self, session: Session) -> None:
@@ -238,60 +259,88 @@ class HilService:
             return
         session = decision.session
         if session is not None and decision.matched_by is not None:
-            session.replies.append(
-                Reply(
-                    msg_type="text" if msg.msg_type == "text" else msg.msg_type,  # type: ignore[arg-type]
-                    content=msg.answer,
-                    image_url=msg.image_urls[0] if msg.image_urls else None,
-                    images=msg.image_urls,
-                    from_user=UserInfo.model_validate(msg.from_user.model_dump()),
-                    timestamp=msg.received_at,
-                    msgid=msg.msgid,
-                    matched_by=decision.matched_by,
-                    chat_id=msg.chat_id,
-                    chat_type=msg.chat_type,
-                )
+            await self._take(session, decision, msg)
+        elif session is not None and decision.outcome == "refused_responder":
+            session.refused.append(
+                Refused(userid=msg.from_user.userid, name=msg.from_user.name, at=self._clock(), text=msg.answer[:200])
             )
-            if session.status in ("sending", "waiting"):
-                session.status = "replied"
-                session.closed_at = self._clock()
             await self.store.save(session, msgid=msg.msgid)
-            by = msg.from_user.name or msg.from_user.userid or None
-            if msg.from_user.name and msg.from_user.userid:
-                by = f"{msg.from_user.name} ({msg.from_user.userid})"
-            self.events.add(session, f"replied ({decision.matched_by})", by=by, chat_id=msg.chat_id)
-            self._wake(session.session_id)
+            self.events.add(session, "refused (not a responder)", by=_who(msg), chat_id=msg.chat_id)
             logger.info(
-                "reply matched session_id=%s short_id=%s by=%s msgid=%s chat_id=%s userid=%s",
+                "answer refused session_id=%s short_id=%s userid=%s: not a responder",
                 session.session_id,
                 session.short_id,
-                decision.matched_by,
-                msg.msgid,
-                msg.chat_id,
                 msg.from_user.userid,
             )
         elif msg.msgid:
             await self.store.save(msgid=msg.msgid)
         if decision.notice is not None:
             self._notify(decision.notice)
+        if session is not None and msg.card is not None and msg.reply_to:
+            # The clicked card now says what was decided (or why nothing was), within WeCom's window.
+            title = hints.card_title(session)
+            self._notify(CardUpdate(session.session_id, msg.reply_to, title, hints.card_result(session)))
+
+    async def _take(self, session: Session, decision: Decision, msg: IncomingMessage) -> None:
+        pick = decision.pick
+        session.replies.append(
+            Reply(
+                msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
+                content=msg.answer,
+                image_url=msg.image_urls[0] if msg.image_urls else None,
+                images=msg.image_urls,
+                from_user=UserInfo.model_validate(msg.from_user.model_dump()),
+                timestamp=msg.received_at,
+                msgid=msg.msgid,
+                matched_by=decision.matched_by or "quote",
+                chat_id=msg.chat_id,
+                chat_type=msg.chat_type,
+                answered_by=msg.from_user.userid,
+                choice=Choice(index=pick.index, label=pick.label) if pick else None,
+                via="button" if decision.matched_by == "button" else "text",
+            )
+        )
+        decided = tally(session).approved is not None if session.approvals_required else True
+        if decided and session.status in ("sending", "waiting"):
+            session.status = "replied"
+            session.closed_at = self._clock()
+        await self.store.save(session, msgid=msg.msgid)
+        label = f" choice={pick.label}" if pick else ""
+        self.events.add(session, f"replied ({decision.matched_by}){label}", by=_who(msg), chat_id=msg.chat_id)
+        if decided:
+            self._wake(session.session_id)
+        logger.info(
+            "reply matched session_id=%s short_id=%s by=%s msgid=%s chat_id=%s userid=%s%s",
+            session.session_id,
+            session.short_id,
+            decision.matched_by,
+            msg.msgid,
+            msg.chat_id,
+            msg.from_user.userid,
+            label,
+        )
 
     # --- notices: sent by a background task so reading a callback (or a socket) never waits on WeCom ----------
 
-    def _notify(self, notice: Notice) -> None:
+    def _notify(self, notice: Notice | CardUpdate) -> None:
         try:
             self._notices.put_nowait(notice)
         except asyncio.QueueFull:
-            logger.warning("notice queue full, dropping a %s notice for chat_id=%s", notice.kind, notice.chat_id)
+            logger.warning("notice queue full, dropping a notice: %s", type(notice).__name__)
 
     async def run_notices(self) -> None:
         while True:
             notice = await self._notices.get()
+            kind = notice.kind if isinstance(notice, Notice) else "card_update"
             try:
-                await self.channel.send_notice(notice)
-                self.metrics.notice(notice.kind, sent=True)
+                if isinstance(notice, Notice):
+                    await self.channel.send_notice(notice)
+                else:
+                    await self.channel.update_card(notice)
+                self.metrics.notice(kind, sent=True)
             except ChannelError as exc:
-                self.metrics.notice(notice.kind, sent=False)
-                logger.warning("%s notice to chat_id=%s failed: %s", notice.kind, notice.chat_id, exc)
+                self.metrics.notice(kind, sent=False)
+                logger.warning("%s notice failed: %s", kind, exc)
 
     # --- housekeeping ------------------------------------------------------------------------------------------
 
@@ -329,6 +378,13 @@ class HilService:
             await asyncio.sleep(interval)
             with contextlib.suppress(StoreUnavailable):  # the store logged it; recovery reloads it
                 await self.sweep()
+
+
+def _who(msg: IncomingMessage) -> str | None:
+    user = msg.from_user
+    if user.name and user.userid:
+        return f"{user.name} ({user.userid})"
+    return user.name or user.userid or None
 
 
 __all__ = ["HilService", "NoMetrics", "Outcome", "ServiceMetrics"]

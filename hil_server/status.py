@@ -14,6 +14,7 @@ from fastapi.responses import HTMLResponse
 
 from . import __version__
 from .api import health
+from .approvals import tally
 from .auth import can_see, grant_of
 from .state import ServerState, server_state
 
@@ -80,6 +81,13 @@ def status_data(request: Request) -> dict[str, Any]:
                 "age_seconds": round(now - s.created_at, 1),
                 "deadline_in_seconds": round(s.deadline - now, 1),
                 "question": _preview(s.message),
+                "options": s.options,
+                "responders": s.responders,
+                "approvals": f"{tally(s).approvals}/{s.approvals_required}" if s.approvals_required else None,
+                # answers not taken: from people who are not among the responders
+                "refused": [
+                    {"userid": r.userid, "name": r.name, "seconds_ago": round(now - r.at, 1)} for r in s.refused
+                ],
             }
             for s in waiting
         ],
@@ -192,9 +200,16 @@ def render_html(data: dict[str, Any]) -> str:
     parts.append("<h2>等待回复的问题 / Waiting questions</h2>")
     parts.append(
         _table(
-            ["短 id Short id", "项目 Project", "会话 Chat", "已等待 Age", "问题 Question"],
+            ["短 id Short id", "项目 Project", "会话 Chat", "已等待 Age", "问题 Question", "未采纳 Refused"],
             [
-                [w["short_id"], w["project"] or "–", w["chat_id"] or "–", duration(w["age_seconds"]), w["question"]]
+                [
+                    w["short_id"],
+                    w["project"] or "–",
+                    w["chat_id"] or "–",
+                    duration(w["age_seconds"]),
+                    w["question"] + (f"（{w['approvals']} 已批准）" if w["approvals"] else ""),
+                    "、".join(r["name"] or r["userid"] for r in w["refused"]) or "–",
+                ]
                 for w in data["waiting"]
             ],
             "没有等待中的问题 / nothing is waiting",

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from hil_protocol.callback import IncomingMessage
-from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
 
 # Where a channel hands what people send; it returns once the message is durably handled.
 Inbox = Callable[[IncomingMessage], Awaitable[object]]
@@ -45,6 +45,10 @@ class Channel(Protocol):
 
     async def send_notice(self, notice: Notice) -> None:
         """Post a hint or notice. Raises ChannelError when it could not."""
+        ...
+
+    async def update_card(self, update: CardUpdate) -> None:
+        """Replace a question's card after a click (channels without cards do nothing)."""
         ...
 
     async def run(self, inbox: Inbox) -> None:

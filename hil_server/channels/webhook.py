@@ -4,10 +4,12 @@ callback (`POST /api/callback`), outside this channel."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
-from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
 from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError
 
+from ..choices import as_text
 from . import ChannelError, ChannelHealth, Inbox
 
 
@@ -19,7 +21,7 @@ class WebhookChannel:
 
     async def send_question(self, question: Question) -> SendReceipt:
         try:
-            return await self.sender.send_question(question)
+            return await self.sender.send_question(dataclasses.replace(question, message=as_text(question)))
         except WeComError as exc:
             raise ChannelError(str(exc), exc.errcode) from exc
         except ImageError as exc:
@@ -30,6 +32,9 @@ class WebhookChannel:
             await self.sender.send_notice(notice)
         except WeComError as exc:
             raise ChannelError(str(exc), exc.errcode) from exc
+
+    async def update_card(self, update: CardUpdate) -> None:
+        pass  # no cards in a text chat: the question's options are numbered lines
 
     async def run(self, inbox: Inbox) -> None:
         await asyncio.Event().wait()  # nothing to keep alive: the callback route feeds the inbox

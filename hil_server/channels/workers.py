@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 import uuid
@@ -10,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from hil_protocol.outbound import Notice, Question, SendReceipt
+from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
 from hil_protocol.relay_frames import (
     ACTION_SEND_HINT,
     ACTION_SEND_MESSAGE,
@@ -22,6 +23,7 @@ from hil_protocol.relay_frames import (
     dump_frame,
 )
 
+from ..choices import as_text
 from . import ChannelError, ChannelHealth, Inbox
 
 logger = logging.getLogger(__name__)
@@ -195,15 +197,18 @@ class RelayChannel:
         self._timeout = heartbeat_timeout
 
     async def send_question(self, question: Question) -> SendReceipt:
-        data = await self.hub.request(
-            ACTION_SEND_MESSAGE, SendMessagePayload.of(question).model_dump(exclude_none=True)
-        )
+        # Options are rendered here, into the text: any worker (a seed one too) sends them as they are.
+        payload = SendMessagePayload.of(dataclasses.replace(question, message=as_text(question)))
+        data = await self.hub.request(ACTION_SEND_MESSAGE, payload.model_dump(exclude_none=True))
         return SendReceipt(
             parts=_int(data.get("parts"), 1), images=_int(data.get("images"), 0), retries=_int(data.get("retries"), 0)
         )
 
     async def send_notice(self, notice: Notice) -> None:
         await self.hub.request(ACTION_SEND_HINT, SendHintPayload.of(notice).model_dump(exclude_none=True))
+
+    async def update_card(self, update: CardUpdate) -> None:
+        pass  # no cards in a text chat: the question's options are numbered lines
 
     async def run(self, inbox: Inbox) -> None:
         await self.hub.heartbeat(self._interval, self._timeout)
