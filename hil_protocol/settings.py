@@ -56,9 +56,12 @@ class RobotSettings(CommonSettings):
     wecom_callback_token: SecretStr | None = None
     wecom_callback_aes_key: SecretStr | None = None
     hil_data_dir: Path = Path("./data")
+    # Fetch image URLs from private and loopback addresses too (intranet image hosts); off: public addresses only.
+    hil_image_allow_private: bool = False
 
     def robot_sender(self, http: httpx.AsyncClient) -> RobotSender:
         """The one client every message to this robot goes through."""
+        from .images import ImageFetcher
         from .wecom_robot import RetryPolicy, RobotSender, make_backend
 
         key = secret_value(self.bot_key)
@@ -66,7 +69,7 @@ class RobotSettings(CommonSettings):
             raise ValueError("BOT_KEY is not set: the WeCom robot's webhook key is needed to send")
         backend = make_backend(self.wecom_sender, http, self.wecom_api_base, key)
         policy = RetryPolicy(deadline=self.wecom_retry_deadline, max_per_minute=self.wecom_max_per_minute)
-        return RobotSender(backend, http, policy)
+        return RobotSender(backend, policy, images=ImageFetcher(allow_private=self.hil_image_allow_private))
 
     def callback_intake(self) -> CallbackIntake:
         """How this process reads the robot's callback requests."""

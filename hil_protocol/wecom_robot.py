@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
 import hashlib
 import logging
 import random
@@ -20,12 +19,12 @@ from typing import Any, Protocol
 
 import httpx
 
+from .images import ImageFetcher, check_image, load_images
 from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, split_text, truncate_bytes, utf8_len
 from .outbound import Notice, Question, SendReceipt
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MAX_BYTES = 2 * 1024 * 1024
 ERR_RATE_LIMITED = 45009
 ERR_INVALID_KEY = 93000
 ERR_TOO_LONG = 40058
@@ -65,10 +64,6 @@ class WeComNetworkError(WeComError):
 
     def describe(self) -> str:
         return f"无法连接企业微信：{self.errmsg}"
-
-
-class ImageError(ValueError):
-    """An image we cannot send: unreadable, not JPG/PNG, or over WeCom's 2 MB."""
 
 
 def error_for(errcode: int, errmsg: str) -> WeComError:
@@ -196,63 +191,7 @@ def make_backend(kind: str, http: httpx.AsyncClient, api_base: str, bot_key: str
     return WebhookBackend(http, api_base, bot_key)
 
 
-# --- images ---------------------------------------------------------------------------------------------------
-
-
-def image_kind(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    return None
-
-
-def check_image(data: bytes) -> bytes:
-    if not data:
-        raise ImageError("图片为空")
-    if len(data) > IMAGE_MAX_BYTES:
-        raise ImageError(f"图片 {len(data) / 1024 / 1024:.1f} MB，超过企业微信的 2 MB 上限")
-    if image_kind(data) is None:
-        raise ImageError("只能发送 JPG 或 PNG 图片")
-    return data
-
-
-def decode_data_url(src: str) -> bytes:
-    """`data:image/png;base64,...` or bare base64 -> bytes."""
-    b64 = src.split(",", 1)[1] if src.startswith("data:") else src
-    if src.startswith("data:") and ";base64" not in src.split(",", 1)[0]:
-        raise ImageError("data URL 必须是 base64 编码")
-    try:
-        return base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError("图片不是有效的 base64 / data URL") from exc
-
-
-def to_data_url(data: bytes) -> str:
-    mime = "image/png" if image_kind(data) == "png" else "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-async def load_image(src: str | bytes, http: httpx.AsyncClient) -> bytes:
-    """An image given as bytes, a data URL, bare base64 or an http(s) URL -> checked bytes."""
-    if isinstance(src, bytes):
-        return check_image(src)
-    if src.startswith(("http://", "https://")):
-        try:
-            async with http.stream("GET", src, timeout=15) as response:
-                if response.status_code != 200:
-                    raise ImageError(f"下载图片失败：HTTP {response.status_code}")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > IMAGE_MAX_BYTES:
-                        raise ImageError("图片超过企业微信的 2 MB 上限")
-                    chunks.append(chunk)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
-            raise ImageError(f"下载图片失败：{type(exc).__name__}") from exc
-        return check_image(b"".join(chunks))
-    return check_image(decode_data_url(src))
+# --- payloads ---------------------------------------------------------------------------------------------------
 
 
 def image_payload(chat_id: str | None, data: bytes) -> dict[str, Any]:
@@ -338,19 +277,20 @@ class _Pacer:
 
 
 class RobotSender:
-    """One per robot (BOT_KEY): everything that goes to WeCom goes through here."""
+    """One per robot (BOT_KEY): everything that goes to WeCom goes through here. `images` fetches image URLs
+    (default: public hosts only)."""
 
     def __init__(
         self,
         backend: RobotBackend,
-        http: httpx.AsyncClient,
         policy: RetryPolicy | None = None,
         *,
+        images: ImageFetcher | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backend = backend
-        self._http = http
+        self.images = images or ImageFetcher()
         self.policy = policy or RetryPolicy()
         self._clock = clock
         self._pacer = _Pacer(self.policy, clock, sleep)
@@ -409,7 +349,7 @@ class RobotSender:
     async def send_question(self, question: Question) -> SendReceipt:
         """A question: header + text split into parts (sent in order), then its images."""
         # Load every image first: a bad image should fail the question before any part reaches the chat.
-        loaded = [await load_image(src, self._http) for src in question.images]
+        loaded = await load_images(question.images, self.images)
         header = question.header
         parts = split_text(question.message, header) if header else _split_plain(question.message)
         mentions = list(question.mention_list) or None

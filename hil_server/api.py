@@ -10,7 +10,7 @@ from fastapi import APIRouter, File, HTTPException, Path, Query, Request, Upload
 from fastapi.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hil_protocol.wecom_robot import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
+from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__
 from .auth import Grant

@@ -16,11 +16,10 @@ import httpx
 import pytest
 import respx
 
+from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, ImageFetcher
 from hil_protocol.messages import TEXT_LIMIT, utf8_len
 from hil_protocol.outbound import Question
 from hil_protocol.wecom_robot import (
-    IMAGE_MAX_BYTES,
-    ImageError,
     PigeonBackend,
     RetryPolicy,
     RobotSender,
@@ -31,6 +30,7 @@ from hil_protocol.wecom_robot import (
     WeComRateLimited,
     make_backend,
 )
+from tests.tiny_http import Reply, TinyHTTP
 
 BASE = "https://wecom.test"
 KEY = "secret-bot-key-0123456789"
@@ -81,7 +81,7 @@ async def http() -> AsyncIterator[httpx.AsyncClient]:
 
 
 def sender(http: httpx.AsyncClient, policy: RetryPolicy = FAST, **kw: Any) -> RobotSender:
-    return RobotSender(WebhookBackend(http, BASE, KEY), http, policy, **kw)
+    return RobotSender(WebhookBackend(http, BASE, KEY), policy, **kw)
 
 
 def sent(route: respx.Route) -> list[dict[str, Any]]:
@@ -328,25 +328,33 @@ async def test_bad_image_fails_before_anything_is_sent(
     assert route.call_count == 0
 
 
-async def test_http_image_url_is_fetched(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
-    route = mock.post(SEND).mock(return_value=ok())
-    image_route = mock.get("https://images.test/pic.jpg").mock(return_value=httpx.Response(200, content=JPEG))
-    await sender(http).send_question(
-        Question("look", chat_id="c", short_id="1a2b3c4d", images=("https://images.test/pic.jpg",))
-    )
-    assert image_route.call_count == 1
-    payloads = sent(route)
-    assert payloads[-1]["image"]["md5"] == hashlib.md5(JPEG).hexdigest()
+async def test_http_image_url_is_fetched_by_the_senders_fetcher() -> None:
+    backend = RecordingBackend(FakeTime())
+    async with TinyHTTP(lambda seen: Reply(body=JPEG)) as server:
+        s = RobotSender(backend, FAST, images=ImageFetcher(allow_private=True))
+        question = Question("look", chat_id="c", short_id="1a2b3c4d", images=(f"{server.url}/pic.jpg",))
+        await s.send_question(question)
+    assert [p["msgtype"] for p in backend.payloads] == ["text", "image"]
+    assert backend.payloads[-1]["image"]["md5"] == hashlib.md5(JPEG).hexdigest()
 
 
-async def test_http_image_404_is_image_error(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
-    route = mock.post(SEND).mock(return_value=ok())
-    mock.get("https://images.test/missing.png").mock(return_value=httpx.Response(404))
-    with pytest.raises(ImageError, match="404"):
-        await sender(http).send_question(
-            Question("q", chat_id="c", short_id="1a2b3c4d", images=("https://images.test/missing.png",))
-        )
-    assert route.call_count == 0
+async def test_loopback_image_url_refused_by_default_before_anything_is_sent() -> None:
+    backend = RecordingBackend(FakeTime())
+    async with TinyHTTP(lambda seen: Reply(body=JPEG)) as server:
+        question = Question("look", chat_id="c", short_id="1a2b3c4d", images=(f"{server.url}/pic.jpg",))
+        with pytest.raises(ImageError, match="HIL_IMAGE_ALLOW_PRIVATE"):
+            await RobotSender(backend, FAST).send_question(question)
+        assert server.seen == []
+    assert backend.payloads == []
+
+
+async def test_http_image_404_is_image_error() -> None:
+    backend = RecordingBackend(FakeTime())
+    async with TinyHTTP(lambda seen: Reply(404)) as server:
+        s = RobotSender(backend, FAST, images=ImageFetcher(allow_private=True))
+        with pytest.raises(ImageError, match="404"):
+            await s.send_question(Question("q", chat_id="c", short_id="1a2b3c4d", images=(f"{server.url}/x.png",)))
+    assert backend.payloads == []
 
 
 # --- pacing ------------------------------------------------------------------------------------------------------
@@ -371,7 +379,7 @@ class RecordingBackend:
 async def test_fixed_pace_spaces_consecutive_sends(http: httpx.AsyncClient) -> None:
     fake = FakeTime()
     backend = RecordingBackend(fake)
-    s = RobotSender(backend, http, RetryPolicy(max_per_minute=600, base_delay=0.01), clock=fake.clock, sleep=fake.sleep)
+    s = RobotSender(backend, RetryPolicy(max_per_minute=600, base_delay=0.01), clock=fake.clock, sleep=fake.sleep)
     await asyncio.gather(*(s.send_text("c", f"m{i}") for i in range(10)))
     assert len(backend.times) == 10
     gaps = [b - a for a, b in zip(backend.times, backend.times[1:], strict=False)]
@@ -382,7 +390,7 @@ async def test_fixed_pace_spaces_consecutive_sends(http: httpx.AsyncClient) -> N
 async def test_no_pace_by_default(http: httpx.AsyncClient) -> None:
     fake = FakeTime()
     backend = RecordingBackend(fake)
-    s = RobotSender(backend, http, RetryPolicy(base_delay=0.01), clock=fake.clock, sleep=fake.sleep)
+    s = RobotSender(backend, RetryPolicy(base_delay=0.01), clock=fake.clock, sleep=fake.sleep)
     for i in range(5):
         await s.send_text("c", f"m{i}")
     assert fake.sleeps == []
@@ -434,7 +442,7 @@ async def test_pigeon_backend_maps_each_msgtype(http: httpx.AsyncClient) -> None
     backend = PigeonBackend(KEY, bot_factory=FakeBot)
     bot: FakeBot = backend._bot
     assert bot.bot_key == KEY
-    s = RobotSender(backend, http, FAST)
+    s = RobotSender(backend, FAST)
     await s.send_text("chat-1", "hello", ["zhangsan"])
     await s.send_text("chat-1", "no mentions")
     await s.send_markdown("chat-2", "**md**")
@@ -510,7 +518,7 @@ async def test_make_backend_uses_installed_pigeon_off_the_loop(
     bot = FakeBot.instances[-1]
     assert bot.bot_key == KEY
     loop_thread = threading.get_ident()
-    s = RobotSender(backend, http, FAST)
+    s = RobotSender(backend, FAST)
     await s.send_text("c", "hi")
     await s.send_markdown("c", "**x**")
     assert len(bot.threads) == 2

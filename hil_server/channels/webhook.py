@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import asyncio
 
+from hil_protocol.images import ImageError
 from hil_protocol.outbound import Notice, Question, SendReceipt
-from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError
+from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from . import ChannelError, ChannelHealth, Inbox
 
