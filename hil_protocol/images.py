@@ -358,7 +358,7 @@ class ImageFetcher:
                         return result
                     url = result
         except TimeoutError as exc:
-            raise ImageError(f"下载图片超时（{self.timeout:g} 秒内没有下载完）：{url.host}") from exc
+            raise ImageError(f"下载图片超时（{self.timeout:.3g} 秒内没有下载完）：{url.host}") from exc
         raise ImageError(f"下载图片失败：重定向超过 {self.max_redirects} 次")
 
     async def _get(self, url: httpx.URL) -> httpx.URL | bytes:
@@ -440,4 +440,4 @@ async def load_images(sources: Iterable[str | bytes], fetcher: ImageFetcher | No
         async with asyncio.timeout(fetcher.timeout):
             return [await load_image(src, fetcher) for src in sources]
     except TimeoutError as exc:
-        raise ImageError(f"下载图片超时（{fetcher.timeout:g} 秒内没有下载完）") from exc
+        raise ImageError(f"下载图片超时（{fetcher.timeout:.3g} 秒内没有下载完）") from exc

@@ -295,7 +295,7 @@ class WebhookBackend:
             async with asyncio.timeout(timeout):
                 status, body, encoding = await self._exchange(path, **kwargs)
         except TimeoutError as exc:
-            raise WeComNetworkError(ERR_NETWORK, f"{timeout:g} 秒内没有完整应答", host=self.host) from exc
+            raise WeComNetworkError(ERR_NETWORK, f"{timeout:.3g} 秒内没有完整应答", host=self.host) from exc
         if status >= 500 or status == 429:
             raise WeComNetworkError(ERR_NETWORK, f"HTTP {status}", host=self.host)
         try:
@@ -385,7 +385,7 @@ class PigeonBackend:
             raise
         except TimeoutError as exc:
             # The thread cannot be stopped; it finishes on its own and its result is dropped.
-            raise WeComNetworkError(ERR_NETWORK, f"fly-pigeon 在 {timeout:g} 秒内没有返回") from exc
+            raise WeComNetworkError(ERR_NETWORK, f"fly-pigeon 在 {timeout:.3g} 秒内没有返回") from exc
         except ValueError as exc:  # .json() of a body that is not JSON
             raise WeComBadResponse(f"fly-pigeon 的应答不是 JSON（{type(exc).__name__}）", host=self.host) from exc
         except Exception as exc:  # fly-pigeon raises whatever requests raises; we only know it failed to send

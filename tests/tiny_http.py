@@ -87,6 +87,8 @@ class TinyHTTP:
                     await asyncio.sleep(reply.drip)
         except (ConnectionError, ssl.SSLError, asyncio.IncompleteReadError):
             pass  # the client went away: what several tests are about
+        except asyncio.CancelledError:
+            pass  # the server is closing (__aexit__); asyncio's streams would log a cancelled handler as an error
         finally:
             self._tasks.discard(task)
             writer.close()
