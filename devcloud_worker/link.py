@@ -15,6 +15,7 @@ import websockets
 from websockets.asyncio.client import ClientConnection
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from hil_protocol.images import ImageError, load_image, to_data_url
 from hil_protocol.relay_frames import (
     ACTION_SEND_HINT,
     ACTION_SEND_MESSAGE,
@@ -35,7 +36,7 @@ from hil_protocol.relay_frames import (
     dump_frame,
     parse_frame,
 )
-from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError, load_image, to_data_url
+from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from .spool import Spool
 
@@ -220,6 +221,6 @@ class RelayClient:
             return {}
         if request.action == ACTION_UPLOAD_IMAGE:
             image = UploadImagePayload.model_validate(request.payload)
-            data = await load_image(image.image, self._http)
+            data = await load_image(image.image, self._sender.images)
             return {"image_url": to_data_url(data)}
         raise ValueError(f"unknown action {request.action!r}")

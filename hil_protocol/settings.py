@@ -7,6 +7,7 @@ directory, then the defaults here. Settings a process adds that are not seed nam
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -60,9 +61,12 @@ class RobotSettings(CommonSettings):
     hil_data_dir: Path = Path("./data")
     # seconds a request body may take to arrive before the connection is closed (slow-body clients)
     hil_body_timeout: float = Field(default=30.0, gt=0)
+    # Fetch image URLs from private and loopback addresses too (intranet image hosts); off: public addresses only.
+    hil_image_allow_private: bool = False
 
-    def robot_sender(self, http: httpx.AsyncClient) -> RobotSender:
-        """The one client every message to this robot goes through."""
+    def robot_sender(self, http: httpx.AsyncClient, on_attempt: Callable[[int], None] | None = None) -> RobotSender:
+        """The one client every message to this robot goes through; `on_attempt` sees each attempt's errcode."""
+        from .images import ImageFetcher
         from .wecom_robot import RetryPolicy, RobotSender, make_backend
 
         key = secret_value(self.bot_key)
@@ -70,7 +74,8 @@ class RobotSettings(CommonSettings):
             raise ValueError("BOT_KEY is not set: the WeCom robot's webhook key is needed to send")
         backend = make_backend(self.wecom_sender, http, self.wecom_api_base, key)
         policy = RetryPolicy(deadline=self.wecom_retry_deadline, max_per_minute=self.wecom_max_per_minute)
-        return RobotSender(backend, http, policy)
+        images = ImageFetcher(allow_private=self.hil_image_allow_private)
+        return RobotSender(backend, policy, images=images, on_attempt=on_attempt)
 
     def callback_intake(self) -> CallbackIntake:
         """How this process reads the robot's callback requests."""

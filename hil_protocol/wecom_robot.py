@@ -2,38 +2,59 @@
 what WeCom asks us to retry, and pace a burst so that nothing is lost to its rate limit.
 
 Two backends speak to WeCom: the public webhook API over httpx (default) and fly-pigeon (Tencent-internal,
-used only when `pigeon` imports and `WECOM_SENDER=pigeon`).
+used only when `pigeon` imports and `WECOM_SENDER=pigeon`). Whatever either gets back is read by one model,
+`WeComAnswer`; anything else that comes back is a `WeComBadResponse` for that one send, never another exception.
+
+Time is bounded twice: one attempt (request and body) within `RetryPolicy.attempt_timeout`, and one message,
+retries and pacing pauses included, within `RetryPolicy.deadline` (WECOM_RETRY_DEADLINE): no attempt starts after
+it, and an attempt's bound is the time left when that is shorter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
-import binascii
+import contextlib
 import hashlib
+import json
 import logging
 import random
+import re
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Annotated, Any, Protocol
 
 import httpx
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 
+from .images import ImageFetcher, check_image, load_images
 from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, split_text, truncate_bytes, utf8_len
 from .outbound import Notice, Question, SendReceipt
 
 logger = logging.getLogger(__name__)
 
-IMAGE_MAX_BYTES = 2 * 1024 * 1024
 ERR_RATE_LIMITED = 45009
 ERR_INVALID_KEY = 93000
 ERR_TOO_LONG = 40058
 ERR_NETWORK = -1
+ERR_BAD_RESPONSE = -2
+ERR_UNSUPPORTED = -3
+ERR_INVALID_MESSAGE = -4
+
+ATTEMPT_TIMEOUT = 10.0
+# WeCom's answers are a few dozen bytes; anything near this is not WeCom talking.
+ANSWER_MAX_BYTES = 64 * 1024
+SNIPPET_CHARS = 200
+PROXY_HINT = "请检查网络和代理设置（HTTPS_PROXY / NO_PROXY），或用 WECOM_API_BASE 指向可以访问的企业微信地址"
+
+_UNPRINTABLE = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_INT_TEXT = re.compile(r"-?[0-9]{1,10}")
 
 
 class WeComError(Exception):
-    """WeCom refused a message (errcode != 0) or could not be reached."""
+    """WeCom refused a message (errcode != 0), could not be reached, or answered something we cannot read."""
 
     retryable = False
 
@@ -61,14 +82,51 @@ class WeComContentTooLong(WeComError):
 
 
 class WeComNetworkError(WeComError):
+    """No answer from WeCom: a transport error, a timeout, HTTP 5xx or 429. Retried until the deadline."""
+
     retryable = True
 
+    def __init__(self, errcode: int, errmsg: str, hint: str = "", *, host: str | None = None) -> None:
+        self.host = host
+        super().__init__(errcode, errmsg, hint or (PROXY_HINT if host else ""))
+
     def describe(self) -> str:
-        return f"无法连接企业微信：{self.errmsg}"
+        where = f"企业微信（{self.host}）" if self.host else "企业微信"
+        text = f"无法连接{where}：{self.errmsg}"
+        return f"{text}。{self.hint}" if self.hint else text
 
 
-class ImageError(ValueError):
-    """An image we cannot send: unreadable, not JPG/PNG, or over WeCom's 2 MB."""
+class WeComBadResponse(WeComError):
+    """WeCom (or something between us) answered, but not with `{"errcode": <int>, ...}`. Not retried: the message
+    may have been posted, and sending it again could post it twice."""
+
+    def __init__(self, errmsg: str, *, host: str | None = None) -> None:
+        self.host = host
+        super().__init__(ERR_BAD_RESPONSE, errmsg)
+
+    def describe(self) -> str:
+        where = f"企业微信（{self.host}）" if self.host else "企业微信"
+        return (
+            f"{where}的应答无法识别：{self.errmsg}。消息可能没有发出；"
+            "请检查 WECOM_API_BASE 是否指向企业微信，以及中间是否有代理改写了应答"
+        )
+
+
+class WeComInvalidMessage(WeComError):
+    """A message that cannot be sent as it is (text that is not valid Unicode). Nothing was sent."""
+
+    def describe(self) -> str:
+        return self.errmsg
+
+
+@contextlib.contextmanager
+def _valid_unicode() -> Iterator[None]:
+    try:
+        yield
+    except UnicodeEncodeError as exc:  # a lone surrogate from JSON ("\ud800") cannot become UTF-8
+        raise WeComInvalidMessage(
+            ERR_INVALID_MESSAGE, "消息含有无法编码为 UTF-8 的字符（孤立的 Unicode 代理项），请去掉后重发"
+        ) from exc
 
 
 def error_for(errcode: int, errmsg: str) -> WeComError:
@@ -81,24 +139,139 @@ def error_for(errcode: int, errmsg: str) -> WeComError:
     return WeComError(errcode, errmsg)
 
 
-def _check(body: Any) -> dict[str, Any]:
-    if not isinstance(body, dict):
-        raise WeComError(-2, f"unexpected response: {str(body)[:200]}")
-    errcode = body.get("errcode", 0)
-    if errcode not in (0, None):
-        raise error_for(int(errcode), str(body.get("errmsg", "")))
+# --- WeCom's answers ----------------------------------------------------------------------------------------------
+
+
+def printable(text: str, limit: int = SNIPPET_CHARS) -> str:
+    """Text from outside, safe to put in an error or a log line: no control characters or lone surrogates."""
+    text = _UNPRINTABLE.sub("?", text)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _errcode(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ValueError(f"errcode is {type(value).__name__}, not an integer")
+    if isinstance(value, str):
+        if not _INT_TEXT.fullmatch(value.strip()):
+            raise ValueError("errcode is a word, not an integer")
+        value = int(value)
+    if not -(2**31) <= value < 2**31:
+        raise ValueError("errcode is out of range")
+    return value
+
+
+def _errmsg(value: object) -> str:
+    if value is None:
+        return ""
+    return printable(value) if isinstance(value, str) else _snippet(value)
+
+
+class WeComAnswer(BaseModel):
+    """What the webhook API (send, upload_media) and fly-pigeon answer: `{"errcode": 0, "errmsg": "ok", ...}`.
+    errcode must be an integer (a numeric string is read as one); errmsg is only shown to people."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    errcode: Annotated[int, BeforeValidator(_errcode)]
+    errmsg: Annotated[str, BeforeValidator(_errmsg)] = ""
+    media_id: str | None = None
+
+
+def _snippet(value: object) -> str:
+    if isinstance(value, bytes):
+        return printable(value[: SNIPPET_CHARS * 4].decode("utf-8", "replace"))
+    try:
+        return printable(json.dumps(value, ensure_ascii=False, default=repr)[: SNIPPET_CHARS * 4])
+    except (TypeError, ValueError, RecursionError):
+        return f"<{type(value).__name__}>"
+
+
+def parse_answer(value: object, *, host: str | None = None) -> WeComAnswer:
+    """A decoded answer (JSON value, or what fly-pigeon returned) -> WeComAnswer; WeComBadResponse otherwise.
+    Does not look at errcode: `raise_for_errcode` does."""
+    if not isinstance(value, dict):
+        raise WeComBadResponse(f"不是 JSON 对象：{_snippet(value)}", host=host)
+    try:
+        return WeComAnswer.model_validate(value)
+    except ValidationError as exc:
+        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        raise WeComBadResponse(f"{printable(problem)}：{_snippet(value)}", host=host) from exc
+
+
+def raise_for_errcode(answer: WeComAnswer) -> WeComAnswer:
+    if answer.errcode != 0:
+        raise error_for(answer.errcode, answer.errmsg)
+    return answer
+
+
+def _decompress(body: bytes, encoding: str, *, host: str | None) -> bytes:
+    """Undo Content-Encoding (gzip / deflate, possibly stacked) within ANSWER_MAX_BYTES, or WeComBadResponse."""
+    for coding in reversed([c.strip().lower() for c in encoding.split(",") if c.strip()]):
+        if coding == "identity":
+            continue
+        if coding in ("gzip", "x-gzip"):
+            decoders = [zlib.decompressobj(16 + zlib.MAX_WBITS)]
+        elif coding == "deflate":  # zlib-wrapped as the RFC says, or raw deflate as some servers send
+            decoders = [zlib.decompressobj(zlib.MAX_WBITS), zlib.decompressobj(-zlib.MAX_WBITS)]
+        else:
+            raise WeComBadResponse(f"不支持的 Content-Encoding {printable(coding)}", host=host)
+        for decoder in decoders:
+            try:
+                out = decoder.decompress(body, ANSWER_MAX_BYTES + 1)
+            except zlib.error:
+                continue
+            if len(out) > ANSWER_MAX_BYTES or decoder.unconsumed_tail:
+                raise WeComBadResponse(f"解压后超过 {ANSWER_MAX_BYTES} 字节", host=host)
+            if not decoder.eof:
+                raise WeComBadResponse(f"{coding} 数据不完整", host=host)
+            body = out
+            break
+        else:
+            raise WeComBadResponse(f"{coding} 数据损坏，无法解压", host=host)
     return body
+
+
+def decode_answer(status: int, body: bytes, encoding: str = "", *, host: str | None = None) -> WeComAnswer:
+    """An HTTP answer's status and raw body (as received, before Content-Encoding) -> WeComAnswer."""
+    raw = _decompress(body, encoding, host=host)
+    if not raw.strip():
+        raise WeComBadResponse(f"HTTP {status}，应答为空", host=host)
+    try:
+        value = json.loads(raw.decode("utf-8-sig"))
+    except UnicodeDecodeError as exc:
+        raise WeComBadResponse(f"HTTP {status}，应答不是 UTF-8：{_snippet(raw)}", host=host) from exc
+    except (ValueError, RecursionError) as exc:  # json.JSONDecodeError is a ValueError; RecursionError: [[[[…
+        raise WeComBadResponse(f"HTTP {status}，应答不是 JSON：{_snippet(raw)}", host=host) from exc
+    return parse_answer(value, host=host)
 
 
 # --- backends -------------------------------------------------------------------------------------------------
 
 
 class RobotBackend(Protocol):
+    """Sends one payload, once, within `timeout` seconds (request and answer), or raises a WeComError."""
+
     name: str
+    host: str
 
-    async def send(self, payload: dict[str, Any]) -> None: ...
+    async def send(self, payload: dict[str, Any], timeout: float) -> None: ...
 
-    async def upload_file(self, filename: str, data: bytes) -> str: ...
+    async def upload_file(self, filename: str, data: bytes, timeout: float = ATTEMPT_TIMEOUT) -> str: ...
+
+
+def _api_host(api_base: str) -> str:
+    """WECOM_API_BASE's host[:port], for errors and logs (the key is in the query, never here)."""
+    try:
+        url = httpx.URL(api_base)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise ValueError(f"WECOM_API_BASE {api_base!r} is not a URL; use e.g. https://qyapi.weixin.qq.com") from exc
+    port_ok = url.port is None or 0 < url.port < 65536
+    if url.scheme not in ("http", "https") or not url.host or not port_ok or url.query or url.userinfo:
+        raise ValueError(
+            f"WECOM_API_BASE {api_base!r} must be http(s)://host[:port][/path] (port 1-65535, no user or query); "
+            "e.g. https://qyapi.weixin.qq.com"
+        )
+    return url.netloc.decode("ascii")
 
 
 class WebhookBackend:
@@ -108,41 +281,75 @@ class WebhookBackend:
 
     def __init__(self, http: httpx.AsyncClient, api_base: str, bot_key: str) -> None:
         self._http = http
+        self.host = _api_host(api_base)
         self._base = api_base.rstrip("/")
         self._key = bot_key
 
-    async def _post(self, path: str, **kwargs: Any) -> dict[str, Any]:
+    def _redact(self, text: str) -> str:
+        return text.replace(self._key, "***") if self._key else text
+
+    async def _post(self, path: str, timeout: float, **kwargs: Any) -> WeComAnswer:
         try:
-            response = await self._http.post(f"{self._base}{path}", **kwargs)
+            # One bound over the request and the whole body: httpx's timeouts are per read, so a body dripped a
+            # byte at a time would never trip them.
+            async with asyncio.timeout(timeout):
+                status, body, encoding = await self._exchange(path, **kwargs)
+        except TimeoutError as exc:
+            raise WeComNetworkError(ERR_NETWORK, f"{timeout:.3g} 秒内没有完整应答", host=self.host) from exc
+        if status >= 500 or status == 429:
+            raise WeComNetworkError(ERR_NETWORK, f"HTTP {status}", host=self.host)
+        try:
+            answer = decode_answer(status, body, encoding, host=self.host)
+        except WeComBadResponse as exc:
+            # A proxy's error page may quote the URL, and the URL carries the key.
+            raise WeComBadResponse(self._redact(exc.errmsg), host=self.host) from exc.__cause__
+        return raise_for_errcode(answer)
+
+    async def _exchange(self, path: str, **kwargs: Any) -> tuple[int, bytes, str]:
+        headers = {"Accept-Encoding": "gzip, deflate"}
+        try:
+            async with self._http.stream("POST", f"{self._base}{path}", headers=headers, **kwargs) as response:
+                if response.status_code >= 500 or response.status_code == 429:
+                    return response.status_code, b"", ""
+                length = response.headers.get("content-length", "")
+                if length.strip().isdigit() and int(length) > ANSWER_MAX_BYTES:
+                    raise WeComBadResponse(f"应答有 {int(length)} 字节，不像企业微信的应答", host=self.host)
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_raw():
+                    size += len(chunk)
+                    if size > ANSWER_MAX_BYTES:
+                        raise WeComBadResponse(f"应答超过 {ANSWER_MAX_BYTES} 字节，不像企业微信的应答", host=self.host)
+                    chunks.append(chunk)
+                return response.status_code, b"".join(chunks), response.headers.get("content-encoding", "")
         except httpx.TimeoutException as exc:
-            raise WeComNetworkError(ERR_NETWORK, "请求超时") from exc
+            raise WeComNetworkError(ERR_NETWORK, f"请求超时（{type(exc).__name__}）", host=self.host) from exc
         except httpx.TransportError as exc:
             # The exception text can carry the URL, and the URL carries the key: say only what kind of failure.
-            raise WeComNetworkError(ERR_NETWORK, type(exc).__name__) from exc
-        if response.status_code >= 500 or response.status_code == 429:
-            raise WeComNetworkError(ERR_NETWORK, f"HTTP {response.status_code}")
-        try:
-            body = response.json()
-        except ValueError as exc:
-            raise WeComError(-2, f"HTTP {response.status_code}, response is not JSON") from exc
-        return _check(body)
+            raise WeComNetworkError(ERR_NETWORK, type(exc).__name__, host=self.host) from exc
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            raise WeComBadResponse(f"读取应答失败（{type(exc).__name__}）", host=self.host) from exc
 
-    async def send(self, payload: dict[str, Any]) -> None:
-        await self._post("/cgi-bin/webhook/send", params={"key": self._key}, json=payload)
+    async def send(self, payload: dict[str, Any], timeout: float = ATTEMPT_TIMEOUT) -> None:
+        await self._post("/cgi-bin/webhook/send", timeout, params={"key": self._key}, json=payload)
 
-    async def upload_file(self, filename: str, data: bytes) -> str:
-        body = await self._post(
+    async def upload_file(self, filename: str, data: bytes, timeout: float = ATTEMPT_TIMEOUT) -> str:
+        answer = await self._post(
             "/cgi-bin/webhook/upload_media",
+            timeout,
             params={"key": self._key, "type": "file"},
             files={"media": (filename, data, "application/octet-stream")},
         )
-        return str(body["media_id"])
+        if not answer.media_id:
+            raise WeComBadResponse("upload_media 成功但没有返回 media_id", host=self.host)
+        return answer.media_id
 
 
 class PigeonBackend:
     """fly-pigeon's `pigeon.Bot`. Its calls are synchronous, so each runs in a worker thread."""
 
     name = "pigeon"
+    host = "fly-pigeon"
 
     def __init__(self, bot_key: str, bot_factory: Callable[..., Any] | None = None) -> None:
         if bot_factory is None:
@@ -156,30 +363,37 @@ class PigeonBackend:
         msgtype = payload["msgtype"]
         if msgtype == "text":
             text = payload["text"]
-            return self._bot.text(
+            result = self._bot.text(
                 chat_id=chat_id, msg_content=text["content"], mentioned_list=text.get("mentioned_list") or None
             )
-        if msgtype in ("markdown", "markdown_v2"):
-            return self._bot.markdown(chat_id=chat_id, msg_content=payload[msgtype]["content"])
-        if msgtype == "image":
-            return self._bot.image(msg_content=payload["image"]["base64"], chat_id=chat_id)
-        if msgtype == "file":
-            return self._bot.file(chat_id=chat_id, media_id=payload["file"]["media_id"])
-        raise WeComError(40008, f"fly-pigeon backend cannot send msgtype {msgtype}")
+        elif msgtype in ("markdown", "markdown_v2"):
+            result = self._bot.markdown(chat_id=chat_id, msg_content=payload[msgtype]["content"])
+        elif msgtype == "image":
+            result = self._bot.image(msg_content=payload["image"]["base64"], chat_id=chat_id)
+        elif msgtype == "file":
+            result = self._bot.file(chat_id=chat_id, media_id=payload["file"]["media_id"])
+        else:
+            raise WeComError(40008, f"fly-pigeon backend cannot send msgtype {msgtype}")
+        # A response object: read it here, in the thread, since .json() may read the body from the network.
+        return result.json() if hasattr(result, "json") else result
 
-    async def send(self, payload: dict[str, Any]) -> None:
+    async def send(self, payload: dict[str, Any], timeout: float = ATTEMPT_TIMEOUT) -> None:
         try:
-            result = await asyncio.to_thread(self._call, payload)
+            async with asyncio.timeout(timeout):
+                result = await asyncio.to_thread(self._call, payload)
         except WeComError:
             raise
+        except TimeoutError as exc:
+            # The thread cannot be stopped; it finishes on its own and its result is dropped.
+            raise WeComNetworkError(ERR_NETWORK, f"fly-pigeon 在 {timeout:.3g} 秒内没有返回") from exc
+        except ValueError as exc:  # .json() of a body that is not JSON
+            raise WeComBadResponse(f"fly-pigeon 的应答不是 JSON（{type(exc).__name__}）", host=self.host) from exc
         except Exception as exc:  # fly-pigeon raises whatever requests raises; we only know it failed to send
             raise WeComNetworkError(ERR_NETWORK, f"fly-pigeon: {type(exc).__name__}") from exc
-        if hasattr(result, "json"):
-            result = result.json()
-        _check(result if result is not None else {"errcode": 0})
+        raise_for_errcode(parse_answer(result, host=self.host))
 
-    async def upload_file(self, filename: str, data: bytes) -> str:
-        raise WeComError(-3, "the fly-pigeon backend cannot upload files; use WECOM_SENDER=webhook")
+    async def upload_file(self, filename: str, data: bytes, timeout: float = ATTEMPT_TIMEOUT) -> str:
+        raise WeComError(ERR_UNSUPPORTED, "the fly-pigeon backend cannot upload files; use WECOM_SENDER=webhook")
 
 
 def make_backend(kind: str, http: httpx.AsyncClient, api_base: str, bot_key: str) -> RobotBackend:
@@ -196,70 +410,29 @@ def make_backend(kind: str, http: httpx.AsyncClient, api_base: str, bot_key: str
     return WebhookBackend(http, api_base, bot_key)
 
 
-# --- images ---------------------------------------------------------------------------------------------------
+# --- payloads ---------------------------------------------------------------------------------------------------
 
 
-def image_kind(data: bytes) -> str | None:
-    if data.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if data.startswith(b"\xff\xd8\xff"):
-        return "jpg"
-    return None
+def text_payload(chat_id: str | None, content: str, mentioned_list: list[str] | None = None) -> dict[str, Any]:
+    if utf8_len(content) > TEXT_LIMIT:
+        raise WeComContentTooLong(ERR_TOO_LONG, f"text is {utf8_len(content)} bytes, limit {TEXT_LIMIT}")
+    text: dict[str, Any] = {"content": content}
+    if mentioned_list:
+        text["mentioned_list"] = mentioned_list
+    return _addressed({"msgtype": "text", "text": text}, chat_id)
 
 
-def check_image(data: bytes) -> bytes:
-    if not data:
-        raise ImageError("图片为空")
-    if len(data) > IMAGE_MAX_BYTES:
-        raise ImageError(f"图片 {len(data) / 1024 / 1024:.1f} MB，超过企业微信的 2 MB 上限")
-    if image_kind(data) is None:
-        raise ImageError("只能发送 JPG 或 PNG 图片")
-    return data
-
-
-def decode_data_url(src: str) -> bytes:
-    """`data:image/png;base64,...` or bare base64 -> bytes."""
-    b64 = src.split(",", 1)[1] if src.startswith("data:") else src
-    if src.startswith("data:") and ";base64" not in src.split(",", 1)[0]:
-        raise ImageError("data URL 必须是 base64 编码")
-    try:
-        return base64.b64decode(b64, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise ImageError("图片不是有效的 base64 / data URL") from exc
-
-
-def to_data_url(data: bytes) -> str:
-    mime = "image/png" if image_kind(data) == "png" else "image/jpeg"
-    return f"data:{mime};base64,{base64.b64encode(data).decode()}"
-
-
-async def load_image(src: str | bytes, http: httpx.AsyncClient) -> bytes:
-    """An image given as bytes, a data URL, bare base64 or an http(s) URL -> checked bytes."""
-    if isinstance(src, bytes):
-        return check_image(src)
-    if src.startswith(("http://", "https://")):
-        try:
-            async with http.stream("GET", src, timeout=15) as response:
-                if response.status_code != 200:
-                    raise ImageError(f"下载图片失败：HTTP {response.status_code}")
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.aiter_bytes():
-                    size += len(chunk)
-                    if size > IMAGE_MAX_BYTES:
-                        raise ImageError("图片超过企业微信的 2 MB 上限")
-                    chunks.append(chunk)
-        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is not an HTTPError
-            raise ImageError(f"下载图片失败：{type(exc).__name__}") from exc
-        return check_image(b"".join(chunks))
-    return check_image(decode_data_url(src))
+def markdown_payload(chat_id: str | None, content: str) -> dict[str, Any]:
+    markdown = {"content": truncate_bytes(content, MARKDOWN_LIMIT)}
+    return _addressed({"msgtype": "markdown", "markdown": markdown}, chat_id)
 
 
 def image_payload(chat_id: str | None, data: bytes) -> dict[str, Any]:
-    payload: dict[str, Any] = {
-        "msgtype": "image",
-        "image": {"base64": base64.b64encode(data).decode(), "md5": hashlib.md5(data).hexdigest()},
-    }
+    image = {"base64": base64.b64encode(data).decode(), "md5": hashlib.md5(data).hexdigest()}
+    return _addressed({"msgtype": "image", "image": image}, chat_id)
+
+
+def _addressed(payload: dict[str, Any], chat_id: str | None) -> dict[str, Any]:
     if chat_id:
         payload["chatid"] = chat_id
     return payload
@@ -272,16 +445,21 @@ def image_payload(chat_id: str | None, data: bytes) -> dict[str, Any]:
 class RetryPolicy:
     """How hard to try before telling the caller WeCom would not take a message."""
 
-    deadline: float = 60.0  # total seconds one message may spend waiting for WeCom
+    deadline: float = 60.0  # total seconds one message may spend on WeCom, pauses and attempts included
+    attempt_timeout: float = ATTEMPT_TIMEOUT  # one attempt, request and answer body
     base_delay: float = 0.5
     max_delay: float = 10.0
     concurrency: int = 8  # sends in flight at once per robot
     max_per_minute: int | None = None  # optional fixed pace (off: public and internal WeCom limits differ)
 
 
+class _OutOfTime(Exception):
+    """The message's deadline came before its next attempt could start."""
+
+
 class _Pacer:
     """Shared by every send of one robot: a concurrency cap, a pause after 45009 (doubling while WeCom keeps
-    refusing, reset by a success), and an optional fixed pace."""
+    refusing, reset by a success), and an optional fixed pace. Every wait ends at the message's deadline."""
 
     def __init__(self, policy: RetryPolicy, clock: Callable[[], float], sleep: Callable[[float], Awaitable[None]]):
         self._policy = policy
@@ -295,31 +473,49 @@ class _Pacer:
         self._throttle_lock = asyncio.Lock()
         self._epoch = 0
 
-    async def run(self, send: Callable[[], Awaitable[None]]) -> None:
-        async with self._slots:
+    async def run(self, send: Callable[[float], Awaitable[None]], deadline: float) -> None:
+        """Run `send(bound)` once its turn comes, or raise _OutOfTime if that is not before `deadline`."""
+        async with self._hold(self._slots, deadline):
             # While WeCom is refusing, go one at a time so the queue drains at the pace WeCom allows.
             if self._throttled:
-                async with self._throttle_lock:
-                    await self._wait_turn()
-                    await self._send(send)
+                async with self._hold(self._throttle_lock, deadline):
+                    await self._wait_turn(deadline)
+                    await self._send(send, deadline)
             else:
-                await self._wait_turn()
-                await self._send(send)
+                await self._wait_turn(deadline)
+                await self._send(send, deadline)
 
-    async def _wait_turn(self) -> None:
+    @contextlib.asynccontextmanager
+    async def _hold(self, lock: asyncio.Semaphore | asyncio.Lock, deadline: float) -> AsyncIterator[None]:
+        try:
+            async with asyncio.timeout(max(0.0, deadline - self._clock())):
+                await lock.acquire()
+        except TimeoutError:
+            raise _OutOfTime from None
+        try:
+            yield
+        finally:
+            lock.release()
+
+    async def _wait_turn(self, deadline: float) -> None:
         while True:
             now = self._clock()
-            wait = max(self._paused_until, self._next_start) - now
-            if wait <= 0:
+            start = max(self._paused_until, self._next_start, now)
+            if start >= deadline:
+                raise _OutOfTime
+            if start <= now:
                 break
-            await self._sleep(wait)
+            await self._sleep(start - now)
         if self._policy.max_per_minute:
             self._next_start = max(self._clock(), self._next_start) + 60.0 / self._policy.max_per_minute
 
-    async def _send(self, send: Callable[[], Awaitable[None]]) -> None:
+    async def _send(self, send: Callable[[float], Awaitable[None]], deadline: float) -> None:
         epoch = self._epoch
+        bound = min(self._policy.attempt_timeout, deadline - self._clock())
+        if bound <= 0:
+            raise _OutOfTime
         try:
-            await send()
+            await send(bound)
         except WeComRateLimited:
             self._throttled = True
             # Sends already in flight when WeCom started refusing fail together; one burst is one refusal, so
@@ -338,44 +534,62 @@ class _Pacer:
 
 
 class RobotSender:
-    """One per robot (BOT_KEY): everything that goes to WeCom goes through here."""
+    """One per robot (BOT_KEY): everything that goes to WeCom goes through here. `images` fetches image URLs
+    (default: public hosts only)."""
 
     def __init__(
         self,
         backend: RobotBackend,
-        http: httpx.AsyncClient,
         policy: RetryPolicy | None = None,
         *,
+        images: ImageFetcher | None = None,
+        on_attempt: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.backend = backend
-        self._http = http
+        self.images = images or ImageFetcher()
         self.policy = policy or RetryPolicy()
         self._clock = clock
         self._pacer = _Pacer(self.policy, clock, sleep)
-        # Observers (metrics) see every attempt's errcode.
-        self.on_attempt: Callable[[int], None] | None = None
+        # An observer (metrics) sees every attempt's errcode.
+        self.on_attempt = on_attempt
 
-    async def send_payload(self, payload: dict[str, Any]) -> int:
-        """Send one message, retrying rate limits and network errors until the policy's deadline.
+    def _deadline(self) -> float:
+        return self._clock() + self.policy.deadline
 
-        Returns how many retries it took; raises the last WeComError when WeCom would not take it."""
-        deadline = self._clock() + self.policy.deadline
+    async def send_payload(self, payload: dict[str, Any], deadline: float | None = None) -> int:
+        """Send one message, retrying rate limits and network errors until the deadline (default: the policy's
+        deadline from now). Returns how many retries it took; raises a WeComError when WeCom would not take it:
+        the last attempt's error, and never later than the deadline."""
+        with _valid_unicode():
+            json.dumps(payload, ensure_ascii=False).encode("utf-8")
+        deadline = self._deadline() if deadline is None else deadline
         retries = 0
+        last: WeComError | None = None
         while True:
             try:
-                await self._pacer.run(lambda: self._attempt(payload))
-                return retries
+                await self._pacer.run(lambda bound: self._attempt(payload, bound), deadline)
+            except _OutOfTime:
+                break
             except WeComError as exc:
-                if not exc.retryable or self._clock() >= deadline:
+                if not exc.retryable:
                     raise
+                last = exc
                 retries += 1
                 logger.info("wecom send retry #%d after errcode %s", retries, exc.errcode)
+            else:
+                return retries
+        if last is None:
+            last = WeComNetworkError(
+                ERR_NETWORK, "发送期限（WECOM_RETRY_DEADLINE）内没有轮到这条消息发送", host=self.backend.host
+            )
+        logger.warning("wecom send gave up after %d retries: %s", retries, last)
+        raise last
 
-    async def _attempt(self, payload: dict[str, Any]) -> None:
+    async def _attempt(self, payload: dict[str, Any], bound: float) -> None:
         try:
-            await self.backend.send(payload)
+            await self.backend.send(payload, bound)
         except WeComError as exc:
             if self.on_attempt:
                 self.on_attempt(exc.errcode)
@@ -384,41 +598,38 @@ class RobotSender:
             self.on_attempt(0)
 
     async def send_text(self, chat_id: str | None, content: str, mentioned_list: list[str] | None = None) -> int:
-        if utf8_len(content) > TEXT_LIMIT:
-            raise WeComContentTooLong(ERR_TOO_LONG, f"text is {utf8_len(content)} bytes, limit {TEXT_LIMIT}")
-        text: dict[str, Any] = {"content": content}
-        if mentioned_list:
-            text["mentioned_list"] = mentioned_list
-        payload: dict[str, Any] = {"msgtype": "text", "text": text}
-        if chat_id:
-            payload["chatid"] = chat_id
+        with _valid_unicode():
+            payload = text_payload(chat_id, content, mentioned_list)
         return await self.send_payload(payload)
 
     async def send_markdown(self, chat_id: str | None, content: str) -> int:
-        payload: dict[str, Any] = {
-            "msgtype": "markdown",
-            "markdown": {"content": truncate_bytes(content, MARKDOWN_LIMIT)},
-        }
-        if chat_id:
-            payload["chatid"] = chat_id
+        with _valid_unicode():
+            payload = markdown_payload(chat_id, content)
         return await self.send_payload(payload)
 
     async def send_image(self, chat_id: str | None, data: bytes) -> int:
         return await self.send_payload(image_payload(chat_id, check_image(data)))
 
     async def send_question(self, question: Question) -> SendReceipt:
-        """A question: header + text split into parts (sent in order), then its images."""
+        """A question: header + text split into parts (sent in order), then its images. Raises ImageError for an
+        image it cannot load (before anything is sent) and WeComError when WeCom would not take a part; all
+        parts and images share one retry deadline. Text that is not valid Unicode is a WeComInvalidMessage."""
         # Load every image first: a bad image should fail the question before any part reaches the chat.
-        loaded = [await load_image(src, self._http) for src in question.images]
+        loaded = await load_images(question.images, self.images)
         header = question.header
-        parts = split_text(question.message, header) if header else _split_plain(question.message)
         mentions = list(question.mention_list) or None
-        retries = 0
-        for index, part in enumerate(parts):
+        with _valid_unicode():
+            parts = split_text(question.message, header) if header else _split_plain(question.message)
             # Mention people once, on the first part, so they are not pinged five times for one question.
-            retries += await self.send_text(question.chat_id, part, mentions if index == 0 else None)
-        for data in loaded:
-            retries += await self.send_image(question.chat_id, data)
+            payloads = [
+                text_payload(question.chat_id, part, mentions if index == 0 else None)
+                for index, part in enumerate(parts)
+            ]
+        payloads += [image_payload(question.chat_id, data) for data in loaded]
+        deadline = self._deadline()
+        retries = 0
+        for payload in payloads:
+            retries += await self.send_payload(payload, deadline)
         return SendReceipt(parts=len(parts), images=len(loaded), retries=retries)
 
     async def send_notice(self, notice: Notice) -> None:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hil_protocol.wecom_robot import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
+from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__, errors
 from .auth import can_see, grant_of

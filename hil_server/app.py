@@ -64,9 +64,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
                 if mode == "direct":
-                    sender = settings.robot_sender(http)
-                    sender.on_attempt = meters.wecom_attempt
-                    channel = WebhookChannel(sender)
+                    channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:
                     channel = RelayChannel(
                         hub,

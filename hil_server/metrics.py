@@ -53,7 +53,7 @@ class Metrics:
         self.callbacks = Counter("hil_callbacks", "Robot callbacks handled, by outcome", ["outcome"], registry=r)
         self.wecom_sends = Counter(
             "hil_wecom_sends",
-            "Send attempts to WeCom by errcode (direct mode; -1 = network error)",
+            "Send attempts to WeCom by errcode (direct mode; -1 network error, -2 unreadable answer, -4 invalid text)",
             ["errcode"],
             registry=r,
         )

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hil_protocol.images import check_image_source
 from hil_protocol.messages import SESSION_REF_RE, utf8_len
 
 from .choices import check_options
@@ -163,14 +164,10 @@ class SendRequest(BaseModel):
     @field_validator("images")
     @classmethod
     def _images(cls, value: list[str]) -> list[str]:
+        # Everything the sender would refuse about a source is refused here, before anything is stored or sent.
         if len(value) > MAX_IMAGES:
             raise ValueError(f"at most {MAX_IMAGES} images per message")
-        for src in value:
-            if not src.startswith(("data:image/", "http://", "https://")):
-                raise ValueError("each image must be a data:image/... URL or an http(s) URL")
-            if len(src) > 3 * 1024 * 1024:
-                raise ValueError("an image is larger than WeCom's 2 MB limit")
-        return value
+        return [check_image_source(src) for src in value]
 
     @field_validator("mention_list")
     @classmethod

@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 
+from hil_protocol.images import ImageError
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
-from hil_protocol.wecom_robot import ImageError, RobotSender, WeComError
+from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from ..choices import as_text
 from . import ChannelError, ChannelHealth, Inbox
