@@ -933,6 +933,7 @@ async def test_chat_page_in_ai_bot_mode(served: Served) -> None:
         await expect(mine.get_by_test_id("message-quote")).to_contain_text("**部署吗？**")
         await expect(mine).to_contain_text("李四")
         await expect(mine.get_by_test_id("callback-status")).to_have_text("已推送")
+        assert (await page.screenshot()).startswith(PNG_MAGIC)
         await browser.close()
     assert not errors, errors
     assert fake.aibot.card("page-1").card == decided
