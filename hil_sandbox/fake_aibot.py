@@ -70,8 +70,8 @@ Protocol facts relied on, and where they come from. Sources:
 - Errcodes without a source, chosen by the fake: 40058 "invalid Request Parameter" (WeCom's general bad-parameter code,
   seen on the bot's credential check) for every malformed body, unknown cmd, a frame without req_id, a reused
   task_id; 40008 unknown msgtype; 44004 empty content; 40007 media_id (the fake keeps no uploaded media). A frame before
-  subscribe is answered 40058 and the socket closed (1008); a frame that is not a JSON object closes it (1007), a
-  frame over the size limit too (1009). Close codes are guesses.
+  subscribe is answered 40058 and the socket closed (1008); a frame that is not a JSON object (or nests deeper than
+  32, see parse_wire_json) closes it (1007), a frame over the size limit too (1009). Close codes are guesses.
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ from hil_sandbox.fake_wecom import (
     SentMessage,
     errmsg_for,
     image_mime,
+    parse_wire_json,
 )
 
 if TYPE_CHECKING:
@@ -657,16 +658,15 @@ class AibotHub:
             await self._close(link, CLOSE_TOO_BIG, f"frame of {size} bytes, at most {limit} allowed")
             return
         try:
-            data = json.loads(raw)
-        except ValueError:  # JSONDecodeError and UnicodeDecodeError
+            data = parse_wire_json(raw)
+        except ValueError:
+            data = None
+        if not isinstance(data, dict):
             text = raw if isinstance(raw, str) else raw.decode("utf-8", "replace")
             self._log_frame("in", link, text[:RAW_FRAME_LOG_CHARS], size)
-            await self._close(link, CLOSE_NOT_JSON, "frame is not JSON")
+            await self._close(link, CLOSE_NOT_JSON, "frame is not a JSON object (of sane depth)")
             return
         self._log_frame("in", link, data, size)
-        if not isinstance(data, dict):
-            await self._close(link, CLOSE_NOT_JSON, "frame is not a JSON object")
-            return
         try:
             frame = InboundFrame.model_validate(data)
         except ValidationError as exc:
@@ -981,6 +981,10 @@ class AibotHub:
 
     async def _send(self, link: _Link, frame: dict[str, Any]) -> bool:
         text = json.dumps(frame, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate the bot sent (in a req_id, say) comes back escaped
+            text = json.dumps(frame)
 
         async def write() -> bool:
             async with link.send_lock:

@@ -32,6 +32,7 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import secrets
 import sys
 import threading
@@ -78,6 +79,9 @@ AIBOT_STREAM_WINDOW_SECONDS = 360.0
 AIBOT_MEDIA_TTL_SECONDS = 300.0
 AIBOT_MARKDOWN_MAX_BYTES = 20480
 AIBOT_MAX_FRAME_BYTES = 1024 * 1024
+
+# Deeper than any real body (the deepest, news, is 4): the fake refuses it rather than recursing on it.
+MAX_JSON_DEPTH = 32
 
 MSGTYPES = frozenset({"text", "markdown", "markdown_v2", "image", "file", "news"})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -130,6 +134,60 @@ def errmsg_for(errcode: int, detail: str = "", *, errmsgs: Mapping[int, str] = E
         text = f"{text}: {detail}"
     hint = f"[{int(time.time())}_fake_{secrets.token_hex(4)}]"
     return f"{text}, hint: {hint}, more info at https://open.work.weixin.qq.com/devtool/query?e={errcode}"
+
+
+def parse_wire_json(raw: bytes | str) -> Any:
+    """JSON from the wire, read as a strict server would; ValueError for anything else.
+
+    Numbers must be finite (no NaN, Infinity, 1e999), nesting stays within MAX_JSON_DEPTH, and lone surrogates in
+    strings become U+FFFD (as Go's decoder does), so whatever is stored can be served back as UTF-8.
+    """
+    try:
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nests too deep") from exc
+    if _too_deep(value):
+        raise ValueError(f"JSON nests deeper than {MAX_JSON_DEPTH}")
+    return _scrub(value)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {_scrub(key): _scrub(item) for key, item in value.items()}
+    return value
 
 
 def format_quote_reply(quote: str, answer: str, sender: str = "", robot_name: str | None = None) -> str:
@@ -563,7 +621,7 @@ class FakeWeCom:
         if isinstance(body, Mapping):
             return body
         try:
-            payload = json.loads(body)
+            payload = parse_wire_json(body)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
             raise Rejected(ERR_DATA_FORMAT, f"body is not JSON ({exc})") from exc
         if not isinstance(payload, dict):

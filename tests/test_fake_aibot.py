@@ -511,6 +511,94 @@ async def test_frames_that_are_not_json_objects_close_the_link(served: Served, r
     assert not served.fake.aibot.is_connected()
 
 
+NESTED = {"cmd": "aibot_send_msg", "headers": {"req_id": "deep"}, "body": {"chatid": "g", "x": [[[[[[[[[[[]]]]]]]]]]]}}
+
+
+@pytest.mark.parametrize(
+    ("frame", "outcome"),
+    [
+        ({"cmd": 1, "headers": {"req_id": "r"}}, 40058),
+        ({"cmd": "ping", "headers": "r"}, 40058),
+        ({"cmd": "aibot_send_msg", "headers": {"req_id": "r"}, "body": []}, 40058),
+        ({"cmd": "aibot_send_msg", "headers": {"req_id": "r"}, "body": None}, 40058),
+        ({"cmd": "aibot_respond_msg", "headers": {"req_id": "r"}, "body": {"msgtype": 5}}, 846605),
+        ({"cmd": "aibot_respond_update_msg", "headers": {"req_id": "r"}, "body": {"template_card": 5}}, 846605),
+        ({"cmd": "aibot_send_msg", "headers": {"req_id": "\ud800"}, "body": {}}, 40058),
+        ({"cmd": "aibot_send_msg", "headers": {"req_id": "r" * 300}, "body": {}}, 40058),
+        (
+            {"cmd": "aibot_send_msg", "headers": {"req_id": "r"}, "body": markdown("g", "x") | {"markdown": "x"}},
+            40058,
+        ),
+        (
+            {
+                "cmd": "aibot_send_msg",
+                "headers": {"req_id": "r"},
+                "body": {
+                    "chatid": "g",
+                    "msgtype": "template_card",
+                    "template_card": button_card("t") | {"button_list": "x"},
+                },
+            },
+            40058,
+        ),
+        (NESTED, 40058),
+        (
+            {"cmd": "aibot_subscribe", "headers": {"req_id": "r"}, "body": {"bot_id": "\u0000", "secret": "\u00e9"}},
+            853000,
+        ),
+        ("[" * 100_000 + "]" * 100_000, 1007),  # past the JSON parser's own recursion limit
+        (
+            json.dumps(
+                {
+                    "cmd": "ping",
+                    "headers": {"req_id": "r"},
+                    "body": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]],
+                }
+            ),
+            1007,
+        ),
+        ('{"cmd": "ping", "headers": {"req_id": "r"}, "body": 1e999999}', 1007),
+        ('{"cmd": "ping", "headers": {"req_id": "r"}, "body": NaN}', 1007),
+        ('{"cmd": "ping", "headers": {"req_id": "r"}, "body": 1.5}', "answer"),
+    ],
+)
+async def test_odd_frames_are_answered_or_close_the_link_never_crash_it(
+    served: Served, frame: Any, outcome: int | str
+) -> None:
+    async with link(served) as bare:
+        await bare.ws.send(frame if isinstance(frame, str) else json.dumps(frame))
+        if outcome == 1007:
+            assert await bare.closed() == 1007
+        else:
+            answer = await bare.recv()
+            assert answer.get("errcode", 0) == (0 if outcome == "answer" else outcome), answer
+            if outcome == 853000:  # a failed subscribe ends even an authenticated link
+                assert await bare.closed() == 1000
+            else:
+                assert (await bare.call("ping"))["errcode"] == 0  # the link lives on
+    # Whatever came in, the control API can still show it.
+    assert (await served.http.get("/_fake/aibot/frames")).status_code == 200
+
+
+async def test_stored_text_can_always_be_served_back(served: Served) -> None:
+    """A lone surrogate is valid JSON escaping but not UTF-8: both doors into the message log scrub it."""
+    lone = '{"chatid": "g", "msgtype": "markdown", "markdown": {"content": "a\\ud800b"}}'
+    webhook = await served.http.post(
+        "/cgi-bin/webhook/send",
+        params={"key": "test-bot-key"},
+        content=lone,
+        headers={"content-type": "application/json"},
+    )
+    assert webhook.json()["errcode"] == 0
+    deep = await served.http.post("/cgi-bin/webhook/send", params={"key": "test-bot-key"}, content="[" * 100_000)
+    assert deep.json()["errcode"] == 47001
+    async with link(served) as bare:
+        await bare.ws.send(f'{{"cmd": "aibot_send_msg", "headers": {{"req_id": "r"}}, "body": {lone}}}')
+        assert (await bare.answer("r"))["errcode"] == 0
+    messages = (await served.http.get("/_fake/messages")).json()["messages"]
+    assert [m["content"] for m in messages] == ["a\ufffdb", "a\ufffdb"]
+
+
 async def test_unknown_cmd_and_missing_req_id_are_answered_and_the_link_stays(served: Served) -> None:
     async with link(served) as bare:
         answer = await bare.call("aibot_do_magic", {})
