@@ -92,9 +92,9 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import quote as url_quote
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
-from fastapi import FastAPI, Query, Request, WebSocket
+from fastapi import FastAPI, Request, WebSocket
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from starlette.websockets import WebSocketDisconnect
 
 from hil_sandbox.fake_wecom import (
@@ -106,10 +106,12 @@ from hil_sandbox.fake_wecom import (
     MEDIA_MAX_BYTES,
     ChatType,
     ImageStore,
+    PollTimeout,
     Rejected,
     SentMessage,
     errmsg_for,
     image_mime,
+    long_poll,
     parse_wire_json,
 )
 
@@ -219,51 +221,52 @@ class SubscribeBody(_Wire):
     secret: str = Field(min_length=1, max_length=256)
 
 
+def _at_most_bytes(limit: int) -> AfterValidator:
+    """WeCom counts lengths in UTF-8 bytes, not characters."""
+
+    def check(text: str) -> str:
+        if _bytes(text) > limit:
+            raise ValueError(f"{_bytes(text)} bytes, at most {limit} allowed")
+        return text
+
+    return AfterValidator(check)
+
+
+ButtonKey = Annotated[str, Field(min_length=1), _at_most_bytes(BUTTON_KEY_MAX_BYTES)]
+OptionId = Annotated[str, Field(min_length=1), _at_most_bytes(OPTION_ID_MAX_BYTES)]
+
+
 class CardButton(_Wire):
     text: str = Field(min_length=1)
     style: int | None = None  # 1-4; WeCom falls back to 1 for a wrong one, so any int passes
-    key: str = Field(min_length=1)
-
-    @field_validator("key")
-    @classmethod
-    def _key_size(cls, key: str) -> str:
-        if _bytes(key) > BUTTON_KEY_MAX_BYTES:
-            raise ValueError(f"button key is {_bytes(key)} bytes, at most {BUTTON_KEY_MAX_BYTES} allowed")
-        return key
+    key: ButtonKey
 
 
 class CardOption(_Wire):
-    id: str = Field(min_length=1)
+    id: OptionId
     text: str
-
-    @field_validator("id")
-    @classmethod
-    def _id_size(cls, option_id: str) -> str:
-        if _bytes(option_id) > OPTION_ID_MAX_BYTES:
-            raise ValueError(f"option id is longer than {OPTION_ID_MAX_BYTES} bytes")
-        return option_id
 
 
 class CardCheckbox(_Wire):
-    question_key: str = Field(min_length=1)
+    question_key: ButtonKey
     option_list: list[CardOption] = Field(min_length=1, max_length=20)
 
 
 class CardSelection(_Wire):
-    question_key: str = Field(min_length=1)
+    question_key: ButtonKey
     option_list: list[CardOption] = Field(min_length=1, max_length=10)
 
 
 class CardSubmitButton(_Wire):
     text: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    key: ButtonKey
 
 
 class TemplateCard(_Wire):
     """The basics of a template card WeCom checks; the display fields pass through as sent."""
 
     card_type: Literal["text_notice", "news_notice", "button_interaction", "vote_interaction", "multiple_interaction"]
-    task_id: str | None = None
+    task_id: Annotated[str, _at_most_bytes(TASK_ID_MAX_BYTES)] | None = None
     button_list: list[CardButton] | None = Field(default=None, max_length=6)
     checkbox: CardCheckbox | None = None
     select_list: list[CardSelection] | None = Field(default=None, min_length=1, max_length=3)
@@ -272,11 +275,7 @@ class TemplateCard(_Wire):
     @field_validator("task_id")
     @classmethod
     def _task_id(cls, task_id: str | None) -> str | None:
-        if task_id is None:
-            return None
-        if _bytes(task_id) > TASK_ID_MAX_BYTES:
-            raise ValueError(f"task_id is {_bytes(task_id)} bytes, at most {TASK_ID_MAX_BYTES} allowed")
-        if not TASK_ID_PATTERN.match(task_id):
+        if task_id is not None and not TASK_ID_PATTERN.match(task_id):
             raise ValueError("task_id may hold only digits, letters and _-@")
         return task_id
 
@@ -1419,7 +1418,8 @@ class AibotHub:
 
 
 class PersonMessage(BaseModel):
-    """POST /_fake/aibot/message: a person writes to the bot (see AibotHub.push_message)."""
+    """POST /_fake/aibot/message: a person writes to the bot. Fields are AibotHub.push_message's keywords, with images
+    as ``image_ids`` (from POST /_fake/images) or ``image_base64``, and a file as ``file_name`` + ``file_base64``."""
 
     model_config = ConfigDict(extra="forbid")
     bot_id: str | None = None
@@ -1442,6 +1442,8 @@ class PersonMessage(BaseModel):
 
 
 class PersonEvent(BaseModel):
+    """POST /_fake/aibot/event: AibotHub.push_event's keywords."""
+
     model_config = ConfigDict(extra="forbid")
     bot_id: str | None = None
     userid: str = Field(default="zhangsan", min_length=1, max_length=64)
@@ -1459,6 +1461,8 @@ class SelectedItem(BaseModel):
 
 
 class CardClick(BaseModel):
+    """POST /_fake/aibot/click: AibotHub.click's keywords."""
+
     model_config = ConfigDict(extra="forbid")
     bot_id: str | None = None
     userid: str = Field(default="zhangsan", min_length=1, max_length=64)
@@ -1515,56 +1519,24 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
                 if body.file_base64 is None or body.file_name is None:
                     raise AibotError("a file needs both file_name and file_base64")
                 file = (body.file_name, _decode(body.file_base64, "file_base64"))
-            return await hub.push_message(
-                userid=body.userid,
-                text=body.text,
-                chat_id=body.chat_id,
-                chat_type=body.chat_type,
-                name=body.name,
-                msgtype=body.msgtype,
-                quote_seq=body.quote_seq,
-                quote_text=body.quote_text,
-                quote=body.quote,
-                images=images,
-                image_ids=body.image_ids,
-                voice=body.voice,
-                file=file,
-                at_robot=body.at_robot,
-                msgid=body.msgid,
-                bot_id=body.bot_id,
-                base_url=fake.config.public_url or str(request.base_url),
-            )
+            # The body's fields are push_message's keywords, but for the encoded file and images decoded here.
+            fields = body.model_dump(exclude={"image_base64", "file_name", "file_base64"})
+            base_url = fake.config.public_url or str(request.base_url)
+            return await hub.push_message(**fields, images=images, file=file, base_url=base_url)
         except AibotError as exc:
             return failure(exc)
 
     @app.post("/_fake/aibot/event", response_model=None)
     async def control_event(body: PersonEvent) -> AibotEvent | JSONResponse:
         try:
-            return await hub.push_event(
-                userid=body.userid,
-                eventtype=body.eventtype,
-                chat_id=body.chat_id,
-                chat_type=body.chat_type,
-                name=body.name,
-                feedback=body.feedback,
-                bot_id=body.bot_id,
-            )
+            return await hub.push_event(**body.model_dump())
         except AibotError as exc:
             return failure(exc)
 
     @app.post("/_fake/aibot/click", response_model=None)
     async def control_click(body: CardClick) -> AibotEvent | JSONResponse:
-        items = [item.model_dump() for item in body.selected_items or []]
         try:
-            return await hub.click(
-                userid=body.userid,
-                task_id=body.task_id,
-                event_key=body.event_key,
-                selected_items=items,
-                name=body.name,
-                chat_type=body.chat_type,
-                bot_id=body.bot_id,
-            )
+            return await hub.click(**body.model_dump())
         except AibotError as exc:
             return failure(exc)
 
@@ -1591,7 +1563,7 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
     async def control_status(
         bot_id: str | None = None,
         wait: Literal["connected", "disconnected"] | None = None,
-        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+        wait_timeout: PollTimeout = 10.0,
     ) -> dict[str, Any] | JSONResponse:
         timed_out = False
         if wait is not None:
@@ -1604,27 +1576,13 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
         return {"bots": [s.model_dump() for s in hub.status()], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/events")
-    async def control_events(
-        since_seq: int = 0, wait: int = 0, wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0
-    ) -> dict[str, Any]:
-        timed_out = False
-        if wait > 0:
-            try:
-                await hub.wait_for_events(wait, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+    async def control_events(since_seq: int = 0, wait: int = 0, wait_timeout: PollTimeout = 10.0) -> dict[str, Any]:
+        timed_out = await long_poll(wait, lambda: hub.wait_for_events(wait, wait_timeout, since_seq=since_seq))
         return {"events": [e.model_dump() for e in hub.get_events(since_seq)], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/frames")
-    async def control_frames(
-        since_seq: int = 0, wait: int = 0, wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0
-    ) -> dict[str, Any]:
-        timed_out = False
-        if wait > 0:
-            try:
-                await hub.wait_for_frames(wait, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+    async def control_frames(since_seq: int = 0, wait: int = 0, wait_timeout: PollTimeout = 10.0) -> dict[str, Any]:
+        timed_out = await long_poll(wait, lambda: hub.wait_for_frames(wait, wait_timeout, since_seq=since_seq))
         return {"frames": [f.model_dump() for f in hub.get_frames(since_seq)], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/cards/{task_id}", response_model=None)

@@ -39,7 +39,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -969,6 +969,21 @@ class ReplyRequest(BaseModel):
         return self
 
 
+# ?timeout= of the long-poll routes: how long wait=N may hold the request.
+PollTimeout = Annotated[float, Query(alias="timeout", ge=0, le=60)]
+
+
+async def long_poll(wait: int, waiting: Callable[[], Awaitable[object]]) -> bool:
+    """A control route's ``wait=N``: run the wait when N > 0; True when it timed out (the route answers anyway)."""
+    if wait <= 0:
+        return False
+    try:
+        await waiting()
+    except TimeoutError:
+        return True
+    return False
+
+
 def _config_view(config: FakeWeComConfig) -> dict[str, Any]:
     # Keys and header values are credentials in real deployments; show only that they exist.
     return {
@@ -1061,15 +1076,12 @@ def create_fake_wecom_app(
         chat_id: str | None = None,
         since_seq: int = 0,
         wait: int = 0,
-        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+        wait_timeout: PollTimeout = 10.0,
     ) -> dict[str, Any]:
         """Accepted sends; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
-        timed_out = False
-        if wait > 0:
-            try:
-                await fake.wait_for_messages(wait, chat_id, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+        timed_out = await long_poll(
+            wait, lambda: fake.wait_for_messages(wait, chat_id, wait_timeout, since_seq=since_seq)
+        )
         messages = fake.get_messages(chat_id, since_seq)
         return {"messages": [m.model_dump(mode="json") for m in messages], "timed_out": timed_out}
 
@@ -1081,15 +1093,10 @@ def create_fake_wecom_app(
     async def control_callbacks(
         since_seq: int = 0,
         wait: int = 0,
-        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+        wait_timeout: PollTimeout = 10.0,
     ) -> dict[str, Any]:
         """Callbacks people sent; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
-        timed_out = False
-        if wait > 0:
-            try:
-                await fake.wait_for_callbacks(wait, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+        timed_out = await long_poll(wait, lambda: fake.wait_for_callbacks(wait, wait_timeout, since_seq=since_seq))
         return {"callbacks": fake.get_callbacks(since_seq), "timed_out": timed_out}
 
     @app.post("/_fake/images", status_code=201, response_model=None)
