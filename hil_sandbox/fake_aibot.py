@@ -760,7 +760,7 @@ class AibotHub:
                 raise Rejected(ERR_BAD_REQUEST, "body must be a JSON object")
             with self._lock:
                 if frame.cmd == CMD_SEND:
-                    message = self._send_msg(bot_id, req_id, frame.body)
+                    message = self._send_msg(bot_id, frame.body)
                 else:
                     message = self._reply(link, frame.cmd, req_id, frame.body)
         except Rejected as rejected:
@@ -786,7 +786,7 @@ class AibotHub:
 
     # Under the lock from here to _record: nothing awaits.
 
-    def _send_msg(self, bot_id: str, req_id: str, body: dict[str, Any]) -> SentMessage:
+    def _send_msg(self, bot_id: str, body: dict[str, Any]) -> SentMessage:
         if "chatid" not in body:
             raise Rejected(ERR_BAD_REQUEST, "chatid is required: the group chat id, or the userid for a single chat")
         try:

@@ -233,7 +233,7 @@ class SentMessage(BaseModel):
     """One accepted send: a robot webhook send, or a message an AI bot put in a chat (source "aibot")."""
 
     seq: int
-    key: str
+    key: str  # the robot key of a webhook send; the bot_id of an AI-bot message
     chatid: str | None = None
     msgtype: str
     content: str | None = None  # text/markdown content; news: article titles, one per line; image/file: None
