@@ -18,7 +18,8 @@ Error codes where WeCom's documentation does not say which one the webhook retur
 - 40006 "invalid file size": upload smaller than 5 B or larger than 20 MB.
 
 Control API for tests and the sandbox lives under ``/_fake/``; see :func:`create_fake_wecom_app`. ``GET /`` is the
-sandbox's web chat, where a person reads what the robot sent and answers (``static/chat.html``).
+sandbox's web chat, where a person reads what the robot sent and answers (``static/chat.html``). ``WS /`` is the AI
+bot's long connection (``hil_sandbox.fake_aibot``); its messages go into the same message log.
 """
 
 from __future__ import annotations
@@ -31,13 +32,14 @@ import hashlib
 import importlib.resources
 import json
 import logging
+import math
 import secrets
 import sys
 import threading
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -70,6 +72,16 @@ IMAGE_STORE_MAX_COUNT = 500
 ATTACH_MAX_BYTES = 10 * 1024 * 1024
 # WeCom gives a callback 5 s before it retries; waiting longer would hide a slow receiver.
 CALLBACK_TIMEOUT_SECONDS = 5.0
+# AI bot (sources in fake_aibot's docstring): welcome/card update within 5 s, stream updates for 6 min, media URLs
+# about 5 min; the markdown limit is a guess (the stream's 20480 bytes); frames above 1 MiB are closed with 1009.
+AIBOT_REPLY_WINDOW_SECONDS = 5.0
+AIBOT_STREAM_WINDOW_SECONDS = 360.0
+AIBOT_MEDIA_TTL_SECONDS = 300.0
+AIBOT_MARKDOWN_MAX_BYTES = 20480
+AIBOT_MAX_FRAME_BYTES = 1024 * 1024
+
+# Deeper than any real body (the deepest, news, is 4): the fake refuses it rather than recursing on it.
+MAX_JSON_DEPTH = 32
 
 MSGTYPES = frozenset({"text", "markdown", "markdown_v2", "image", "file", "news"})
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -115,13 +127,67 @@ CallbackMsgType = Literal["text", "image", "mixed", "event"]
 T = TypeVar("T")
 
 
-def errmsg_for(errcode: int, detail: str = "") -> str:
+def errmsg_for(errcode: int, detail: str = "", *, errmsgs: Mapping[int, str] = ERRMSGS) -> str:
     """WeCom-style errmsg: the short text, then a hint and a link, as the real API writes it."""
-    text = ERRMSGS.get(errcode, "injected failure")
+    text = errmsgs.get(errcode, "injected failure")
     if detail:
         text = f"{text}: {detail}"
     hint = f"[{int(time.time())}_fake_{secrets.token_hex(4)}]"
     return f"{text}, hint: {hint}, more info at https://open.work.weixin.qq.com/devtool/query?e={errcode}"
+
+
+def parse_wire_json(raw: bytes | str) -> Any:
+    """JSON from the wire, read as a strict server would; ValueError for anything else.
+
+    Numbers must be finite (no NaN, Infinity, 1e999), nesting stays within MAX_JSON_DEPTH, and lone surrogates in
+    strings become U+FFFD (as Go's decoder does), so whatever is stored can be served back as UTF-8.
+    """
+    try:
+        value = json.loads(raw, parse_float=_finite, parse_constant=_no_constant)
+    except RecursionError as exc:
+        raise ValueError("JSON nests too deep") from exc
+    if _too_deep(value):
+        raise ValueError(f"JSON nests deeper than {MAX_JSON_DEPTH}")
+    return _scrub(value)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    level: list[Any] = [value]
+    for _ in range(limit):
+        level = [
+            child
+            for node in level
+            if isinstance(node, (dict, list))
+            for child in (node.values() if isinstance(node, dict) else node)
+        ]
+        if not level:
+            return False
+    return True
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return value
+    if isinstance(value, list):
+        return [_scrub(item) for item in value]
+    if isinstance(value, dict):
+        return {_scrub(key): _scrub(item) for key, item in value.items()}
+    return value
 
 
 def format_quote_reply(quote: str, answer: str, sender: str = "", robot_name: str | None = None) -> str:
@@ -152,13 +218,22 @@ class FakeWeComConfig:
     # Base of the webhook_url put into callbacks; None means "the URL the request came in on" (or DEFAULT_PUBLIC_URL).
     public_url: str | None = None
     media_ttl: float = MEDIA_TTL_SECONDS
+    # The AI bot's long connection (fake_aibot): bot_id -> secret; an empty map refuses every subscribe.
+    aibots: dict[str, str] = field(default_factory=dict)
+    aibot_answer_pings: bool = True  # False: pings go unanswered, a half-dead link
+    aibot_idle_timeout: float | None = None  # close links that have not pinged (or subscribed) for this long
+    aibot_reply_window: float = AIBOT_REPLY_WINDOW_SECONDS  # welcome and card update after enter_chat / a click
+    aibot_stream_window: float = AIBOT_STREAM_WINDOW_SECONDS  # aibot_respond_msg after the person's message
+    aibot_media_ttl: float = AIBOT_MEDIA_TTL_SECONDS  # how long a callback's media URL works
+    aibot_markdown_max_bytes: int = AIBOT_MARKDOWN_MAX_BYTES
+    aibot_max_frame_bytes: int = AIBOT_MAX_FRAME_BYTES
 
 
 class SentMessage(BaseModel):
-    """One accepted webhook send."""
+    """One accepted send: a robot webhook send, or a message an AI bot put in a chat (source "aibot")."""
 
     seq: int
-    key: str
+    key: str  # the robot key of a webhook send; the bot_id of an AI-bot message
     chatid: str | None = None
     msgtype: str
     content: str | None = None  # text/markdown content; news: article titles, one per line; image/file: None
@@ -170,6 +245,12 @@ class SentMessage(BaseModel):
     media_id: str | None = None
     file_name: str | None = None
     ts: float
+    source: Literal["webhook", "aibot"] = "webhook"
+    card: dict[str, Any] | None = None  # template_card as people see it now: a card update replaces it
+    task_id: str | None = None
+    stream_id: str | None = None
+    finished: bool | None = None  # stream: whether the bot said finish
+    reply_to: str | None = None  # AI bot answers: msgid of the person's message or event they answer
 
 
 class SendAttempt(BaseModel):
@@ -233,7 +314,9 @@ class CallbackNotConfiguredError(RuntimeError):
     """A reply was asked for but no callback_url is set."""
 
 
-class _Rejected(Exception):
+class Rejected(Exception):
+    """A request WeCom refuses: the errcode it answers and a detail for the errmsg."""
+
     def __init__(self, errcode: int, detail: str = "") -> None:
         super().__init__(errcode, detail)
         self.errcode = errcode
@@ -277,31 +360,31 @@ def _str_list(section: Mapping[str, Any], name: str) -> list[str]:
     if value is None:
         return []
     if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
-        raise _Rejected(ERR_INVALID_PARAMETER, f"{name} must be a list of strings")
+        raise Rejected(ERR_INVALID_PARAMETER, f"{name} must be a list of strings")
     return value
 
 
 def _content(payload: Mapping[str, Any], msgtype: str, max_bytes: int) -> str:
     section = payload.get(msgtype)
     if section is None:
-        raise _Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is missing")
+        raise Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is missing")
     if not isinstance(section, dict):
-        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
+        raise Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
     content = section.get("content")
     if content is None or content == "":
-        raise _Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is empty")
+        raise Rejected(ERR_EMPTY_CONTENT, f"{msgtype}.content is empty")
     if not isinstance(content, str):
-        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype}.content must be a string")
+        raise Rejected(ERR_INVALID_PARAMETER, f"{msgtype}.content must be a string")
     size = len(content.encode("utf-8"))
     if size > max_bytes:
-        raise _Rejected(ERR_CONTENT_TOO_LONG, f"{msgtype}.content is {size} bytes, at most {max_bytes} allowed")
+        raise Rejected(ERR_CONTENT_TOO_LONG, f"{msgtype}.content is {size} bytes, at most {max_bytes} allowed")
     return content
 
 
 def _section(payload: Mapping[str, Any], msgtype: str) -> dict[str, Any]:
     section = payload.get(msgtype)
     if not isinstance(section, dict):
-        raise _Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
+        raise Rejected(ERR_INVALID_PARAMETER, f"{msgtype} must be an object")
     return section
 
 
@@ -326,6 +409,9 @@ class FakeWeCom:
         # Waiters may sit on other event loops (a test loop vs. TestClient's portal loop), hence loop + Event pairs.
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._clear()
+        from hil_sandbox.fake_aibot import AibotHub  # fake_aibot builds on this module
+
+        self.aibot = AibotHub(self)
 
     def _clear(self) -> None:
         self.messages: list[SentMessage] = []
@@ -339,9 +425,13 @@ class FakeWeCom:
     # ----- test controls -----
 
     def reset(self) -> None:
-        """Forget messages, attempts, callbacks, media, images, pending failures, rate windows; keep the config."""
+        """Forget messages, attempts, callbacks, media, images, pending failures, rate windows; keep the config.
+
+        AI-bot records go too (frames, events, cards); connected bots stay connected.
+        """
         with self._lock:
             self._clear()
+            self.aibot.reset()
 
     def fail_next(self, *errcodes: int) -> None:
         """Answer the next ``len(errcodes)`` sends with these errcodes (after the key check), in order."""
@@ -460,20 +550,20 @@ class FakeWeCom:
         with self._lock:
             try:
                 if not key or key not in self.config.bot_keys:
-                    raise _Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
+                    raise Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
                 payload = self._parse_json(body)
                 raw_chatid, raw_msgtype = payload.get("chatid"), payload.get("msgtype")
                 chatid = raw_chatid if isinstance(raw_chatid, str) else None
                 msgtype = raw_msgtype if isinstance(raw_msgtype, str) else None
                 if self._failures:
                     injected = True
-                    raise _Rejected(self._failures.popleft())
+                    raise Rejected(self._failures.popleft())
                 self._check_rate(key)
                 fields = self._validate(payload, key)
                 image = fields.pop("image_data", None)
-            except _Rejected as rejected:
+            except Rejected as rejected:
                 errmsg = errmsg_for(rejected.errcode, rejected.detail)
-                self._record_attempt(key, chatid, msgtype, rejected.errcode, errmsg, injected, None)
+                self.record_attempt(key, chatid, msgtype, rejected.errcode, errmsg, injected, None)
                 log.info(
                     "send rejected errcode=%d chat_id=%s msgtype=%s injected=%s detail=%s",
                     rejected.errcode,
@@ -486,15 +576,21 @@ class FakeWeCom:
             assert key is not None  # checked first thing above
             if image is not None:
                 fields["image_id"] = self.images.add(image)
-            message = SentMessage(seq=len(self.messages) + 1, key=key, ts=time.time(), **fields)
-            self.messages.append(message)
+            message = self.record_message(key, **fields)
             self._window(key).append(self._clock())
-            self._record_attempt(key, message.chatid, message.msgtype, OK, "ok", False, message.seq)
-            self._notify()
+            self.record_attempt(key, message.chatid, message.msgtype, OK, "ok", False, message.seq)
         log.info("send accepted seq=%d chat_id=%s msgtype=%s", message.seq, message.chatid, message.msgtype)
         return {"errcode": OK, "errmsg": "ok"}
 
-    def _record_attempt(
+    def record_message(self, key: str, **fields: Any) -> SentMessage:
+        """Append an accepted message (webhook send or AI-bot frame) to the log and wake whoever waits for it."""
+        with self._lock:
+            message = SentMessage(seq=len(self.messages) + 1, key=key, ts=time.time(), **fields)
+            self.messages.append(message)
+            self._notify()
+        return message
+
+    def record_attempt(
         self,
         key: str | None,
         chatid: str | None,
@@ -504,30 +600,32 @@ class FakeWeCom:
         injected: bool,
         message_seq: int | None,
     ) -> None:
-        self.attempts.append(
-            SendAttempt(
-                seq=len(self.attempts) + 1,
-                key=key,
-                chatid=chatid,
-                msgtype=msgtype,
-                errcode=errcode,
-                errmsg=errmsg,
-                injected=injected,
-                message_seq=message_seq,
-                ts=time.time(),
+        """Log a send attempt, accepted or not (AI-bot frames log the bot_id as key)."""
+        with self._lock:
+            self.attempts.append(
+                SendAttempt(
+                    seq=len(self.attempts) + 1,
+                    key=key,
+                    chatid=chatid,
+                    msgtype=msgtype,
+                    errcode=errcode,
+                    errmsg=errmsg,
+                    injected=injected,
+                    message_seq=message_seq,
+                    ts=time.time(),
+                )
             )
-        )
 
     @staticmethod
     def _parse_json(body: bytes | str | Mapping[str, Any]) -> Mapping[str, Any]:
         if isinstance(body, Mapping):
             return body
         try:
-            payload = json.loads(body)
+            payload = parse_wire_json(body)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError are both ValueErrors
-            raise _Rejected(ERR_DATA_FORMAT, f"body is not JSON ({exc})") from exc
+            raise Rejected(ERR_DATA_FORMAT, f"body is not JSON ({exc})") from exc
         if not isinstance(payload, dict):
-            raise _Rejected(ERR_DATA_FORMAT, "body must be a JSON object")
+            raise Rejected(ERR_DATA_FORMAT, "body must be a JSON object")
         return payload
 
     def _window(self, key: str) -> deque[float]:
@@ -544,13 +642,13 @@ class FakeWeCom:
             return
         window = self._window(key)
         if len(window) >= limit:
-            raise _Rejected(ERR_FREQ_OUT_OF_LIMIT, f"at most {limit} messages per {self.config.rate_window:g}s")
+            raise Rejected(ERR_FREQ_OUT_OF_LIMIT, f"at most {limit} messages per {self.config.rate_window:g}s")
 
     def _validate(self, payload: Mapping[str, Any], key: str) -> dict[str, Any]:
-        """SentMessage fields for a valid send body, or _Rejected."""
+        """SentMessage fields for a valid send body, or Rejected."""
         msgtype = payload.get("msgtype")
         if msgtype not in MSGTYPES:
-            raise _Rejected(ERR_INVALID_MSGTYPE, f"msgtype {msgtype!r} is not one of {sorted(MSGTYPES)}")
+            raise Rejected(ERR_INVALID_MSGTYPE, f"msgtype {msgtype!r} is not one of {sorted(MSGTYPES)}")
         fields: dict[str, Any] = {"msgtype": msgtype, "chatid": self._chatid(payload)}
         if msgtype == "text":
             fields["content"] = _content(payload, "text", TEXT_MAX_BYTES)
@@ -572,52 +670,52 @@ class FakeWeCom:
         if chatid is None:
             return None  # WeCom sends to every group the robot is in
         if not isinstance(chatid, str) or not chatid:
-            raise _Rejected(ERR_INVALID_PARAMETER, "chatid must be a non-empty string")
+            raise Rejected(ERR_INVALID_PARAMETER, "chatid must be a non-empty string")
         if len(chatid.split("|")) > MAX_CHAT_IDS:
-            raise _Rejected(ERR_INVALID_PARAMETER, f"chatid names more than {MAX_CHAT_IDS} chats")
+            raise Rejected(ERR_INVALID_PARAMETER, f"chatid names more than {MAX_CHAT_IDS} chats")
         return chatid
 
     @staticmethod
     def _image(section: Mapping[str, Any]) -> dict[str, Any]:
         b64, md5 = section.get("base64"), section.get("md5")
         if not isinstance(b64, str) or not b64 or not isinstance(md5, str) or not md5:
-            raise _Rejected(ERR_INVALID_PARAMETER, "image needs base64 and md5 strings")
+            raise Rejected(ERR_INVALID_PARAMETER, "image needs base64 and md5 strings")
         try:
             # Line breaks (as base64.encodebytes writes) are tolerated; any other stray character is not.
             data = base64.b64decode("".join(b64.split()), validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise _Rejected(ERR_INVALID_PARAMETER, "image.base64 is not valid base64") from exc
+            raise Rejected(ERR_INVALID_PARAMETER, "image.base64 is not valid base64") from exc
         actual = hashlib.md5(data).hexdigest()
         if md5.lower() != actual:
-            raise _Rejected(ERR_MD5_MISMATCH, f"md5 of the decoded image is {actual}")
+            raise Rejected(ERR_MD5_MISMATCH, f"md5 of the decoded image is {actual}")
         if len(data) > IMAGE_MAX_BYTES:
-            raise _Rejected(ERR_INVALID_IMAGE_SIZE, f"image is {len(data)} bytes, at most {IMAGE_MAX_BYTES} allowed")
+            raise Rejected(ERR_INVALID_IMAGE_SIZE, f"image is {len(data)} bytes, at most {IMAGE_MAX_BYTES} allowed")
         if image_mime(data) is None:
-            raise _Rejected(ERR_INVALID_FILE_TYPE, "image must be PNG or JPEG")
+            raise Rejected(ERR_INVALID_FILE_TYPE, "image must be PNG or JPEG")
         # image_data is kept only if the send is accepted (handle_send takes it out of the fields).
         return {"image_md5": actual, "image_size": len(data), "image_data": data}
 
     def _file(self, section: Mapping[str, Any], key: str) -> dict[str, Any]:
         media_id = section.get("media_id")
         if not isinstance(media_id, str) or not media_id:
-            raise _Rejected(ERR_INVALID_PARAMETER, "file.media_id must be a non-empty string")
+            raise Rejected(ERR_INVALID_PARAMETER, "file.media_id must be a non-empty string")
         media = self.media.get(media_id)
         # A media_id lives 3 days and belongs to the robot that uploaded it.
         if media is None or media.key != key or media.expires_at <= self._clock():
-            raise _Rejected(ERR_INVALID_MEDIA_ID, "unknown or expired media_id, or uploaded by another robot")
+            raise Rejected(ERR_INVALID_MEDIA_ID, "unknown or expired media_id, or uploaded by another robot")
         return {"media_id": media_id, "file_name": media.filename}
 
     @staticmethod
     def _news(section: Mapping[str, Any]) -> str:
         articles = section.get("articles")
         if not isinstance(articles, list) or not 1 <= len(articles) <= MAX_NEWS_ARTICLES:
-            raise _Rejected(ERR_INVALID_PARAMETER, f"news.articles must hold 1 to {MAX_NEWS_ARTICLES} articles")
+            raise Rejected(ERR_INVALID_PARAMETER, f"news.articles must hold 1 to {MAX_NEWS_ARTICLES} articles")
         titles = []
         for article in articles:
             if not isinstance(article, dict) or not all(
                 isinstance(article.get(name), str) and article.get(name) for name in ("title", "url")
             ):
-                raise _Rejected(ERR_INVALID_PARAMETER, "each news article needs a title and a url")
+                raise Rejected(ERR_INVALID_PARAMETER, "each news article needs a title and a url")
             titles.append(article["title"])
         return "\n".join(titles)
 
@@ -630,19 +728,19 @@ class FakeWeCom:
         with self._lock:
             try:
                 if not key or key not in self.config.bot_keys:
-                    raise _Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
+                    raise Rejected(ERR_INVALID_WEBHOOK_URL, "check the key in the webhook url")
                 if media_type != "file":
-                    raise _Rejected(ERR_INVALID_MEDIA_TYPE, f"type {media_type!r} is not supported, use type=file")
+                    raise Rejected(ERR_INVALID_MEDIA_TYPE, f"type {media_type!r} is not supported, use type=file")
                 if data is None:
-                    raise _Rejected(ERR_EMPTY_MEDIA, "multipart field 'media' is missing")
+                    raise Rejected(ERR_EMPTY_MEDIA, "multipart field 'media' is missing")
                 if not filename:
-                    raise _Rejected(ERR_INVALID_PARAMETER, "the 'media' part needs a filename")
+                    raise Rejected(ERR_INVALID_PARAMETER, "the 'media' part needs a filename")
                 if not MEDIA_MIN_BYTES <= len(data) <= MEDIA_MAX_BYTES:
-                    raise _Rejected(
+                    raise Rejected(
                         ERR_INVALID_FILE_SIZE,
                         f"file is {len(data)} bytes, allowed {MEDIA_MIN_BYTES} to {MEDIA_MAX_BYTES}",
                     )
-            except _Rejected as rejected:
+            except Rejected as rejected:
                 log.info("upload rejected errcode=%d detail=%s", rejected.errcode, rejected.detail)
                 return {"errcode": rejected.errcode, "errmsg": errmsg_for(rejected.errcode, rejected.detail)}
             now = time.time()
@@ -830,6 +928,16 @@ class ConfigUpdate(BaseModel):
     robot_name: str = Field(default="HIL助手", min_length=1)
     public_url: str | None = None
     bot_keys: list[str] = Field(default_factory=list, min_length=1)
+    aibots: dict[Annotated[str, Field(min_length=1, max_length=128)], Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=dict
+    )
+    aibot_answer_pings: bool = True
+    aibot_idle_timeout: float | None = Field(default=None, gt=0)
+    aibot_reply_window: float = Field(default=AIBOT_REPLY_WINDOW_SECONDS, ge=0)
+    aibot_stream_window: float = Field(default=AIBOT_STREAM_WINDOW_SECONDS, ge=0)
+    aibot_media_ttl: float = Field(default=AIBOT_MEDIA_TTL_SECONDS, gt=0)
+    aibot_markdown_max_bytes: int = Field(default=AIBOT_MARKDOWN_MAX_BYTES, ge=1)
+    aibot_max_frame_bytes: int = Field(default=AIBOT_MAX_FRAME_BYTES, ge=1024)
 
 
 class FromUser(BaseModel):
@@ -861,6 +969,21 @@ class ReplyRequest(BaseModel):
         return self
 
 
+# ?timeout= of the long-poll routes: how long wait=N may hold the request.
+PollTimeout = Annotated[float, Query(alias="timeout", ge=0, le=60)]
+
+
+async def long_poll(wait: int, waiting: Callable[[], Awaitable[object]]) -> bool:
+    """A control route's ``wait=N``: run the wait when N > 0; True when it timed out (the route answers anyway)."""
+    if wait <= 0:
+        return False
+    try:
+        await waiting()
+    except TimeoutError:
+        return True
+    return False
+
+
 def _config_view(config: FakeWeComConfig) -> dict[str, Any]:
     # Keys and header values are credentials in real deployments; show only that they exist.
     return {
@@ -871,6 +994,15 @@ def _config_view(config: FakeWeComConfig) -> dict[str, Any]:
         "rate_window": config.rate_window,
         "robot_name": config.robot_name,
         "public_url": config.public_url,
+        # Secrets stay hidden; the chat page reads aibot_ids to offer the AI-bot mode.
+        "aibot_ids": sorted(config.aibots),
+        "aibot_answer_pings": config.aibot_answer_pings,
+        "aibot_idle_timeout": config.aibot_idle_timeout,
+        "aibot_reply_window": config.aibot_reply_window,
+        "aibot_stream_window": config.aibot_stream_window,
+        "aibot_media_ttl": config.aibot_media_ttl,
+        "aibot_markdown_max_bytes": config.aibot_markdown_max_bytes,
+        "aibot_max_frame_bytes": config.aibot_max_frame_bytes,
     }
 
 
@@ -880,14 +1012,18 @@ def create_fake_wecom_app(
     """Build the fake WeCom app; ``app.state.fake`` is its FakeWeCom.
 
     Without http_client the lifespan creates one shared AsyncClient for callback POSTs (tests may inject one with an
-    ASGI or mock transport instead).
+    ASGI or mock transport instead). The lifespan also runs the AI bot's housekeeping (idle links, expired media) and
+    closes its links on shutdown.
 
     Routes: ``POST /cgi-bin/webhook/send``, ``POST /cgi-bin/webhook/upload_media``, the chat page ``GET /``, and the
     control API ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``,
     ``GET /_fake/callbacks?since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET|POST /_fake/config``,
     ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``, ``POST /_fake/images`` (multipart ``file``
-    -> ``{"url"}``) and ``GET /_fake/images/{id}`` (attached images and images the robot sent).
+    -> ``{"url"}``) and ``GET /_fake/images/{id}`` (attached images and images the robot sent). The AI bot's long
+    connection is ``WS /`` with its control API under ``/_fake/aibot/`` (see ``fake_aibot.add_aibot_routes``).
     """
+    from hil_sandbox.fake_aibot import add_aibot_routes  # fake_aibot builds on this module
+
     fake = FakeWeCom(config, http_client=http_client)
     chat_page = importlib.resources.files(__package__).joinpath("static", "chat.html").read_text(encoding="utf-8")
 
@@ -897,7 +1033,13 @@ def create_fake_wecom_app(
         if owned:
             fake.http_client = httpx.AsyncClient(timeout=CALLBACK_TIMEOUT_SECONDS)
         try:
-            yield
+            async with asyncio.TaskGroup() as tasks:
+                housekeeping = tasks.create_task(fake.aibot.run(), name="fake-aibot-housekeeping")
+                try:
+                    yield
+                finally:
+                    housekeeping.cancel()
+                    await fake.aibot.close_all()
         finally:
             if owned and fake.http_client is not None:
                 await fake.http_client.aclose()
@@ -905,6 +1047,7 @@ def create_fake_wecom_app(
 
     app = FastAPI(title="fake WeCom", lifespan=lifespan)
     app.state.fake = fake
+    add_aibot_routes(app, fake)
 
     @app.post("/cgi-bin/webhook/send")
     async def webhook_send(request: Request, key: str | None = None) -> dict[str, Any]:
@@ -933,15 +1076,12 @@ def create_fake_wecom_app(
         chat_id: str | None = None,
         since_seq: int = 0,
         wait: int = 0,
-        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+        wait_timeout: PollTimeout = 10.0,
     ) -> dict[str, Any]:
         """Accepted sends; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
-        timed_out = False
-        if wait > 0:
-            try:
-                await fake.wait_for_messages(wait, chat_id, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+        timed_out = await long_poll(
+            wait, lambda: fake.wait_for_messages(wait, chat_id, wait_timeout, since_seq=since_seq)
+        )
         messages = fake.get_messages(chat_id, since_seq)
         return {"messages": [m.model_dump(mode="json") for m in messages], "timed_out": timed_out}
 
@@ -953,15 +1093,10 @@ def create_fake_wecom_app(
     async def control_callbacks(
         since_seq: int = 0,
         wait: int = 0,
-        wait_timeout: Annotated[float, Query(alias="timeout", ge=0, le=60)] = 10.0,
+        wait_timeout: PollTimeout = 10.0,
     ) -> dict[str, Any]:
         """Callbacks people sent; with wait=N, first wait up to timeout seconds for N of them (a long poll)."""
-        timed_out = False
-        if wait > 0:
-            try:
-                await fake.wait_for_callbacks(wait, wait_timeout, since_seq=since_seq)
-            except TimeoutError:
-                timed_out = True
+        timed_out = await long_poll(wait, lambda: fake.wait_for_callbacks(wait, wait_timeout, since_seq=since_seq))
         return {"callbacks": fake.get_callbacks(since_seq), "timed_out": timed_out}
 
     @app.post("/_fake/images", status_code=201, response_model=None)
@@ -1077,8 +1212,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rate-window", type=float, default=60.0, help="rate window in seconds")
     parser.add_argument("--robot-name", default=FakeWeComConfig.robot_name)
     parser.add_argument("--public-url", help="base URL put into callbacks' webhook_url (default: the request's)")
+    parser.add_argument("--aibot-id", action="append", default=[], help="AI bot id accepted on WS / (repeatable)")
+    parser.add_argument(
+        "--aibot-secret", action="append", default=[], help="secret of the --aibot-id at the same position"
+    )
+    parser.add_argument("--aibot-idle-timeout", type=float, help="close AI-bot links silent for this many seconds")
+    parser.add_argument(
+        "--aibot-reply-window", type=float, default=AIBOT_REPLY_WINDOW_SECONDS, help="welcome / card update window"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
+    if len(args.aibot_id) != len(args.aibot_secret):
+        parser.error("give one --aibot-secret for each --aibot-id")
 
     config = FakeWeComConfig(
         bot_keys=set(args.bot_key) or {DEFAULT_BOT_KEY},
@@ -1088,6 +1233,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         rate_window=args.rate_window,
         robot_name=args.robot_name,
         public_url=args.public_url,
+        aibots=dict(zip(args.aibot_id, args.aibot_secret, strict=True)),
+        aibot_idle_timeout=args.aibot_idle_timeout,
+        aibot_reply_window=args.aibot_reply_window,
     )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 
@@ -1104,4 +1252,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run the importable module's main, not this __main__ copy: fake_aibot imports hil_sandbox.fake_wecom, and one
+    # copy of the classes keeps the message log and the AI-bot hub speaking the same types.
+    from hil_sandbox.fake_wecom import main as module_main
+
+    module_main()
