@@ -4,9 +4,15 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
 from hil_protocol.logs import setup_logging
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .config import WorkerSettings
 
 PROG = "hil-worker"
 
@@ -23,14 +29,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="callback listen port (CALLBACK_PORT, default 8082)")
     parser.add_argument("--data-dir", help="where the callback spool lives (HIL_DATA_DIR, default ./data)")
     parser.add_argument("--worker-id", help="this worker's name on the server (WORKER_ID, default random)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """The flags over the environment, `.env` and the defaults; a bad or missing value exits with one line."""
     try:
         from .config import WorkerSettings
-        from .worker import create_app
     except ModuleNotFoundError as exc:
         exit_without_server_extra(PROG, exc)
     overrides = {
@@ -40,7 +46,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hil_data_dir": args.data_dir,
         "worker_id": args.worker_id,
     }
-    settings = load_settings(WorkerSettings, PROG, overrides)
+    return load_settings(WorkerSettings, PROG, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    try:
+        from .worker import create_app
+    except ModuleNotFoundError as exc:
+        exit_without_server_extra(PROG, exc)
     setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
     with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG):
         serve(

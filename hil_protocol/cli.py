@@ -48,14 +48,23 @@ def exit_without_server_extra(prog: str, exc: ModuleNotFoundError) -> NoReturn:
 
 
 def load_settings(cls: type[S], prog: str, overrides: dict[str, Any]) -> S:
-    """Settings from flags (`overrides`, None values left out), then the environment, `.env` and defaults."""
+    """Settings from flags (`overrides`, None values left out), then the environment, `.env` and defaults.
+    A bad value, or a `.env` that cannot be read, is one line that names it."""
+    from pydantic_settings import SettingsError
+
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
         )
-        fail(prog, f"invalid configuration: {problems}", 2)
+        fail(prog, f"invalid configuration: {problems} (fix it in the environment, .env or the flag)", 2)
+    except UnicodeDecodeError as exc:
+        fail(prog, f"cannot read .env in {Path.cwd()}: it is not UTF-8 text ({exc.reason} at byte {exc.start})", 2)
+    except OSError as exc:
+        fail(prog, f"cannot read {exc.filename or '.env'}: {exc.strerror or exc}", 2)
+    except SettingsError as exc:
+        fail(prog, f"invalid configuration: {exc}", 2)
 
 
 def bind(host: str, port: int, prog: str, flag: str) -> socket.socket:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from hil_protocol.cli import data_dir_lock, exit_without_server_extra, fail, load_settings, serve
 from hil_protocol.logs import setup_logging
 
 from . import __version__
+
+if TYPE_CHECKING:
+    from .config import ServerSettings
 
 PROG = "hil-server"
 
@@ -30,15 +34,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The flags over the environment, `.env` and the defaults; a bad value exits with one line."""
     try:
-        from .app import create_app
         from .config import ServerSettings
     except ModuleNotFoundError as exc:
         exit_without_server_extra(PROG, exc)
     overrides = {"hil_host": args.host, "hil_port": args.port, "hil_data_dir": args.data_dir, "hil_mode": args.mode}
-    settings = load_settings(ServerSettings, PROG, overrides)
+    return load_settings(ServerSettings, PROG, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    try:
+        from .app import create_app
+    except ModuleNotFoundError as exc:
+        exit_without_server_extra(PROG, exc)
     setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
     lock = (
         data_dir_lock(settings.hil_data_dir, "hil-server", PROG)
