@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Any
 
-from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
-from hil_protocol.logs import setup_logging
+from hil_protocol.cli import load_settings, run_process
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .config import WorkerSettings
+from .config import WorkerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-worker"
 
@@ -35,10 +32,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """The flags over the environment, `.env` and the defaults; a bad or missing value exits with one line."""
-    try:
-        from .config import WorkerSettings
-    except ModuleNotFoundError as exc:
-        exit_without_server_extra(PROG, exc)
     overrides = {
         "hil_url": args.hil_url,
         "callback_host": args.host,
@@ -50,18 +43,20 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    settings = settings_from_args(args)
-    try:
+    settings = settings_from_args(parse_args(argv))
+
+    def build() -> Any:
         from .worker import create_app
-    except ModuleNotFoundError as exc:
-        exit_without_server_extra(PROG, exc)
-    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
-    with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG):
-        serve(
-            create_app(settings),
-            host=settings.callback_host,
-            port=settings.callback_port,
-            prog=PROG,
-            flag="--port / CALLBACK_PORT",
-        )
+
+        return create_app(settings)
+
+    run_process(
+        PROG,
+        settings,
+        build,
+        lock="hil-worker",
+        data_dir=settings.hil_data_dir,
+        host=settings.callback_host,
+        port=settings.callback_port,
+        flag="--port / CALLBACK_PORT",
+    )
