@@ -335,3 +335,12 @@ def test_second_sandbox_on_the_same_data_dir_is_one_line(running_sandbox: Sandbo
     assert proc.popen.wait(30) == 1
     lines = proc.log().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hil-sandbox: ") and "data" in lines[0], lines
+
+
+def test_sandbox_on_an_address_not_on_this_host_is_one_line(tmp_path: Path) -> None:
+    proc = start_sandbox(tmp_path, "--host", "203.0.113.7", "--port", "0", "--wecom-port", "0", name="elsewhere")
+    assert proc.popen is not None
+    assert proc.popen.wait(30) == 1
+    [line] = proc.log().splitlines()
+    assert line.startswith("hil-sandbox: cannot listen on 203.0.113.7:0 (") and line.endswith("given with --port")
+    assert not (tmp_path / "data").exists()  # nothing made before the ports were bound
