@@ -22,9 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
+
 from hil_protocol import __version__
 from hil_protocol.cli import bind, data_dir_lock, exit_without_server_extra, fail
 from hil_protocol.logs import setup_logging
+from hil_server.config import ServerSettings
 
 PROG = "hil-sandbox"
 SANDBOX_BOT_KEY = "sandbox-bot-key"
@@ -42,26 +46,28 @@ def reachable_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def hil_mcp_command() -> list[str]:
-    """How to start this installation's hil-mcp: the console script beside this Python (absolute, so an MCP client
-    started from anywhere runs it), or this Python with `-m mcp_server` when the package is not installed."""
+def hil_mcp_command() -> tuple[list[str], dict[str, str]]:
+    """How to start this installation's hil-mcp, and the environment it needs: the console script beside this Python
+    (absolute, so an MCP client started from anywhere runs it), or, when the package is not installed, this Python
+    with `-m mcp_server` and the source tree on PYTHONPATH."""
     scripts = Path(sysconfig.get_path("scripts")).absolute()
     for name in ("hil-mcp", "hil-mcp.exe"):
         if (scripts / name).is_file():
-            return [str(scripts / name)]
-    return [str(Path(sys.executable).absolute()), "-m", "mcp_server"]
+            return [str(scripts / name)], {}
+    source = Path(__file__).resolve().parent.parent
+    return [str(Path(sys.executable).absolute()), "-m", "mcp_server"], {"PYTHONPATH": str(source)}
 
 
 def mcp_config(server_url: str, chat_id: str = SANDBOX_CHAT) -> dict[str, Any]:
     """The MCP client config (Cursor's mcp.json shape) that points this installation's hil-mcp at the sandbox.
     The proxy variables are cleared so a proxy set for the agent does not intercept 127.0.0.1."""
-    command, *prefix = hil_mcp_command()
+    (command, *prefix), env = hil_mcp_command()
     return {
         "mcpServers": {
             "wecom-hil": {
                 "command": command,
                 "args": [*prefix, "--service-url", server_url, "--chat-id", chat_id, "--project-name", "sandbox"],
-                "env": {"http_proxy": "", "https_proxy": "", "all_proxy": ""},
+                "env": {**env, "http_proxy": "", "https_proxy": "", "all_proxy": ""},
             }
         }
     }
@@ -89,10 +95,26 @@ def banner(wecom_url: str, server_url: str, data_dir: Path) -> str:
     )
 
 
+class SandboxSettings(ServerSettings):
+    """The HIL Server's settings, from the arguments only: no environment, no `.env`."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_name: str = "HIL助手") -> Any:
-    """The fake WeCom app and the HIL Server app wired to each other, and their URLs."""
+    """The fake WeCom app and the HIL Server app wired to each other, and their URLs. The server's settings are these
+    alone: a HIL_API_TOKENS or HIL_DEFAULT_CHAT_ID meant for a real deployment must not change the sandbox (its
+    banner's MCP config would stop working)."""
     from hil_server.app import create_app
-    from hil_server.config import ServerSettings
 
     from .fake_wecom import FakeWeComConfig, create_fake_wecom_app
 
@@ -106,14 +128,13 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
             public_url=wecom_url,
         )
     )
-    settings = ServerSettings(
+    settings = SandboxSettings(
         hil_host=host,
         hil_port=server_port,
         hil_mode="direct",
         bot_key=SANDBOX_BOT_KEY,
         wecom_api_base=wecom_url,
         hil_data_dir=data_dir,
-        _env_file=None,
     )
     return fake_app, create_app(settings), wecom_url, server_url
 
@@ -126,14 +147,11 @@ class Served:
     probe: str  # a URL that answers 200 once the app serves
 
 
-async def answers(url: str) -> bool:
-    import httpx
-
-    async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
-        try:
-            return (await client.get(url)).status_code == 200
-        except httpx.HTTPError:
-            return False
+async def answers(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def run(served: list[Served], on_ready: str) -> bool:
@@ -153,19 +171,20 @@ async def run(served: list[Served], on_ready: str) -> bool:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + READY_TIMEOUT
         pending = {item.name: item for item in served}
-        while pending:
-            if any(task.done() for task in tasks):
-                return
-            for name, item in list(pending.items()):
-                if item.server.started and await answers(item.probe):
-                    del pending[name]
-            if loop.time() > deadline:
-                logger.error("%s did not answer within %.0f s; stopping", ", ".join(pending), READY_TIMEOUT)
-                for item in served:
-                    item.server.should_exit = True
-                return
-            if pending:
-                await asyncio.sleep(0.05)
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+            while pending:
+                if any(task.done() for task in tasks):
+                    return
+                for name, item in list(pending.items()):
+                    if item.server.started and await answers(client, item.probe):
+                        del pending[name]
+                if loop.time() > deadline:
+                    logger.error("%s did not answer within %.0f s; stopping", ", ".join(pending), READY_TIMEOUT)
+                    for item in served:
+                        item.server.should_exit = True
+                    return
+                if pending:
+                    await asyncio.sleep(0.05)
         print(on_ready, flush=True)
 
     async with asyncio.TaskGroup() as group:

@@ -254,10 +254,10 @@ class Sandbox:
         self.wecom_url = next(line.split(" : ")[1].strip().rstrip("/") for line in lines if "WeCom chat page" in line)
 
 
-def start_sandbox(tmp_path: Path, *args: str, name: str = "sandbox") -> Proc:
+def start_sandbox(tmp_path: Path, *args: str, name: str = "sandbox", env: dict[str, str] | None = None) -> Proc:
     tmp_path.mkdir(parents=True, exist_ok=True)
     base = ["-m", "hil_sandbox", "--data-dir", str(tmp_path / "data"), "--log-level", "WARNING"]
-    return Proc(name, [*base, *args], {}, tmp_path / f"{name}.log").start()
+    return Proc(name, [*base, *args], env or {}, tmp_path / f"{name}.log").start()
 
 
 def wait_for_banner(proc: Proc, timeout: float = 30) -> Sandbox:
@@ -271,7 +271,9 @@ def wait_for_banner(proc: Proc, timeout: float = 30) -> Sandbox:
 
 @pytest.fixture
 def running_sandbox(tmp_path: Path) -> Iterator[Sandbox]:
-    proc = start_sandbox(tmp_path, "--port", "0", "--wecom-port", "0")
+    # Settings meant for a real deployment, which the sandbox must not take (its banner's config would get a 401).
+    env = {"HIL_API_TOKENS": "real-token", "HIL_DEFAULT_CHAT_ID": "real-chat", "HIL_STORE": "bogus"}
+    proc = start_sandbox(tmp_path, "--port", "0", "--wecom-port", "0", env=env)
     try:
         yield wait_for_banner(proc)
     finally:
@@ -344,3 +346,15 @@ def test_sandbox_on_an_address_not_on_this_host_is_one_line(tmp_path: Path) -> N
     [line] = proc.log().splitlines()
     assert line.startswith("hil-sandbox: cannot listen on 203.0.113.7:0 (") and line.endswith("given with --port")
     assert not (tmp_path / "data").exists()  # nothing made before the ports were bound
+
+
+def test_mcp_config_without_the_console_script_runs_the_source(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(sandbox.sysconfig, "get_path", lambda name: str(tmp_path))  # no console script there
+    server = sandbox.mcp_config("http://127.0.0.1:9")["mcpServers"]["wecom-hil"]
+    assert server["command"] == str(Path(sys.executable).absolute())
+    assert server["args"][:2] == ["-m", "mcp_server"]
+    env = {**os.environ, **server["env"]}
+    result = subprocess.run(
+        [server["command"], *server["args"], "--version"], cwd=tmp_path, env=env, capture_output=True, text=True
+    )
+    assert result.stdout.strip() == f"hil-mcp {__version__}", result.stderr
