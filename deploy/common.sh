@@ -12,7 +12,9 @@
 #   DEPLOY_REQUIRE       optional: a variable that must be non-empty to start; DEPLOY_REQUIRE_HINT what it is
 # and then calls: deploy_main "$@"
 #
-# Paths (VENV, PID_FILE, LOG_FILE, the env file) are relative to the current directory.
+# The virtualenv is the checkout's .venv, the same one ./hil uses (VENV or HIL_VENV overrides it); the package is
+# installed editable, so after `git pull` a restart runs the new code (run `install` again when dependencies change).
+# PID_FILE, LOG_FILE and the env file are relative to the current directory.
 # Secret values are never printed: only variable names appear in messages.
 
 : "${DEPLOY_ROOT:?}" "${DEPLOY_NAME:?}" "${DEPLOY_SCRIPT:?}" "${DEPLOY_MODULE:?}" "${DEPLOY_ENV_VAR:?}" \
@@ -62,7 +64,7 @@ deploy_load_env() {
 
 deploy_setup() {
   deploy_load_env
-  VENV="${VENV:-./venv}"
+  VENV="${VENV:-${HIL_VENV:-$DEPLOY_ROOT/.venv}}"
   PID_FILE="${PID_FILE:-$DEPLOY_PID_DEFAULT}"
   LOG_FILE="${LOG_FILE:-$DEPLOY_LOG_DEFAULT}"
   START_TIMEOUT="${START_TIMEOUT:-15}"
@@ -137,11 +139,10 @@ deploy_install() {
     deploy_say "creating virtualenv $VENV"
     "$py" -m venv "$VENV"
   fi
-  deploy_say "installing into $VENV"
+  deploy_say "installing $DEPLOY_ROOT into $VENV"
   "$DEPLOY_PYTHON" -m pip install --quiet --upgrade pip
-  "$DEPLOY_PYTHON" -m pip install --quiet -r "$DEPLOY_ROOT/requirements.txt"
-  "$DEPLOY_PYTHON" -m pip install --quiet "$DEPLOY_ROOT"
-  deploy_say "installed"
+  "$DEPLOY_PYTHON" -m pip install --quiet -e "${DEPLOY_ROOT}[server]"
+  deploy_say "installed hil-mcp $("$DEPLOY_PYTHON" -c 'import hil_protocol; print(hil_protocol.__version__)')"
 }
 
 # What start needs, checked before anything is stopped or started.
@@ -167,6 +168,8 @@ deploy_start() {
     deploy_die "port $DEPLOY_PORT is already in use ($DEPLOY_PORT_VAR); is another instance running?"
   fi
   mkdir -p "$(dirname "$PID_FILE")" "$(dirname "$LOG_FILE")"
+  local log_offset
+  log_offset="$(stat -c %s "$LOG_FILE" 2>/dev/null || echo 0)"
   deploy_say "starting (python -m $DEPLOY_MODULE, port $DEPLOY_PORT, log $LOG_FILE)"
   PYTHONUNBUFFERED=1 nohup "$DEPLOY_PYTHON" -m "$DEPLOY_MODULE" </dev/null >>"$LOG_FILE" 2>&1 &
   pid=$!
@@ -181,6 +184,7 @@ deploy_start() {
     if body="$(deploy_health 2>/dev/null)"; then
       deploy_say "running (pid $pid)"
       printf '%s\n' "$body"
+      deploy_startup_warnings "$log_offset"
       return 0
     fi
     if ((SECONDS >= deadline)); then
@@ -191,6 +195,18 @@ deploy_start() {
     fi
     sleep 0.3
   done
+}
+
+# What the program warned about while starting (an open API, unguarded callbacks...): an operator reads this
+# script's output, not the log, so repeat those lines here (already redacted: the program never logs secrets).
+deploy_startup_warnings() {
+  local line
+  tail -c +"$(($1 + 1))" "$LOG_FILE" 2>/dev/null |
+    grep -E '^[0-9-]+ [0-9:,.]+ (WARNING|ERROR|CRITICAL) |"level": ?"(WARNING|ERROR|CRITICAL)"' |
+    sed -E 's/^[0-9-]+ [0-9:,.]+ //' |
+    while IFS= read -r line; do
+      deploy_say "$line" >&2
+    done || true
 }
 
 deploy_proc_state() {
@@ -243,14 +259,16 @@ deploy_usage() {
   cat <<EOF
 usage: $DEPLOY_SCRIPT [install|start|stop|restart|status|logs]
   (no argument)  install if $VENV is missing, then start
-  install        create the virtualenv (VENV, default ./venv) and install the package into it
-  start          run python -m $DEPLOY_MODULE in the background, wait until $HEALTH_URL answers
+  install        create the virtualenv (VENV, default $DEPLOY_ROOT/.venv, shared with ./hil) and
+                 install the checkout into it (editable: after git pull, restart; install again for new dependencies)
+  start          run python -m $DEPLOY_MODULE in the background, wait until $HEALTH_URL answers,
+                 then repeat the warnings it logged while starting
   stop           SIGTERM, then SIGKILL after STOP_TIMEOUT (${STOP_TIMEOUT}s)
   restart        stop, then start
   status         whether it runs, and its /health answer
   logs           follow the log ($LOG_FILE)
 Settings come from the environment and from the env file $DEPLOY_ENV_VAR (default $DEPLOY_ENV_DEFAULT).
-Overrides: VENV, PID_FILE (default $DEPLOY_PID_DEFAULT), LOG_FILE (default $DEPLOY_LOG_DEFAULT),
+Overrides: VENV (or HIL_VENV), PID_FILE (default $DEPLOY_PID_DEFAULT), LOG_FILE (default $DEPLOY_LOG_DEFAULT),
 START_TIMEOUT, STOP_TIMEOUT, HEALTH_URL, TAIL_LINES (logs), PYTHON (used by install).
 EOF
 }

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from typing import Any
 
-from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
-from hil_protocol.logs import setup_logging
+from hil_protocol.cli import load_settings, run_process
+
+from . import __version__
+from .config import WorkerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-worker"
 
@@ -23,16 +26,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, help="callback listen port (CALLBACK_PORT, default 8082)")
     parser.add_argument("--data-dir", help="where the callback spool lives (HIL_DATA_DIR, default ./data)")
     parser.add_argument("--worker-id", help="this worker's name on the server (WORKER_ID, default random)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        from .config import WorkerSettings
-        from .worker import create_app
-    except ModuleNotFoundError as exc:
-        exit_without_server_extra(PROG, exc)
+def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
+    """The flags over the environment, `.env` and the defaults; a bad or missing value exits with one line."""
     overrides = {
         "hil_url": args.hil_url,
         "callback_host": args.host,
@@ -40,13 +39,24 @@ def main(argv: Sequence[str] | None = None) -> None:
         "hil_data_dir": args.data_dir,
         "worker_id": args.worker_id,
     }
-    settings = load_settings(WorkerSettings, PROG, overrides)
-    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
-    with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG):
-        serve(
-            create_app(settings),
-            host=settings.callback_host,
-            port=settings.callback_port,
-            prog=PROG,
-            flag="--port / CALLBACK_PORT",
-        )
+    return load_settings(WorkerSettings, PROG, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from_args(parse_args(argv))
+
+    def build() -> Any:
+        from .worker import create_app
+
+        return create_app(settings)
+
+    run_process(
+        PROG,
+        settings,
+        build,
+        lock="hil-worker",
+        data_dir=settings.hil_data_dir,
+        host=settings.callback_host,
+        port=settings.callback_port,
+        flag="--port / CALLBACK_PORT",
+    )

@@ -12,7 +12,7 @@ import errno
 import logging
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -20,6 +20,8 @@ from pydantic import ValidationError
 
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings
+
+    from .settings import CommonSettings
 
     S = TypeVar("S", bound=BaseSettings)
 else:
@@ -48,14 +50,23 @@ def exit_without_server_extra(prog: str, exc: ModuleNotFoundError) -> NoReturn:
 
 
 def load_settings(cls: type[S], prog: str, overrides: dict[str, Any]) -> S:
-    """Settings from flags (`overrides`, None values left out), then the environment, `.env` and defaults."""
+    """Settings from flags (`overrides`, None values left out), then the environment, `.env` and defaults.
+    A bad value, or a `.env` that cannot be read, is one line that names it."""
+    from pydantic_settings import SettingsError
+
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
         )
-        fail(prog, f"invalid configuration: {problems}", 2)
+        fail(prog, f"invalid configuration: {problems} (fix it in the environment, .env or the flag)", 2)
+    except UnicodeDecodeError as exc:
+        fail(prog, f"cannot read .env in {Path.cwd()}: it is not UTF-8 text ({exc.reason} at byte {exc.start})", 2)
+    except OSError as exc:
+        fail(prog, f"cannot read {exc.filename or '.env'}: {exc.strerror or exc}", 2)
+    except SettingsError as exc:
+        fail(prog, f"invalid configuration: {exc}", 2)
 
 
 def bind(host: str, port: int, prog: str, flag: str) -> socket.socket:
@@ -102,3 +113,30 @@ def serve(app: Any, *, host: str, port: int, prog: str, flag: str, **options: An
     server.run(sockets=[sock])
     if not server.started:
         raise SystemExit(1)
+
+
+def run_process(
+    prog: str,
+    settings: CommonSettings,
+    build: Callable[[], Any],
+    *,
+    lock: str | None,
+    data_dir: Path,
+    host: str,
+    port: int,
+    flag: str,
+    **options: Any,
+) -> None:
+    """What every process's main does once its settings are loaded: log, build the app (`build` imports the server
+    extra, so a missing one is one line), hold the data-dir lock named `lock` (None: no lock), bind and serve."""
+    from .logs import setup_logging
+
+    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
+    try:
+        app = build()
+    except ModuleNotFoundError as exc:
+        exit_without_server_extra(prog, exc)
+    except ValueError as exc:  # settings that cannot work together: one line that says which
+        fail(prog, f"invalid configuration: {exc}", 2)
+    with data_dir_lock(data_dir, lock, prog) if lock else contextlib.nullcontext():
+        serve(app, host=host, port=port, prog=prog, flag=flag, **options)

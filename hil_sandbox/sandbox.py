@@ -2,32 +2,124 @@
 
 Nothing in the HIL Server knows it is talking to a simulator: it sends through the robot webhook API at
 WECOM_API_BASE and receives fly-pigeon callbacks on /api/callback, exactly as with the real WeCom.
+
+Both ports are bound before anything else happens (a taken port is one line that names it and the flag to change it),
+and the banner with the MCP config is printed only once both servers answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
+import shlex
+import socket
+import sys
+import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hil_protocol.cli import exit_without_server_extra
-from hil_protocol.logs import setup_logging
+import httpx
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from hil_protocol import __version__
+from hil_protocol.cli import bind, data_dir_lock, exit_without_server_extra, fail
+from hil_protocol.logs import setup_logging
+from hil_server.config import ServerSettings
+
+PROG = "hil-sandbox"
 SANDBOX_BOT_KEY = "sandbox-bot-key"
+SANDBOX_CHAT = "sandbox-chat"
+READY_TIMEOUT = 30.0
 logger = logging.getLogger("hil_sandbox")
 
 
+def reachable_host(host: str) -> str:
+    """The address to put in URLs for a listen address: a wildcard is reached on loopback."""
+    if host in ("", "0.0.0.0"):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+def hil_mcp_command() -> tuple[list[str], dict[str, str]]:
+    """How to start this installation's hil-mcp, and the environment it needs: the console script beside this Python
+    (absolute, so an MCP client started from anywhere runs it), or, when the package is not installed, this Python
+    with `-m mcp_server` and the source tree on PYTHONPATH."""
+    scripts = Path(sysconfig.get_path("scripts")).absolute()
+    for name in ("hil-mcp", "hil-mcp.exe"):
+        if (scripts / name).is_file():
+            return [str(scripts / name)], {}
+    source = Path(__file__).resolve().parent.parent
+    return [str(Path(sys.executable).absolute()), "-m", "mcp_server"], {"PYTHONPATH": str(source)}
+
+
+def mcp_config(server_url: str, chat_id: str = SANDBOX_CHAT) -> dict[str, Any]:
+    """The MCP client config (Cursor's mcp.json shape) that points this installation's hil-mcp at the sandbox.
+    The proxy variables are cleared so a proxy set for the agent does not intercept 127.0.0.1."""
+    (command, *prefix), env = hil_mcp_command()
+    return {
+        "mcpServers": {
+            "wecom-hil": {
+                "command": command,
+                "args": [*prefix, "--service-url", server_url, "--chat-id", chat_id, "--project-name", "sandbox"],
+                "env": {**env, "http_proxy": "", "https_proxy": "", "all_proxy": ""},
+            }
+        }
+    }
+
+
+def banner(wecom_url: str, server_url: str, data_dir: Path) -> str:
+    config = mcp_config(server_url)
+    server = config["mcpServers"]["wecom-hil"]
+    claude = shlex.join(["claude", "mcp", "add", "wecom-hil", "--", server["command"], *server["args"]])
+    return "\n".join(
+        [
+            "",
+            f"hil-mcp sandbox {__version__} 已启动 / is running:",
+            f"  模拟企业微信聊天页 / WeCom chat page : {wecom_url}/",
+            f"  HIL Server (direct mode)            : {server_url}  (health: {server_url}/health)",
+            f"  数据 / data                         : {data_dir.absolute()}",
+            "",
+            "  MCP 客户端配置（如 Cursor 的 ~/.cursor/mcp.json）/ MCP client config (e.g. ~/.cursor/mcp.json):",
+            json.dumps(config, ensure_ascii=False, indent=2),
+            f"  Claude Code: {claude}",
+            "",
+            "  Ctrl+C 停止 / to stop.",
+            "",
+        ]
+    )
+
+
+class SandboxSettings(ServerSettings):
+    """The HIL Server's settings, from the arguments only: no environment, no `.env`."""
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings,)
+
+
 def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_name: str = "HIL助手") -> Any:
+    """The fake WeCom app and the HIL Server app wired to each other, and their URLs. The server's settings are these
+    alone: a HIL_API_TOKENS or HIL_DEFAULT_CHAT_ID meant for a real deployment must not change the sandbox (its
+    banner's MCP config would stop working)."""
     from hil_server.app import create_app
-    from hil_server.config import ServerSettings
 
     from .fake_wecom import FakeWeComConfig, create_fake_wecom_app
 
-    wecom_url = f"http://{host}:{wecom_port}"
-    server_url = f"http://{host}:{server_port}"
+    wecom_url = f"http://{reachable_host(host)}:{wecom_port}"
+    server_url = f"http://{reachable_host(host)}:{server_port}"
     fake_app = create_fake_wecom_app(
         FakeWeComConfig(
             bot_keys={SANDBOX_BOT_KEY},
@@ -36,68 +128,115 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
             public_url=wecom_url,
         )
     )
-    settings = ServerSettings(
+    settings = SandboxSettings(
         hil_host=host,
         hil_port=server_port,
         hil_mode="direct",
         bot_key=SANDBOX_BOT_KEY,
         wecom_api_base=wecom_url,
         hil_data_dir=data_dir,
-        _env_file=None,
     )
     return fake_app, create_app(settings), wecom_url, server_url
 
 
-async def serve(host: str, server_port: int, wecom_port: int, data_dir: Path) -> None:
-    import uvicorn
+@dataclass
+class Served:
+    name: str
+    sock: socket.socket
+    server: Any  # uvicorn.Server
+    probe: str  # a URL that answers 200 once the app serves
 
-    fake_app, server_app, wecom_url, server_url = build(host, server_port, wecom_port, data_dir)
-    servers = [
-        uvicorn.Server(
-            uvicorn.Config(
-                fake_app, host=host, port=wecom_port, log_config=None, access_log=False, timeout_graceful_shutdown=2
-            )
-        ),
-        uvicorn.Server(
-            uvicorn.Config(
-                server_app, host=host, port=server_port, log_config=None, access_log=False, timeout_graceful_shutdown=2
-            )
-        ),
-    ]
-    print(
-        "\n".join(
-            [
-                "",
-                "hil-mcp sandbox 已启动 / is running:",
-                f"  模拟企业微信聊天页 / WeCom chat page : {wecom_url}/",
-                f"  HIL Server (direct mode)            : {server_url}  (health: {server_url}/health)",
-                "",
-                "  在 Cursor 的 ~/.cursor/mcp.json 中指向它 / point your MCP client at it:",
-                f'    "command": "hil-mcp", "args": ["--service-url", "{server_url}", "--chat-id", "sandbox-chat"]',
-                "",
-                "  Ctrl+C 停止 / to stop.",
-                "",
-            ]
-        ),
-        flush=True,
+
+async def answers(client: httpx.AsyncClient, url: str) -> bool:
+    try:
+        return (await client.get(url)).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def run(served: list[Served], on_ready: str) -> bool:
+    """Serve every app until one stops (Ctrl+C stops them all); print `on_ready` once all answer.
+    False when one of them did not start."""
+
+    async def serve(item: Served) -> None:
+        try:
+            await item.server.serve(sockets=[item.sock])
+        except SystemExit:  # uvicorn's report of a failed application startup, already logged with its cause
+            logger.error("%s did not start", item.name)
+        finally:
+            for other in served:  # one down: stop the rest, so the sandbox never runs half
+                other.server.should_exit = True
+
+    async def announce(tasks: list[asyncio.Task[None]]) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + READY_TIMEOUT
+        pending = {item.name: item for item in served}
+        async with httpx.AsyncClient(trust_env=False, timeout=2.0) as client:
+            while pending:
+                if any(task.done() for task in tasks):
+                    return
+                for name, item in list(pending.items()):
+                    if item.server.started and await answers(client, item.probe):
+                        del pending[name]
+                if loop.time() > deadline:
+                    logger.error("%s did not answer within %.0f s; stopping", ", ".join(pending), READY_TIMEOUT)
+                    for item in served:
+                        item.server.should_exit = True
+                    return
+                if pending:
+                    await asyncio.sleep(0.05)
+        print(on_ready, flush=True)
+
+    async with asyncio.TaskGroup() as group:
+        tasks = [group.create_task(serve(item), name=item.name) for item in served]
+        group.create_task(announce(tasks), name="announce")
+    return all(item.server.started for item in served)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
+        "mode pointed at it, in one process. Nothing is read from the environment or .env: these flags are all.",
     )
-    await asyncio.gather(*(s.serve() for s in servers))
+    parser.add_argument("--host", default="127.0.0.1", help="listen address of both servers (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8081, help="HIL Server port (default 8081)")
+    parser.add_argument("--wecom-port", type=int, default=8090, help="fake WeCom + chat page port (default 8090)")
+    parser.add_argument(
+        "--data-dir", type=Path, default=Path("./data/sandbox"), help="the sandbox's store (default ./data/sandbox)"
+    )
+    levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
+    parser.add_argument("--log-level", type=str.upper, default="INFO", choices=levels, help="default INFO")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="hil-sandbox", description="Fake WeCom + HIL Server (direct), locally.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8081, help="HIL Server port (default 8081)")
-    parser.add_argument("--wecom-port", type=int, default=8090, help="fake WeCom + chat page port (default 8090)")
-    parser.add_argument("--data-dir", type=Path, default=Path("./data/sandbox"))
-    parser.add_argument("--log-level", default="INFO")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     try:
         import fastapi  # noqa: F401  # the sandbox runs the HIL Server
+        import uvicorn
     except ModuleNotFoundError as exc:
-        exit_without_server_extra("hil-sandbox", exc)
+        exit_without_server_extra(PROG, exc)
     setup_logging(args.log_level, "text", [])
-    try:
-        asyncio.run(serve(args.host, args.port, args.wecom_port, args.data_dir))
-    except KeyboardInterrupt:
-        pass
+    server_sock = bind(args.host, args.port, PROG, "--port")
+    wecom_sock = bind(args.host, args.wecom_port, PROG, "--wecom-port")
+    server_port, wecom_port = server_sock.getsockname()[1], wecom_sock.getsockname()[1]
+    with data_dir_lock(args.data_dir, "hil-server", PROG):
+        try:
+            fake_app, server_app, wecom_url, server_url = build(args.host, server_port, wecom_port, args.data_dir)
+        except ValueError as exc:
+            fail(PROG, f"cannot build the sandbox: {exc}", 2)
+        options: dict[str, Any] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 2}
+        fake_server = uvicorn.Server(uvicorn.Config(fake_app, **options))
+        hil_server = uvicorn.Server(uvicorn.Config(server_app, **options))
+        served = [
+            Served("fake WeCom", wecom_sock, fake_server, f"{wecom_url}/_fake/config"),
+            Served("HIL Server", server_sock, hil_server, f"{server_url}/health"),
+        ]
+        try:
+            started = asyncio.run(run(served, banner(wecom_url, server_url, args.data_dir)))
+        except KeyboardInterrupt:
+            return
+    if not started:
+        fail(PROG, "the sandbox did not start (the log above says why)")

@@ -1,3 +1,5 @@
 """HIL Server: holds the questions, matches the person's replies to them, serves the MCP server's HTTP API."""
 
-__version__ = "0.2.0"
+from hil_protocol import __version__
+
+__all__ = ["__version__"]

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 from collections.abc import Sequence
+from typing import Any
 
-from hil_protocol.cli import data_dir_lock, exit_without_server_extra, fail, load_settings, serve
-from hil_protocol.logs import setup_logging
+from hil_protocol.cli import load_settings, run_process
 
 from . import __version__
+from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-server"
 
@@ -30,31 +30,28 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
-    try:
-        from .app import create_app
-        from .config import ServerSettings
-    except ModuleNotFoundError as exc:
-        exit_without_server_extra(PROG, exc)
+def settings_from_args(args: argparse.Namespace) -> ServerSettings:
+    """The flags over the environment, `.env` and the defaults; a bad value exits with one line."""
     overrides = {"hil_host": args.host, "hil_port": args.port, "hil_data_dir": args.data_dir, "hil_mode": args.mode}
-    settings = load_settings(ServerSettings, PROG, overrides)
-    setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
-    lock = (
-        data_dir_lock(settings.hil_data_dir, "hil-server", PROG)
-        if settings.hil_store == "sqlite"
-        else contextlib.nullcontext()
+    return load_settings(ServerSettings, PROG, overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    settings = settings_from_args(parse_args(argv))
+
+    def build() -> Any:
+        from .app import create_app
+
+        return create_app(settings)
+
+    run_process(
+        PROG,
+        settings,
+        build,
+        lock="hil-server" if settings.hil_store == "sqlite" else None,
+        data_dir=settings.hil_data_dir,
+        host=settings.hil_host,
+        port=settings.hil_port,
+        flag="--port / HIL_PORT",
+        ws_max_size=4 * 1024 * 1024,
     )
-    try:
-        app = create_app(settings)
-    except ValueError as exc:  # settings that cannot work together: one line that says which
-        fail(PROG, f"invalid configuration: {exc}", 2)
-    with lock:
-        serve(
-            app,
-            host=settings.hil_host,
-            port=settings.hil_port,
-            prog=PROG,
-            flag="--port / HIL_PORT",
-            ws_max_size=4 * 1024 * 1024,
-        )

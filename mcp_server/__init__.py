@@ -1,3 +1,5 @@
 """hil-mcp: the MCP server (stdio) an AI agent uses to ask a person in WeCom and wait for the answer."""
 
-__version__ = "0.2.0"
+from hil_protocol import __version__
+
+__all__ = ["__version__"]

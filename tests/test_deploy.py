@@ -1,17 +1,22 @@
 """The deployment files: deploy_hil.sh and deploy_worker.sh run for real (start / status / restart / stop),
-plus checks of the env examples, the systemd units and (when nginx is installed) the nginx sample."""
+plus checks of the env examples, the systemd units, the README's deploy steps and (when nginx is installed) the
+nginx sample, served with TLS and a throwaway certificate."""
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +30,8 @@ from devcloud_worker.config import WorkerSettings
 from hil_server.config import ServerSettings
 
 ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+REPOSITORY = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Repository"]
 HIL = ROOT / "deploy_hil.sh"
 WORKER = ROOT / "deploy_worker.sh"
 COMMON = ROOT / "deploy" / "common.sh"
@@ -184,7 +191,7 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
     # The port and a secret come from ./hil.env; the mode from the environment, which wins over the file
     # (direct mode without BOT_KEY would not start).
     env_file = tmp_path / "hil.env"
-    env_file.write_text(f"HIL_PORT={port}\nHIL_MODE=direct\nHIL_WORKER_TOKEN='{SECRET}'\n")
+    env_file.write_text(f"HIL_PORT={port}\nHIL_MODE=direct\nHIL_WORKER_TOKEN='{SECRET}'\nHIL_API_TOKENS=api-tok\n")
     env_file.chmod(0o600)
     env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_MODE="relay")
     reaper.append(env)
@@ -206,7 +213,7 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
     }
     pid = read_pid(env)
     assert alive(pid)
-    assert "warning" not in started.stderr  # the env file is private
+    assert "warning" not in started.stderr.lower()  # the env file is private, the API and /ws are guarded
 
     status = call("status")
     assert status.returncode == 0, status.stdout + status.stderr
@@ -252,6 +259,26 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
     for output in outputs:
         assert SECRET not in output
     assert SECRET not in log
+
+
+@needs_venv
+def test_start_repeats_the_servers_warnings(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
+    """An open API is said in the deploy output itself, not only in the log; in either log format."""
+    port = free_port()
+    env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(port), HIL_MODE="relay")
+    reaper.append(env)
+    Path(env["LOG_FILE"]).parent.mkdir(parents=True)
+    Path(env["LOG_FILE"]).write_text("2026-01-01 00:00:00,000 WARNING old: from an earlier run\n")
+    for log_format in ("text", "json"):
+        env["HIL_LOG_FORMAT"] = log_format
+        started = run(HIL, "restart", env=env, cwd=tmp_path)
+        assert started.returncode == 0, started.stdout + started.stderr
+        warnings = [line for line in started.stderr.splitlines() if "WARNING" in line]
+        assert any("HIL_API_TOKENS is not set" in line for line in warnings), started.stderr
+        assert any("HIL_WORKER_TOKEN is not set" in line for line in warnings), started.stderr
+        assert all(line.startswith("hil-server: ") for line in warnings)
+        assert "from an earlier run" not in started.stderr  # only what this start logged
+    assert run(HIL, "stop", env=env, cwd=tmp_path).returncode == 0
 
 
 @needs_venv
@@ -338,19 +365,78 @@ def test_worker_refuses_to_start_without_bot_key(tmp_path: Path, reaper: list[di
         assert port_free(port)
 
 
-# --- nginx sample: the worker reaches the server through it -----------------------------------------------------
+# --- nginx sample: HTTPS by default; the worker reaches the server through it over wss ----------------------------
+
+
+def throwaway_certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / "fullchain.pem", directory / "privkey.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    key_file.chmod(0o600)
+    return cert_file, key_file
+
+
+def test_nginx_sample_is_https_by_default() -> None:
+    site = (ROOT / "deploy" / "nginx-hil.conf").read_text()
+    active = "\n".join(line.split("#", 1)[0] for line in site.splitlines())
+    blocks = active.split("server {")[1:]
+    assert len(blocks) == 2
+    plain, tls = blocks if "listen 80;" in blocks[0] else blocks[::-1]
+    # Port 80 does nothing but redirect; port 443 carries TLS with placeholder certificate paths.
+    assert re.findall(r"^\s*(\w+)", plain, re.M) == ["listen", "listen", "server_name", "return"]
+    assert "return 308 https://$host$request_uri;" in plain
+    assert "listen 443 ssl;" in tls and "listen [::]:443 ssl;" in tls
+    assert "ssl_certificate     /etc/letsencrypt/live/your-domain.com/fullchain.pem;" in tls
+    assert "ssl_certificate_key /etc/letsencrypt/live/your-domain.com/privkey.pem;" in tls
+    assert "proxy_pass" not in plain and "proxy_pass" in tls
 
 
 @needs_venv
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
 def test_nginx_sample_proxies_api_ws_and_health_only(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
-    server_port, worker_port, nginx_port = free_port(), free_port(), free_port()
-    site = (ROOT / "deploy" / "nginx-hil.conf").read_text()
-    assert site.count("listen 80;") == 1 and "127.0.0.1:8081" in site
-    site = site.replace("listen 80;", f"listen 127.0.0.1:{nginx_port};").replace("listen [::]:80;", "")
-    site = site.replace("127.0.0.1:8081", f"127.0.0.1:{server_port}")
+    server_port, worker_port, http_port, https_port = free_port(), free_port(), free_port(), free_port()
     ngx = tmp_path / "nginx"
     ngx.mkdir()
+    cert, key = throwaway_certificate(ngx)
+    site = (ROOT / "deploy" / "nginx-hil.conf").read_text()
+    for placeholder, value in (
+        ("listen 80;", f"listen 127.0.0.1:{http_port};"),
+        ("listen [::]:80;", ""),
+        ("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
+        ("listen [::]:443 ssl;", ""),
+        ("/etc/letsencrypt/live/your-domain.com/fullchain.pem", str(cert)),
+        ("/etc/letsencrypt/live/your-domain.com/privkey.pem", str(key)),
+    ):
+        assert site.count(placeholder) == 1, placeholder
+        site = site.replace(placeholder, value)
+    assert "127.0.0.1:8081" in site
+    site = site.replace("127.0.0.1:8081", f"127.0.0.1:{server_port}")
     (ngx / "site.conf").write_text(site)
     (ngx / "nginx.conf").write_text(
         f"daemon off;\nmaster_process off;\npid {ngx}/nginx.pid;\nerror_log {ngx}/error.log;\nevents {{}}\n"
@@ -372,30 +458,40 @@ def test_nginx_sample_proxies_api_ws_and_health_only(tmp_path: Path, reaper: lis
         HIL_TOKEN=SECRET,
         CALLBACK_HOST="127.0.0.1",
         CALLBACK_PORT=str(worker_port),
-        HIL_URL=f"ws://127.0.0.1:{nginx_port}/ws",
+        HIL_URL=f"wss://127.0.0.1:{https_port}/ws",
+        SSL_CERT_FILE=str(cert),  # the worker trusts the throwaway certificate as it would a real one
         HIL_DATA_DIR=str(tmp_path / "worker-data"),
     )
     reaper.extend([server_env, worker_env])
+    trust = ssl.create_default_context(cafile=str(cert))
     nginx = subprocess.Popen(nginx_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert run(HIL, "start", env=server_env, cwd=tmp_path).returncode == 0
         assert run(WORKER, "start", env=worker_env, cwd=tmp_path).returncode == 0
-        base = f"http://127.0.0.1:{nginx_port}"
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if httpx.get(f"{base}/health", timeout=2).json().get("worker_connected"):
-                    break
-            except (httpx.HTTPError, ValueError):
-                pass
-            assert time.monotonic() < deadline, (ngx / "error.log").read_text()
-            time.sleep(0.2)
-        assert httpx.get(f"http://127.0.0.1:{worker_port}/health", timeout=5).json()["ws_connected"] is True
-        assert httpx.get(f"{base}/api/health", timeout=5).json()["worker_count"] == 1
-        poll = httpx.get(f"{base}/api/poll/0123abcd?wait=1", timeout=10)
-        assert poll.status_code == 200 and poll.json()["status"] == "not_found"
-        for hidden in ("/", "/docs", "/openapi.json", "/healthz"):
-            assert httpx.get(base + hidden, timeout=5).status_code == 404, hidden
+        base = f"https://127.0.0.1:{https_port}"
+        with httpx.Client(verify=trust, trust_env=False, timeout=10) as https:
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    if https.get(f"{base}/health").json().get("worker_connected"):
+                        break
+                except (httpx.HTTPError, ValueError):
+                    pass
+                logs = (ngx / "error.log").read_text() + Path(worker_env["LOG_FILE"]).read_text()
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.2)
+            assert httpx.get(f"http://127.0.0.1:{worker_port}/health", timeout=5).json()["ws_connected"] is True
+            assert https.get(f"{base}/api/health").json()["worker_count"] == 1
+            poll = https.get(f"{base}/api/poll/0123abcd?wait=1")
+            assert poll.status_code == 200 and poll.json()["status"] == "not_found"
+            for hidden in ("/", "/docs", "/openapi.json", "/healthz"):
+                assert https.get(base + hidden).status_code == 404, hidden
+        # Plain HTTP only redirects, keeping the method (308), and never reaches the server.
+        plain = f"http://127.0.0.1:{http_port}"
+        for method, path in (("GET", "/health"), ("POST", "/api/send"), ("GET", "/ws")):
+            answer = httpx.request(method, plain + path, json={} if method == "POST" else None, timeout=5)
+            assert answer.status_code == 308, (method, path, answer.status_code)
+            assert answer.headers["location"] == f"https://127.0.0.1{path}"
     finally:
         run(WORKER, "stop", env=worker_env, cwd=tmp_path)
         run(HIL, "stop", env=server_env, cwd=tmp_path)
@@ -488,7 +584,7 @@ def test_systemd_unit(tmp_path: Path, unit: str, module: str, env_file: str) -> 
     for line in (
         "WorkingDirectory=/opt/hil-mcp",
         f"EnvironmentFile=/opt/hil-mcp/{env_file}",
-        f"ExecStart=/opt/hil-mcp/venv/bin/python -m {module}",
+        f"ExecStart=/opt/hil-mcp/.venv/bin/python -m {module}",
         "Restart=on-failure",
         "User=hil",
         "KillSignal=SIGTERM",
@@ -497,12 +593,84 @@ def test_systemd_unit(tmp_path: Path, unit: str, module: str, env_file: str) -> 
         "ProtectSystem=strict",
         "ReadWritePaths=/opt/hil-mcp/data",
         "Environment=HIL_DATA_DIR=/opt/hil-mcp/data",
+        f"Documentation={REPOSITORY}",
     ):
         assert line in text.splitlines(), line
+    assert "pypi.org" not in text  # PyPI's hil-mcp page is the older package's
+    assert f"install -m 600 deploy/{env_file}.example /opt/hil-mcp/{env_file}" in text
     if shutil.which("systemd-analyze"):
         copy = tmp_path / unit
-        copy.write_text(text.replace("/opt/hil-mcp/venv/bin/python", sys.executable))
+        copy.write_text(text.replace("/opt/hil-mcp/.venv/bin/python", sys.executable))
         result = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True, timeout=60)
         # Unknown keys and bad values are only warnings (exit status 0), naming the file.
         problems = [ln for ln in result.stderr.splitlines() if str(copy) in ln]
         assert result.returncode == 0 and not problems, result.stderr
+
+
+# --- one virtualenv, and the README's deploy steps ----------------------------------------------------------------
+
+
+def test_deploy_scripts_and_hil_share_one_venv(tmp_path: Path) -> None:
+    venv = ROOT / ".venv"
+    env = clean_env(tmp_path, "hil")
+    del env["VENV"]
+    usage = run(HIL, "--help", env=env, cwd=tmp_path).stdout
+    assert f"default {venv}, shared with ./hil" in usage
+    hil_help = subprocess.run(
+        [str(ROOT / "hil"), "help"], env=env, capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    assert f"The virtualenv is {venv} " in hil_help
+    # HIL_VENV, ./hil's override, moves the deploy scripts' venv too.
+    missing = tmp_path / "elsewhere"
+    status = run(HIL, "start", env={**env, "HIL_VENV": str(missing)}, cwd=tmp_path)
+    assert status.returncode != 0 and f"no Python at {missing}/bin/python" in status.stderr
+
+
+def readme_commands(section: str) -> list[str]:
+    """The shell lines of the README's bash blocks under `## {section}` (comments dropped)."""
+    body = README.split(f"## {section}", 1)[1].split("\n## ", 1)[0]
+    lines = []
+    for block in re.findall(r"```bash\n(.*?)```", body, re.S):
+        lines += [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+    return lines
+
+
+def test_readme_creates_env_files_private() -> None:
+    commands = readme_commands("部署")
+    assert "install -m 600 deploy/hil.env.example hil.env" in commands
+    assert "install -m 600 deploy/worker.env.example worker.env" in commands
+    assert not [c for c in commands if c.startswith("cp ") and ".env" in c]
+    assert f"git clone {REPOSITORY} hil-mcp && cd hil-mcp" in commands
+
+
+def test_readme_direct_mode_one_liner_appends(tmp_path: Path) -> None:
+    [line] = [c for c in readme_commands("部署") if "BOT_KEY=" in c]
+    assert line.endswith(" && ./deploy_hil.sh")
+    setup = line.removesuffix(" && ./deploy_hil.sh")
+    fresh, kept = tmp_path / "fresh", tmp_path / "kept"
+    fresh.mkdir()
+    kept.mkdir()
+    (kept / "hil.env").write_text("HIL_API_TOKENS=tok\nBOT_KEY=\n")
+    (kept / "hil.env").chmod(0o644)
+    for cwd in (fresh, kept):
+        subprocess.run(["bash", "-euc", setup], cwd=cwd, check=True, timeout=30)
+        assert (cwd / "hil.env").stat().st_mode & 0o777 == 0o600
+    assert (fresh / "hil.env").read_text() == "BOT_KEY=your-bot-key\n"
+    assert (kept / "hil.env").read_text() == "HIL_API_TOKENS=tok\nBOT_KEY=\nBOT_KEY=your-bot-key\n"
+    # Sourced as deploy_*.sh and systemd read it, the last BOT_KEY wins.
+    sourced = subprocess.run(
+        ["bash", "-c", 'set -a; . ./hil.env; printf %s "$BOT_KEY"'], cwd=kept, capture_output=True, text=True
+    )
+    assert sourced.stdout == "your-bot-key"
+
+
+def test_docs_point_at_the_repository_not_pypi() -> None:
+    assert REPOSITORY.startswith("https://") and "pypi.org" not in REPOSITORY
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert "version" not in project and project["dynamic"] == ["version"]
+    assert all("pypi.org" not in url for url in project["urls"].values())
+    # The first MCP config runs this code, never PyPI's older hil-mcp.
+    first = re.search(r"```json\n(.*?)```", README.split("## 在 MCP 客户端中配置", 1)[1], re.S)
+    assert first is not None
+    args = json.loads(first.group(1))["mcpServers"]["wecom-hil"]["args"]
+    assert args[:3] == ["--from", "/path/to/hil-mcp", "hil-mcp"]

@@ -1,12 +1,15 @@
 """The published-package promise (CONTRACT.md): `pip install hil-mcp` / `uvx hil-mcp` bring only what the MCP server
 needs; the HIL Server and the worker come with the `server` extra. This checkout is installed for real into fresh
-virtual environments, from the package indexes pip is configured with (`pip config list`)."""
+virtual environments, from the package indexes pip is configured with (`pip config list`): every console script's
+`--help` works there without side effects, the version is this release's, `uvx --from <checkout>` runs this code
+(and the new code after an edit), and the deploy script's install makes the editable environment ./hil uses."""
 
 from __future__ import annotations
 
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +20,10 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hil_protocol import __version__
+
 REPO = Path(__file__).resolve().parents[1]
+COMMANDS = ["hil-mcp", "hil-server", "hil-worker", "hil-sandbox"]
 INSTALL_TIMEOUT = 300  # a cold build of the wheel plus dependencies from the local indexes
 RUN_TIMEOUT = 60
 
@@ -97,7 +103,31 @@ def test_plain_install_runs_hil_mcp_without_server_dependencies(base_venv: Venv)
     assert not base_venv.importable("prometheus_client")
 
 
-@pytest.mark.parametrize("command", ["hil-server", "hil-worker"])
+def help_has_no_side_effects(venv: Venv, tmp_path: Path) -> None:
+    """`--help` and `--version` of every console script: exit 0, print, read no settings, create nothing."""
+    cwd = tmp_path / "help-cwd"
+    cwd.mkdir()
+    (cwd / ".env").write_bytes(b"HIL_PORT=\xff\nBOT_KEY\n")  # unreadable settings, and no BOT_KEY anywhere
+    env = clean_env(HIL_PORT="not-a-port", HIL_DATA_DIR=str(cwd / "data"))
+    for command in COMMANDS:
+        result = run([venv.bin(command), "--help"], cwd, env=env)
+        assert result.stdout.startswith(f"usage: {command}") and result.stderr == "", result
+        version = run([venv.bin(command), "--version"], cwd, env=env)
+        assert version.stdout.strip() == f"{command} {__version__}"
+    assert sorted(p.name for p in cwd.iterdir()) == [".env"]
+
+
+def test_help_without_the_server_extra(base_venv: Venv, tmp_path: Path) -> None:
+    help_has_no_side_effects(base_venv, tmp_path)
+
+
+def test_help_with_the_server_extra(server_venv: Venv, tmp_path: Path) -> None:
+    help_has_no_side_effects(server_venv, tmp_path)
+    metadata = server_venv.python("import importlib.metadata as m; print(m.version('hil-mcp'))").stdout.strip()
+    assert metadata == __version__ == "0.3.0"
+
+
+@pytest.mark.parametrize("command", ["hil-server", "hil-worker", "hil-sandbox"])
 def test_server_commands_without_the_extra_say_what_to_install(base_venv: Venv, command: str) -> None:
     assert Path(base_venv.bin(command)).exists(), f"{command} entry point is not installed"
     with socket.socket() as sock:
@@ -200,6 +230,8 @@ def test_uvx_from_the_checkout(uvx: tuple[str, dict[str, str]], base_venv: Venv)
     command, env = uvx
     result = run([command, "--from", str(REPO), "hil-mcp", "--help"], base_venv.cwd, env=env, timeout=INSTALL_TIMEOUT)
     assert "--service-url" in result.stdout
+    version = run([command, "--from", str(REPO), "hil-mcp", "--version"], base_venv.cwd, env=env, timeout=60)
+    assert version.stdout.strip() == f"hil-mcp {__version__}"
     # The same environment uvx built for hil-mcp has no server dependencies.
     probe = run(
         [command, "--from", str(REPO), "python", "-c", "import fastapi"],
@@ -209,3 +241,37 @@ def test_uvx_from_the_checkout(uvx: tuple[str, dict[str, str]], base_venv: Venv)
         timeout=INSTALL_TIMEOUT,
     )
     assert probe.returncode != 0 and "fastapi" in probe.stderr, probe.stderr
+
+
+def test_uvx_from_a_clone_runs_the_code_after_an_edit(
+    uvx: tuple[str, dict[str, str]], base_venv: Venv, tmp_path: Path
+) -> None:
+    """uv caches the build of a local directory; the README's first MCP config relies on it rebuilding when the
+    sources change (`[tool.uv] cache-keys`), or a `git pull` would leave the agent on the old code."""
+    command, env = uvx
+    clone = tmp_path / "clone"
+    shutil.copytree(
+        REPO,
+        clone,
+        ignore=shutil.ignore_patterns(".git", ".venv", "venv", "data", "tests", "bench", "__pycache__", "*.egg-info"),
+    )
+
+    def version() -> str:
+        args = [command, "--from", str(clone), "hil-mcp", "--version"]
+        return run(args, base_venv.cwd, env=env, timeout=INSTALL_TIMEOUT).stdout.strip()
+
+    assert version() == f"hil-mcp {__version__}"
+    init = clone / "hil_protocol" / "__init__.py"
+    init.write_text(init.read_text().replace(f'"{__version__}"', '"9.8.7"'))
+    assert version() == "hil-mcp 9.8.7"
+
+
+def test_deploy_install_makes_the_editable_venv_hil_uses(tmp_path: Path) -> None:
+    """`deploy_hil.sh install`: the checkout, editable, with the server extra, in the venv it is pointed at."""
+    venv = tmp_path / "deploy-venv"
+    env = clean_env(VENV=str(venv))
+    result = run(["bash", str(REPO / "deploy_hil.sh"), "install"], tmp_path, env=env, timeout=INSTALL_TIMEOUT)
+    assert f"installed hil-mcp {__version__}" in result.stdout
+    probe = "import fastapi, hil_server; print(hil_server.__file__)"
+    where = run([str(venv / "bin" / "python"), "-c", probe], tmp_path)
+    assert Path(where.stdout.strip()) == REPO / "hil_server" / "__init__.py"  # editable: a pull is a restart away

@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hil_protocol.outbound import Notice
 from hil_protocol.relay_frames import SendHintPayload
+from hil_server import __version__
 from hil_server.app import create_app
 from tests.procs import Stack
 from tests.server_fixtures import WeCom, callback_body, settings
@@ -70,7 +71,7 @@ def wait_until(predicate: Any, timeout: float = 3.0) -> None:
 def test_metrics_follow_a_question_and_its_reply(client: TestClient, wecom: WeCom) -> None:
     page = scrape(client)
     assert value(page, "hil_waiting_sessions") == 0
-    assert value(page, "hil_info", version="0.2.0", mode="direct") == 1
+    assert value(page, "hil_info", version=__version__, mode="direct") == 1
 
     sent = client.post("/api/send", json={"message": "继续吗？", "chat_id": "chatA", "project_name": "proj"}).json()
     assert sent["success"], sent
@@ -177,7 +178,7 @@ def test_status_lists_waiting_questions_and_recent_outcomes(client: TestClient, 
     sent = client.post("/api/send", json={"message": question, "chat_id": "chatA", "project_name": "a&b"}).json()
 
     data = client.get("/status.json").json()
-    assert data["mode"] == "direct" and data["version"] == "0.2.0" and data["scope"] == "all"
+    assert data["mode"] == "direct" and data["version"] == __version__ and data["scope"] == "all"
     assert data["uptime_seconds"] >= 0 and data["workers"] == []
     [waiting] = data["waiting"]
     assert waiting["short_id"] == sent["short_id"] and waiting["project"] == "a&b" and waiting["chat_id"] == "chatA"
