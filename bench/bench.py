@@ -627,7 +627,7 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
         started = time.monotonic()
         try:
             await fn()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001  # one failed measurement is reported, the others still run
             res.failed.append(name)
             res.add(f"{name} failed", f"{type(exc).__name__}: {str(exc)[:300]}", "", False)
             traceback.print_exc()

@@ -107,7 +107,7 @@ async def poll_response(request: Request, session_id: str, raw_wait: str | None)
             result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message=NOT_FOUND)
         else:
             result = await server_state(request)["service"].poll(session, wait)
-    except Exception as exc:  # the fast path has no exception handlers: render() knows ours, re-raises the rest
+    except errors.HANDLED as exc:  # the fast path runs outside FastAPI's exception handlers
         return errors.render(exc)
     return Response(result.model_dump_json(), media_type="application/json")
 

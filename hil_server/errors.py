@@ -38,6 +38,10 @@ def render(exc: Exception) -> JSONResponse:
     raise exc
 
 
+# Every exception render() answers; anything else is a bug and a 500.
+HANDLED = (AuthError, StoreUnavailable, InvalidRequest, RequestValidationError, HTTPException)
+
+
 def _where(loc: tuple[Any, ...] | list[Any]) -> str:
     return ".".join(str(p) for p in loc if p != "body") or "body"
 
@@ -46,5 +50,5 @@ def install(app: FastAPI) -> None:
     async def handler(request: Request, exc: Exception) -> JSONResponse:
         return render(exc)
 
-    for cls in (AuthError, StoreUnavailable, InvalidRequest, RequestValidationError, HTTPException):
+    for cls in HANDLED:
         app.add_exception_handler(cls, handler)

@@ -43,10 +43,19 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
     hub = state["hub"]
     service = state["service"]
 
-    async def close(code: int, reason: str) -> None:
-        await websocket.close(code=code, reason=reason)
+    async def send_text(text: str) -> None:
+        try:
+            await websocket.send_text(text)
+        except (RuntimeError, OSError, WebSocketDisconnect) as exc:  # closed, or the peer is gone
+            raise ConnectionError(f"worker socket closed: {type(exc).__name__}") from exc
 
-    link = WorkerLink(worker_id=(worker_id or uuid.uuid4().hex[:8])[:64], send_text=websocket.send_text, close=close)
+    async def close(code: int, reason: str) -> None:
+        try:
+            await websocket.close(code=code, reason=reason)
+        except (RuntimeError, OSError, WebSocketDisconnect) as exc:
+            raise ConnectionError(f"worker socket closed: {type(exc).__name__}") from exc
+
+    link = WorkerLink(worker_id=(worker_id or uuid.uuid4().hex[:8])[:64], send_text=send_text, close=close)
     await link.send(Hello(features=[FEATURE_CALLBACK_ACK]))
     await hub.add(link)
     logger.info("worker connected worker_id=%s workers=%d", link.worker_id, hub.count)

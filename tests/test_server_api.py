@@ -374,7 +374,7 @@ class Background:
     def _run(self, fn: Any) -> None:
         try:
             self._value = fn()
-        except BaseException as exc:  # re-raised in the test thread
+        except BaseException as exc:  # noqa: BLE001  # re-raised in the test thread
             self._error = exc
 
     def result(self, timeout: float = 5.0) -> Any:

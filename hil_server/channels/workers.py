@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -31,7 +32,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class WorkerLink:
-    """One connected worker. `send_text` writes a frame; writes are serialised by `lock`."""
+    """One connected worker. `send_text` writes a frame and `close` closes the socket; both raise ConnectionError
+    when the socket is gone. Writes are serialised by `lock`."""
 
     worker_id: str
     send_text: Callable[[str], Awaitable[None]]
@@ -77,10 +79,8 @@ class WorkerHub:
         if old is not None:
             # The same worker reconnected before we noticed it left: the old socket is dead.
             await self.remove(old, reason="replaced by a new connection")
-            try:
+            with contextlib.suppress(ConnectionError):  # the old socket is usually already gone
                 await old.close(4000, "replaced by a new connection")
-            except Exception:  # the old socket is usually already gone
-                pass
         self.links[link.worker_id] = link
         self._on_change(self.count)
         async with self._changed:
@@ -145,7 +145,7 @@ class WorkerHub:
             response = await asyncio.wait_for(future, self.request_timeout)
         except TimeoutError as exc:
             raise ChannelError(f"worker {link.worker_id} 在 {self.request_timeout:.0f} 秒内没有应答") from exc
-        except (ConnectionError, RuntimeError, OSError) as exc:
+        except ConnectionError as exc:
             raise ChannelError(f"与 worker {link.worker_id} 的连接中断") from exc
         finally:
             link.pending.pop(request_id, None)
@@ -162,14 +162,12 @@ class WorkerHub:
                 if now - link.last_seen > timeout:
                     logger.warning("worker_id=%s silent for %.0fs, evicting", link.worker_id, now - link.last_seen)
                     await self.remove(link, reason="heartbeat timeout")
-                    try:
+                    with contextlib.suppress(ConnectionError):  # a half-dead socket may fail to close; it is gone
                         await link.close(4001, "heartbeat timeout")
-                    except Exception:  # a half-dead socket may fail to close; it is gone from the hub already
-                        pass
                     continue
                 try:
                     await link.send(Ping())
-                except Exception as exc:  # a broken socket: the reader notices and removes it
+                except ConnectionError as exc:  # a broken socket: the reader notices and removes it
                     logger.info("ping to worker_id=%s failed: %s", link.worker_id, type(exc).__name__)
 
     def status(self) -> list[dict[str, Any]]:
