@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
+from types import FrameType
 
-from hil_protocol.cli import data_dir_lock, exit_without_server_extra, load_settings, serve
+from hil_protocol.cli import data_dir_lock, exit_without_server_extra, fail, load_settings, serve
 from hil_protocol.logs import setup_logging
 
 PROG = "hil-worker"
@@ -26,6 +29,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class FatalExit:
+    """Stops the process with exit status 1 when the worker cannot be kept alive, so systemd or docker restart it.
+
+    uvicorn shuts down gracefully on SIGTERM (callbacks in flight are answered, the spool is closed), so `request`
+    raises SIGTERM in this process; once uvicorn is done it raises the signal again, and the handler installed by
+    `armed` turns it into exit status 1 instead of a death by signal (which systemd counts as a clean stop)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            signal.raise_signal(signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self.check()  # a server that did not raise the signal again
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.check()
+        signal.signal(signum, signal.SIG_DFL)  # a plain SIGTERM: stop the way it always did
+        signal.raise_signal(signum)
+
+    def check(self) -> None:
+        if self.reason is not None:
+            fail(PROG, f"stopped, the worker cannot be kept alive: {self.reason}", 1)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     try:
@@ -42,9 +79,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     }
     settings = load_settings(WorkerSettings, PROG, overrides)
     setup_logging(settings.hil_log_level, settings.hil_log_format, settings.secrets())
-    with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG):
+    fatal = FatalExit()
+    app = create_app(settings, on_fatal=fatal.request)
+    with data_dir_lock(settings.hil_data_dir, "hil-worker", PROG), fatal.armed():
         serve(
-            create_app(settings),
+            app,
             host=settings.callback_host,
             port=settings.callback_port,
             prog=PROG,
