@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import json
 import logging
 import random
 import time
@@ -78,6 +79,17 @@ def backoff(min_delay: float, max_delay: float) -> Generator[float, None, None]:
 def retryable(exc: Exception) -> bool:
     """Network and handshake errors: trying again later may work. Anything else is a bug or a bad setting."""
     return isinstance(exc, OSError | EOFError | InvalidHandshake)  # OSError covers TimeoutError
+
+
+def _request_id(text: str | bytes) -> str | None:
+    """The id of a request frame that does not validate, so it can still be answered."""
+    try:
+        raw = json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(raw, dict) and raw.get("type") == "request" and isinstance(raw.get("id"), str):
+        return raw["id"]
+    return None
 
 
 class LinkClosed(ConnectionError):
@@ -258,6 +270,11 @@ class RelayClient:
                     frame = parse_frame(text)
                 except FrameError as exc:
                     logger.warning("bad frame from HIL Server: %s", exc)
+                    request_id = _request_id(text)
+                    if request_id is not None:  # a request we cannot read still gets its answer
+                        self._metrics.requests.labels("unknown", "invalid").inc()
+                        response = Response(id=request_id, success=False, error=f"invalid request: {exc}")
+                        tasks.create_task(self._answer(response))
                     continue
                 if isinstance(frame, Request):
                     # Each request in its own task: a slow WeCom send must not stop us reading pings.
@@ -320,10 +337,13 @@ class RelayClient:
         else:
             self._metrics.requests.labels(action, "ok").inc()
             response = Response(id=request.id, success=True, data=data)
+        await self._answer(response)
+
+    async def _answer(self, response: Response) -> None:
         try:
             await self._send_text(dump_frame(response))
         except (ConnectionClosed, OSError):
-            logger.warning("could not answer request %s: link closed", request.id[:64])
+            logger.warning("could not answer request %r: link closed", response.id[:64])
         except ValueError as exc:  # an id (or data) that cannot be encoded as UTF-8 JSON
             logger.warning("could not encode the answer to a request: %s", exc)
 

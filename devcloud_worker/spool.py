@@ -48,7 +48,9 @@ class Spool:
         self.path = path
         self._executor = executor
         self._conn = conn
-        self.depth = depth  # rows waiting for the server, kept here so /health and /metrics never touch the disk
+        # Counts kept here so /health and /metrics never touch the disk. Only the spool's thread changes them, right
+        # after its write: a caller cancelled while waiting for the thread cannot leave them wrong.
+        self.depth = depth  # rows waiting for the server
         self.dead = dead  # rows set aside (table `dead`)
         self.error: str | None = None  # why the last write failed; cleared by the next write that works
 
@@ -81,11 +83,10 @@ class Spool:
 
         def add(conn: sqlite3.Connection) -> int:
             cur = conn.execute("INSERT INTO spool (data, created_at) VALUES (?, ?)", (text, time.time()))
+            self.depth += 1
             return int(cur.lastrowid or 0)
 
-        spool_id = await self._run(add, write=True)
-        self.depth += 1
-        return spool_id
+        return await self._run(add, write=True)
 
     async def after(self, cursor: int, limit: int) -> list[Spooled]:
         """Up to `limit` callbacks with an id above `cursor`, oldest first."""
@@ -104,16 +105,16 @@ class Spool:
         if not wanted:
             return
 
-        def remove(conn: sqlite3.Connection) -> int:
+        def remove(conn: sqlite3.Connection) -> None:
             removed = 0
             with _transaction(conn):
                 for start in range(0, len(wanted), _CHUNK):
                     chunk = wanted[start : start + _CHUNK]
                     marks = ",".join("?" * len(chunk))
                     removed += conn.execute(f"DELETE FROM spool WHERE id IN ({marks})", chunk).rowcount
-            return removed
+            self.depth -= removed
 
-        self.depth -= await self._run(remove, write=True)
+        await self._run(remove, write=True)
 
     async def blame(self, spool_id: int) -> int:
         """Count one more lost delivery against a callback; returns its count."""
@@ -128,18 +129,18 @@ class Spool:
     async def bury(self, spool_id: int, reason: str) -> None:
         """Set a callback aside in table `dead` (kept for a person to look at) so it no longer holds up the queue."""
 
-        def bury(conn: sqlite3.Connection) -> int:
+        def bury(conn: sqlite3.Connection) -> None:
             with _transaction(conn):
                 conn.execute(
                     "INSERT OR REPLACE INTO dead (id, data, created_at, attempts, reason, dead_at)"
                     " SELECT id, data, created_at, attempts, ?, ? FROM spool WHERE id = ?",
                     (reason, time.time(), spool_id),
                 )
-                return conn.execute("DELETE FROM spool WHERE id = ?", (spool_id,)).rowcount
+                moved = conn.execute("DELETE FROM spool WHERE id = ?", (spool_id,)).rowcount
+            self.depth -= moved
+            self.dead += moved
 
-        if await self._run(bury, write=True):
-            self.depth -= 1
-            self.dead += 1
+        await self._run(bury, write=True)
 
     async def probe(self) -> bool:
         """Whether a write goes through now (it clears `error` when it does)."""
