@@ -171,17 +171,19 @@ class RelayClient:
         """websockets' hook for a failed attempt to connect: None = try again after a delay."""
         if not retryable(exc):
             return exc
+        level = logging.WARNING
         if isinstance(exc, InvalidStatus):
             status = exc.response.status_code
             if status in (401, 403):
+                level = logging.ERROR  # a setting to fix, not a server to wait for
                 reason = f"HIL Server refused this worker (HTTP {status}): check HIL_TOKEN against HIL_WORKER_TOKEN"
             else:
                 reason = f"HIL Server answered HTTP {status} to the WebSocket upgrade"
         else:
             reason = f"cannot reach HIL Server: {type(exc).__name__}"
         self._metrics.connect_failures.inc()
-        if reason != self.last_error:
-            logger.log(logging.ERROR if "refused" in reason else logging.WARNING, "%s", reason)
+        if reason != self.last_error:  # once per cause, not once per attempt
+            logger.log(level, "%s", reason)
         self.last_error = reason
         return None
 
