@@ -79,10 +79,9 @@ class Spool:
 
     async def add(self, data: dict[str, Any]) -> int:
         """Store one callback durably; its id orders it among the others."""
-        text = encode(data)
 
         def add(conn: sqlite3.Connection) -> int:
-            cur = conn.execute("INSERT INTO spool (data, created_at) VALUES (?, ?)", (text, time.time()))
+            cur = conn.execute("INSERT INTO spool (data, created_at) VALUES (?, ?)", (encode(data), time.time()))
             self.depth += 1
             return int(cur.lastrowid or 0)
 
@@ -91,13 +90,13 @@ class Spool:
     async def after(self, cursor: int, limit: int) -> list[Spooled]:
         """Up to `limit` callbacks with an id above `cursor`, oldest first."""
 
-        def after(conn: sqlite3.Connection) -> list[tuple[int, str, int]]:
-            return conn.execute(
+        def after(conn: sqlite3.Connection) -> list[Spooled]:
+            rows = conn.execute(
                 "SELECT id, data, attempts FROM spool WHERE id > ? ORDER BY id LIMIT ?", (cursor, limit)
             ).fetchall()
+            return [Spooled(row_id, _decode(text), attempts) for row_id, text, attempts in rows]
 
-        rows = await self._run(after, write=False)
-        return [Spooled(row_id, _decode(text), attempts) for row_id, text, attempts in rows]
+        return await self._run(after, write=False)
 
     async def remove(self, ids: Iterable[int]) -> None:
         """Drop callbacks the server has; one transaction for the lot."""

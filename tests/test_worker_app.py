@@ -150,6 +150,14 @@ def test_a_link_that_keeps_crashing_is_reported_and_stops_the_worker(tmp_path: P
         server.shutdown()
 
 
+@pytest.mark.parametrize(
+    "url", ["http://127.0.0.1:8081/ws", "ws://127.0.0.1:99999/ws", "wss://", "127.0.0.1:8081", "ws:///ws"]
+)
+def test_hil_url_must_be_a_websocket_url(tmp_path: Path, url: str) -> None:
+    with pytest.raises(ValueError, match="HIL_URL"):
+        worker_settings(tmp_path, hil_url=url)
+
+
 # --- the spool file ----------------------------------------------------------------------------------------------
 
 

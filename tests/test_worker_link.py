@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import InvalidURI
@@ -238,12 +239,18 @@ async def test_odd_frames_and_an_unencodable_request_id_are_survived(make_rig) -
         await s.ws.send(junk)
     # A lone surrogate in the id: the answer cannot be encoded as UTF-8; that answer is dropped, not the link.
     await s.ws.send('{"type": "request", "id": "\\ud800", "action": "send_hint", "payload": {"message": "x"}}')
-    await s.ws.send('{"type": "callback_ack", "id": "not-a-number"}')
-    await s.ws.send('{"type": "callback_ack", "id": "424242"}')
+    for forged in ("not-a-number", "424242", "-1", "9" * 5000, ""):
+        await s.ws.send(json.dumps({"type": "callback_ack", "id": forged}))
+    for i in range(50):  # made-up actions: answered, and counted under one label, not fifty
+        await s.ws.send(json.dumps({"type": "request", "id": f"x{i}", "action": f"act-{i}", "payload": {}}))
     await s.ws.send('{"type": "ping"}')
     await s.until(lambda: bool(s.of_type("pong")))
     assert (await s.request("send_hint", {"chat_id": "c", "message": "still here"}))["success"] is True
     assert s.connections == 1 and rig.client.connected
+    await s.until(lambda: len(s.of_type("response")) >= 51)
+    # the fifty, and the request with the unencodable id (pydantic's JSON parser refuses lone surrogates)
+    assert metric(rig, "hil_worker_requests_total", action="unknown", result="invalid") == 51
+    assert "act-1" not in generate_latest(rig.metrics.registry).decode()
 
 
 async def test_a_hung_send_does_not_hold_up_other_requests(make_rig) -> None:
