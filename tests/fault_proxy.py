@@ -15,12 +15,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gzip
+import http.server
 import json
 import socket
 import struct
 import threading
 import time
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from typing import Any, Literal
@@ -241,3 +243,29 @@ def _response(status: int, body: bytes, headers: tuple[tuple[str, str], ...]) ->
     lines = [f"HTTP/1.1 {status} {reason}", f"Content-Length: {len(body)}", "Connection: close"]
     lines += [f"{k}: {v}" for k, v in headers]
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+@contextlib.contextmanager
+def redirecting_server(location: str = "https://127.0.0.1:1/ws") -> Iterator[str]:
+    """A server on 127.0.0.1 answering every request with a 302 to `location`, as a reverse proxy sending ws:// on to
+    https:// does; no WebSocket client can follow that. Yields its ws:// URL."""
+
+    class Redirect(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # websockets refuses an HTTP/1.0 answer before it looks at the status
+
+        def do_GET(self) -> None:
+            self.send_response(302)
+            self.send_header("Location", location)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True, name="redirecting-server").start()
+    try:
+        yield f"ws://127.0.0.1:{server.server_address[1]}/ws"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -9,11 +9,9 @@ no reply was lost and none was recorded twice. (Server-side cases are added by t
 from __future__ import annotations
 
 import asyncio
-import http.server
 import os
 import re
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.fault_proxy import ODD_ANSWERS, Fault, FaultProxy
+from tests.fault_proxy import ODD_ANSWERS, Fault, FaultProxy, redirecting_server
 from tests.procs import BOT_KEY, Proc, Stack, free_port
 
 pytestmark = pytest.mark.e2e
@@ -355,44 +353,27 @@ def test_the_spool_on_a_full_disk(tiny_disk: Path, tmp_path: Path) -> None:
 # --- a link that cannot be kept alive ------------------------------------------------------------------------------
 
 
-class _Redirect(http.server.BaseHTTPRequestHandler):
-    """A reverse proxy sending ws:// on to https://, which no WebSocket client can follow."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.send_response(302)
-        self.send_header("Location", "https://127.0.0.1:1/ws")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_a_worker_whose_link_keeps_crashing_exits_1(tmp_path: Path) -> None:
-    redirect = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
-    threading.Thread(target=redirect.serve_forever, daemon=True).start()
-    worker = Proc(
-        "hil-worker",
-        ["-m", "devcloud_worker.worker"],
-        {
-            "HIL_URL": f"ws://127.0.0.1:{redirect.server_address[1]}/ws",
-            "BOT_KEY": BOT_KEY,
-            "CALLBACK_HOST": "127.0.0.1",
-            "CALLBACK_PORT": str(free_port()),
-            "HIL_DATA_DIR": str(tmp_path / "worker-data"),
-            "RECONNECT_MIN_DELAY": "0.05",
-            "RECONNECT_MAX_DELAY": "0.1",
-            "HIL_LINK_MAX_CRASHES": "3",
-        },
-        tmp_path / "worker.log",
-    ).start()
-    try:
-        assert worker.popen is not None
-        assert worker.popen.wait(30) == 1, worker.log()
-        log = worker.log()
-        assert "stopped, the worker cannot be kept alive" in log and "InvalidURI" in log, log
-    finally:
-        worker.stop()
-        redirect.shutdown()
+    with redirecting_server() as url:
+        worker = Proc(
+            "hil-worker",
+            ["-m", "devcloud_worker.worker"],
+            {
+                "HIL_URL": url,
+                "BOT_KEY": BOT_KEY,
+                "CALLBACK_HOST": "127.0.0.1",
+                "CALLBACK_PORT": str(free_port()),
+                "HIL_DATA_DIR": str(tmp_path / "worker-data"),
+                "RECONNECT_MIN_DELAY": "0.05",
+                "RECONNECT_MAX_DELAY": "0.1",
+                "HIL_LINK_MAX_CRASHES": "3",
+            },
+            tmp_path / "worker.log",
+        ).start()
+        try:
+            assert worker.popen is not None
+            assert worker.popen.wait(30) == 1, worker.log()
+        finally:
+            worker.stop()
+    log = worker.log()
+    assert "stopped, the worker cannot be kept alive" in log and "InvalidURI" in log, log

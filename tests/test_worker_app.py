@@ -4,10 +4,8 @@ kept alive."""
 
 from __future__ import annotations
 
-import http.server
 import re
 import sqlite3
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +17,7 @@ from fastapi.testclient import TestClient
 from devcloud_worker.config import WorkerSettings
 from devcloud_worker.spool import SCHEMA_VERSION, Spool, SpoolError
 from devcloud_worker.worker import SPOOL_FILE, create_app
+from tests.fault_proxy import redirecting_server
 from tests.procs import free_port
 from tests.server_fixtures import callback_body
 
@@ -115,29 +114,10 @@ async def test_lone_surrogates_are_stored_as_valid_utf8(tmp_path: Path) -> None:
     assert row.data == {"msgid": "s-1", "extra": "a?b?c"}
 
 
-class _Redirect(http.server.BaseHTTPRequestHandler):
-    """nginx sending ws:// on to https://: websockets cannot follow that (InvalidURI), on every attempt."""
-
-    protocol_version = "HTTP/1.1"
-
-    def do_GET(self) -> None:
-        self.send_response(302)
-        self.send_header("Location", "https://127.0.0.1:1/ws")
-        self.send_header("Content-Length", "0")
-        self.end_headers()
-
-    def log_message(self, *args: Any) -> None:
-        pass
-
-
 def test_a_link_that_keeps_crashing_is_reported_and_stops_the_worker(tmp_path: Path) -> None:
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Redirect)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
     fatal: list[str] = []
-    settings = worker_settings(
-        tmp_path, hil_url=f"ws://127.0.0.1:{server.server_address[1]}/ws", hil_link_max_crashes=3
-    )
-    try:
+    with redirecting_server() as url:
+        settings = worker_settings(tmp_path, hil_url=url, hil_link_max_crashes=3)
         with TestClient(create_app(settings, on_fatal=fatal.append)) as client:
             eventually(lambda: bool(fatal), timeout=5)
             health = client.get("/health")
@@ -145,9 +125,7 @@ def test_a_link_that_keeps_crashing_is_reported_and_stops_the_worker(tmp_path: P
             assert re.search(r"task link crashed \d+ times", health.json()["reason"]), health.json()
             assert "InvalidURI" in health.json()["reason"]
             assert "hil_worker_task_restarts_total" in client.get("/metrics").text
-        assert len(fatal) == 1 and "InvalidURI" in fatal[0]
-    finally:
-        server.shutdown()
+    assert len(fatal) == 1 and "InvalidURI" in fatal[0]
 
 
 @pytest.mark.parametrize(

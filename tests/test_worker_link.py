@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
-from websockets.exceptions import InvalidURI
+from websockets.exceptions import InvalidMessage, InvalidURI
 from websockets.http11 import Response as HttpResponse
 
-from devcloud_worker.link import LinkOptions, RelayClient
+from devcloud_worker.link import LinkOptions, RelayClient, retryable
 from devcloud_worker.metrics import WorkerMetrics
 from devcloud_worker.spool import Spool
 from hil_protocol.wecom_robot import RetryPolicy, RobotSender, WeComError
@@ -278,6 +278,22 @@ async def test_a_hung_send_does_not_hold_up_other_requests(make_rig) -> None:
 
 
 # --- the connection loop ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("exc", "again"),
+    [
+        (ConnectionRefusedError(), True),
+        (TimeoutError(), True),
+        (EOFError(), True),
+        (InvalidMessage("did not receive a valid HTTP response"), True),
+        (TypeError("connect() got an unexpected keyword argument 'reconnect_delays'"), False),  # websockets 16
+        (InvalidURI("https://x/ws", "scheme isn't ws or wss"), False),
+        (ValueError("bad"), False),
+    ],
+)
+def test_only_network_and_handshake_errors_are_retried(exc: Exception, again: bool) -> None:
+    assert retryable(exc) is again
 
 
 async def test_network_errors_are_retried_until_the_server_is_there(make_rig, tmp_path: Path) -> None:
