@@ -155,10 +155,6 @@ class RelayClient:
         self.last_error: str | None = None  # why the last attempt to connect failed
         self.connects = 0
 
-    @property
-    def is_connected(self) -> bool:
-        return self.connected
-
     def down_for(self) -> float:
         return 0.0 if self.connected else self._clock() - self.down_since
 

@@ -55,10 +55,6 @@ class Replayer:
         self._done: set[int] = set()  # acknowledged (or, for a seed server, written), not yet deleted
         self._resent: set[int] = set()  # overdue ones being sent again
 
-    @property
-    def in_flight(self) -> int:
-        return len(self._in_flight)
-
     def oldest_in_flight(self) -> int | None:
         return min(self._in_flight, default=None)
 

@@ -105,7 +105,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
         problems = request.state.health.problems()
         body: dict[str, Any] = {
             "status": "degraded" if problems else "healthy",
-            "ws_connected": client.is_connected,
+            "ws_connected": client.connected,
             "worker_id": client.worker_id,
             "spooled_callbacks": spool.depth,
             "dead_callbacks": spool.dead,
