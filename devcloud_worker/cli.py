@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
+from types import FrameType
 from typing import Any
 
-from hil_protocol.cli import load_settings, run_process
+from hil_protocol.cli import fail, load_settings, run_process
 
 from . import __version__
 from .config import WorkerSettings  # settings need only the base install: --help and bad values work without the extra
@@ -30,6 +33,40 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class FatalExit:
+    """Stops the process with exit status 1 when the worker cannot be kept alive, so systemd or docker restart it.
+
+    uvicorn shuts down gracefully on SIGTERM (callbacks in flight are answered, the spool is closed), so `request`
+    raises SIGTERM in this process; once uvicorn is done it raises the signal again, and the handler installed by
+    `armed` turns it into exit status 1 instead of a death by signal (which systemd counts as a clean stop)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            signal.raise_signal(signal.SIGTERM)
+
+    @contextlib.contextmanager
+    def armed(self) -> Iterator[None]:
+        previous = signal.signal(signal.SIGTERM, self._on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self.check()  # a server that did not raise the signal again
+
+    def _on_sigterm(self, signum: int, frame: FrameType | None) -> None:
+        self.check()
+        signal.signal(signum, signal.SIG_DFL)  # a plain SIGTERM: stop the way it always did
+        signal.raise_signal(signum)
+
+    def check(self) -> None:
+        if self.reason is not None:
+            fail(PROG, f"stopped, the worker cannot be kept alive: {self.reason}", 1)
+
+
 def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
     """The flags over the environment, `.env` and the defaults; a bad or missing value exits with one line."""
     overrides = {
@@ -45,18 +82,21 @@ def settings_from_args(args: argparse.Namespace) -> WorkerSettings:
 def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from_args(parse_args(argv))
 
+    fatal = FatalExit()
+
     def build() -> Any:
         from .worker import create_app
 
-        return create_app(settings)
+        return create_app(settings, on_fatal=fatal.request)
 
-    run_process(
-        PROG,
-        settings,
-        build,
-        lock="hil-worker",
-        data_dir=settings.hil_data_dir,
-        host=settings.callback_host,
-        port=settings.callback_port,
-        flag="--port / CALLBACK_PORT",
-    )
+    with fatal.armed():
+        run_process(
+            PROG,
+            settings,
+            build,
+            lock="hil-worker",
+            data_dir=settings.hil_data_dir,
+            host=settings.callback_host,
+            port=settings.callback_port,
+            flag="--port / CALLBACK_PORT",
+        )

@@ -6,76 +6,129 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from hil_protocol.callback_endpoint import Accepted, callback_router
+from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router
 from hil_protocol.http_limits import RequestLimits
 from hil_protocol.settings import secret_value
+from hil_protocol.supervise import Supervisor
 
 from .config import WorkerSettings
-from .link import RelayClient
-from .spool import Spool
+from .health import CRASH_WINDOW, Health
+from .link import LinkOptions, RelayClient
+from .metrics import WorkerMetrics
+from .spool import Spool, SpoolError
 
 logger = logging.getLogger("devcloud_worker")
 
+SPOOL_FILE = "worker-spool.sqlite3"
 
-def create_app(settings: WorkerSettings) -> FastAPI:
+
+async def _supervised(supervisor: Supervisor, tasks: dict[str, Callable[[], Awaitable[None]]]) -> None:
+    """Run the worker's background tasks under `supervisor` until cancelled (at shutdown)."""
+    async with asyncio.TaskGroup() as group:
+        for name, run in tasks.items():
+            supervisor.start(group, name, run)
+
+
+def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
+    """The worker app. `on_fatal(reason)` is called once if the link cannot be kept alive; the CLI passes one that
+    stops the process with exit status 1. Without it the worker stays up and /health answers 503."""
     intake = settings.callback_intake()
+    metrics = WorkerMetrics()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
-        spool = Spool(settings.hil_data_dir / "worker-spool.sqlite3")
-        async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
-            sender = settings.robot_sender(http)
-            client = RelayClient(
-                hil_url=settings.hil_url,
-                worker_id=settings.worker_id,
-                token=secret_value(settings.hil_token),
-                sender=sender,
-                http=http,
-                spool=spool,
-                min_delay=settings.reconnect_min_delay,
-                max_delay=settings.reconnect_max_delay,
-                hello_timeout=settings.hello_timeout,
-            )
-            pending = await spool.count()
-            logger.info(
-                "worker %s starting: HIL Server %s, %d spooled callbacks to replay",
-                settings.worker_id,
-                settings.hil_url.split("?")[0],
-                pending,
-            )
-            task = asyncio.create_task(client.run(), name="relay")
-            try:
-                yield {"client": client, "spool": spool}
-            finally:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-                spool.close()
+        try:
+            spool = await Spool.open(settings.hil_data_dir / SPOOL_FILE)
+        except SpoolError as exc:
+            logger.error("%s: is HIL_DATA_DIR on a full or read-only disk?", exc)
+            raise
+        metrics.bind(lambda: spool.depth, lambda: spool.dead)
+        try:
+            async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
+                client = RelayClient(
+                    hil_url=settings.hil_url,
+                    worker_id=settings.worker_id,
+                    token=secret_value(settings.hil_token),
+                    sender=settings.robot_sender(http),
+                    spool=spool,
+                    metrics=metrics,
+                    options=LinkOptions.of(settings),
+                    secrets=settings.secrets(),
+                )
+                supervisor = Supervisor(
+                    min_delay=settings.reconnect_min_delay,
+                    max_delay=settings.reconnect_max_delay,
+                    stable_after=CRASH_WINDOW,
+                    on_restart=lambda name: metrics.restarts.labels(name).inc(),
+                )
+                health = Health(
+                    client=client,
+                    spool=spool,
+                    supervisor=supervisor,
+                    link_down_grace=settings.hil_link_down_grace,
+                    max_crashes=settings.hil_link_max_crashes,
+                    on_fatal=on_fatal,
+                )
+                logger.info(
+                    "worker %s starting: HIL Server %s, %d spooled callbacks to replay",
+                    settings.worker_id,
+                    settings.hil_url.split("?")[0],
+                    spool.depth,
+                )
+                async with asyncio.TaskGroup() as tasks:
+                    background = tasks.create_task(
+                        _supervised(supervisor, {"link": client.run, "watchdog": health.run}), name="worker-tasks"
+                    )
+                    try:
+                        yield {"client": client, "spool": spool, "health": health}
+                    finally:
+                        background.cancel()
+        finally:
+            await spool.close()
 
     app = FastAPI(title="hil-worker", lifespan=lifespan)
     app.add_middleware(RequestLimits, max_bytes=1024 * 1024, body_timeout=settings.hil_body_timeout)
 
-    @app.get("/health")
-    async def health(request: Request) -> dict[str, Any]:
+    @app.get("/health", responses={503: {"description": "degraded: `reason` says why"}})
+    async def health(request: Request) -> JSONResponse:
         client: RelayClient = request.state.client
-        return {
-            "status": "healthy",
-            "ws_connected": client.is_connected,
+        spool: Spool = request.state.spool
+        problems = request.state.health.problems()
+        body: dict[str, Any] = {
+            "status": "degraded" if problems else "healthy",
+            "ws_connected": client.connected,
             "worker_id": client.worker_id,
-            "spooled_callbacks": await request.state.spool.count(),
+            "spooled_callbacks": spool.depth,
+            "dead_callbacks": spool.dead,
+            "link_down_seconds": round(client.down_for(), 1),
         }
+        if problems:
+            body["reason"] = "; ".join(problems)
+        return JSONResponse(body, status_code=503 if problems else 200)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     async def spool_callback(request: Request, accepted: Accepted) -> None:
         # Durable in the spool before the robot gets its 200; forwarded now or after a reconnect.
-        spool_id = await request.state.spool.add(accepted.data)
-        request.state.client.wake_spool()
         msg = accepted.message
+        try:
+            spool_id = await request.state.spool.add(accepted.data)
+        except SpoolError as exc:
+            # Not stored, so not acknowledged: WeCom (and fly-pigeon) send it again.
+            metrics.callbacks.labels("refused").inc()
+            raise NotStored(f"the worker cannot write its spool (disk full or read-only?): {exc}") from exc
+        metrics.callbacks.labels("spooled").inc()
+        request.state.client.wake_spool()
         logger.info("callback spooled id=%d msgid=%s chat_id=%s", spool_id, msg.msgid, msg.chat_id)
 
     app.include_router(

@@ -151,3 +151,16 @@ def test_seed_requests_are_answered(seed_and_worker) -> None:
     )
     responses = seed.wait_for("response", 2)
     assert responses[1]["id"] == "r2" and responses[1]["success"] is True
+
+
+def test_a_failing_request_from_a_seed_server_does_not_drop_the_link(seed_and_worker) -> None:
+    seed, worker, worker_url = seed_and_worker
+    payload = {"short_id": "1a2b3c4d", "message": "q", "chat_id": "c1", "images": ["http://127.0.0.1:99999/x.png"]}
+    seed.send({"type": "request", "id": "bad", "action": "send_message", "payload": payload})
+    [response] = seed.wait_for("response")
+    assert response["id"] == "bad" and response["success"] is False and response["error"], response
+    seed.send({"type": "ping"})
+    seed.wait_for("pong")  # the same link still answers
+    health = httpx.get(f"{worker_url}/health").json()
+    assert health["status"] == "healthy" and health["ws_connected"] is True
+    assert "connected to HIL Server" in worker.log() and worker.log().count("connected to HIL Server") == 1

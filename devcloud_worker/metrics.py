@@ -1,0 +1,57 @@
+"""The worker's Prometheus metrics (`GET /metrics`), in a registry of its own per app (nothing global, so tests can
+build several apps in one process)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, ProcessCollector
+
+from hil_protocol.relay_frames import ACTION_SEND_HINT, ACTION_SEND_MESSAGE, ACTION_UPLOAD_IMAGE
+
+# Label values for actions come from the server's frames: anything else is counted as "unknown", so a peer cannot
+# grow the metric without bound.
+ACTIONS = frozenset({ACTION_SEND_MESSAGE, ACTION_SEND_HINT, ACTION_UPLOAD_IMAGE})
+
+
+def action_label(action: str) -> str:
+    return action if action in ACTIONS else "unknown"
+
+
+class WorkerMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        ProcessCollector(registry=r)
+        self.spool_depth = Gauge("hil_worker_spool_depth", "Callbacks spooled and not yet acknowledged", registry=r)
+        self.spool_dead = Gauge(
+            "hil_worker_spool_dead", "Callbacks set aside because they kept failing (spool table `dead`)", registry=r
+        )
+        self.link_up = Gauge("hil_worker_link_up", "1 while the WebSocket to the HIL Server is open", registry=r)
+        self.reconnects = Counter(
+            "hil_worker_reconnects", "Times the link to the HIL Server opened again after it was lost", registry=r
+        )
+        self.connect_failures = Counter(
+            "hil_worker_connect_failures", "Attempts to open the link that failed (network or handshake)", registry=r
+        )
+        self.requests = Counter(
+            "hil_worker_requests", "Requests from the HIL Server by action and result", ["action", "result"], registry=r
+        )
+        self.callbacks = Counter(
+            "hil_worker_callbacks", "Robot callbacks received, by outcome (spooled, refused)", ["outcome"], registry=r
+        )
+        self.relayed = Counter(
+            "hil_worker_callbacks_relayed",
+            "Spooled callbacks written to the link, by kind (first, resent)",
+            ["kind"],
+            registry=r,
+        )
+        self.acked = Counter("hil_worker_callbacks_acked", "Callbacks the HIL Server acknowledged", registry=r)
+        self.restarts = Counter(
+            "hil_worker_task_restarts", "Background tasks restarted after a crash", ["task"], registry=r
+        )
+
+    def bind(self, depth: Callable[[], float], dead: Callable[[], float]) -> None:
+        """Read the spool's counts at scrape time."""
+        self.spool_depth.set_function(depth)
+        self.spool_dead.set_function(dead)
