@@ -20,7 +20,7 @@ from hil_protocol.callback_endpoint import Accepted, callback_router
 from hil_protocol.http_limits import BodyLimitMiddleware
 from hil_protocol.settings import secret_value
 
-from . import __version__, api, metrics, status, worker_socket
+from . import __version__, api, mcp_endpoint, metrics, status, worker_socket
 from .auth import ApiAuth
 from .channels import Channel
 from .channels.webhook import WebhookChannel
@@ -40,6 +40,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
     auth = ApiAuth(secret_value(settings.hil_api_tokens))
     intake = settings.callback_intake()
     meters = Metrics(version=__version__, mode=mode)
+    mcp = mcp_endpoint.McpEndpoint(settings, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -76,7 +77,7 @@ def create_app(settings: ServerSettings) -> FastAPI:
                 len(store),
                 len(store.waiting()),
             )
-            async with asyncio.TaskGroup() as tasks:
+            async with asyncio.TaskGroup() as tasks, mcp.run(service):
                 background = [
                     tasks.create_task(service.run_hints(), name="hints"),
                     tasks.create_task(service.run_sweeper(settings.hil_sweep_interval), name="sweeper"),
@@ -110,6 +111,8 @@ def create_app(settings: ServerSettings) -> FastAPI:
     app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
+    app.include_router(mcp_endpoint.router)
+    app.add_route(mcp_endpoint.PATH, mcp, include_in_schema=False)
 
     async def store_callback(request: Request, accepted: Accepted) -> None:
         # Stored (and deduplicated) before the 200 goes back; hints are sent afterwards by the hint task.

@@ -28,6 +28,10 @@ class ServerSettings(RobotSettings):
     # never changes the server. Seconds a question waits when /api/send gives no timeout:
     hil_default_timeout: float = Field(default=1200.0, gt=0)
     hil_sweep_interval: float = Field(default=5.0, gt=0)
+    # /mcp: seconds between progress notifications while a tool waits (clients cut calls silent for long), and the
+    # browser origins (comma-separated, e.g. https://ide.example.com) allowed to call it; other origins get 403.
+    hil_mcp_heartbeat: float = Field(default=9.0, gt=0, le=60)
+    hil_mcp_allowed_origins: str = ""
 
     @property
     def mode(self) -> Literal["relay", "direct"]:

@@ -310,5 +310,13 @@ class HilService:
             except Exception:  # keep sweeping; one bad pass must not stop timeouts forever
                 logger.exception("sweep failed")
 
+    # --- the agent's side ------------------------------------------------------------------------------------------
+
+    def newest_open(self, owner: str | None) -> Session | None:
+        """The newest question of this API token (None: tokens are off) the agent may still wait for: waiting, or
+        timed out after the agent stopped waiting (a late answer is kept on it). `wait_for_reply()` without an id."""
+        candidates = (s for s in self.store.all() if s.owner == owner and s.status in ("waiting", "timeout"))
+        return max(candidates, key=lambda s: s.created_at, default=None)
+
 
 __all__ = ["CallbackError", "HilService", "HintKind", "Outcome"]

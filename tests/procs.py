@@ -241,3 +241,44 @@ def mcp_stdio_params(
     return StdioServerParameters(
         command=sys.executable, args=["-m", "mcp_server", "--service-url", server_url, *args], env=base, cwd=cwd
     )
+
+
+class FakeChat:
+    """One chat at the fake WeCom, played as its person: read what the robot posted, answer it (async)."""
+
+    def __init__(self, http: httpx.AsyncClient, chat_id: str) -> None:
+        self.http = http  # base_url = the fake's URL
+        self.chat_id = chat_id
+
+    async def messages(self, since_seq: int = 0, wait: int = 0) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"chat_id": self.chat_id, "since_seq": since_seq}
+        if wait:
+            params.update(wait=wait, timeout=20)
+        response = await self.http.get("/_fake/messages", params=params)
+        response.raise_for_status()
+        return response.json()["messages"]
+
+    async def question(self, text: str, since_seq: int = 0) -> tuple[dict[str, Any], str]:
+        """Wait for the question carrying `text`; returns it and its short id."""
+        from hil_protocol.messages import HEADER_RE
+
+        while True:
+            messages = await self.messages(since_seq, wait=1)
+            assert messages, f"no message to {self.chat_id} after seq {since_seq}"
+            for message in messages:
+                if text in (message["content"] or ""):
+                    match = HEADER_RE.match(message["content"])
+                    assert match, message["content"]
+                    return message, match["short_id"]
+            since_seq = messages[-1]["seq"]
+
+    async def count(self, text: str) -> int:
+        return sum(text in (m["content"] or "") for m in await self.messages())
+
+    async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
+        response = await self.http.post(
+            "/_fake/reply",
+            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": "HIL助手"},
+        )
+        response.raise_for_status()
+        assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
