@@ -303,7 +303,13 @@ def _is_loopback_ip(host: str) -> bool:
 def _is_loopback_host(host: str) -> bool:
     """A Host header (name[:port] or [v6]:port) naming this machine."""
     host = host.strip().lower()
-    name = host[1:].partition("]")[0] if host.startswith("[") else host.rpartition(":")[0] if ":" in host else host
+    if host.startswith("["):
+        name, _, rest = host[1:].partition("]")
+        port = rest[1:] if rest.startswith(":") else rest  # anything but ":digits" after "]" is refused below
+    else:
+        name, _, port = host.partition(":")
+    if port and not port.isdigit():
+        return False
     return name in _LOOPBACK_HOSTS or _is_loopback_ip(name)
 
 
