@@ -525,3 +525,29 @@ def test_each_tokens_default_chat_is_its_first() -> None:
     owners = {token.decode(): grant.owner for token, grant in parse_tokens(TOKENS)}
     assert first_chats(TOKENS) == {owners["tokA"]: "chatA", owners["tokB"]: "chatB"}
     assert first_chats(None) == {}
+
+
+# --- latency ---------------------------------------------------------------------------------------------------------
+
+
+async def test_accepted_connections_have_nagle_off() -> None:
+    """The servers' listening socket says TCP, so asyncio sets TCP_NODELAY on every accepted connection; without it
+    each keep-alive response body waited ~40 ms for the client's delayed ACK (a JSON tool result over /mcp, a poll)."""
+    import asyncio
+    import socket
+
+    from hil_protocol.cli import bind
+
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    def connected(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.set_result(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    sock = bind("127.0.0.1", 0, "test", "--port")
+    server = await asyncio.start_server(connected, sock=sock)
+    async with server:
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        nodelay = await asyncio.wait_for(accepted, 5)
+        writer.close()
+    assert nodelay == 1
