@@ -241,6 +241,15 @@ class McpEndpoint:
         except HTTPException as exc:
             await _refuse(exc.status_code, str(exc.detail), scope, receive, send)
             return
+        if scope["method"] == "GET":
+            # No stream outside a call: everything this server sends answers a call, on that call's own stream
+            # (the spec lets a server answer 405 here). A held GET per session costs ~50 KB for nothing.
+            await JSONResponse(
+                error_body("this server sends messages only on the stream of a call"),
+                status_code=405,
+                headers={"Allow": "POST, DELETE"},
+            )(scope, receive, send)
+            return
         scope[_CALLER_KEY] = info
         if grant is not None:
             # The SDK binds a session to the principal that opened it: another token cannot use its session id.

@@ -413,6 +413,14 @@ async def test_the_sdk_client_with_a_wrong_token_fails(remote: Stack) -> None:
     assert caught.group_contains(MCPError)
 
 
+def test_no_stream_outside_a_call(remote: Stack) -> None:
+    """The standalone GET stream is refused with 405 (as the spec allows): this server sends nothing outside a call,
+    and a held GET per session would cost memory for nothing."""
+    headers = {"Accept": "text/event-stream", "Authorization": "Bearer tokFree"}
+    response = httpx.get(f"{remote.server_url}/mcp", headers=headers, trust_env=False)
+    assert response.status_code == 405 and response.headers["allow"] == "POST, DELETE"
+
+
 @pytest.mark.parametrize(
     ("origin", "status"),
     [
