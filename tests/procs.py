@@ -282,3 +282,50 @@ class FakeChat:
         )
         response.raise_for_status()
         assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
+
+
+@dataclass
+class Nginx:
+    """deploy/nginx-hil.conf in front of a server on 127.0.0.1:`server_port`, listening on a free port (no TLS)."""
+
+    tmp: Path
+    server_port: int
+    port: int = field(default_factory=free_port)
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: float = 10.0) -> Nginx:
+        site = (Path(__file__).resolve().parents[1] / "deploy" / "nginx-hil.conf").read_text()
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};").replace("listen [::]:80;", "")
+        site = site.replace("127.0.0.1:8081", f"127.0.0.1:{self.server_port}")
+        ngx = self.tmp / "nginx"
+        ngx.mkdir(exist_ok=True)
+        (ngx / "site.conf").write_text(site)
+        temp = "".join(
+            f"  {kind}_temp_path {ngx}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (ngx / "nginx.conf").write_text(
+            f"daemon off;\nmaster_process off;\npid {ngx}/nginx.pid;\nerror_log {ngx}/error.log;\nevents {{}}\n"
+            f"http {{\n  access_log off;\n{temp}  include {ngx}/site.conf;\n}}\n"
+        )
+        self.popen = subprocess.Popen(
+            ["nginx", "-p", str(ngx), "-e", str(ngx / "error.log"), "-c", str(ngx / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/health", timeout=1, trust_env=False)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not start:\n{(ngx / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(10)

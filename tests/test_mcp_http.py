@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -23,7 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from hil_server.app import create_app
 from hil_server.mcp_endpoint import _is_loopback_host, first_chats
-from tests.procs import FakeChat, Stack
+from tests.procs import FakeChat, Nginx, Stack
 from tests.server_fixtures import WeCom, settings
 
 HEARTBEAT = 0.2
@@ -53,13 +54,18 @@ def mode(request: pytest.FixtureRequest) -> str:
 
 @asynccontextmanager
 async def mcp_client(
-    stack: Stack, token: str | None, *, mode: str = "auto", query: str = "", headers: dict[str, str] | None = None
+    server: Stack | str,
+    token: str | None,
+    *,
+    mode: str = "auto",
+    query: str = "",
+    headers: dict[str, str] | None = None,
 ) -> AsyncIterator[Client]:
-    """The SDK's client, configured as an editor is: the URL and an Authorization header."""
+    """The SDK's client, configured as an editor is: the URL (of the stack's server, or a base URL) and a token."""
     sent = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     timeout = httpx2.Timeout(30, read=300)
     async with httpx2.AsyncClient(headers=sent, timeout=timeout, trust_env=False) as http:
-        url = f"{stack.server_url}/mcp{query}"
+        url = f"{server.server_url if isinstance(server, Stack) else server}/mcp{query}"
         async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
             yield client
 
@@ -232,6 +238,44 @@ async def test_progress_every_10_s_with_the_default_heartbeat(tmp_path: Path) ->
     assert structured(outcome["result"])["status"] == "success"
     gaps = [b - a for a, b in itertools.pairwise([started, *times, outcome["done"]])]
     assert len(times) >= 2 and max(gaps) <= 10, gaps
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx is not installed")
+async def test_through_the_nginx_sample(remote: Stack, tmp_path: Path) -> None:
+    """deploy/nginx-hil.conf passes /mcp as it must for SSE: progress arrives as it is sent (no buffering) and the
+    answer comes back; the token check and the Origin check still hold behind the proxy."""
+    nginx = Nginx(tmp_path, remote.server_port).start()
+    try:
+        times: list[float] = []
+
+        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+            times.append(time.monotonic())
+
+        async with mcp_client(nginx.url, "tokFree") as client, person(remote, "chat-nginx") as chat:
+            arguments = {"chat_id": "chat-nginx"}
+            outcome: dict[str, Any] = {}
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    outcome["result"] = await client.call_tool(
+                        "send_and_wait_reply", {"message": "经过 nginx", **arguments}, progress_callback=on_progress
+                    )
+
+                tg.start_soon(ask)
+                question, _ = await chat.question("经过 nginx")
+                started = time.monotonic()
+                await anyio.sleep(5 * HEARTBEAT)
+                await chat.quote_reply(question, "收到")
+        assert structured(outcome["result"])["status"] == "success"
+        gaps = [b - a for a, b in itertools.pairwise([started, *[t for t in times if t > started]])]
+        assert len(gaps) >= 4 and max(gaps) <= HEARTBEAT + 0.3, gaps
+        async with httpx.AsyncClient(base_url=nginx.url, trust_env=False) as http:
+            refused = await http.post("/mcp", headers=ACCEPT, json=INIT)
+            assert refused.status_code == 401 and refused.headers["www-authenticate"] == "Bearer"
+            foreign = ACCEPT | {"Authorization": "Bearer tokFree", "Origin": "https://evil.example.com"}
+            assert (await http.post("/mcp", headers=foreign, json=INIT)).status_code == 403
+    finally:
+        nginx.stop()
 
 
 # --- cut streams, cancels, and coming back --------------------------------------------------------------------------
