@@ -25,6 +25,7 @@ from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
+from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
 from pydantic import ValidationError
 from starlette.datastructures import Headers, QueryParams
@@ -199,13 +200,8 @@ class McpEndpoint:
             yield self._host
 
         self.server = build_server(lifespan)
-        # The Host/Origin rules are ours (below): the SDK's allow-list would need the public host name up front.
-        self.server.streamable_http_app(
-            streamable_http_path=PATH,
-            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
-            max_request_body_size=settings.max_body_bytes,
-        )
-        self.manager = self.server.session_manager
+        self._max_body_bytes = settings.max_body_bytes
+        self._manager: StreamableHTTPSessionManager | None = None
 
     @contextlib.asynccontextmanager
     async def run(self, service: HilService) -> AsyncIterator[None]:
@@ -213,18 +209,29 @@ class McpEndpoint:
             logger.warning(
                 "HIL_API_TOKENS is not set: /mcp answers only clients on this machine (set tokens to serve others)"
             )
+        # A session manager runs once; an app's lifespan may run again (tests), so each run gets its own.
+        self.server.streamable_http_app(
+            streamable_http_path=PATH,
+            # The Host/Origin rules are ours (below): the SDK's allow-list would need the public host name up front.
+            transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+            max_request_body_size=self._max_body_bytes,
+        )
+        manager = self.server.session_manager
         self._host = EndpointHost(self.tool_settings, service)
         try:
-            async with self.manager.run():
+            async with manager.run():
+                self._manager = manager
                 yield
         finally:
+            self._manager = None
             self._host = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         headers = Headers(scope=scope)
-        if self._host is None:
+        manager = self._manager
+        if manager is None:
             await _refuse(503, "the HIL Server is starting or stopping; try again", scope, receive, send)
             return
         refusal = self._refusal(scope, headers)
@@ -262,7 +269,7 @@ class McpEndpoint:
                 hangup.fire()
             return message
 
-        await self.manager.handle_request(scope, watched_receive, send)
+        await manager.handle_request(scope, watched_receive, send)
 
     def _refusal(self, scope: Scope, headers: Headers) -> str | None:
         """Why this request may not reach /mcp (its client or its Origin), or None."""

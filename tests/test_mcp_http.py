@@ -552,6 +552,14 @@ def test_without_tokens_the_start_warns_about_mcp(open_server: Any, caplog: pyte
     assert any("/mcp answers only clients on this machine" in r.getMessage() for r in caplog.records)
 
 
+def test_the_app_can_run_its_lifespan_again(tmp_path: Path, wecom: WeCom, clean_env: None) -> None:
+    # An MCP session manager runs once; /mcp builds one per lifespan, so an app started twice serves it twice.
+    app = create_app(settings(tmp_path))
+    for _ in range(2):
+        with TestClient(app, client=("127.0.0.1", 1), base_url="http://127.0.0.1:8081") as http:
+            assert http.post("/mcp", headers=ACCEPT, json=INIT).status_code == 200
+
+
 @pytest.mark.parametrize(
     ("host", "local"),
     [
