@@ -259,6 +259,11 @@ class Http1:
         self._reader = self._writer = None
 
 
+def outcome(task: asyncio.Task[Any]) -> str:
+    """How a finished task ended, in a line."""
+    return repr(task.exception()) if task.exception() else str(task.result())[:300]
+
+
 async def open_conns(base_url: str, n: int) -> list[Http1]:
     return list(await asyncio.gather(*(Http1(base_url).connect() for _ in range(n))))
 
@@ -506,9 +511,7 @@ async def m2(stack: Stack, n: int, era: str, res: Results, sample: int = 20) -> 
             f"RSS {rss:.0f} MB"
         )
         if ended:
-            task = calls[ended[0]]
-            why = repr(task.exception()) if task.exception() else str(task.result())[:300]
-            raise RuntimeError(f"{len(ended)} calls ended before any reply (first: {why})")
+            raise RuntimeError(f"{len(ended)} calls ended before any reply (first: {outcome(calls[ended[0]])})")
         res.add(
             f"M2 server RSS with {n} tool calls waiting at /mcp at once ({era}"
             f"{' sessions' if era == LEGACY else ' protocol'})",
@@ -642,9 +645,7 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
             f"{len(early)} polls already ended; RSS {rss_polls:.0f} MB"
         )
         if early:
-            task = polls[early[0]]
-            why = repr(task.exception()) if task.exception() else str(task.result())[:200]
-            res.note(f"{len(early)} polls ended before any reply (first: {why})")
+            res.note(f"{len(early)} polls ended before any reply (first: {outcome(polls[early[0]])})")
         achieved = min(n - len(early), open_now)
         ok_n = achieved >= n
         res.add("P3 open long-polls held at once", f"{achieved} of {n}", f"{n}", ok_n)

@@ -193,10 +193,17 @@ async def _send(
     return await caller.backend.send(outgoing)
 
 
-def _refuse_remote_images(settings: ToolSettings, image_paths: list[str] | None) -> None:
+def _begin(
+    ctx: Context, chat_id: str | None, image_paths: list[str] | None, project_name: str | None
+) -> tuple[ToolSettings, Caller, str | None, str | None]:
+    """What a sending tool starts from: the settings, the caller, and the chat and project after the defaults."""
+    host = _host(ctx)
+    settings = host.tool_settings
     if image_paths and not settings.local_files:
         # Refused before any path is looked at: on the server, a path is the server's file, never the agent's.
         raise ToolError(REMOTE_IMAGES)
+    caller = host.caller(ctx)
+    return settings, caller, chat_id or caller.chat_id, project_name or caller.project_name
 
 
 async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: Question, timeout: float) -> WaitResult:
@@ -311,12 +318,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             image_paths: local JPG/PNG files (≤ 2 MB each) to send with the question (hil-mcp on stdio only).
             project_name: shown in the header so the person knows which project asks.
         """
-        host = _host(ctx)
-        settings = host.tool_settings
-        _refuse_remote_images(settings, image_paths)
-        caller = host.caller(ctx)
-        chat = chat_id or caller.chat_id
-        project = project_name or caller.project_name
+        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
         key = (message, chat, project)
         question = caller.memory.find_open(key)
         if question is not None:
@@ -353,12 +355,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             image_paths: local JPG/PNG files (≤ 2 MB each) to send with it (hil-mcp on stdio only).
             project_name: shown in front of the message.
         """
-        host = _host(ctx)
-        settings = host.tool_settings
-        _refuse_remote_images(settings, image_paths)
-        caller = host.caller(ctx)
-        chat = chat_id or caller.chat_id
-        project = project_name or caller.project_name
+        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
         try:
             sent = await _send(caller, settings, message, chat, image_paths, project, wait_reply=False)
         except (BackendError, _ImageProblem) as exc:

@@ -329,3 +329,42 @@ class Nginx:
         if self.popen is not None and self.popen.poll() is None:
             self.popen.terminate()
             self.popen.wait(10)
+
+
+async def ask_then_cancel(client: Any, chat: FakeChat, arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """An MCP client calls send_and_wait_reply, and once the call reports progress (it is waiting for the answer)
+    gives up on it, as an editor does when its user stops the agent. Returns the question at the fake, its short id."""
+    import anyio
+
+    waiting = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        waiting.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def ask() -> None:
+            await client.call_tool("send_and_wait_reply", arguments, progress_callback=on_progress)
+            raise AssertionError("the call returned although nobody answered")
+
+        tg.start_soon(ask)
+        question, short_id = await chat.question(arguments["message"])
+        with anyio.fail_after(10):
+            await waiting.wait()
+        tg.cancel_scope.cancel()
+    return question, short_id
+
+
+async def settled_status(server_url: str, ref: str, token: str | None = None, limit: float = 5.0) -> str:
+    """A session's poll status once it is no longer "waiting" (or after `limit` seconds)."""
+    import anyio
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status = "waiting"
+    async with httpx.AsyncClient(trust_env=False, timeout=10, headers=headers) as http:
+        for _ in range(int(limit / 0.05)):  # the state lives in another process: look again shortly
+            status = (await http.get(f"{server_url}/api/poll/{ref}")).json()["status"]
+            if status != "waiting":
+                break
+            await anyio.sleep(0.05)
+    return status

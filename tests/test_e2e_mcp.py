@@ -17,7 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
-from tests.procs import FakeChat, Stack, mcp_stdio_params
+from tests.procs import FakeChat, Stack, ask_then_cancel, mcp_stdio_params, settled_status
 
 pytestmark = pytest.mark.e2e
 
@@ -49,11 +49,6 @@ def structured(result: Any) -> dict[str, Any]:
     assert not result.is_error, result
     assert result.structured_content is not None
     return result.structured_content
-
-
-async def poll_status(stack: Stack, ref: str, wait: float = 0) -> str:
-    async with httpx.AsyncClient(trust_env=False, timeout=wait + 10) as http:
-        return (await http.get(f"{stack.server_url}/api/poll/{ref}", params={"wait": wait})).json()["status"]
 
 
 async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
@@ -108,29 +103,9 @@ async def test_cancelled_call_then_wait_for_reply_and_asking_again(stack: Stack,
     async with session(stack, tmp_path, env={"HIL_HEARTBEAT": "0.3"}) as (client, chat):
 
         async def ask_and_cancel(text: str) -> tuple[dict[str, Any], str]:
-            """Ask, wait until the call is waiting for the answer, then give up on the call (the client cancels)."""
-            waiting = anyio.Event()
-
-            async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-                waiting.set()
-
-            async with anyio.create_task_group() as tg:
-
-                async def ask() -> None:
-                    await client.call_tool("send_and_wait_reply", {"message": text}, progress_callback=on_progress)
-                    pytest.fail("the call returned although nobody answered")
-
-                tg.start_soon(ask)
-                question, short_id = await chat.question(text)
-                with anyio.fail_after(10):
-                    await waiting.wait()
-                tg.cancel_scope.cancel()
+            question, short_id = await ask_then_cancel(client, chat, {"message": text})
             # The cancellation reached the MCP server: it told the HIL Server it stopped waiting.
-            # (A long-poll wakes when that happens.)
-            status = await poll_status(stack, short_id)
-            if status == "waiting":
-                status = await poll_status(stack, short_id, wait=10)
-            assert status == "timeout"
+            assert await settled_status(stack.server_url, short_id) == "timeout"
             return question, short_id
 
         # 1. Cut call, late answer, wait_for_reply() and wait_for_reply(short id) both return it.
@@ -164,7 +139,7 @@ async def test_timeout_returns_the_session_and_names_wait_for_reply(stack: Stack
     assert result["session_id"] in result["message"]
     assert "wait_for_reply" in result["message"]
     assert 2 <= elapsed < 10
-    assert await poll_status(stack, result["session_id"]) == "timeout"
+    assert await settled_status(stack.server_url, result["session_id"]) == "timeout"
 
 
 @pytest.mark.parametrize("stack", ["relay"], indirect=True)

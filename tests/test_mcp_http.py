@@ -24,7 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from hil_server.app import create_app
 from hil_server.mcp_endpoint import _is_loopback_host, first_chats
-from tests.procs import FakeChat, Nginx, Stack
+from tests.procs import FakeChat, Nginx, Stack, ask_then_cancel, settled_status
 from tests.server_fixtures import WeCom, settings
 
 HEARTBEAT = 0.2
@@ -88,17 +88,6 @@ async def poll(stack: Stack, token: str, ref: str, wait: float = 0) -> dict[str,
             f"{stack.server_url}/api/poll/{ref}", params={"wait": wait}, headers={"Authorization": f"Bearer {token}"}
         )
         return response.json()
-
-
-async def settled_status(stack: Stack, token: str, ref: str, limit: float = 5.0) -> str:
-    """The session's status once it is no longer "waiting" (or after `limit` seconds)."""
-    status = "waiting"
-    for _ in range(int(limit / 0.05)):  # the state lives in another process: look again shortly
-        status = (await poll(stack, token, ref))["status"]
-        if status != "waiting":
-            break
-        await anyio.sleep(0.05)
-    return status
 
 
 async def ask_and_answer(
@@ -316,7 +305,7 @@ async def test_a_cut_stream_is_a_cancelled_wait_and_wait_for_reply_gets_the_answ
                     break  # waiting: now the network goes away (the connection is closed, not the MCP session)
         question, short_id = await chat.question("网断了的问题")
         # The server noticed: the agent is no longer waiting, the question stays open.
-        assert await settled_status(remote, "tokCut", short_id) == "timeout"
+        assert await settled_status(remote.server_url, short_id, "tokCut") == "timeout"
         await chat.quote_reply(question, "断线后才回答")
     # The agent comes back (another connection, the 2026 protocol): the newest open question of its token.
     async with mcp_client(remote, "tokCut") as client:
@@ -331,24 +320,8 @@ async def test_a_cut_stream_is_a_cancelled_wait_and_wait_for_reply_gets_the_answ
 async def test_a_cancelled_call_then_wait_for_reply_by_id(remote: Stack, mode: str) -> None:
     text = f"取消的问题 ({mode})"
     async with mcp_client(remote, "tokCancel", mode=mode) as client, person(remote, "chat-cancel") as chat:
-        waiting = anyio.Event()
-
-        async def on_progress(progress: float, total: float | None, message: str | None) -> None:
-            waiting.set()
-
-        async with anyio.create_task_group() as tg:
-
-            async def ask() -> None:
-                arguments = {"message": text, "chat_id": "chat-cancel"}
-                await client.call_tool("send_and_wait_reply", arguments, progress_callback=on_progress)
-                pytest.fail("the call returned although nobody answered")
-
-            tg.start_soon(ask)
-            question, short_id = await chat.question(text)
-            with anyio.fail_after(10):
-                await waiting.wait()
-            tg.cancel_scope.cancel()
-        assert await settled_status(remote, "tokCancel", short_id) == "timeout"
+        question, short_id = await ask_then_cancel(client, chat, {"message": text, "chat_id": "chat-cancel"})
+        assert await settled_status(remote.server_url, short_id, "tokCancel") == "timeout"
         await chat.quote_reply(question, "取消后才回答")
         result = structured(await client.call_tool("wait_for_reply", {"session_id": f"#{short_id}"}))
     assert result["status"] == "success", result
