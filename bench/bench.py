@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -206,18 +207,22 @@ class Http1:
         self.host, self.port = host, int(port)
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.headers: dict[str, str] = {}  # of the last response
 
     async def connect(self) -> Http1:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port, limit=1 << 20)
         return self
 
-    async def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    async def request(
+        self, method: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, bytes]:
         if self._writer is None:
             await self.connect()
         assert self._reader is not None and self._writer is not None
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in (headers or {}).items())
         self._writer.write(head.encode() + b"\r\n" + (body or b""))
         raw = await self._reader.readuntil(b"\r\n\r\n")
         lines = raw.decode("latin-1").split("\r\n")
@@ -240,6 +245,7 @@ class Http1:
             headers["connection"] = "close"
         if headers.get("connection", "").lower() == "close":
             self.close()
+        self.headers = headers
         return status, data
 
     async def json(self, method: str, path: str, body: Any = None) -> tuple[int, Any]:
@@ -251,6 +257,11 @@ class Http1:
         if self._writer is not None:
             self._writer.close()
         self._reader = self._writer = None
+
+
+def outcome(task: asyncio.Task[Any]) -> str:
+    """How a finished task ended, in a line."""
+    return repr(task.exception()) if task.exception() else str(task.result())[:300]
 
 
 async def open_conns(base_url: str, n: int) -> list[Http1]:
@@ -320,6 +331,39 @@ def quote_of(short_id: str, message: str, project: str | None = None) -> str:
 # --- P1: reply -> MCP tool returns ------------------------------------------------------------------------------
 
 
+async def reply_rounds(mcp: Any, stack: Stack, chat: str, rounds: int, label: str) -> list[float]:
+    """Rounds of send_and_wait_reply on an MCP client; ms from the person's quote-reply to the call's return."""
+    latencies: list[float] = []
+    async with client(30) as http:
+        since = await last_seq(http, stack)
+        for i in range(rounds + 1):  # round 0 warms up every hop and is not counted
+            text = f"bench {label} question {i}"
+            call = asyncio.create_task(mcp.call_tool("send_and_wait_reply", {"message": text, "chat_id": chat}))
+            messages = await fake_messages(http, stack, chat, since, wait=1, timeout=20)
+            question = next((m for m in messages if text in (m["content"] or "")), None)
+            if question is None:
+                call.cancel()
+                raise RuntimeError(f"question {i} did not reach the fake WeCom: {messages}")
+            since = max(m["seq"] for m in messages)
+            # The tool's long-poll starts right after /api/send answers; give it a moment to be parked.
+            await asyncio.sleep(0.05)
+            answer = f"answer {i}"
+            body = {"chat_id": chat, "text": answer, "quote": question["content"], "quote_sender": ROBOT}
+            t0 = time.perf_counter()
+            post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
+            result = await asyncio.wait_for(call, 30)
+            t1 = time.perf_counter()
+            response = await post
+            response.raise_for_status()
+            out = result.structured_content or {}
+            got = [r.get("content") for r in out.get("replies") or []]
+            if result.is_error or out.get("status") != "success" or got != [answer]:
+                raise RuntimeError(f"round {i}: unexpected tool result {result}")
+            if i:
+                latencies.append((t1 - t0) * 1000)
+    return latencies
+
+
 async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters, stdio_client
@@ -337,35 +381,9 @@ async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
         env=env,
         cwd=str(workdir),
     )
-    latencies: list[float] = []
     with (workdir / "mcp.log").open("w") as errlog:
-        async with Client(stdio_client(params, errlog=errlog)) as mcp, client(30) as http:
-            since = await last_seq(http, stack)
-            for i in range(rounds + 1):  # round 0 warms up every hop and is not counted
-                text = f"bench P1 question {i}"
-                call = asyncio.create_task(mcp.call_tool("send_and_wait_reply", {"message": text}))
-                messages = await fake_messages(http, stack, chat, since, wait=1, timeout=20)
-                question = next((m for m in messages if text in (m["content"] or "")), None)
-                if question is None:
-                    call.cancel()
-                    raise RuntimeError(f"question {i} did not reach the fake WeCom: {messages}")
-                since = max(m["seq"] for m in messages)
-                # The tool's long-poll starts right after /api/send answers; give it a moment to be parked.
-                await asyncio.sleep(0.05)
-                answer = f"answer {i}"
-                body = {"chat_id": chat, "text": answer, "quote": question["content"], "quote_sender": ROBOT}
-                t0 = time.perf_counter()
-                post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
-                result = await asyncio.wait_for(call, 30)
-                t1 = time.perf_counter()
-                response = await post
-                response.raise_for_status()
-                out = result.structured_content or {}
-                got = [r.get("content") for r in out.get("replies") or []]
-                if result.is_error or out.get("status") != "success" or got != [answer]:
-                    raise RuntimeError(f"round {i}: unexpected tool result {result}")
-                if i:
-                    latencies.append((t1 - t0) * 1000)
+        async with Client(stdio_client(params, errlog=errlog)) as mcp:
+            latencies = await reply_rounds(mcp, stack, chat, rounds, "P1")
     median = statistics.median(latencies)
     res.add(
         f"P1 person's quote-reply → MCP tool call returns (relay, stdio MCP client), median of {len(latencies)}",
@@ -373,6 +391,148 @@ async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
         "≤ 30 ms",
         median <= 30,
     )
+
+
+# --- M1, M2: the tools over the server's /mcp (streamable HTTP) ---------------------------------------------------
+
+MCP_TOKEN = "bench-mcp-token"
+MODERN = "2026-07-28"
+LEGACY = "2025-11-25"
+
+
+async def m1(stack: Stack, rounds: int, res: Results) -> None:
+    """P1's rounds through the SDK's streamable-HTTP client at /mcp, in both protocol eras."""
+    import httpx2
+    from mcp import Client
+    from mcp.client.streamable_http import streamable_http_client
+
+    for mode, era in (("auto", f"{MODERN} protocol"), ("legacy", f"{LEGACY} sessions")):
+        headers = {"Authorization": f"Bearer {MCP_TOKEN}"}
+        async with httpx2.AsyncClient(headers=headers, timeout=httpx2.Timeout(30, read=300), trust_env=False) as http:
+            transport = streamable_http_client(f"{stack.server_url}/mcp", http_client=http)
+            async with Client(transport, mode=mode) as mcp:  # type: ignore[arg-type]
+                latencies = await reply_rounds(mcp, stack, "bench-m1", rounds, f"M1 {mode}")
+        median = statistics.median(latencies)
+        first = mode == "auto"
+        res.add(
+            f"M1 person's quote-reply → tool call at /mcp returns (relay, SDK streamable-HTTP client, {era}), "
+            f"median of {len(latencies)}",
+            f"{median:.1f} ms (max {max(latencies):.1f})",
+            "≤ 10 ms" if first else "",
+            median <= 10 if first else None,
+        )
+
+
+def _mcp_headers(era: str, session: str | None = None, **extra: str) -> dict[str, str]:
+    headers = {"Accept": "application/json, text/event-stream", "Authorization": f"Bearer {MCP_TOKEN}"}
+    if era == MODERN:  # only tools/call goes out in this era here
+        headers |= {"Mcp-Protocol-Version": MODERN, "Mcp-Method": "tools/call", "Mcp-Name": "send_and_wait_reply"}
+    elif session is not None:
+        headers |= {"Mcp-Protocol-Version": LEGACY, "Mcp-Session-Id": session}
+    return headers | extra
+
+
+def _tool_call(era: str, message: str, chat: str) -> bytes:
+    meta: dict[str, Any] = {"progressToken": 1}
+    if era == MODERN:
+        meta |= {
+            "io.modelcontextprotocol/protocolVersion": MODERN,
+            "io.modelcontextprotocol/clientInfo": {"name": "bench", "version": "1"},
+            "io.modelcontextprotocol/clientCapabilities": {},
+        }
+    params = {"name": "send_and_wait_reply", "arguments": {"message": message, "chat_id": chat}, "_meta": meta}
+    return json.dumps({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}).encode()
+
+
+def _sse_result(data: bytes) -> dict[str, Any]:
+    """The JSON-RPC result in an SSE body (the last `data:` line that carries one)."""
+    for line in reversed(data.decode().splitlines()):
+        if line.startswith("data:") and '"result"' in line:
+            return json.loads(line[5:])["result"]
+    raise RuntimeError(f"no result in {data[-300:]!r}")
+
+
+async def m2(stack: Stack, n: int, era: str, res: Results, sample: int = 20) -> None:
+    """n agents each waiting in send_and_wait_reply at /mcp at once: server RSS. Raw HTTP/1.1 as the SDK's client
+    sends it (legacy: initialize, initialized, the standalone GET stream, then the call)."""
+    chat = f"bench-m2-{era}"
+    server_pid = stack.procs["server"].popen.pid
+    async with client(10) as http:
+        await http.post(f"{stack.fake_url}/_fake/config", json={"rate_limit": None})
+        since = await last_seq(http, stack)
+    rss_idle = rss_mb(server_pid)
+    base_fds = await settled_fd_count(server_pid)
+    conns: list[Http1] = []
+    calls: dict[int, asyncio.Task[tuple[int, bytes]]] = {}
+
+    async def agent(i: int) -> tuple[int, bytes]:
+        conn = Http1(stack.server_url)
+        conns.append(conn)
+        if era == LEGACY:
+            init = {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+            body = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode()
+            status, data = await conn.request("POST", "/mcp", body, _mcp_headers(era))
+            if status != 200:
+                raise RuntimeError(f"initialize: HTTP {status} {data[:200]!r}")
+            session = conn.headers["mcp-session-id"]
+            body = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+            await conn.request("POST", "/mcp", body, _mcp_headers(era, session))
+            get = Http1(stack.server_url)
+            conns.append(get)
+            # The SDK's client opens the standalone GET stream too; this server answers 405 (no stream outside a
+            # call), so nothing is held for it. Were it held, it would cost ~60 KB per session (M2: 462 MB).
+            status, _ = await get.request("GET", "/mcp", None, _mcp_headers(era, session))
+            get.close()
+            if status != 405:
+                raise RuntimeError(f"GET /mcp: HTTP {status}, expected 405")
+            return await conn.request(
+                "POST", "/mcp", _tool_call(era, f"bench M2 {i}", chat), _mcp_headers(era, session)
+            )
+        return await conn.request("POST", "/mcp", _tool_call(era, f"bench M2 {i}", chat), _mcp_headers(era))
+
+    try:
+        t0 = time.perf_counter()
+        batch = 200
+        async with client(60) as http:
+            for start in range(0, n, batch):
+                for i in range(start, min(start + batch, n)):
+                    calls[i] = asyncio.create_task(agent(i))
+                arrived = await fake_messages(http, stack, chat, since, wait=min(start + batch, n), timeout=60)
+                if len(arrived) < min(start + batch, n):
+                    raise RuntimeError(f"only {len(arrived)} of {min(start + batch, n)} questions reached the fake")
+            questions = {int(m["content"].rsplit(" ", 1)[1]): m for m in arrived}
+        started_in = time.perf_counter() - t0
+        held = await settled_fd_count(server_pid, quiet=1.0, limit=20)
+        await asyncio.sleep(1.0)
+        ended = [i for i, task in calls.items() if task.done()]
+        rss = rss_mb(server_pid)
+        log(
+            f"M2 {era}: {n} waiting calls in {started_in:.1f}s; server holds {held - base_fds} more fds; "
+            f"RSS {rss:.0f} MB"
+        )
+        if ended:
+            raise RuntimeError(f"{len(ended)} calls ended before any reply (first: {outcome(calls[ended[0]])})")
+        res.add(
+            f"M2 server RSS with {n} tool calls waiting at /mcp at once ({era}"
+            f"{' sessions' if era == LEGACY else ' protocol'})",
+            f"{rss:.0f} MB (idle {rss_idle:.0f} MB; {(rss - rss_idle) * 1024 / n:.0f} KB per waiting call)",
+            "≤ 400 MB",
+            rss <= 400,
+        )
+        # The calls are real: a sample of them gets its answer.
+        async with client(30) as http:
+            for i in random.Random(5).sample(sorted(calls), min(sample, n)):
+                body = {"chat_id": chat, "text": f"answer {i}", "quote": questions[i]["content"], "quote_sender": ROBOT}
+                (await http.post(f"{stack.fake_url}/_fake/reply", json=body)).raise_for_status()
+                status, data = await asyncio.wait_for(calls[i], 30)
+                out = _sse_result(data)["structuredContent"]
+                if status != 200 or out["status"] != "success" or out["replies"][0]["content"] != f"answer {i}":
+                    raise RuntimeError(f"call {i}: unexpected result {out}")
+    finally:
+        for task in calls.values():
+            task.cancel()
+        await asyncio.gather(*calls.values(), return_exceptions=True)
+        close_all(conns)
 
 
 # --- P2: 200 concurrent sends -----------------------------------------------------------------------------------
@@ -485,9 +645,7 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
             f"{len(early)} polls already ended; RSS {rss_polls:.0f} MB"
         )
         if early:
-            task = polls[early[0]]
-            why = repr(task.exception()) if task.exception() else str(task.result())[:200]
-            res.note(f"{len(early)} polls ended before any reply (first: {why})")
+            res.note(f"{len(early)} polls ended before any reply (first: {outcome(polls[early[0]])})")
         achieved = min(n - len(early), open_now)
         ok_n = achieved >= n
         res.add("P3 open long-polls held at once", f"{achieved} of {n}", f"{n}", ok_n)
@@ -616,7 +774,7 @@ async def p4(stack: Stack, m: int, res: Results, concurrency: int = 50, trials: 
 
 
 async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
-    only = {x.strip().upper() for x in args.only.split(",")} if args.only else {"P1", "P2", "P3", "P4"}
+    only = {x.strip().upper() for x in args.only.split(",")} if args.only else {"P1", "P2", "P3", "P4", "M1", "M2"}
     # SIGTERM (timeout, CI) cancels like Ctrl-C, so the stacks below are stopped instead of left running.
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -645,6 +803,15 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
     if "P4" in only:
         with running_stack("direct", workdir, "direct-p4") as stack:
             await measure("P4", lambda: p4(stack, args.callbacks, res))
+    if only & {"M1", "M2"}:
+        env = {"HIL_SWEEP_INTERVAL": "5", "HIL_API_TOKENS": MCP_TOKEN}
+        if "M1" in only:
+            with running_stack("relay", workdir, "relay-m1", server_env=env) as stack:
+                await measure("M1", lambda: m1(stack, args.rounds, res))
+        if "M2" in only:
+            for era in (MODERN, LEGACY):
+                with running_stack("relay", workdir, f"relay-m2-{era}", server_env=env) as stack:
+                    await measure(f"M2 {era}", functools.partial(m2, stack, args.mcp_calls, era, res))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -656,7 +823,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--callbacks", type=int, default=2000, help="P4 sessions answered by callbacks, per trial (default 2000)"
     )
-    parser.add_argument("--only", help="comma-separated subset, e.g. P1,P3")
+    parser.add_argument(
+        "--mcp-calls", type=int, default=2000, help="M2 tool calls waiting at /mcp at once (default 2000)"
+    )
+    parser.add_argument("--only", help="comma-separated subset, e.g. P1,P3,M1")
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs and data (printed at the end)")
     args = parser.parse_args(argv)
 

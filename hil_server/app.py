@@ -17,7 +17,7 @@ from hil_protocol.http_limits import RequestLimits
 from hil_protocol.settings import secret_value
 from hil_protocol.supervise import Supervisor
 
-from . import __version__, api, errors, metrics, status, worker_socket
+from . import __version__, api, errors, mcp_endpoint, metrics, status, worker_socket
 from .auth import ApiAuth, AuthMiddleware
 from .channels import Channel
 from .channels.webhook import WebhookChannel
@@ -47,6 +47,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             "CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE or WECOM_CALLBACK_TOKEN/WECOM_CALLBACK_AES_KEY"
         )
     meters = Metrics(version=__version__, mode=mode)
+    mcp = mcp_endpoint.McpEndpoint(settings, auth)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
@@ -95,7 +96,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                     len(store),
                     len(store.waiting()),
                 )
-                async with asyncio.TaskGroup() as tasks:
+                async with asyncio.TaskGroup() as tasks, mcp.run(service):
                     supervisor.start(tasks, "notices", service.run_notices)
                     supervisor.start(tasks, "sweeper", lambda: service.run_sweeper(settings.hil_sweep_interval))
                     supervisor.start(tasks, f"channel-{channel.name}", lambda: channel.run(service.handle_message))
@@ -129,6 +130,8 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
+    app.include_router(mcp_endpoint.router)
+    app.add_route(mcp_endpoint.PATH, mcp, include_in_schema=False)
     if take_callbacks:
 
         async def store_callback(request: Request, accepted: Accepted) -> None:

@@ -42,6 +42,11 @@ class ServerSettings(RobotSettings):
     def default_responders(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(u.strip() for u in self.hil_default_responders.split(",") if u.strip()))
 
+    # /mcp: seconds between progress notifications while a tool waits (clients cut calls silent for long), and the
+    # browser origins (comma-separated, e.g. https://ide.example.com) allowed to call it; other origins get 403.
+    hil_mcp_heartbeat: float = Field(default=9.0, gt=0, le=60)
+    hil_mcp_allowed_origins: str = ""
+
     @property
     def mode(self) -> Literal["relay", "direct"]:
         if self.hil_mode == "auto":

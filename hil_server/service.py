@@ -214,11 +214,6 @@ class HilService:
             await self._close(session, "timeout")
             logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
 
-    def newest_open(self, owner: str | None) -> Session | None:
-        """The newest question of this owner (an API token; None: asked without tokens) that has no answer yet."""
-        candidates = [s for s in self.store.all() if s.owner == owner and not s.replies and s.status != "failed"]
-        return max(candidates, key=lambda s: s.created_at, default=None)
-
     async def _close(self, session: Session, status: Literal["replied", "timeout", "failed"], error: str | None = None):
         session.status = status
         session.closed_at = self._clock()
@@ -378,6 +373,15 @@ class HilService:
             await asyncio.sleep(interval)
             with contextlib.suppress(StoreUnavailable):  # the store logged it; recovery reloads it
                 await self.sweep()
+
+    # --- the agent's side ------------------------------------------------------------------------------------------
+
+    def newest_open(self, owner: str | None) -> Session | None:
+        """The newest question of this API token (None: tokens are off) the agent may still wait for: waiting, or
+        timed out after the agent stopped waiting (a late answer is kept on it). `wait_for_reply()` without an id."""
+        open_statuses = ("sending", "waiting", "timeout")
+        candidates = (s for s in self.store.all() if s.owner == owner and s.status in open_statuses)
+        return max(candidates, key=lambda s: s.created_at, default=None)
 
 
 def _who(msg: IncomingMessage) -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -52,7 +53,13 @@ def main(argv: list[str] | None = None) -> None:
     setup_logging(settings.log_level, "text", secret)
     from .server import create_server
 
-    create_server(settings).run("stdio")
+    try:
+        create_server(settings).run("stdio")
+    except* (BrokenPipeError, ConnectionResetError):
+        # The MCP client went away while we were writing to it: nobody is left to read anything, so exit quietly
+        # (and keep Python's final flush of stdout from reporting the same broken pipe).
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), sys.stdout.fileno())
 
 
 if __name__ == "__main__":

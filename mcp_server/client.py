@@ -1,26 +1,24 @@
-"""The HIL Server's HTTP API, as hil-mcp uses it."""
+"""The HTTP backend: the HIL Server's HTTP API, as hil-mcp on stdio uses it."""
 
 from __future__ import annotations
 
 import mimetypes
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import httpx
+from pydantic import ValidationError
 
-IMAGE_MAX_BYTES = 2 * 1024 * 1024
+from .backend import SESSION_REF_RE, BackendError, Outgoing, Polled, QuestionRef, Sent
 
-
-class HilApiError(Exception):
-    """The HIL Server could not be reached or refused the request; `str()` says what to do."""
-
-    def __init__(self, message: str, *, retryable: bool = False) -> None:
-        super().__init__(message)
-        self.retryable = retryable
+# Kept for code written against 0.2, where the error had this name.
+HilApiError = BackendError
 
 
 class HilClient:
+    """`Backend` over HTTP. One `httpx.AsyncClient` per process, passed in."""
+
     def __init__(self, http: httpx.AsyncClient, base_url: str, api_token: str | None = None) -> None:
         self._http = http
         self.base_url = base_url
@@ -33,9 +31,9 @@ class HilClient:
                 method, url, headers=self._headers, timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kwargs
             )
         except httpx.TimeoutException as exc:
-            raise HilApiError(f"HIL Server at {self.base_url} did not answer in time", retryable=True) from exc
+            raise BackendError(f"HIL Server at {self.base_url} did not answer in time", retryable=True) from exc
         except httpx.TransportError as exc:
-            raise HilApiError(
+            raise BackendError(
                 f"cannot reach the HIL Server at {self.base_url} ({type(exc).__name__}); is it running, and is "
                 "--service-url / SERVICE_URL right? (a proxy in http_proxy/https_proxy can also get in the way)",
                 retryable=True,
@@ -45,35 +43,67 @@ class HilClient:
         except ValueError:
             body = {}
         if response.status_code == 401:
-            raise HilApiError(f"the HIL Server refused the API token: {_detail(body)}. Set --api-token / HIL_API_TOKEN")
+            raise BackendError(
+                f"the HIL Server refused the API token: {_detail(body)}. Set --api-token / HIL_API_TOKEN"
+            )
         if response.status_code == 403:
-            raise HilApiError(f"the HIL Server refused: {_detail(body)}")
+            raise BackendError(f"the HIL Server refused: {_detail(body)}")
         if response.status_code >= 500:
-            raise HilApiError(f"the HIL Server failed (HTTP {response.status_code})", retryable=True)
+            raise BackendError(f"the HIL Server failed (HTTP {response.status_code})", retryable=True)
         if response.status_code >= 400 and response.status_code != 404:
-            raise HilApiError(f"the HIL Server refused the request (HTTP {response.status_code}): {_detail(body)}")
+            raise BackendError(f"the HIL Server refused the request (HTTP {response.status_code}): {_detail(body)}")
         if not isinstance(body, dict):
-            raise HilApiError(f"unexpected answer from the HIL Server (HTTP {response.status_code})")
+            raise BackendError(f"unexpected answer from the HIL Server (HTTP {response.status_code})")
+        if response.status_code == 404:
+            body.setdefault("status", "not_found")
         return body
 
-    async def send(self, payload: dict[str, Any]) -> dict[str, Any]:
+    async def send(self, outgoing: Outgoing) -> Sent:
+        payload = outgoing.model_dump(exclude_none=True)
+        if not payload["images"]:
+            del payload["images"]
         # Sending may include WeCom retries on the server side; give it time.
-        return await self._request("POST", "/api/send", json=payload, timeout=120)
+        return _parse(Sent, await self._request("POST", "/api/send", json=payload, timeout=120))
 
-    async def poll(self, session_id: str, wait: float = 0) -> dict[str, Any]:
+    async def poll(self, ref: str, wait: float = 0) -> Polled:
         params = {"wait": f"{wait:.1f}"} if wait > 0 else None
-        return await self._request("GET", f"/api/poll/{session_id}", params=params, timeout=wait + 15)
+        body = await self._request("GET", f"/api/poll/{_checked(ref)}", params=params, timeout=wait + 15)
+        body.setdefault("session_id", ref)
+        return _parse(Polled, body)
 
-    async def mark_timeout(self, session_id: str) -> None:
-        await self._request("POST", f"/api/session/{session_id}/timeout", timeout=10)
+    async def mark_timeout(self, ref: str) -> None:
+        await self._request("POST", f"/api/session/{_checked(ref)}/timeout", timeout=10)
 
     async def upload_image(self, path: Path) -> str:
         data = await anyio.Path(path).read_bytes()
         mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
         body = await self._request("POST", "/api/upload-image", files={"file": (path.name, data, mime)}, timeout=60)
         if not body.get("success") or not body.get("image_url"):
-            raise HilApiError(f"uploading {path.name} failed: {body.get('error') or body.get('message')}")
+            raise BackendError(f"uploading {path.name} failed: {body.get('error') or body.get('message')}")
         return str(body["image_url"])
+
+    async def newest_open(self) -> QuestionRef | None:
+        body = await self._request("GET", "/api/session/newest", timeout=15)
+        if body.get("status") == "not_found" or not body.get("session_id"):
+            return None  # none open, or a server from before this route
+        return _parse(QuestionRef, body)
+
+
+def _checked(ref: str) -> str:
+    """Only a well-formed id goes into a URL path."""
+    if not SESSION_REF_RE.fullmatch(ref):
+        raise BackendError(f"not a session id: {ref[:40]!r} (32 or 8 lowercase hex characters)")
+    return ref
+
+
+M = TypeVar("M", Sent, Polled, QuestionRef)
+
+
+def _parse(model: type[M], body: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        raise BackendError(f"unexpected answer from the HIL Server: {exc.errors()[0]['msg']}") from exc
 
 
 def _detail(body: Any) -> str:

@@ -249,3 +249,130 @@ def mcp_stdio_params(
     return StdioServerParameters(
         command=sys.executable, args=["-m", "mcp_server", "--service-url", server_url, *args], env=base, cwd=cwd
     )
+
+
+class FakeChat:
+    """One chat at the fake WeCom, played as its person: read what the robot posted, answer it (async)."""
+
+    def __init__(self, http: httpx.AsyncClient, chat_id: str) -> None:
+        self.http = http  # base_url = the fake's URL
+        self.chat_id = chat_id
+
+    async def messages(self, since_seq: int = 0, wait: int = 0) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"chat_id": self.chat_id, "since_seq": since_seq}
+        if wait:
+            params.update(wait=wait, timeout=20)
+        response = await self.http.get("/_fake/messages", params=params)
+        response.raise_for_status()
+        return response.json()["messages"]
+
+    async def question(self, text: str, since_seq: int = 0) -> tuple[dict[str, Any], str]:
+        """Wait for the question carrying `text`; returns it and its short id."""
+        from hil_protocol.messages import HEADER_RE
+
+        while True:
+            messages = await self.messages(since_seq, wait=1)
+            assert messages, f"no message to {self.chat_id} after seq {since_seq}"
+            for message in messages:
+                if text in (message["content"] or ""):
+                    match = HEADER_RE.match(message["content"])
+                    assert match, message["content"]
+                    return message, match["short_id"]
+            since_seq = messages[-1]["seq"]
+
+    async def count(self, text: str) -> int:
+        return sum(text in (m["content"] or "") for m in await self.messages())
+
+    async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
+        response = await self.http.post(
+            "/_fake/reply",
+            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": "HIL助手"},
+        )
+        response.raise_for_status()
+        assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
+
+
+@dataclass
+class Nginx:
+    """deploy/nginx-hil.conf in front of a server on 127.0.0.1:`server_port`, listening on a free port (no TLS)."""
+
+    tmp: Path
+    server_port: int
+    port: int = field(default_factory=free_port)
+    popen: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, wait: float = 10.0) -> Nginx:
+        site = (Path(__file__).resolve().parents[1] / "deploy" / "nginx-hil.conf").read_text()
+        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};").replace("listen [::]:80;", "")
+        site = site.replace("127.0.0.1:8081", f"127.0.0.1:{self.server_port}")
+        ngx = self.tmp / "nginx"
+        ngx.mkdir(exist_ok=True)
+        (ngx / "site.conf").write_text(site)
+        temp = "".join(
+            f"  {kind}_temp_path {ngx}/{kind};\n" for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (ngx / "nginx.conf").write_text(
+            f"daemon off;\nmaster_process off;\npid {ngx}/nginx.pid;\nerror_log {ngx}/error.log;\nevents {{}}\n"
+            f"http {{\n  access_log off;\n{temp}  include {ngx}/site.conf;\n}}\n"
+        )
+        self.popen = subprocess.Popen(
+            ["nginx", "-p", str(ngx), "-e", str(ngx / "error.log"), "-c", str(ngx / "nginx.conf")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/health", timeout=1, trust_env=False)
+                return self
+            except httpx.HTTPError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nginx did not start:\n{(ngx / 'error.log').read_text()}")
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.terminate()
+            self.popen.wait(10)
+
+
+async def ask_then_cancel(client: Any, chat: FakeChat, arguments: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """An MCP client calls send_and_wait_reply, and once the call reports progress (it is waiting for the answer)
+    gives up on it, as an editor does when its user stops the agent. Returns the question at the fake, its short id."""
+    import anyio
+
+    waiting = anyio.Event()
+
+    async def on_progress(progress: float, total: float | None, message: str | None) -> None:
+        waiting.set()
+
+    async with anyio.create_task_group() as tg:
+
+        async def ask() -> None:
+            await client.call_tool("send_and_wait_reply", arguments, progress_callback=on_progress)
+            raise AssertionError("the call returned although nobody answered")
+
+        tg.start_soon(ask)
+        question, short_id = await chat.question(arguments["message"])
+        with anyio.fail_after(10):
+            await waiting.wait()
+        tg.cancel_scope.cancel()
+    return question, short_id
+
+
+async def settled_status(server_url: str, ref: str, token: str | None = None, limit: float = 5.0) -> str:
+    """A session's poll status once it is no longer "waiting" (or after `limit` seconds)."""
+    import anyio
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    status = "waiting"
+    async with httpx.AsyncClient(trust_env=False, timeout=10, headers=headers) as http:
+        for _ in range(int(limit / 0.05)):  # the state lives in another process: look again shortly
+            status = (await http.get(f"{server_url}/api/poll/{ref}")).json()["status"]
+            if status != "waiting":
+                break
+            await anyio.sleep(0.05)
+    return status

@@ -669,8 +669,9 @@ def test_docs_point_at_the_repository_not_pypi() -> None:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     assert "version" not in project and project["dynamic"] == ["version"]
     assert all("pypi.org" not in url for url in project["urls"].values())
-    # The first MCP config runs this code, never PyPI's older hil-mcp.
-    first = re.search(r"```json\n(.*?)```", README.split("## 在 MCP 客户端中配置", 1)[1], re.S)
-    assert first is not None
-    args = json.loads(first.group(1))["mcpServers"]["wecom-hil"]["args"]
-    assert args[:3] == ["--from", "/path/to/hil-mcp", "hil-mcp"]
+    # Every MCP config runs this code, never PyPI's older hil-mcp: the HIL Server's own /mcp, or hil-mcp from a clone.
+    configs = re.findall(r"```json\n(.*?)```", README.split("## 在 MCP 客户端中配置", 1)[1].split("\n## ", 1)[0], re.S)
+    servers = [json.loads(c).get("mcpServers", {}).get("wecom-hil") for c in configs]
+    assert servers[0] is not None and servers[0]["url"].endswith("/mcp")
+    launched = [s for s in servers if s and "command" in s]
+    assert launched and all(s["args"][:3] == ["--from", "/path/to/hil-mcp", "hil-mcp"] for s in launched), launched

@@ -19,6 +19,8 @@ import respx
 from mcp import Client
 
 from mcp_server.__main__ import main, parse_args
+from mcp_server.backend import BackendError
+from mcp_server.client import HilClient
 from mcp_server.config import McpSettings
 from mcp_server.server import create_server
 
@@ -54,6 +56,7 @@ class FakeHil:
         self.upload = router.post("/api/upload-image").respond(
             json={"success": True, "image_url": "data:image/png;base64,AAAA"}
         )
+        self.newest = router.get("/api/session/newest").mock(side_effect=self._newest)
 
     def find(self, ref: str) -> Session | None:
         return next((s for s in self.sessions.values() if ref in (s.session_id, s.short_id)), None)
@@ -135,6 +138,12 @@ class FakeHil:
                 "message": "",
             },
         )
+
+    def _newest(self, request: httpx.Request) -> httpx.Response:
+        found = [s for s in self.sessions.values() if s.status in ("waiting", "timeout")]
+        if not found:
+            return httpx.Response(404, json={"success": False, "message": "no open question"})
+        return httpx.Response(200, json={"session_id": found[-1].session_id, "short_id": found[-1].short_id})
 
     def _timeout(self, request: httpx.Request, ref: str) -> httpx.Response:
         session = self.find(ref)
@@ -457,6 +466,87 @@ async def test_asking_the_same_open_question_again_reuses_its_session(hil: FakeH
         # A different chat is a different question, too.
         await call(client, "send_and_wait_reply", message="same?", chat_id="c2")
         assert hil.send.call_count == 3
+
+
+MALFORMED_IDS = [
+    "../../status.json",
+    "1a2b3c4d/../../x",
+    "1A2B3C4D",
+    "1a2b3c4",
+    "1a2b3c4d5",
+    "zzzzzzzz",
+    "#",
+    "##1a2b3c4d",
+    "1a2b 3c4d",
+    "%2e%2e%2fstatus",
+    "１a2b3c4d",
+    "0" * 31,
+    "0" * 33,
+]
+
+
+@pytest.mark.parametrize("ref", MALFORMED_IDS)
+async def test_malformed_ids_are_a_tool_error_and_reach_no_url(hil: FakeHil, ref: str) -> None:
+    async with connect() as client:
+        result = await client.call_tool("wait_for_reply", {"session_id": ref})
+    assert result.is_error, result
+    assert "session_id must be" in result.content[0].text
+    assert not hil.poll.called and not hil.timeout.called and not hil.newest.called
+
+
+@pytest.mark.parametrize("ref", ["1a2b3c4d", "#1a2b3c4d", " 1a2b3c4d\n", "0123456789abcdef0123456789abcdef"])
+async def test_well_formed_ids_are_polled(hil: FakeHil, ref: str) -> None:
+    async with connect(timeout=0.2, heartbeat_interval=0.1) as client:
+        result = await call(client, "wait_for_reply", session_id=ref)
+    assert result["status"] == "error" and "no longer on the HIL Server" in result["message"]
+    assert hil.poll.calls.last.request.url.path == f"/api/poll/{ref.strip().lstrip('#')}"
+
+
+async def test_the_http_client_never_puts_unchecked_text_in_a_url() -> None:
+    requests: list[httpx.Request] = []
+    transport = httpx.MockTransport(lambda request: requests.append(request) or httpx.Response(200, json={}))
+    async with httpx.AsyncClient(transport=transport) as http:
+        client = HilClient(http, BASE)
+        for ref in ("../../status.json", "1a2b3c4d?x=1", "1a2b3c4d\n"):
+            with pytest.raises(BackendError, match="not a session id"):
+                await client.poll(ref)
+            with pytest.raises(BackendError, match="not a session id"):
+                await client.mark_timeout(ref)
+    assert requests == []
+
+
+async def test_wait_for_reply_without_id_asks_the_server_when_this_process_knows_none(hil: FakeHil) -> None:
+    # Asked before hil-mcp restarted: the question is the server's newest open one for this token.
+    session = Session(secrets.token_hex(16), secrets.token_hex(4), {"message": "q"}, status="timeout")
+    hil.sessions[session.session_id] = session
+    async with connect() as client:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(answer_later, hil, session.session_id, "after the restart", 0.05)
+            result = await call(client, "wait_for_reply")
+        assert result["status"] == "success"
+        assert result["session_id"] == session.session_id and result["short_id"] == session.short_id
+        assert hil.newest.call_count == 1
+        # The answer reached the agent: the same question is not "open" again.
+        session.status = "timeout"
+        again = await call(client, "wait_for_reply")
+    assert again["status"] == "error" and "No open question" in again["message"]
+
+
+async def test_a_server_without_the_newest_route_means_no_open_question(router: respx.MockRouter) -> None:
+    router.get("/api/session/newest").respond(404, json={"detail": "Not Found"})
+    async with connect() as client:
+        result = await call(client, "wait_for_reply")
+    assert result["status"] == "error" and "No open question" in result["message"]
+
+
+async def test_results_are_typed_with_output_schemas(hil: FakeHil) -> None:
+    async with connect() as client:
+        tools = {tool.name: tool for tool in (await client.list_tools()).tools}
+    for name in ("send_and_wait_reply", "wait_for_reply"):
+        schema = tools[name].output_schema
+        assert schema is not None
+        assert {"status", "replies", "message", "session_id", "short_id"} <= set(schema["properties"])
+    assert set(tools["send_message_only"].output_schema["properties"]) == {"status", "message"}
 
 
 # --- progress ---

@@ -1,0 +1,123 @@
+"""What the tools need from a HIL Server, whichever way they reach it: the `Backend` protocol, the models it speaks
+and its one error type.
+
+Two backends implement it: `client.HilClient` over the HIL Server's HTTP API (hil-mcp on stdio, on the agent's
+machine) and `hil_server.mcp_endpoint.ServiceBackend`, which calls the service in-process (the server's `/mcp`)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# A session id (32 lowercase hex) or the short id shown in the chat (8 lowercase hex); always a full match.
+SESSION_REF_RE = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{24})?")
+
+
+def session_ref(text: str) -> str:
+    """The id in `text` ("1a2b3c4d", "#1a2b3c4d" or a 32-character session id). Raises ValueError otherwise."""
+    ref = text.strip().removeprefix("#")
+    if not SESSION_REF_RE.fullmatch(ref):
+        raise ValueError(
+            "session_id must be the session_id from an earlier result (32 lowercase hex characters) or the "
+            "8-character id shown in the chat, e.g. #1a2b3c4d; leave it out to wait for the newest open question"
+        )
+    return ref
+
+
+class BackendError(Exception):
+    """The HIL Server could not be reached or refused the request; `str()` says what to do."""
+
+    def __init__(self, message: str, *, retryable: bool = False) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class Person(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    userid: str = ""
+    name: str = ""
+    alias: str = ""
+
+
+class Reply(BaseModel):
+    """One message from the person. Fields the server adds later (who answered, a choice) pass through."""
+
+    model_config = ConfigDict(extra="allow")
+    msg_type: str = Field(default="text", description="text, image or mixed")
+    content: str = ""
+    image_url: str | None = None
+    images: list[str] = Field(default_factory=list)
+    from_user: Person = Field(default_factory=Person)
+    timestamp: float | None = None
+
+
+class Outgoing(BaseModel):
+    """A question (`wait_reply`) or a notice, as `POST /api/send` takes it."""
+
+    message: str
+    chat_id: str | None = None
+    project_name: str | None = None
+    images: list[str] = Field(default_factory=list)
+    wait_reply: bool = True
+    timeout: float | None = None  # None: the server's default
+
+
+class Sent(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    success: bool
+    session_id: str | None = None
+    short_id: str | None = None
+    message: str = ""
+    error: str | None = None
+
+
+class Polled(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    session_id: str
+    status: Literal["waiting", "replied", "timeout", "failed", "not_found"]
+    replies: list[Reply] = Field(default_factory=list)
+    message: str = ""
+    short_id: str | None = None
+
+
+class QuestionRef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    session_id: str = Field(pattern=r"^[0-9a-f]{32}$")
+    short_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{8}$")
+
+
+class Backend(Protocol):
+    async def send(self, outgoing: Outgoing) -> Sent: ...
+
+    async def poll(self, ref: str, wait: float) -> Polled:
+        """The session's state; with `wait` > 0 held until a reply arrives or `wait` seconds pass."""
+        ...
+
+    async def mark_timeout(self, ref: str) -> None:
+        """The agent stopped waiting: the question stays open and a later answer is kept."""
+        ...
+
+    async def upload_image(self, path: Path) -> str:
+        """A local image file as something `Outgoing.images` takes (a data URL)."""
+        ...
+
+    async def newest_open(self) -> QuestionRef | None:
+        """The caller's newest question that is waiting or that the agent stopped waiting for."""
+        ...
+
+
+__all__ = [
+    "SESSION_REF_RE",
+    "Backend",
+    "BackendError",
+    "Outgoing",
+    "Person",
+    "Polled",
+    "QuestionRef",
+    "Reply",
+    "Sent",
+    "session_ref",
+]

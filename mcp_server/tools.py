@@ -1,0 +1,414 @@
+"""The MCP tools, defined once for both transports: `send_and_wait_reply`, `send_message_only`, `wait_for_reply`.
+
+`build_server(lifespan)` returns an mcp 2.x `MCPServer` with the tools. Its lifespan yields a `ToolHost`, which hands
+each call a `Caller`: the backend to use (HTTP for hil-mcp on stdio, the service in-process for the HIL Server's
+`/mcp`), the caller's defaults and its memory of open questions. Nothing below knows which transport it runs on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import stat
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import anyio
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
+from pydantic import BaseModel, Field
+
+from hil_protocol.images import IMAGE_MAX_BYTES
+
+from . import __version__
+from .backend import Backend, BackendError, Outgoing, Polled, Reply, Sent, session_ref
+
+logger = logging.getLogger("mcp_server")
+
+INSTRUCTIONS = """\
+Ask a person in WeCom (企业微信) and wait for the answer. Use send_and_wait_reply when you need a human decision
+or information; the person answers in the chat. If a wait ends without an answer (timeout or a cut call), the question
+stays open: call wait_for_reply to keep waiting, or continue without the answer."""
+
+REMOTE_IMAGES = (
+    "image_paths names files on your machine, and this MCP server runs on the HIL Server, which cannot read them "
+    "(nothing was sent). Send the question without images, or use hil-mcp on stdio for images."
+)
+
+
+# --- results -----------------------------------------------------------------------------------------------------
+
+
+class WaitResult(BaseModel):
+    """The outcome of asking (or of waiting for an earlier question)."""
+
+    status: Literal["success", "timeout", "error"] = Field(
+        description="success: the person answered (replies); timeout: no answer yet, the question stays open "
+        "(call wait_for_reply to keep waiting); error: see message"
+    )
+    replies: list[Reply] = Field(default_factory=list, description="the person's messages, oldest first")
+    message: str = Field(description="what happened, in words for the model")
+    session_id: str | None = Field(default=None, description="the question's id, for wait_for_reply")
+    short_id: str | None = Field(default=None, description="the 8-character id shown in the chat as [#short_id]")
+
+
+class SendResult(BaseModel):
+    status: Literal["success", "error"]
+    message: str
+
+
+# --- what a transport provides -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ToolSettings:
+    timeout: float  # longest wait for a reply; also the cap on wait_for_reply's timeout
+    heartbeat: float  # longest single poll: progress goes out at least this often
+    poll_interval: float  # pause before retrying a failed poll, and the pace against servers that do not hold polls
+    send_timeout: float | None  # the session timeout sent with a question; None: the server's default
+    local_files: bool  # image_paths can be read (stdio); the server's /mcp cannot read the agent's files
+
+
+@dataclass
+class Question:
+    session_id: str
+    short_id: str | None
+    key: tuple[str, str | None, str | None] | None = None  # (message, chat, project) when asked through us
+
+
+@dataclass
+class OpenQuestions:
+    """Questions whose answer has not reached the agent yet (newest last), and those whose wait is over."""
+
+    open: list[Question] = field(default_factory=list)
+    settled: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+
+    def remember(self, question: Question) -> None:
+        self.open = [q for q in self.open if q.session_id != question.session_id]
+        self.open.append(question)
+        del self.open[:-100]
+
+    def settle(self, session_id: str) -> None:
+        self.open = [q for q in self.open if q.session_id != session_id]
+        if session_id not in self.settled:
+            self.settled.append(session_id)
+
+    def find_open(self, key: tuple[str, str | None, str | None]) -> Question | None:
+        return next((q for q in reversed(self.open) if q.key == key), None)
+
+    def resolve(self, ref: str) -> Question | None:
+        return next((q for q in self.open if ref in (q.session_id, q.short_id)), None)
+
+    def newest(self) -> Question | None:
+        return self.open[-1] if self.open else None
+
+
+class Hangup(Protocol):
+    """Tells a waiting call that its client went away (the HTTP stream was cut)."""
+
+    def add(self, callback: Callable[[], object]) -> None: ...
+
+    def discard(self, callback: Callable[[], object]) -> None: ...
+
+
+@dataclass
+class Caller:
+    backend: Backend
+    memory: OpenQuestions
+    chat_id: str | None = None
+    project_name: str | None = None
+    hangup: Hangup | None = None
+
+
+class ToolHost(Protocol):
+    """The lifespan context of a server built by `build_server`."""
+
+    @property
+    def tool_settings(self) -> ToolSettings: ...
+
+    def caller(self, ctx: Context) -> Caller: ...
+
+
+# --- the tool logic ------------------------------------------------------------------------------------------------
+
+
+def _host(ctx: Context) -> ToolHost:
+    return ctx.request_context.lifespan_context
+
+
+def _reply_text(replies: list[Reply]) -> str:
+    texts = [r.content for r in replies if r.content]
+    images = sum(len(r.images or ([r.image_url] if r.image_url else [])) for r in replies)
+    text = "\n".join(texts)
+    if images:
+        text += f"{chr(10) if text else ''}[{images} image(s) attached, see replies[].image_url]"
+    return text
+
+
+class _ImageProblem(Exception):
+    pass
+
+
+async def _load_images(paths: list[str]) -> list[Path]:
+    files: list[Path] = []
+    for raw in paths:
+        path = await anyio.Path(raw).expanduser()
+        try:
+            info = await path.stat()  # anyio: no file system call on the event loop
+        except OSError:
+            info = None
+        if info is None or not stat.S_ISREG(info.st_mode):
+            raise _ImageProblem(f"image file not found: {raw} (nothing was sent; fix the path or leave the image out)")
+        if info.st_size > IMAGE_MAX_BYTES:
+            raise _ImageProblem(f"image {raw} is larger than WeCom's 2 MB limit (nothing was sent)")
+        files.append(Path(path))
+    return files
+
+
+async def _send(
+    caller: Caller,
+    settings: ToolSettings,
+    message: str,
+    chat_id: str | None,
+    image_paths: list[str] | None,
+    project_name: str | None,
+    wait_reply: bool,
+) -> Sent:
+    """Upload images and send. Raises BackendError or _ImageProblem."""
+    files = await _load_images(image_paths or [])
+    images = [await caller.backend.upload_image(path) for path in files]
+    outgoing = Outgoing(
+        message=message,
+        chat_id=chat_id,
+        project_name=project_name,
+        images=images,
+        wait_reply=wait_reply,
+        timeout=settings.send_timeout,
+    )
+    return await caller.backend.send(outgoing)
+
+
+def _begin(
+    ctx: Context, chat_id: str | None, image_paths: list[str] | None, project_name: str | None
+) -> tuple[ToolSettings, Caller, str | None, str | None]:
+    """What a sending tool starts from: the settings, the caller, and the chat and project after the defaults."""
+    host = _host(ctx)
+    settings = host.tool_settings
+    if image_paths and not settings.local_files:
+        # Refused before any path is looked at: on the server, a path is the server's file, never the agent's.
+        raise ToolError(REMOTE_IMAGES)
+    caller = host.caller(ctx)
+    return settings, caller, chat_id or caller.chat_id, project_name or caller.project_name
+
+
+async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: Question, timeout: float) -> WaitResult:
+    """Wait on long-polls until a reply, a final state, or `timeout`; progress notifications in between.
+
+    A cancelled call or a cut stream is a cancelled wait: the server is told the agent stopped waiting, the question
+    stays open and a later answer is kept for wait_for_reply."""
+    backend = caller.backend
+    start = time.monotonic()
+    deadline = start + timeout
+    progress = 0.0
+
+    def result(status: Literal["success", "timeout", "error"], message: str, replies: list[Reply] | None = None):
+        return WaitResult(
+            status=status,
+            replies=replies or [],
+            message=message,
+            session_id=question.session_id,
+            short_id=question.short_id,
+        )
+
+    with anyio.CancelScope() as cut:
+        if caller.hangup is not None:
+            caller.hangup.add(cut.cancel)
+        try:
+            # Tell the client at once that the question is out and the call is alive; some clients cut silent calls.
+            await ctx.report_progress(progress, round(timeout, 1), f"问题已发送，等待回复中 (#{question.short_id})")
+            while (remaining := deadline - time.monotonic()) > 0:
+                wait = min(settings.heartbeat, remaining, 60.0)
+                asked = time.monotonic()
+                polled: Polled | None = None
+                try:
+                    polled = await backend.poll(question.session_id, wait=wait)
+                except BackendError as exc:
+                    if not exc.retryable:
+                        return result("error", str(exc))
+                    # The server may be restarting; its sessions are durable, so keep trying until our deadline.
+                    logger.warning("poll failed (%s); retrying", exc)
+                    await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+                if polled is not None:
+                    if polled.status != "not_found":
+                        question.session_id = polled.session_id
+                        question.short_id = polled.short_id or question.short_id
+                    if polled.replies or polled.status == "replied":
+                        caller.memory.settle(question.session_id)
+                        return result("success", f"The person replied: {_reply_text(polled.replies)}", polled.replies)
+                    if polled.status == "not_found":
+                        caller.memory.settle(question.session_id)
+                        return result(
+                            "error", "The question is no longer on the HIL Server (expired or unknown session id)."
+                        )
+                    if polled.status == "failed":
+                        caller.memory.settle(question.session_id)
+                        return result("error", polled.message or "send failed")
+                    if time.monotonic() - asked < min(wait, settings.poll_interval) * 0.5:
+                        # The server answered at once: it does not hold polls (a seed server). Poll at the interval.
+                        await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+                elapsed = time.monotonic() - start
+                # MCP requires progress to increase with every notification; rounding alone can repeat a value.
+                progress = round(max(elapsed, progress + 0.001), 3)
+                await ctx.report_progress(
+                    progress, round(timeout, 1), f"等待回复中，已等待 {int(elapsed)} 秒 (#{question.short_id})"
+                )
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await _stop_waiting(backend, question)
+            logger.info("wait cancelled session_id=%s", question.session_id)
+            raise
+        finally:
+            if caller.hangup is not None:
+                caller.hangup.discard(cut.cancel)
+    if cut.cancelled_caught:
+        # The client's stream was cut (the cancellation above already told the server): nobody reads this.
+        return result("timeout", "The call was cut; the question stays open.")
+    await _stop_waiting(backend, question)
+    return result(
+        "timeout",
+        f"No reply within {int(timeout)} s. The question (#{question.short_id}, session_id "
+        f"{question.session_id}) stays open on the HIL Server and a later answer is kept: call "
+        f'wait_for_reply(session_id="{question.session_id}") to keep waiting, or continue without an answer.',
+    )
+
+
+async def _stop_waiting(backend: Backend, question: Question) -> None:
+    with contextlib.suppress(BackendError):
+        await backend.mark_timeout(question.session_id)
+
+
+def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncContextManager[Any]]) -> MCPServer[Any]:
+    """The MCP server with the tools; `lifespan` yields the `ToolHost`."""
+    server: MCPServer[Any] = MCPServer(
+        name="wecom-hil", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan
+    )
+
+    @server.tool()
+    async def send_and_wait_reply(
+        message: str,
+        ctx: Context,
+        chat_id: str | None = None,
+        image_paths: list[str] | None = None,
+        project_name: str | None = None,
+    ) -> WaitResult:
+        """Send a question to a person in WeCom (企业微信) and wait for their reply.
+
+        The message appears in the chat tagged [#short_id project]; the person answers (quote-reply when several
+        questions are open). Returns status "success" with the replies, "timeout" (the question stays open: use
+        wait_for_reply to keep waiting) or "error", and the session_id.
+
+        Args:
+            message: the question, as the person should read it.
+            chat_id: the WeCom chat to ask in (default: the configured chat).
+            image_paths: local JPG/PNG files (≤ 2 MB each) to send with the question (hil-mcp on stdio only).
+            project_name: shown in the header so the person knows which project asks.
+        """
+        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
+        key = (message, chat, project)
+        question = caller.memory.find_open(key)
+        if question is not None:
+            logger.info("reusing open question session_id=%s", question.session_id)
+        else:
+            try:
+                sent = await _send(caller, settings, message, chat, image_paths, project, wait_reply=True)
+            except (BackendError, _ImageProblem) as exc:
+                return WaitResult(status="error", message=str(exc))
+            if not sent.success or not sent.session_id:
+                return WaitResult(
+                    status="error",
+                    message=f"The question was not delivered: {sent.error or sent.message or 'unknown error'}",
+                    session_id=sent.session_id,
+                    short_id=sent.short_id,
+                )
+            question = Question(sent.session_id, sent.short_id, key)
+            caller.memory.remember(question)
+        return await _wait(caller, settings, ctx, question, settings.timeout)
+
+    @server.tool()
+    async def send_message_only(
+        message: str,
+        ctx: Context,
+        chat_id: str | None = None,
+        image_paths: list[str] | None = None,
+        project_name: str | None = None,
+    ) -> SendResult:
+        """Send a message to WeCom (企业微信) without waiting for a reply (e.g. to report that a task is done).
+
+        Args:
+            message: the text to send.
+            chat_id: the WeCom chat (default: the configured chat).
+            image_paths: local JPG/PNG files (≤ 2 MB each) to send with it (hil-mcp on stdio only).
+            project_name: shown in front of the message.
+        """
+        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
+        try:
+            sent = await _send(caller, settings, message, chat, image_paths, project, wait_reply=False)
+        except (BackendError, _ImageProblem) as exc:
+            return SendResult(status="error", message=str(exc))
+        if not sent.success:
+            return SendResult(status="error", message=f"Not delivered: {sent.error or sent.message}")
+        return SendResult(status="success", message="Message delivered to WeCom.")
+
+    @server.tool()
+    async def wait_for_reply(ctx: Context, session_id: str | None = None, timeout: float | None = None) -> WaitResult:
+        """Keep waiting for the answer to a question asked earlier (after a timeout or a cut call).
+
+        Args:
+            session_id: the session_id from an earlier result, or the 8-character id shown in the chat
+                (#1a2b3c4d); leave it out for your newest open question.
+            timeout: seconds to wait at most (default: the configured timeout).
+        """
+        host = _host(ctx)
+        settings = host.tool_settings
+        if timeout is not None and not math.isfinite(timeout):
+            raise ToolError("timeout must be a number of seconds")
+        caller = host.caller(ctx)
+        memory = caller.memory
+        if session_id is not None and session_id.strip():
+            try:
+                ref = session_ref(session_id)
+            except ValueError as exc:
+                raise ToolError(str(exc)) from None
+            question = memory.resolve(ref) or Question(ref, ref if len(ref) == 8 else None)
+        else:
+            question = memory.newest()
+            if question is None:
+                # Nothing in this process's memory (a restart, or another process asked): ask the server.
+                try:
+                    found = await caller.backend.newest_open()
+                except BackendError as exc:
+                    return WaitResult(status="error", message=str(exc))
+                if found is None or found.session_id in memory.settled:
+                    return WaitResult(status="error", message="No open question to wait for.")
+                question = Question(found.session_id, found.short_id)
+        limit = settings.timeout if timeout is None else max(1.0, min(timeout, settings.timeout))
+        return await _wait(caller, settings, ctx, question, limit)
+
+    return server
+
+
+__all__ = [
+    "Caller",
+    "OpenQuestions",
+    "Question",
+    "SendResult",
+    "ToolHost",
+    "ToolSettings",
+    "WaitResult",
+    "build_server",
+]
