@@ -55,14 +55,31 @@ class Reply(BaseModel):
 
 
 class Outgoing(BaseModel):
-    """A question (`wait_reply`) or a notice, as `POST /api/send` takes it."""
+    """A question (`wait_reply`) or a notice, as `POST /api/send` takes it. None: left out (the server's default)."""
 
     message: str
     chat_id: str | None = None
     project_name: str | None = None
     images: list[str] = Field(default_factory=list)
     wait_reply: bool = True
-    timeout: float | None = None  # None: the server's default
+    timeout: float | None = None
+    options: list[str] | None = None
+    responders: list[str] | None = None
+    approvals_required: int | None = None
+
+
+class Choice(BaseModel):
+    index: int = Field(description="the option's position, from 0")
+    label: str = Field(description="the option as the person saw it")
+
+
+class Approval(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    approved: bool | None = None
+    decided_by: list[str] = Field(default_factory=list)
+    comment: str = ""
+    approvals: int = 0
+    required: int = 1
 
 
 class Sent(BaseModel):
@@ -81,6 +98,8 @@ class Polled(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     message: str = ""
     short_id: str | None = None
+    choice: Choice | None = None
+    approval: Approval | None = None
 
 
 class QuestionRef(BaseModel):
@@ -111,8 +130,10 @@ class Backend(Protocol):
 
 __all__ = [
     "SESSION_REF_RE",
+    "Approval",
     "Backend",
     "BackendError",
+    "Choice",
     "Outgoing",
     "Person",
     "Polled",

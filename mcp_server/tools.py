@@ -1,4 +1,5 @@
-"""The MCP tools, defined once for both transports: `send_and_wait_reply`, `send_message_only`, `wait_for_reply`.
+"""The MCP tools, defined once for both transports: `send_and_wait_reply`, `request_approval`, `send_message_only`,
+`wait_for_reply`.
 
 `build_server(lifespan)` returns an mcp 2.x `MCPServer` with the tools. Its lifespan yields a `ToolHost`, which hands
 each call a `Caller`: the backend to use (HTTP for hil-mcp on stdio, the service in-process for the HIL Server's
@@ -26,13 +27,15 @@ from pydantic import BaseModel, Field
 from hil_protocol.images import IMAGE_MAX_BYTES
 
 from . import __version__
-from .backend import Backend, BackendError, Outgoing, Polled, Reply, Sent, session_ref
+from .backend import Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
 
 logger = logging.getLogger("mcp_server")
 
 INSTRUCTIONS = """\
-Ask a person in WeCom (企业微信) and wait for the answer. Use send_and_wait_reply when you need a human decision
-or information; the person answers in the chat. If a wait ends without an answer (timeout or a cut call), the question
+Ask a person in WeCom (企业微信) and wait for the answer. Use request_approval before a risky or irreversible action
+(deploy, merge, delete, spend): it returns approved true/false and who decided. Use send_and_wait_reply for any other
+question; give `options` when the answer is a choice (the person taps or types one; you get `choice`). Use
+send_message_only to report without waiting. If a wait ends without an answer (timeout or a cut call), the question
 stays open: call wait_for_reply to keep waiting, or continue without the answer."""
 
 REMOTE_IMAGES = (
@@ -55,6 +58,22 @@ class WaitResult(BaseModel):
     message: str = Field(description="what happened, in words for the model")
     session_id: str | None = Field(default=None, description="the question's id, for wait_for_reply")
     short_id: str | None = Field(default=None, description="the 8-character id shown in the chat as [#short_id]")
+    choice: Choice | None = Field(default=None, description="with options: the option the person chose, else null")
+
+
+class ApprovalResult(BaseModel):
+    """The outcome of an approval request."""
+
+    status: Literal["success", "timeout", "error"] = Field(
+        description="success: decided (see approved); timeout: not decided yet, the request stays open "
+        "(call wait_for_reply to keep waiting); error: see message"
+    )
+    approved: bool | None = Field(default=None, description="true: approved; false: rejected; null: not decided")
+    decided_by: list[str] = Field(default_factory=list, description="WeCom userids of who approved (or rejected)")
+    comment: str = Field(default="", description="what the deciders wrote after their decision word")
+    message: str = Field(description="what happened, in words for the model")
+    session_id: str | None = None
+    short_id: str | None = None
 
 
 class SendResult(BaseModel):
@@ -78,7 +97,7 @@ class ToolSettings:
 class Question:
     session_id: str
     short_id: str | None
-    key: tuple[str, str | None, str | None] | None = None  # (message, chat, project) when asked through us
+    key: tuple[Any, ...] | None = None  # what was asked (message, chat, project, options...) when asked through us
 
 
 @dataclass
@@ -98,7 +117,7 @@ class OpenQuestions:
         if session_id not in self.settled:
             self.settled.append(session_id)
 
-    def find_open(self, key: tuple[str, str | None, str | None]) -> Question | None:
+    def find_open(self, key: tuple[Any, ...]) -> Question | None:
         return next((q for q in reversed(self.open) if q.key == key), None)
 
     def resolve(self, ref: str) -> Question | None:
@@ -170,27 +189,45 @@ async def _load_images(paths: list[str]) -> list[Path]:
     return files
 
 
-async def _send(
-    caller: Caller,
-    settings: ToolSettings,
-    message: str,
-    chat_id: str | None,
-    image_paths: list[str] | None,
-    project_name: str | None,
-    wait_reply: bool,
-) -> Sent:
+async def _send(caller: Caller, settings: ToolSettings, outgoing: Outgoing, image_paths: list[str] | None) -> Sent:
     """Upload images and send. Raises BackendError or _ImageProblem."""
     files = await _load_images(image_paths or [])
     images = [await caller.backend.upload_image(path) for path in files]
-    outgoing = Outgoing(
-        message=message,
-        chat_id=chat_id,
-        project_name=project_name,
-        images=images,
-        wait_reply=wait_reply,
-        timeout=settings.send_timeout,
+    return await caller.backend.send(outgoing.model_copy(update={"images": images, "timeout": settings.send_timeout}))
+
+
+async def _ask(
+    ctx: Context, outgoing: Outgoing, image_paths: list[str] | None
+) -> tuple[Caller, ToolSettings, Question] | WaitResult:
+    """Send a question (or reuse the same one still open) and remember it; or the error result."""
+    settings, caller, chat, project = _begin(ctx, outgoing.chat_id, image_paths, outgoing.project_name)
+    outgoing = outgoing.model_copy(update={"chat_id": chat, "project_name": project})
+    key = (
+        outgoing.message,
+        chat,
+        project,
+        tuple(outgoing.options or ()),
+        tuple(outgoing.responders or ()),
+        outgoing.approvals_required,
     )
-    return await caller.backend.send(outgoing)
+    question = caller.memory.find_open(key)
+    if question is not None:
+        logger.info("reusing open question session_id=%s", question.session_id)
+        return caller, settings, question
+    try:
+        sent = await _send(caller, settings, outgoing, image_paths)
+    except (BackendError, _ImageProblem) as exc:
+        return WaitResult(status="error", message=str(exc))
+    if not sent.success or not sent.session_id:
+        return WaitResult(
+            status="error",
+            message=f"The question was not delivered: {sent.error or sent.message or 'unknown error'}",
+            session_id=sent.session_id,
+            short_id=sent.short_id,
+        )
+    question = Question(sent.session_id, sent.short_id, key)
+    caller.memory.remember(question)
+    return caller, settings, question
 
 
 def _begin(
@@ -206,7 +243,14 @@ def _begin(
     return settings, caller, chat_id or caller.chat_id, project_name or caller.project_name
 
 
-async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: Question, timeout: float) -> WaitResult:
+async def _wait(
+    caller: Caller,
+    settings: ToolSettings,
+    ctx: Context,
+    question: Question,
+    timeout: float,
+    on_poll: Callable[[Polled], object] | None = None,
+) -> WaitResult:
     """Wait on long-polls until a reply, a final state, or `timeout`; progress notifications in between.
 
     A cancelled call or a cut stream is a cancelled wait: the server is told the agent stopped waiting, the question
@@ -216,13 +260,14 @@ async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: 
     deadline = start + timeout
     progress = 0.0
 
-    def result(status: Literal["success", "timeout", "error"], message: str, replies: list[Reply] | None = None):
+    def result(status: Literal["success", "timeout", "error"], message: str, polled: Polled | None = None):
         return WaitResult(
             status=status,
-            replies=replies or [],
+            replies=polled.replies if polled else [],
             message=message,
             session_id=question.session_id,
             short_id=question.short_id,
+            choice=polled.choice if polled else None,
         )
 
     with anyio.CancelScope() as cut:
@@ -244,12 +289,15 @@ async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: 
                     logger.warning("poll failed (%s); retrying", exc)
                     await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
                 if polled is not None:
+                    if on_poll is not None:
+                        on_poll(polled)
                     if polled.status != "not_found":
                         question.session_id = polled.session_id
                         question.short_id = polled.short_id or question.short_id
-                    if polled.replies or polled.status == "replied":
+                    # An approval is answered when it is decided (status replied), not at its first approval.
+                    if polled.status == "replied" or (polled.replies and polled.approval is None):
                         caller.memory.settle(question.session_id)
-                        return result("success", f"The person replied: {_reply_text(polled.replies)}", polled.replies)
+                        return result("success", _answered(polled), polled)
                     if polled.status == "not_found":
                         caller.memory.settle(question.session_id)
                         return result(
@@ -287,6 +335,27 @@ async def _wait(caller: Caller, settings: ToolSettings, ctx: Context, question: 
     )
 
 
+def _answered(polled: Polled) -> str:
+    if polled.approval is not None and polled.approval.approved is not None:
+        verdict = "approved" if polled.approval.approved else "rejected"
+        comment = f" ({polled.approval.comment})" if polled.approval.comment else ""
+        return f"The request was {verdict} by {', '.join(polled.approval.decided_by)}{comment}."
+    chose = f' They chose "{polled.choice.label}" (option {polled.choice.index + 1}).' if polled.choice else ""
+    return f"The person replied: {_reply_text(polled.replies)}{chose}"
+
+
+def _approval(result: WaitResult, polled_approval: Any) -> ApprovalResult:
+    return ApprovalResult(
+        status=result.status,
+        approved=polled_approval.approved if polled_approval else None,
+        decided_by=list(polled_approval.decided_by) if polled_approval else [],
+        comment=polled_approval.comment if polled_approval else "",
+        message=result.message,
+        session_id=result.session_id,
+        short_id=result.short_id,
+    )
+
+
 async def _stop_waiting(backend: Backend, question: Question) -> None:
     with contextlib.suppress(BackendError):
         await backend.mark_timeout(question.session_id)
@@ -305,39 +374,75 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         chat_id: str | None = None,
         image_paths: list[str] | None = None,
         project_name: str | None = None,
+        options: list[str] | None = None,
+        responders: list[str] | None = None,
     ) -> WaitResult:
-        """Send a question to a person in WeCom (企业微信) and wait for their reply.
+        """Ask a person in WeCom (企业微信) and wait for their answer: for information or a choice. (Before a risky
+        action such as deploying, merging or deleting, use request_approval instead.)
 
         The message appears in the chat tagged [#short_id project]; the person answers (quote-reply when several
-        questions are open). Returns status "success" with the replies, "timeout" (the question stays open: use
-        wait_for_reply to keep waiting) or "error", and the session_id.
+        questions are open). With `options` they tap a button (AI bot) or reply with the option's number or text,
+        and the result's `choice` says which; free text is still accepted. Returns status "success" with the
+        replies, "timeout" (the question stays open: use wait_for_reply to keep waiting) or "error".
 
         Args:
             message: the question, as the person should read it.
             chat_id: the WeCom chat to ask in (default: the configured chat).
             image_paths: local JPG/PNG files (≤ 2 MB each) to send with the question (hil-mcp on stdio only).
             project_name: shown in the header so the person knows which project asks.
+            options: 1–20 short answers to choose from, e.g. ["合并", "不合并"].
+            responders: WeCom userids who may answer; others are ignored (default: anyone in the chat).
         """
-        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
-        key = (message, chat, project)
-        question = caller.memory.find_open(key)
-        if question is not None:
-            logger.info("reusing open question session_id=%s", question.session_id)
-        else:
-            try:
-                sent = await _send(caller, settings, message, chat, image_paths, project, wait_reply=True)
-            except (BackendError, _ImageProblem) as exc:
-                return WaitResult(status="error", message=str(exc))
-            if not sent.success or not sent.session_id:
-                return WaitResult(
-                    status="error",
-                    message=f"The question was not delivered: {sent.error or sent.message or 'unknown error'}",
-                    session_id=sent.session_id,
-                    short_id=sent.short_id,
-                )
-            question = Question(sent.session_id, sent.short_id, key)
-            caller.memory.remember(question)
+        outgoing = Outgoing(
+            message=message, chat_id=chat_id, project_name=project_name, options=options, responders=responders
+        )
+        asked = await _ask(ctx, outgoing, image_paths)
+        if isinstance(asked, WaitResult):
+            return asked
+        caller, settings, question = asked
         return await _wait(caller, settings, ctx, question, settings.timeout)
+
+    @server.tool()
+    async def request_approval(
+        summary: str,
+        ctx: Context,
+        details: str | None = None,
+        chat_id: str | None = None,
+        project_name: str | None = None,
+        responders: list[str] | None = None,
+        approvals_required: int = 1,
+    ) -> ApprovalResult:
+        """Ask for approval before a risky or irreversible action (deploy, merge, delete, migrate, spend) and wait
+        for the decision: approved true or false, who decided (`decided_by`), and any comment ("拒绝，先跑测试").
+
+        The person taps 批准/拒绝 (AI bot) or replies 1/2, 批准/同意/拒绝. With approvals_required=2, two different
+        responders must approve; a single rejection decides at once. Only act when approved is true.
+
+        Args:
+            summary: what you are about to do, in one line ("部署 v1.4 到生产环境").
+            details: anything the approver should know (what changes, the risk, how to undo).
+            chat_id: the WeCom chat to ask in (default: the configured chat).
+            project_name: shown in the header so the person knows which project asks.
+            responders: WeCom userids who may decide (default: the server's default, else anyone in the chat).
+            approvals_required: how many different people must approve (1–10).
+        """
+        if not 1 <= approvals_required <= 10:
+            raise ToolError("approvals_required must be between 1 and 10")
+        message = summary.strip() + (f"\n\n{details.strip()}" if details and details.strip() else "")
+        outgoing = Outgoing(
+            message=f"【请审批】{message}",
+            chat_id=chat_id,
+            project_name=project_name,
+            responders=responders,
+            approvals_required=approvals_required,
+        )
+        asked = await _ask(ctx, outgoing, None)
+        if isinstance(asked, WaitResult):
+            return _approval(asked, None)
+        caller, settings, question = asked
+        final: list[Any] = []
+        result = await _wait(caller, settings, ctx, question, settings.timeout, on_poll=final.append)
+        return _approval(result, final[-1].approval if final else None)
 
     @server.tool()
     async def send_message_only(
@@ -356,8 +461,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             project_name: shown in front of the message.
         """
         settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
+        outgoing = Outgoing(message=message, chat_id=chat, project_name=project, wait_reply=False)
         try:
-            sent = await _send(caller, settings, message, chat, image_paths, project, wait_reply=False)
+            sent = await _send(caller, settings, outgoing, image_paths)
         except (BackendError, _ImageProblem) as exc:
             return SendResult(status="error", message=str(exc))
         if not sent.success:
@@ -403,6 +509,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
 
 
 __all__ = [
+    "ApprovalResult",
     "Caller",
     "OpenQuestions",
     "Question",

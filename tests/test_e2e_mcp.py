@@ -60,6 +60,8 @@ async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
         "chat_id",
         "image_paths",
         "project_name",
+        "options",
+        "responders",
     }
     assert set(tools["send_message_only"].input_schema["properties"]) == {
         "message",

@@ -120,6 +120,8 @@ async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
         "chat_id",
         "image_paths",
         "project_name",
+        "options",
+        "responders",
     }
     output = tools["send_and_wait_reply"].output_schema
     assert output is not None and {"status", "replies", "message", "session_id", "short_id"} <= set(

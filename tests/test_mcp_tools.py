@@ -205,15 +205,28 @@ async def answer_later(hil: FakeHil, ref: str, text: str, after: float) -> None:
 # --- the tools' surface ---
 
 
-async def test_list_tools_has_the_three_tools_with_their_parameters(hil: FakeHil) -> None:
+async def test_list_tools_has_the_four_tools_with_their_parameters(hil: FakeHil) -> None:
     async with connect() as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert {"send_and_wait_reply", "send_message_only", "wait_for_reply"} <= set(tools)
+    assert {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"} <= set(tools)
+    seed = {"message", "chat_id", "image_paths", "project_name"}
+    assert set(tools["send_message_only"].input_schema["properties"]) == seed
+    assert set(tools["send_and_wait_reply"].input_schema["properties"]) == seed | {"options", "responders"}
     for name in ("send_and_wait_reply", "send_message_only"):
-        schema = tools[name].input_schema
-        assert set(schema["properties"]) == {"message", "chat_id", "image_paths", "project_name"}
-        assert schema["required"] == ["message"]
+        assert tools[name].input_schema["required"] == ["message"]
         assert tools[name].description
+    approval = tools["request_approval"]
+    assert set(approval.input_schema["properties"]) == {
+        "summary",
+        "details",
+        "chat_id",
+        "project_name",
+        "responders",
+        "approvals_required",
+    }
+    assert approval.input_schema["required"] == ["summary"]
+    assert {"approved", "decided_by", "comment", "session_id", "short_id"} <= set(approval.output_schema["properties"])
+    assert "choice" in tools["send_and_wait_reply"].output_schema["properties"]
     schema = tools["wait_for_reply"].input_schema
     assert set(schema["properties"]) == {"session_id", "timeout"}
     assert not schema.get("required")

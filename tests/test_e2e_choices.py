@@ -1,0 +1,134 @@
+"""Choices and approvals end to end in a text chat (the webhook robot, direct mode): a real MCP client over stdio,
+the real HIL Server and the fake WeCom, where people answer with a number, a label or 批准/拒绝. (The AI bot's
+buttons: tests/test_e2e_aibot.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+
+from tests.procs import FakeChat, Stack, mcp_stdio_params
+
+pytestmark = pytest.mark.e2e
+
+CHAT = "chatChoice"
+
+
+@pytest.fixture(scope="module")
+def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    stack = Stack(mode="direct", tmp=tmp_path_factory.mktemp("choices"))
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+@asynccontextmanager
+async def agent(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[Client, FakeChat]]:
+    params = mcp_stdio_params(stack.server_url, tmp_path / "mcp", "--chat-id", CHAT, "--project-name", "choices")
+    async with (
+        Client(params) as client,
+        httpx.AsyncClient(base_url=stack.fake_url, trust_env=False, timeout=30) as http,
+    ):
+        yield client, FakeChat(http, CHAT)
+
+
+async def reply_as(chat: FakeChat, userid: str, name: str, text: str) -> None:
+    response = await chat.http.post(
+        "/_fake/reply", json={"chat_id": chat.chat_id, "text": text, "from_user": {"userid": userid, "name": name}}
+    )
+    response.raise_for_status()
+
+
+async def call(client: Client, tool: str, arguments: dict[str, Any], act: Any) -> dict[str, Any]:
+    """Call `tool` and, while it waits, let `act()` play the people in the chat."""
+    outcome: dict[str, Any] = {}
+    async with anyio.create_task_group() as tg:
+
+        async def run() -> None:
+            outcome["result"] = await client.call_tool(tool, arguments)
+
+        tg.start_soon(run)
+        with anyio.fail_after(30):
+            await act()
+    result = outcome["result"]
+    assert not result.is_error, result
+    return result.structured_content
+
+
+async def test_a_choice_by_number_over_stdio(direct: Stack, tmp_path: Path) -> None:
+    async with agent(direct, tmp_path) as (client, chat):
+
+        async def person() -> None:
+            question, _ = await chat.question("合并这个 PR 吗？")
+            lines = question["content"].splitlines()
+            assert "1. 合并" in lines and "2. 不合并" in lines
+            assert any("回复数字或选项文字" in line for line in lines)
+            await reply_as(chat, "zhangsan", "张三", "２")  # a full-width digit
+
+        result = await call(
+            client, "send_and_wait_reply", {"message": "合并这个 PR 吗？", "options": ["合并", "不合并"]}, person
+        )
+    assert result["status"] == "success"
+    assert result["choice"] == {"index": 1, "label": "不合并"}
+    assert result["replies"][0]["answered_by"] == "zhangsan"
+
+
+async def test_request_approval_with_a_reply_1(direct: Stack, tmp_path: Path) -> None:
+    async with agent(direct, tmp_path) as (client, chat):
+
+        async def person() -> None:
+            question, _ = await chat.question("部署 v1.4 到生产")
+            assert "1. 批准" in question["content"] and "2. 拒绝" in question["content"]
+            await reply_as(chat, "zhangsan", "张三", "1")
+
+        result = await call(
+            client, "request_approval", {"summary": "部署 v1.4 到生产", "details": "影响：全部用户"}, person
+        )
+    assert result["status"] == "success" and result["approved"] is True
+    assert result["decided_by"] == ["zhangsan"]
+
+
+async def test_a_non_responder_is_refused_and_two_people_approve(direct: Stack, tmp_path: Path) -> None:
+    async with agent(direct, tmp_path) as (client, chat):
+
+        async def people() -> None:
+            question, short_id = await chat.question("删除旧数据库")
+            await reply_as(chat, "zhangsan", "张三", "批准")  # not a responder
+            notices = [m for m in await chat.messages(question["seq"], wait=2) if "只有" in (m["content"] or "")]
+            assert notices and "@lisi" in notices[0]["content"] and short_id in notices[0]["content"]
+            await reply_as(chat, "lisi", "李四", "同意")
+            await reply_as(chat, "lisi", "李四", "同意")  # the same person twice counts once
+            status = (await chat.http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
+            assert status["status"] == "waiting" and status["approval"]["approvals"] == 1
+            await reply_as(chat, "wangwu", "王五", "批准，备份已确认")
+
+        result = await call(
+            client,
+            "request_approval",
+            {"summary": "删除旧数据库", "responders": ["lisi", "wangwu"], "approvals_required": 2},
+            people,
+        )
+    assert result["approved"] is True and result["decided_by"] == ["lisi", "wangwu"]
+    assert result["comment"] == "备份已确认"
+    async with httpx.AsyncClient(trust_env=False, timeout=5) as http:
+        status = (await http.get(f"{direct.server_url}/status.json")).json()
+    assert any(r["outcome"].startswith("refused") and "zhangsan" in (r["by"] or "") for r in status["recent"])
+
+
+async def test_one_rejection_decides_with_its_comment(direct: Stack, tmp_path: Path) -> None:
+    async with agent(direct, tmp_path) as (client, chat):
+
+        async def person() -> None:
+            await chat.question("合并到 main")
+            await reply_as(chat, "lisi", "李四", "拒绝，先跑测试")
+
+        result = await call(client, "request_approval", {"summary": "合并到 main", "approvals_required": 2}, person)
+    assert result["approved"] is False and result["decided_by"] == ["lisi"] and result["comment"] == "先跑测试"
