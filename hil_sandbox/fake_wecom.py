@@ -227,6 +227,8 @@ class FakeWeComConfig:
     aibot_media_ttl: float = AIBOT_MEDIA_TTL_SECONDS  # how long a callback's media URL works
     aibot_markdown_max_bytes: int = AIBOT_MARKDOWN_MAX_BYTES
     aibot_max_frame_bytes: int = AIBOT_MAX_FRAME_BYTES
+    # The HIL Server the sandbox runs beside (its /status.json), so the chat page can mark answered questions.
+    hil_server_url: str | None = None
 
 
 class SentMessage(BaseModel):
@@ -938,6 +940,7 @@ class ConfigUpdate(BaseModel):
     aibot_media_ttl: float = Field(default=AIBOT_MEDIA_TTL_SECONDS, gt=0)
     aibot_markdown_max_bytes: int = Field(default=AIBOT_MARKDOWN_MAX_BYTES, ge=1)
     aibot_max_frame_bytes: int = Field(default=AIBOT_MAX_FRAME_BYTES, ge=1024)
+    hil_server_url: str | None = None
 
 
 class FromUser(BaseModel):
@@ -1003,6 +1006,7 @@ def _config_view(config: FakeWeComConfig) -> dict[str, Any]:
         "aibot_media_ttl": config.aibot_media_ttl,
         "aibot_markdown_max_bytes": config.aibot_markdown_max_bytes,
         "aibot_max_frame_bytes": config.aibot_max_frame_bytes,
+        "hil_server_url": config.hil_server_url,
     }
 
 
@@ -1144,6 +1148,21 @@ def create_fake_wecom_app(
     async def control_get_config() -> dict[str, Any]:
         return _config_view(fake.config)
 
+    @app.get("/_fake/hil-status", response_model=None)
+    async def control_hil_status() -> dict[str, Any] | JSONResponse:
+        """The HIL Server's /status.json, fetched for the chat page (same origin), which marks answered questions."""
+        url = fake.config.hil_server_url
+        if not url or fake.http_client is None:
+            return JSONResponse({"error": "no HIL Server configured (--hil-server-url)"}, status_code=404)
+        try:
+            response = await fake.http_client.get(f"{url.rstrip('/')}/status.json", timeout=2)
+            body = response.json()
+        except (httpx.HTTPError, ValueError) as exc:
+            return JSONResponse({"error": f"HIL Server not reachable: {type(exc).__name__}"}, status_code=502)
+        if response.status_code != 200 or not isinstance(body, dict):
+            return JSONResponse({"error": f"HIL Server answered HTTP {response.status_code}"}, status_code=502)
+        return body
+
     @app.post("/_fake/config")
     async def control_config(update: ConfigUpdate) -> dict[str, Any]:
         changes = update.model_dump(include=update.model_fields_set)
@@ -1220,6 +1239,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--aibot-reply-window", type=float, default=AIBOT_REPLY_WINDOW_SECONDS, help="welcome / card update window"
     )
+    parser.add_argument("--hil-server-url", help="the HIL Server beside it, so the chat page marks answered questions")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     args = parser.parse_args(argv)
     if len(args.aibot_id) != len(args.aibot_secret):
@@ -1236,6 +1256,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         aibots=dict(zip(args.aibot_id, args.aibot_secret, strict=True)),
         aibot_idle_timeout=args.aibot_idle_timeout,
         aibot_reply_window=args.aibot_reply_window,
+        hil_server_url=args.hil_server_url,
     )
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
 

@@ -126,6 +126,7 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
             callback_url=f"{server_url}/api/callback",
             robot_name=robot_name,
             public_url=wecom_url,
+            hil_server_url=server_url,
         )
     )
     settings = SandboxSettings(

@@ -164,6 +164,9 @@ def test_quote_reply_from_the_page_answers_the_waiting_question(sandbox: Sandbox
     assert result["status"] == "replied", result
     assert [reply["content"] for reply in result["replies"]] == ["合并吧，记得打 tag"]
     assert result["replies"][0]["matched_by"] == "quote"
+    # The page marks the question as answered, and by whom (from the HIL Server's /status.json).
+    expect(by(question, "answered")).to_contain_text("已回答")
+    expect(by(question, "answered")).to_contain_text("张三")
 
     # The person's message is in the timeline: the quoted question, the answer, and the callback's HTTP status.
     mine = by(page, "message").and_(page.locator('[data-kind="person"]'))
