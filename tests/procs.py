@@ -306,8 +306,18 @@ class Nginx:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self, wait: float = 10.0) -> Nginx:
+        # The sample serves HTTPS on 443 and only redirects on 80: here its HTTPS server block listens in plain HTTP
+        # on our port (no certificate needed) and the redirect block on a port of its own.
         site = (Path(__file__).resolve().parents[1] / "deploy" / "nginx-hil.conf").read_text()
-        site = site.replace("listen 80;", f"listen 127.0.0.1:{self.port};").replace("listen [::]:80;", "")
+        for placeholder, value in (
+            ("listen 80;", f"listen 127.0.0.1:{free_port()};"),
+            ("listen [::]:80;", ""),
+            ("listen 443 ssl;", f"listen 127.0.0.1:{self.port};"),
+            ("listen [::]:443 ssl;", ""),
+        ):
+            assert site.count(placeholder) == 1, placeholder
+            site = site.replace(placeholder, value)
+        site = "\n".join(line for line in site.splitlines() if not line.strip().startswith("ssl_"))
         site = site.replace("127.0.0.1:8081", f"127.0.0.1:{self.server_port}")
         ngx = self.tmp / "nginx"
         ngx.mkdir(exist_ok=True)

@@ -114,7 +114,7 @@ async def ask_and_answer(
 async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
     async with mcp_client(remote, "tokFree", mode=mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"send_and_wait_reply", "send_message_only", "wait_for_reply"}
+    assert set(tools) == {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"}
     assert set(tools["send_and_wait_reply"].input_schema["properties"]) == {
         "message",
         "chat_id",
@@ -470,10 +470,9 @@ def test_a_loopback_origin_on_a_loopback_host_is_allowed(remote: Stack) -> None:
     ("query", "status", "words"),
     [
         ("?chat_id=chatX", 403, "chatA"),  # not one of tokA's chats
-        # "chat\n" still passes models.CHAT_ID_RE (a `$` match, issue 9), so it is refused as not tokA's chat.
-        ("?chat_id=chatA%0A", 403, "chatA"),
-        ("?chat_id=" + "c" * 200, 400, "chat_id"),
-        ("?project_name=%5Bfake%5D", 400, "project_name"),
+        ("?chat_id=chatA%0A", 422, "chat_id"),  # chat ids are a full match: no trailing newline
+        ("?chat_id=" + "c" * 200, 422, "chat_id"),
+        ("?project_name=%5Bfake%5D", 422, "project_name"),
     ],
 )
 def test_a_bad_chat_or_project_in_the_url_is_refused(remote: Stack, query: str, status: int, words: str) -> None:
