@@ -621,3 +621,76 @@ async def test_odd_frames_never_end_the_link(caplog: pytest.LogCaptureFixture) -
     assert received[1].card is not None and received[1].chat_id == "other-group"
     assert channel.link.connects == 1 and channel.link.bad_frames == 3
     assert "another AI bot" in caplog.text and "unknown cmd 'aibot_brand_new_cmd'" in caplog.text
+
+
+# --- settings and the app ------------------------------------------------------------------------------------------
+
+
+def aibot_settings(tmp_path: Any, **kw: Any) -> Any:
+    from tests.server_fixtures import settings
+
+    values = {"hil_mode": "auto", "bot_key": None, "wecom_aibot_id": BOT, "wecom_aibot_secret": SECRET}
+    return settings(tmp_path, **{**values, **kw})
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_channel_is_chosen_by_the_settings(tmp_path: Any) -> None:
+    chosen = aibot_settings(tmp_path)
+    assert (chosen.channel, chosen.mode) == ("aibot", "direct")
+    assert aibot_settings(tmp_path, hil_channel="webhook", bot_key="k").channel == "webhook"
+    assert aibot_settings(tmp_path, hil_channel="webhook").channel == "relay"
+    assert aibot_settings(tmp_path, wecom_aibot_id=None, bot_key="k").channel == "webhook"
+    assert aibot_settings(tmp_path, bot_key="k").channel == "aibot"  # auto: the AI bot when its id is set
+    assert SECRET not in repr(chosen.aibot_options()) and SECRET in chosen.secrets()
+    with pytest.raises(ValueError, match="WECOM_AIBOT_URL"):
+        aibot_settings(tmp_path, wecom_aibot_url="https://openws.work.weixin.qq.com")
+
+
+@pytest.mark.usefixtures("clean_env")
+@pytest.mark.parametrize(
+    ("changes", "says"),
+    [
+        ({"wecom_aibot_secret": None}, "WECOM_AIBOT_ID and WECOM_AIBOT_SECRET"),
+        ({"hil_channel": "aibot", "wecom_aibot_id": None}, "WECOM_AIBOT_ID and WECOM_AIBOT_SECRET"),
+        ({"hil_mode": "relay"}, "unset HIL_MODE=relay"),
+    ],
+)
+def test_bad_combinations_are_one_line_at_start(tmp_path: Any, changes: dict[str, Any], says: str) -> None:
+    from hil_server.app import create_app
+
+    with pytest.raises(ValueError, match=says):
+        create_app(aibot_settings(tmp_path, **changes))
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_down(tmp_path: Any) -> None:
+    from fastapi.testclient import TestClient
+
+    from hil_server.app import create_app
+    from tests.procs import free_port
+
+    app = create_app(
+        aibot_settings(
+            tmp_path,
+            wecom_aibot_url=f"ws://127.0.0.1:{free_port()}",
+            hil_aibot_down_grace=0,
+            hil_aibot_send_timeout=0.3,
+        )
+    )
+    with TestClient(app) as client:
+        for method in ("GET", "POST"):
+            response = client.request(method, "/api/callback", json={})
+            assert response.status_code == 404 and "long connection" in response.json()["errmsg"]
+        health = client.get("/health")
+        assert health.status_code == 503
+        body = health.json()
+        assert (body["status"], body["mode"], body["channel"], body["aibot_connected"]) == (
+            "degraded",
+            "direct",
+            "aibot",
+            False,
+        )
+        assert "long connection has been down" in body["reason"]
+        sent = client.post("/api/send", json={"message": "在吗？", "chat_id": "group-1", "timeout": 5}).json()
+        assert sent["success"] is False and "长连接没有建立" in sent["error"]
+        assert client.get(f"/api/poll/{sent['session_id']}").json()["status"] == "failed"
