@@ -332,3 +332,30 @@ async def test_a_wrong_secret_is_a_clear_log_line_and_degraded_health(shared: St
     lines = [line for line in log.splitlines() if "AI bot authentication failed" in line]
     assert len(lines) == 1 and "853000" in lines[0] and "WECOM_AIBOT_SECRET" in lines[0]
     assert "not-the-secret" not in log
+
+
+async def test_the_sandbox_in_ai_bot_mode(tmp_path: Path) -> None:
+    from tests.test_cli import start_sandbox, wait_for_banner
+
+    proc = start_sandbox(tmp_path, "--port", "0", "--wecom-port", "0", env={"HIL_CHANNEL": "aibot"})
+    try:
+        sandbox = wait_for_banner(proc)
+        assert "HIL Server (AI-bot mode)" in proc.log() and "智能机器人" in proc.log()
+        async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
+            health = (await http.get(f"{sandbox.server_url}/health")).json()
+            assert (health["channel"], health["aibot_connected"]) == ("aibot", True)
+            config = (await http.get(f"{sandbox.wecom_url}/_fake/config")).json()
+            assert config["aibot_ids"] == ["sandbox-aibot"]  # what switches the chat page to the AI bot
+            asked = (
+                await http.post(
+                    f"{sandbox.server_url}/api/send", json={"message": "沙盒里能问吗？", "chat_id": "sandbox-chat"}
+                )
+            ).json()
+            params = {"chat_id": "sandbox-chat", "wait": 1, "timeout": 10}
+            [question] = (await http.get(f"{sandbox.wecom_url}/_fake/messages", params=params)).json()["messages"]
+            body = {"chat_id": "sandbox-chat", "userid": "zhangsan", "text": "能", "quote_seq": question["seq"]}
+            assert (await http.post(f"{sandbox.wecom_url}/_fake/aibot/message", json=body)).status_code == 200
+            answer = await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            assert answer.json()["status"] == "replied" and answer.json()["replies"][0]["content"] == "能"
+    finally:
+        proc.stop()
