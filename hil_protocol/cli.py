@@ -72,7 +72,9 @@ def load_settings(cls: type[S], prog: str, overrides: dict[str, Any]) -> S:
 def bind(host: str, port: int, prog: str, flag: str) -> socket.socket:
     """A listening socket on host:port, or one line that names the port and the flag to change it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say they are TCP; without it every accepted
+    # connection keeps Nagle, and a response written in two segments waits ~40 ms for a delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
