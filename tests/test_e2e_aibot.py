@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -334,7 +335,9 @@ async def test_a_wrong_secret_is_a_clear_log_line_and_degraded_health(shared: St
     assert "not-the-secret" not in log
 
 
-async def test_the_sandbox_in_ai_bot_mode(tmp_path: Path) -> None:
+async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path: Path) -> None:
+    """./hil --aibot as a newcomer sees it: the page is in AI-bot mode by itself, a question with options is a card,
+    a click as a chosen person answers it, and the card then says who chose what."""
     from tests.test_cli import start_sandbox, wait_for_banner
 
     proc = start_sandbox(tmp_path, "--port", "0", "--wecom-port", "0", env={"HIL_CHANNEL": "aibot"})
@@ -344,18 +347,46 @@ async def test_the_sandbox_in_ai_bot_mode(tmp_path: Path) -> None:
         async with httpx.AsyncClient(trust_env=False, timeout=20) as http:
             health = (await http.get(f"{sandbox.server_url}/health")).json()
             assert (health["channel"], health["aibot_connected"]) == ("aibot", True)
-            config = (await http.get(f"{sandbox.wecom_url}/_fake/config")).json()
-            assert config["aibot_ids"] == ["sandbox-aibot"]  # what switches the chat page to the AI bot
-            asked = (
-                await http.post(
-                    f"{sandbox.server_url}/api/send", json={"message": "沙盒里能问吗？", "chat_id": "sandbox-chat"}
-                )
-            ).json()
+            # A quote-reply over the link answers a question.
+            send = f"{sandbox.server_url}/api/send"
+            asked = (await http.post(send, json={"message": "沙盒里能问吗？", "chat_id": "sandbox-chat"})).json()
             params = {"chat_id": "sandbox-chat", "wait": 1, "timeout": 10}
             [question] = (await http.get(f"{sandbox.wecom_url}/_fake/messages", params=params)).json()["messages"]
             body = {"chat_id": "sandbox-chat", "userid": "zhangsan", "text": "能", "quote_seq": question["seq"]}
             assert (await http.post(f"{sandbox.wecom_url}/_fake/aibot/message", json=body)).status_code == 200
-            answer = await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
-            assert answer.json()["status"] == "replied" and answer.json()["replies"][0]["content"] == "能"
+            answer = (
+                await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            ).json()
+            assert answer["status"] == "replied" and answer["replies"][0]["content"] == "能"
+
+            chromium = shutil.which("chromium")
+            async_api = pytest.importorskip("playwright.async_api")
+            if chromium is None:
+                pytest.skip("Chromium is not installed: apt-get install chromium")
+            from tests.test_browser import CHROMIUM_ARGS
+
+            expect: Any = async_api.expect
+            async with async_api.async_playwright() as playwright:
+                browser = await playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
+                page = await browser.new_page(viewport={"width": 1280, "height": 800}, locale="zh-CN")
+                page.set_default_timeout(10_000)
+                errors: list[str] = []
+                page.on("pageerror", lambda exc: errors.append(str(exc)))
+                await page.goto(f"{sandbox.wecom_url}/#chat=sandbox-chat")
+                await expect(page.get_by_test_id("mode-select")).to_have_value("aibot")
+                await page.get_by_test_id("whoami-userid").fill("lisi")
+                choice = {"message": "要合并这个 PR 吗？", "chat_id": "sandbox-chat", "options": ["合并", "不合并"]}
+                asked = (await http.post(send, json=choice)).json()
+                card = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
+                await expect(card).to_contain_text("要合并这个 PR 吗？")
+                await card.get_by_test_id("card-button").filter(has_text="不合并").click()
+                poll = f"{sandbox.server_url}/api/poll/{asked['session_id']}"
+                answer = (await http.get(poll, params={"wait": 10})).json()
+                assert answer["choice"] == {"index": 1, "label": "不合并"}
+                assert answer["replies"][0]["answered_by"] == "lisi"
+                await expect(card).to_contain_text("✅ lisi 选择了「不合并」")
+                await expect(card.get_by_test_id("card-button")).to_have_count(0)
+                await browser.close()
+            assert not errors, errors
     finally:
         proc.stop()
