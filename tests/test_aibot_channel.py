@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
 
 from hil_protocol.aibot import (
     FILE_ANSWER,
@@ -694,3 +696,52 @@ def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_
         sent = client.post("/api/send", json={"message": "在吗？", "chat_id": "group-1", "timeout": 5}).json()
         assert sent["success"] is False and "长连接没有建立" in sent["error"]
         assert client.get(f"/api/poll/{sent['session_id']}").json()["status"] == "failed"
+
+
+async def test_another_chats_click_and_quote_change_nothing() -> None:
+    """The channel with the real service: a click on a card from another chat, and a quote of a question from
+    another chat (frames the fake cannot forge), leave the question waiting."""
+    from hil_server.models import SendRequest
+    from hil_server.service import HilService
+    from hil_server.store import SessionStore
+
+    pushes: asyncio.Queue[str] = asyncio.Queue()
+
+    async def script(ws: ServerConnection) -> None:
+        async def answer() -> None:
+            with contextlib.suppress(ConnectionClosed):
+                async for raw in ws:
+                    sent = json.loads(raw)
+                    await ws.send(json.dumps({"headers": sent["headers"], "errcode": 0, "errmsg": "ok"}))
+
+        async def push() -> None:
+            while True:
+                await ws.send(await pushes.get())
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(answer())
+            pusher = tasks.create_task(push())
+            await ws.wait_closed()
+            pusher.cancel()
+
+    store = SessionStore()
+    async with stand_in(script) as url, httpx.AsyncClient() as http:
+        channel = AibotChannel(AibotOptions(bot_id=BOT, secret=SECRET, url=url, **FAST), http, sessions=store.get)
+        service = HilService(store, channel)
+        async with asyncio.TaskGroup() as tasks:
+            running = [tasks.create_task(channel.run(service.handle_message)), tasks.create_task(service.run_notices())]
+            await until(lambda: channel.link.connected, TIMEOUT)
+            sent = await service.send(SendRequest(message="合并吗？", chat_id="group-a", options=["合并", "不合并"]))
+            assert sent.success and sent.session_id
+            click = {"card_type": "button_interaction", "event_key": "0", "task_id": sent.session_id}
+            event = {"eventtype": "template_card_event", "template_card_event": click}
+            elsewhere = {**msg_body("event"), "msgid": "m-click", "chatid": "group-b", "event": event}
+            await pushes.put(json.dumps(frame("aibot_event_callback", elsewhere, "req-click")))
+            quote = {"msgtype": "text", "text": {"content": f"[#{sent.short_id}]"}}
+            text = {**msg_body(text={"content": f"@{ROBOT} 合并"}), "msgid": "m-quote", "chatid": "group-b"}
+            await pushes.put(json.dumps(frame("aibot_msg_callback", {**text, "quote": quote}, "req-quote")))
+            await until(lambda: store.seen_msgid("m-click") and store.seen_msgid("m-quote"), TIMEOUT)
+            for task in running:
+                task.cancel()
+    session = store.get(sent.session_id)
+    assert session is not None and session.status == "waiting" and session.replies == []

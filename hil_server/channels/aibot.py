@@ -221,6 +221,9 @@ class AibotLink:
             self._went_up(ws)
             try:
                 await self._read(ws, on_callback)
+            except asyncio.CancelledError:
+                await ws.close(1001, "going away")  # shutting down: say so, rather than an internal error
+                raise
             finally:
                 self._went_down()
 
@@ -352,6 +355,8 @@ class AibotLink:
         finally:
             if self._pending.get(req_id) is future:
                 del self._pending[req_id]
+            if future.done() and not future.cancelled():
+                future.exception()  # seen here, so a link that dropped mid-send leaves no "never retrieved" warning
         if answer.errcode != 0:
             raise error_for(-2 if answer.errcode is None else answer.errcode, answer.errmsg)
         return answer
