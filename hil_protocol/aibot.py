@@ -27,6 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from .callback import CallbackError, CallbackUser, CardClick, IncomingMessage
 from .images import image_kind
 from .messages import HEADER_RE, parse_reply_text
+from .wecom_robot import WeComError
 
 CMD_SUBSCRIBE = "aibot_subscribe"
 CMD_PING = "ping"
@@ -62,15 +63,9 @@ class FrameError(ValueError):
     """Text on the link that is not a frame we can read (bad JSON, too large, no req_id)."""
 
 
-class AibotError(Exception):
+class AibotError(WeComError):
     """A frame we sent was not taken: WeCom answered an errcode, or the link could not carry it. `str()` is a
     sentence for a person; `errcode` is WeCom's, or one of ours (negative)."""
-
-    def __init__(self, errcode: int, errmsg: str, hint: str = "") -> None:
-        self.errcode = errcode
-        self.errmsg = errmsg
-        self.hint = hint
-        super().__init__(self.describe())
 
     def describe(self) -> str:
         if self.errcode < 0:

@@ -135,7 +135,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.include_router(api.router)
-    app.include_router(worker_socket.router)
+    if kind != "aibot":
+        # The AI bot hears people on its own link: a "worker" here could only forge their answers.
+        app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
     if take_callbacks:
@@ -155,26 +157,23 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                 "The robot's callback: fly-pigeon JSON or WeCom's encrypted form",
             )
         )
-    elif kind == "aibot":
-
-        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
-        async def callbacks_come_over_the_aibot() -> object:
-            return wecom_error(
-                404,
-                "this HIL Server hears people over the WeCom AI bot's long connection (HIL_CHANNEL=aibot): there is "
-                "no robot callback to configure. Remove the callback URL from the robot, or run with "
-                "HIL_CHANNEL=webhook to take robot callbacks here",
-            )
     else:
-
-        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
-        async def callbacks_go_to_workers() -> object:
-            return wecom_error(
-                404,
+        if kind == "aibot":
+            reason = (
+                "this HIL Server hears people over the WeCom AI bot's long connection (HIL_CHANNEL=aibot): there "
+                "is no robot callback to configure. Remove the callback URL from the robot, or run with "
+                "HIL_CHANNEL=webhook to take robot callbacks here"
+            )
+        else:
+            reason = (
                 "this HIL Server runs in relay mode: point the robot's callback at a DevCloud Worker "
                 "(http://<worker>:8082/callback), which relays it over its link. To take callbacks here as well, "
-                "set HIL_RELAY_CALLBACKS=true with CALLBACK_AUTH_KEY/VALUE or WeCom's callback Token/AESKey",
+                "set HIL_RELAY_CALLBACKS=true with CALLBACK_AUTH_KEY/VALUE or WeCom's callback Token/AESKey"
             )
+
+        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
+        async def callbacks_come_elsewhere() -> object:
+            return wecom_error(404, reason)
 
     # Outermost first: metrics time everything; limits and auth run before any body is parsed.
     if poll_fast_path:

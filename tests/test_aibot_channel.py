@@ -667,6 +667,7 @@ def test_bad_combinations_are_one_line_at_start(tmp_path: Any, changes: dict[str
 @pytest.mark.usefixtures("clean_env")
 def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_down(tmp_path: Any) -> None:
     from fastapi.testclient import TestClient
+    from starlette.websockets import WebSocketDisconnect
 
     from hil_server.app import create_app
     from tests.procs import free_port
@@ -693,6 +694,9 @@ def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_
             False,
         )
         assert "long connection has been down" in body["reason"]
+        # No worker link either: a "worker" could only forge people's answers.
+        with pytest.raises(WebSocketDisconnect), client.websocket_connect("/ws?worker_id=w") as ws:
+            ws.send_text(json.dumps({"type": "callback", "data": {"callback_data": {}}}))
         sent = client.post("/api/send", json={"message": "在吗？", "chat_id": "group-1", "timeout": 5}).json()
         assert sent["success"] is False and "长连接没有建立" in sent["error"]
         assert client.get(f"/api/poll/{sent['session_id']}").json()["status"] == "failed"
