@@ -71,7 +71,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
                 if aibot_options is not None:
-                    channel = AibotChannel(aibot_options, http, sessions=store.get)
+                    channel = AibotChannel(aibot_options, http, sessions=store.get, on_attempt=meters.wecom_attempt)
                 elif mode == "direct":
                     channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:

@@ -200,11 +200,12 @@ class AibotLink:
                 wait = o.takeover_backoff
             except (*NETWORK_ERRORS, _LinkLost) as exc:
                 self._last_error = _describe(exc)
+                self._problem = None  # what holds now is a link that is down; /health says so after down_grace
                 if self._was_up:  # a link that came up starts the backoff over
                     delay = o.reconnect_min_delay
                 wait = delay
                 delay = min(delay * 2, o.reconnect_max_delay)
-                logger.warning("aibot link to %s lost: %s; reconnecting in %.1fs", o.url, self._last_error, wait)
+                logger.warning("aibot link to %s is down (%s); reconnecting in %.1fs", o.url, self._last_error, wait)
             await asyncio.sleep(wait)
 
     async def _connect_once(self, on_callback: Callable[[Frame], None]) -> None:
@@ -385,6 +386,7 @@ class AibotChannel:
         http: httpx.AsyncClient,
         *,
         sessions: Callable[[str], Session | None] | None = None,
+        on_attempt: Callable[[int], None] | None = None,
         link: AibotLink | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -392,6 +394,7 @@ class AibotChannel:
         self.link = link or AibotLink(options, clock=clock)
         self._http = http
         self._sessions = sessions or (lambda card_id: None)
+        self._on_attempt = on_attempt or (lambda errcode: None)  # metrics: every frame's errcode, 0 when taken
         self._clock = clock
         self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=CALLBACK_QUEUE)
         self._callbacks: OrderedDict[str, tuple[str, float]] = OrderedDict()  # req_id -> kind, when
@@ -444,11 +447,11 @@ class AibotChannel:
         try:
             if kind == EVENT_ENTER_CHAT and self._clock() - at < REPLY_WINDOW:
                 welcome = {"msgtype": "text", "text": {"content": plain_text(text)}}
-                await self.link.request(CMD_WELCOME, welcome, req_id=notice.reply_to)
+                await self._request(CMD_WELCOME, welcome, req_id=notice.reply_to)
                 return
             if kind in MESSAGE_KINDS:
                 stream = {"id": uuid.uuid4().hex, "finish": True, "content": text}
-                await self.link.request(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
+                await self._request(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
                 return
         except AibotError as exc:
             if exc.errcode not in (ERR_INVALID_REQ_ID, ERR_STREAM_EXPIRED):
@@ -481,9 +484,17 @@ class AibotChannel:
 
     async def _send(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
         try:
-            await self.link.request(cmd, body, req_id=req_id)
+            await self._request(cmd, body, req_id=req_id)
         except AibotError as exc:
             raise ChannelError(str(exc), exc.errcode) from exc
+
+    async def _request(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
+        try:
+            await self.link.request(cmd, body, req_id=req_id)
+        except AibotError as exc:
+            self._on_attempt(exc.errcode)
+            raise
+        self._on_attempt(0)
 
     # --- receiving ---------------------------------------------------------------------------------------------
 
