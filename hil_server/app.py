@@ -95,6 +95,8 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
                 warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
+                if aibot_options is not None and secret_value(settings.bot_key):
+                    logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(
                     "hil-server %s mode=%s channel=%s store=%s sessions=%d waiting=%d",
                     __version__,
