@@ -8,6 +8,8 @@ P1  a person's quote-reply -> the MCP tool call returns (real MCP client over st
 P2  200 concurrent /api/send until all 200 reached WeCom (relay mode)
 P3  N waiting sessions with N open long-polls: server RSS, and reply -> poll-returns p99 for a sample (relay mode)
 P4  callbacks matched per second, POSTed straight to /api/callback (direct mode)
+P1A P1 on the AI-bot channel: the quote-reply comes over the AI bot's long connection
+P5  a click on a question's card (AI bot) -> the held long-poll returns the choice
 
 A missed target is reported, not fatal: the exit status is 0 when every measurement ran, 1 when one failed.
 """
@@ -173,12 +175,12 @@ def machine() -> str:
 
 
 @contextlib.contextmanager
-def running_stack(mode: str, workdir: Path, name: str, **kw: Any):
+def running_stack(mode: str, workdir: Path, name: str, make: Callable[[Path], Stack] | None = None, **kw: Any):
     tmp = workdir / name
     tmp.mkdir(parents=True, exist_ok=True)
     # The product's sweep interval, not the tests' 0.5 s (which makes the O(sessions) sweep run 10x as often).
     kw.setdefault("server_env", {"HIL_SWEEP_INTERVAL": "5"})
-    stack = Stack(mode, tmp, **kw)
+    stack = make(tmp) if make is not None else Stack(mode, tmp, **kw)
     started = time.monotonic()
     try:
         stack.start()
@@ -331,8 +333,29 @@ def quote_of(short_id: str, message: str, project: str | None = None) -> str:
 # --- P1: reply -> MCP tool returns ------------------------------------------------------------------------------
 
 
-async def reply_rounds(mcp: Any, stack: Stack, chat: str, rounds: int, label: str) -> list[float]:
-    """Rounds of send_and_wait_reply on an MCP client; ms from the person's quote-reply to the call's return."""
+async def reply_by_webhook_callback(http: httpx.AsyncClient, stack: Stack, chat: str, question: dict, answer: str):
+    """The person quote-replies in the robot's group: the fake posts the robot callback (to the worker here)."""
+    body = {"chat_id": chat, "text": answer, "quote": question["content"], "quote_sender": ROBOT}
+    return await http.post(f"{stack.fake_url}/_fake/reply", json=body)
+
+
+async def reply_by_aibot(http: httpx.AsyncClient, stack: Stack, chat: str, question: dict, answer: str):
+    """The person quote-replies to the AI bot's message: a callback frame on the bot's long connection."""
+    body = {"userid": "zhangsan", "chat_id": chat, "text": answer, "quote_seq": question["seq"]}
+    return await http.post(f"{stack.fake_url}/_fake/aibot/message", json=body)
+
+
+async def reply_rounds(
+    mcp: Any,
+    stack: Stack,
+    chat: str,
+    rounds: int,
+    label: str,
+    reply: Callable[..., Awaitable[httpx.Response]] | None = None,
+) -> list[float]:
+    """Rounds of send_and_wait_reply on an MCP client; ms from the person's quote-reply to the call's return.
+    `reply` plays the person (default: a quote-reply through the robot callback)."""
+    reply = reply or reply_by_webhook_callback
     latencies: list[float] = []
     async with client(30) as http:
         since = await last_seq(http, stack)
@@ -348,9 +371,8 @@ async def reply_rounds(mcp: Any, stack: Stack, chat: str, rounds: int, label: st
             # The tool's long-poll starts right after /api/send answers; give it a moment to be parked.
             await asyncio.sleep(0.05)
             answer = f"answer {i}"
-            body = {"chat_id": chat, "text": answer, "quote": question["content"], "quote_sender": ROBOT}
             t0 = time.perf_counter()
-            post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/reply", json=body))
+            post = asyncio.create_task(reply(http, stack, chat, question, answer))
             result = await asyncio.wait_for(call, 30)
             t1 = time.perf_counter()
             response = await post
@@ -364,7 +386,17 @@ async def reply_rounds(mcp: Any, stack: Stack, chat: str, rounds: int, label: st
     return latencies
 
 
-async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
+async def p1(
+    stack: Stack,
+    workdir: Path,
+    rounds: int,
+    res: Results,
+    *,
+    reply: Callable[..., Awaitable[httpx.Response]] = reply_by_webhook_callback,
+    figure: str = "P1",
+    path: str = "relay",
+    target_ms: float = 30,
+) -> None:
     from mcp import Client
     from mcp.client.stdio import StdioServerParameters, stdio_client
 
@@ -381,15 +413,15 @@ async def p1(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
         env=env,
         cwd=str(workdir),
     )
-    with (workdir / "mcp.log").open("w") as errlog:
+    with (workdir / f"mcp-{figure}.log").open("w") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as mcp:
-            latencies = await reply_rounds(mcp, stack, chat, rounds, "P1")
+            latencies = await reply_rounds(mcp, stack, chat, rounds, figure, reply)
     median = statistics.median(latencies)
     res.add(
-        f"P1 person's quote-reply → MCP tool call returns (relay, stdio MCP client), median of {len(latencies)}",
+        f"{figure} person's quote-reply → MCP tool call returns ({path}, stdio MCP client), median of {len(latencies)}",
         f"{median:.1f} ms (max {max(latencies):.1f})",
-        "≤ 30 ms",
-        median <= 30,
+        f"≤ {target_ms:g} ms",
+        median <= target_ms,
     )
 
 
@@ -770,11 +802,111 @@ async def p4(stack: Stack, m: int, res: Results, concurrency: int = 50, trials: 
     )
 
 
+# --- P1A / P5: the AI-bot channel ---------------------------------------------------------------------------------
+
+
+def aibot_bench_stack(tmp: Path) -> Stack:
+    """The fake WeCom with an AI bot and the server on HIL_CHANNEL=aibot (the e2e tests' stack, product timings)."""
+    from tests.test_e2e_aibot import aibot_stack
+
+    return aibot_stack(tmp, HIL_AIBOT_PING_INTERVAL="30", HIL_SWEEP_INTERVAL="5")
+
+
+async def p5(stack: Stack, rounds: int, res: Results) -> None:
+    """A question with options; a held long-poll; a click on the card's first button -> the poll returns."""
+    chat = "bench-p5"
+    latencies: list[float] = []
+    async with client(30) as http:
+        since = await last_seq(http, stack)
+        for i in range(rounds + 1):  # round 0 warms up and is not counted
+            body = {"message": f"bench P5 {i}", "chat_id": chat, "options": ["合并", "不合并"], "timeout": 600}
+            sent = (await http.post(f"{stack.server_url}/api/send", json=body)).json()
+            if not sent.get("success"):
+                raise RuntimeError(f"/api/send failed: {sent}")
+            cards = await fake_messages(http, stack, chat, since, wait=1, timeout=20)
+            card = next((m for m in cards if m.get("task_id") == sent["session_id"]), None)
+            if card is None:
+                raise RuntimeError(f"the card of question {i} did not reach the fake WeCom: {cards}")
+            since = max(m["seq"] for m in cards)
+            poll = asyncio.create_task(http.get(f"{stack.server_url}/api/poll/{sent['session_id']}?wait=30"))
+            await asyncio.sleep(0.05)  # the long-poll is parked
+            click = {"userid": "zhangsan", "task_id": sent["session_id"], "event_key": "0"}
+            t0 = time.perf_counter()
+            post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/aibot/click", json=click))
+            answer = (await asyncio.wait_for(poll, 30)).json()
+            t1 = time.perf_counter()
+            (await post).raise_for_status()
+            if answer.get("status") != "replied" or (answer.get("choice") or {}).get("label") != "合并":
+                raise RuntimeError(f"round {i}: unexpected poll result {answer}")
+            if i:
+                latencies.append((t1 - t0) * 1000)
+    median = statistics.median(latencies)
+    res.add(
+        f"P5 click on a card's button → held long-poll returns the choice (AI bot), median of {len(latencies)}",
+        f"{median:.1f} ms (max {max(latencies):.1f})",
+        "≤ 15 ms",
+        median <= 15,
+    )
+
+
+async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
+    """request_approval over a real stdio MCP client; one click on 批准 in the AI bot's card -> the tool returns
+    approved with the clicker in decided_by."""
+    from mcp import Client
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    chat = "bench-p6"
+    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("HIL_", "DEFAULT_"))}
+    env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
+    params = StdioServerParameters(
+        command=sys.executable,
+        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", chat, "--timeout", "60"],
+        env=env,
+        cwd=str(workdir),
+    )
+    latencies: list[float] = []
+    with (workdir / "mcp-P6.log").open("w") as errlog:
+        async with Client(stdio_client(params, errlog=errlog)) as mcp, client(30) as http:
+            since = await last_seq(http, stack)
+            for i in range(rounds + 1):  # round 0 warms up every hop and is not counted
+                summary = f"bench P6 部署 {i}"
+                call = asyncio.create_task(mcp.call_tool("request_approval", {"summary": summary}))
+                cards = await fake_messages(http, stack, chat, since, wait=1, timeout=20)
+                card = next(
+                    (m for m in cards if m.get("task_id") and summary in json.dumps(m, ensure_ascii=False)), None
+                )
+                if card is None:
+                    call.cancel()
+                    raise RuntimeError(f"the approval card {i} did not reach the fake WeCom: {cards}")
+                since = max(m["seq"] for m in cards)
+                await asyncio.sleep(0.05)  # the tool's long-poll is parked
+                click = {"userid": "lisi", "task_id": card["task_id"], "event_key": "0"}
+                t0 = time.perf_counter()
+                post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/aibot/click", json=click))
+                result = await asyncio.wait_for(call, 30)
+                t1 = time.perf_counter()
+                (await post).raise_for_status()
+                out = result.structured_content or {}
+                if result.is_error or out.get("approved") is not True or out.get("decided_by") != ["lisi"]:
+                    raise RuntimeError(f"round {i}: unexpected tool result {result}")
+                if i:
+                    latencies.append((t1 - t0) * 1000)
+    median = statistics.median(latencies)
+    res.add(
+        f"P6 one click on 批准 → request_approval returns approved (AI bot, stdio MCP client), median of "
+        f"{len(latencies)}",
+        f"{median:.1f} ms (max {max(latencies):.1f})",
+        "≤ 15 ms",
+        median <= 15,
+    )
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 
 async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
-    only = {x.strip().upper() for x in args.only.split(",")} if args.only else {"P1", "P2", "P3", "P4", "M1", "M2"}
+    figures = {"P1", "P2", "P3", "P4", "M1", "M2", "P1A", "P5", "P6"}
+    only = {x.strip().upper() for x in args.only.split(",")} if args.only else figures
     # SIGTERM (timeout, CI) cancels like Ctrl-C, so the stacks below are stopped instead of left running.
     main_task = asyncio.current_task()
     assert main_task is not None
@@ -812,6 +944,26 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
             for era in (MODERN, LEGACY):
                 with running_stack("relay", workdir, f"relay-m2-{era}", server_env=env) as stack:
                     await measure(f"M2 {era}", functools.partial(m2, stack, args.mcp_calls, era, res))
+    if only & {"P1A", "P5", "P6"}:
+        with running_stack("direct", workdir, "aibot-p1a-p5", make=aibot_bench_stack) as stack:
+            if "P1A" in only:
+                await measure(
+                    "P1A",
+                    lambda: p1(
+                        stack,
+                        workdir,
+                        args.rounds,
+                        res,
+                        reply=reply_by_aibot,
+                        figure="P1A",
+                        path="AI bot",
+                        target_ms=10,
+                    ),
+                )
+            if "P5" in only:
+                await measure("P5", lambda: p5(stack, args.rounds, res))
+            if "P6" in only:
+                await measure("P6", lambda: p6(stack, workdir, args.rounds, res))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -826,7 +978,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mcp-calls", type=int, default=2000, help="M2 tool calls waiting at /mcp at once (default 2000)"
     )
-    parser.add_argument("--only", help="comma-separated subset, e.g. P1,P3,M1")
+    parser.add_argument(
+        "--only", help="comma-separated subset, e.g. P1,P3,M1 (P1A, P5, P6: the AI-bot channel; M1, M2: /mcp)"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs and data (printed at the end)")
     args = parser.parse_args(argv)
 

@@ -1,7 +1,9 @@
 """The sandbox: a fake WeCom (with a web chat page) and a HIL Server in direct mode pointed at it, in one process.
 
 Nothing in the HIL Server knows it is talking to a simulator: it sends through the robot webhook API at
-WECOM_API_BASE and receives fly-pigeon callbacks on /api/callback, exactly as with the real WeCom.
+WECOM_API_BASE and receives fly-pigeon callbacks on /api/callback, exactly as with the real WeCom. With `--aibot`
+(or HIL_CHANNEL=aibot in the environment) the fake also runs an AI bot (智能机器人) and the server holds its long
+connection instead (HIL_CHANNEL=aibot); the chat page sees the AI bot and switches to it by itself.
 
 Both ports are bound before anything else happens (a taken port is one line that names it and the flag to change it),
 and the banner with the MCP config is printed only once both servers answer.
@@ -13,6 +15,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import shlex
 import socket
 import sys
@@ -32,6 +35,8 @@ from hil_server.config import ServerSettings
 
 PROG = "hil-sandbox"
 SANDBOX_BOT_KEY = "sandbox-bot-key"
+SANDBOX_AIBOT_ID = "sandbox-aibot"
+SANDBOX_AIBOT_SECRET = "sandbox-aibot-secret"
 SANDBOX_CHAT = "sandbox-chat"
 READY_TIMEOUT = 30.0
 logger = logging.getLogger("hil_sandbox")
@@ -73,16 +78,28 @@ def mcp_config(server_url: str, chat_id: str = SANDBOX_CHAT) -> dict[str, Any]:
     }
 
 
-def banner(wecom_url: str, server_url: str, data_dir: Path) -> str:
+def banner(wecom_url: str, server_url: str, data_dir: Path, aibot: bool = False) -> str:
     config = mcp_config(server_url)
     server = config["mcpServers"]["wecom-hil"]
     claude = shlex.join(["claude", "mcp", "add", "wecom-hil", "--", server["command"], *server["args"]])
+    if aibot:
+        how = [
+            f"  HIL Server (AI-bot mode)            : {server_url}  (health: {server_url}/health)",
+            f"  智能机器人长连接 / AI bot link       : {ws_url(wecom_url)}  (bot id {SANDBOX_AIBOT_ID})",
+            "  聊天页已是「智能机器人」模式：回复、引用回复、点卡片按钮都经长连接送到 HIL Server。",
+            "  The chat page is in AI-bot mode: replies, quote-replies and card clicks reach the server over the link.",
+        ]
+    else:
+        how = [
+            f"  HIL Server (direct mode)            : {server_url}  (health: {server_url}/health)",
+            "  智能机器人（长连接）模式 / AI-bot mode: ./hil --aibot",
+        ]
     return "\n".join(
         [
             "",
             f"hil-mcp sandbox {__version__} 已启动 / is running:",
             f"  模拟企业微信聊天页 / WeCom chat page : {wecom_url}/",
-            f"  HIL Server (direct mode)            : {server_url}  (health: {server_url}/health)",
+            *how,
             f"  数据 / data                         : {data_dir.absolute()}",
             "",
             "  MCP 客户端配置（如 Cursor 的 ~/.cursor/mcp.json）/ MCP client config (e.g. ~/.cursor/mcp.json):",
@@ -110,10 +127,22 @@ class SandboxSettings(ServerSettings):
         return (init_settings,)
 
 
-def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_name: str = "HIL助手") -> Any:
+def ws_url(http_url: str) -> str:
+    return "ws://" + http_url.removeprefix("http://")
+
+
+def build(
+    host: str,
+    server_port: int,
+    wecom_port: int,
+    data_dir: Path,
+    robot_name: str = "HIL助手",
+    *,
+    aibot: bool = False,
+) -> Any:
     """The fake WeCom app and the HIL Server app wired to each other, and their URLs. The server's settings are these
     alone: a HIL_API_TOKENS or HIL_DEFAULT_CHAT_ID meant for a real deployment must not change the sandbox (its
-    banner's MCP config would stop working)."""
+    banner's MCP config would stop working). `aibot`: the fake runs an AI bot and the server uses it."""
     from hil_server.app import create_app
 
     from .fake_wecom import FakeWeComConfig, create_fake_wecom_app
@@ -127,8 +156,18 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
             robot_name=robot_name,
             public_url=wecom_url,
             hil_server_url=server_url,
+            # With an AI bot configured, the chat page talks to it (the long connection) instead of the callback.
+            aibots={SANDBOX_AIBOT_ID: SANDBOX_AIBOT_SECRET} if aibot else {},
         )
     )
+    channel: dict[str, Any] = {}
+    if aibot:
+        channel = {
+            "hil_channel": "aibot",
+            "wecom_aibot_id": SANDBOX_AIBOT_ID,
+            "wecom_aibot_secret": SANDBOX_AIBOT_SECRET,
+            "wecom_aibot_url": ws_url(wecom_url),
+        }
     settings = SandboxSettings(
         hil_host=host,
         hil_port=server_port,
@@ -136,6 +175,7 @@ def build(host: str, server_port: int, wecom_port: int, data_dir: Path, robot_na
         bot_key=SANDBOX_BOT_KEY,
         wecom_api_base=wecom_url,
         hil_data_dir=data_dir,
+        **channel,
     )
     return fake_app, create_app(settings), wecom_url, server_url
 
@@ -198,7 +238,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
-        "mode pointed at it, in one process. Nothing is read from the environment or .env: these flags are all.",
+        "mode pointed at it, in one process. Nothing is read from the environment or .env but HIL_CHANNEL=aibot "
+        "(the same as --aibot): these flags are all.",
+    )
+    parser.add_argument(
+        "--aibot",
+        action="store_true",
+        default=os.environ.get("HIL_CHANNEL", "").strip().lower() == "aibot",
+        help="the AI bot (智能机器人) mode: the fake runs an AI bot and the server holds its long connection "
+        "(default: on when HIL_CHANNEL=aibot)",
     )
     parser.add_argument("--host", default="127.0.0.1", help="listen address of both servers (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8081, help="HIL Server port (default 8081)")
@@ -225,7 +273,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     server_port, wecom_port = server_sock.getsockname()[1], wecom_sock.getsockname()[1]
     with data_dir_lock(args.data_dir, "hil-server", PROG):
         try:
-            fake_app, server_app, wecom_url, server_url = build(args.host, server_port, wecom_port, args.data_dir)
+            fake_app, server_app, wecom_url, server_url = build(
+                args.host, server_port, wecom_port, args.data_dir, aibot=args.aibot
+            )
         except ValueError as exc:
             fail(PROG, f"cannot build the sandbox: {exc}", 2)
         options: dict[str, Any] = {"log_config": None, "access_log": False, "timeout_graceful_shutdown": 2}
@@ -236,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             Served("HIL Server", server_sock, hil_server, f"{server_url}/health"),
         ]
         try:
-            started = asyncio.run(run(served, banner(wecom_url, server_url, args.data_dir)))
+            started = asyncio.run(run(served, banner(wecom_url, server_url, args.data_dir, args.aibot)))
         except KeyboardInterrupt:
             return
     if not started:

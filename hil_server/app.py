@@ -20,6 +20,7 @@ from hil_protocol.supervise import Supervisor
 from . import __version__, api, errors, mcp_endpoint, metrics, status, worker_socket
 from .auth import ApiAuth, AuthMiddleware
 from .channels import Channel
+from .channels.aibot import AibotChannel
 from .channels.webhook import WebhookChannel
 from .channels.workers import RelayChannel, WorkerHub
 from .config import ServerSettings
@@ -36,11 +37,17 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     """The HIL Server. Raises ValueError for settings that cannot work together. `poll_fast_path=False` serves
     long-polls through FastAPI's router instead (tests compare the two)."""
     mode = settings.mode
-    if mode == "direct" and not secret_value(settings.bot_key):
+    kind = settings.channel
+    if kind == "aibot" and mode == "relay":
+        raise ValueError("HIL_CHANNEL=aibot talks to WeCom itself: unset HIL_MODE=relay (or set it to direct)")
+    # ValueError without the AI bot's id and secret
+    aibot_options = settings.aibot_options() if kind == "aibot" else None
+    if kind != "aibot" and mode == "direct" and not secret_value(settings.bot_key):
         raise ValueError("HIL_MODE=direct needs BOT_KEY (the WeCom robot's webhook key)")
     auth = ApiAuth(secret_value(settings.hil_api_tokens))
     intake = settings.callback_intake()
-    take_callbacks = mode == "direct" or settings.hil_relay_callbacks
+    # The AI bot hears people on its long connection: the robot callback route is off.
+    take_callbacks = kind != "aibot" and (mode == "direct" or settings.hil_relay_callbacks)
     if mode == "relay" and settings.hil_relay_callbacks and not intake.authenticated:
         raise ValueError(
             "HIL_RELAY_CALLBACKS=true needs callback authentication on this public server: set "
@@ -64,7 +71,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
-                if mode == "direct":
+                if aibot_options is not None:
+                    channel = AibotChannel(aibot_options, http, sessions=store.get, on_attempt=meters.wecom_attempt)
+                elif mode == "direct":
                     channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:
                     channel = RelayChannel(
@@ -87,6 +96,8 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
                 warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
+                if aibot_options is not None and secret_value(settings.bot_key):
+                    logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(
                     "hil-server %s mode=%s channel=%s store=%s sessions=%d waiting=%d",
                     __version__,
@@ -127,7 +138,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.include_router(api.router)
-    app.include_router(worker_socket.router)
+    if mode == "relay":
+        # Only relay mode has workers: anywhere else a "worker" connecting to /ws could only forge answers.
+        app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
     app.include_router(mcp_endpoint.router)
@@ -150,15 +163,22 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             )
         )
     else:
-
-        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
-        async def callbacks_go_to_workers() -> object:
-            return wecom_error(
-                404,
+        if kind == "aibot":
+            reason = (
+                "this HIL Server hears people over the WeCom AI bot's long connection (HIL_CHANNEL=aibot): there "
+                "is no robot callback to configure. Remove the callback URL from the robot, or run with "
+                "HIL_CHANNEL=webhook to take robot callbacks here"
+            )
+        else:
+            reason = (
                 "this HIL Server runs in relay mode: point the robot's callback at a DevCloud Worker "
                 "(http://<worker>:8082/callback), which relays it over its link. To take callbacks here as well, "
-                "set HIL_RELAY_CALLBACKS=true with CALLBACK_AUTH_KEY/VALUE or WeCom's callback Token/AESKey",
+                "set HIL_RELAY_CALLBACKS=true with CALLBACK_AUTH_KEY/VALUE or WeCom's callback Token/AESKey"
             )
+
+        @app.api_route("/api/callback", methods=["GET", "POST"], include_in_schema=False)
+        async def callbacks_come_elsewhere() -> object:
+            return wecom_error(404, reason)
 
     # Outermost first: metrics time everything; limits and auth run before any body is parsed.
     if poll_fast_path:

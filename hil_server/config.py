@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 
 from hil_protocol.settings import RobotSettings, secret_value
+
+if TYPE_CHECKING:
+    from .channels.aibot import AibotOptions
+
+ChannelName = Literal["aibot", "webhook", "relay"]
 
 
 class ServerSettings(RobotSettings):
@@ -38,6 +43,69 @@ class ServerSettings(RobotSettings):
     # seconds between attempts to write again after the store failed (a full or failing disk)
     hil_store_retry_interval: float = Field(default=2.0, gt=0)
 
+    # The WeCom AI bot (智能机器人) over its long connection: auto picks it when WECOM_AIBOT_ID is set.
+    hil_channel: Literal["auto", "webhook", "aibot"] = "auto"
+    wecom_aibot_id: str | None = Field(default=None, max_length=128)
+    wecom_aibot_secret: SecretStr | None = None
+    wecom_aibot_url: str = "wss://openws.work.weixin.qq.com"
+    # seconds between the link's pings; this many unanswered pings in a row mean a dead link
+    hil_aibot_ping_interval: float = Field(default=30.0, gt=0)
+    hil_aibot_missed_pings: int = Field(default=2, ge=1)
+    # reconnect backoff (seconds, doubling) after a lost link
+    hil_aibot_reconnect_min_delay: float = Field(default=1.0, gt=0)
+    hil_aibot_reconnect_max_delay: float = Field(default=30.0, gt=0)
+    # seconds between attempts while WeCom refuses the bot id / secret
+    hil_aibot_auth_retry: float = Field(default=60.0, gt=0)
+    # seconds to stay off after another connection took the bot over (not fighting for it)
+    hil_aibot_takeover_backoff: float = Field(default=300.0, gt=0)
+    # seconds the link may be down before /health answers 503
+    hil_aibot_down_grace: float = Field(default=30.0, ge=0)
+    # seconds a message waits for the link to be up and for WeCom's answer
+    hil_aibot_send_timeout: float = Field(default=10.0, gt=0)
+    # bytes of markdown per message (WeCom's limit for the AI bot is not published; the robot's 4096 is safe)
+    hil_aibot_markdown_limit: int = Field(default=4096, ge=512, le=20480)
+    # largest image a person sends that is passed on to the agent (as a data URL), bytes
+    hil_aibot_image_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+
+    @field_validator("wecom_aibot_url")
+    @classmethod
+    def _aibot_url(cls, value: str) -> str:
+        if not value.startswith(("wss://", "ws://")) or len(value) < 7:
+            raise ValueError("WECOM_AIBOT_URL must be a ws:// or wss:// URL, e.g. wss://openws.work.weixin.qq.com")
+        return value
+
+    @property
+    def channel(self) -> ChannelName:
+        """How the server reaches people: the AI bot's long connection, the robot webhook (direct) or workers."""
+        if self.hil_channel == "aibot" or (self.hil_channel == "auto" and self.wecom_aibot_id):
+            return "aibot"
+        return "webhook" if self.mode == "direct" else "relay"
+
+    def aibot_options(self) -> AibotOptions:
+        from .channels.aibot import AibotOptions
+
+        secret = secret_value(self.wecom_aibot_secret)
+        if not self.wecom_aibot_id or not secret:
+            raise ValueError(
+                "HIL_CHANNEL=aibot needs WECOM_AIBOT_ID and WECOM_AIBOT_SECRET (the AI bot's Bot ID and Secret: "
+                "WeCom admin console → 智能机器人 → the bot → API 模式, long connection)"
+            )
+        return AibotOptions(
+            bot_id=self.wecom_aibot_id,
+            secret=secret,
+            url=self.wecom_aibot_url,
+            ping_interval=self.hil_aibot_ping_interval,
+            missed_pings=self.hil_aibot_missed_pings,
+            reconnect_min_delay=self.hil_aibot_reconnect_min_delay,
+            reconnect_max_delay=max(self.hil_aibot_reconnect_max_delay, self.hil_aibot_reconnect_min_delay),
+            auth_retry=self.hil_aibot_auth_retry,
+            takeover_backoff=self.hil_aibot_takeover_backoff,
+            down_grace=self.hil_aibot_down_grace,
+            send_timeout=self.hil_aibot_send_timeout,
+            markdown_limit=self.hil_aibot_markdown_limit,
+            image_max_bytes=self.hil_aibot_image_max_bytes,
+        )
+
     @property
     def default_responders(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(u.strip() for u in self.hil_default_responders.split(",") if u.strip()))
@@ -49,8 +117,10 @@ class ServerSettings(RobotSettings):
 
     @property
     def mode(self) -> Literal["relay", "direct"]:
+        """direct: this server talks to WeCom itself (the robot webhook, or the AI bot); relay: workers do."""
         if self.hil_mode == "auto":
-            return "direct" if secret_value(self.bot_key) else "relay"
+            aibot = self.hil_channel == "aibot" or (self.hil_channel == "auto" and self.wecom_aibot_id)
+            return "direct" if secret_value(self.bot_key) or aibot else "relay"
         return self.hil_mode
 
     def secrets(self) -> list[str]:

@@ -1,0 +1,674 @@
+"""AI-bot mode: the HIL Server holds the WeCom AI bot's (智能机器人) long connection itself, sends questions and
+notices on it and hears people on it. No public URL, no callback route, no worker.
+
+`AibotLink` is the connection: subscribe with the bot's id and secret, a ping every `ping_interval` whose answer
+is checked, reconnect with backoff forever on network errors (a normal close is a lost link too), a slow retry
+after an authentication failure, and a long pause, without fighting back, when another connection takes the bot
+over. A frame we send waits for WeCom's answer under its req_id. `AibotChannel` is the `Channel`: it renders
+questions (markdown split to the limit, a button card for 1-6 options), answers callbacks (a welcome for a chat
+opened, a reply to a message, a card update after a click) and turns callbacks into `IncomingMessage`s for the
+service. Callbacks are handled by a few worker tasks, so reading the link never waits on the store or a download.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake
+
+from hil_protocol.aibot import (
+    CMD_EVENT_CALLBACK,
+    CMD_MSG_CALLBACK,
+    CMD_PING,
+    CMD_RESPOND,
+    CMD_SEND,
+    CMD_SUBSCRIBE,
+    CMD_UPDATE,
+    CMD_WELCOME,
+    ERR_INVALID_REQ_ID,
+    ERR_NO_LINK,
+    ERR_STREAM_EXPIRED,
+    ERR_UNSUPPORTED,
+    EVENT_ENTER_CHAT,
+    AibotError,
+    Frame,
+    FrameError,
+    MediaError,
+    MediaRef,
+    dump_frame,
+    error_for,
+    fetch_media,
+    image_data_url,
+    is_takeover,
+    new_req_id,
+    parse_frame,
+    read_callback,
+)
+from hil_protocol.callback import CallbackError, IncomingMessage
+from hil_protocol.messages import split_text, truncate_bytes, utf8_len
+from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
+
+from ..choices import APPROVAL_OPTIONS, as_text
+from ..models import Session
+from ..store import StoreUnavailable
+from . import ChannelError, ChannelHealth, Inbox
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_URL = "wss://openws.work.weixin.qq.com"
+# The websockets library's own cap on one message; parse_frame refuses more than 1 MiB as a frame, so a frame between
+# the two is dropped with a log line and the link stays up.
+WS_MAX_SIZE = 8 * 1024 * 1024
+CLOSE_TIMEOUT = 1.0
+# WeCom takes a welcome or a card update within 5 s of the callback it answers.
+REPLY_WINDOW = 5.0
+# button_interaction takes at most 6 buttons; more options are numbered lines in the markdown.
+CARD_MAX_BUTTONS = 6
+# A question this short fits the card itself (its sub_title_text; WeCom suggests at most 112 characters).
+CARD_TEXT_CHARS = 112
+CALLBACK_WORKERS = 8
+CALLBACK_QUEUE = 1000
+REMEMBERED_CALLBACKS = 5000
+MEDIA_PER_MESSAGE = 9
+# A message the store could not take is retried this long (the store recovers by itself), then given up loudly.
+REDELIVER_FOR = 600.0
+MESSAGE_KINDS = frozenset({"text", "image", "mixed", "voice", "file"})
+
+IMAGES_UNSUPPORTED = (
+    "智能机器人通道不能发送图片：企业微信的智能机器人主动发消息只支持 markdown 和模板卡片，"
+    "本服务还不支持它的长连接素材上传。"
+    "问题没有发出；请去掉图片重新提问（把图片内容写成文字），或改用群机器人 webhook 通道（BOT_KEY）"
+)
+NO_CHAT = (
+    "智能机器人需要知道发到哪个会话：请在请求中给出 chat_id（群聊的 chatid，或单聊对方的 userid；"
+    "在企业微信里 @机器人 发任意消息可以看到），或设置 HIL_DEFAULT_CHAT_ID"
+)
+
+# What ends a link and is retried: the network, WeCom closing the socket, a handshake a proxy refused.
+NETWORK_ERRORS = (OSError, TimeoutError, ConnectionClosed, InvalidHandshake)
+
+
+@dataclass(frozen=True)
+class AibotOptions:
+    """The AI bot and how to hold its connection (ServerSettings.aibot_options() builds it)."""
+
+    bot_id: str
+    secret: str = dataclasses.field(repr=False)
+    url: str = DEFAULT_URL
+    ping_interval: float = 30.0
+    missed_pings: int = 2  # unanswered pings in a row after which the link counts as dead
+    reconnect_min_delay: float = 1.0
+    reconnect_max_delay: float = 30.0
+    auth_retry: float = 60.0  # seconds between attempts while WeCom refuses the bot id / secret
+    takeover_backoff: float = 300.0  # seconds to stay off after another connection took the bot
+    down_grace: float = 30.0  # seconds the link may be down before /health says degraded
+    send_timeout: float = 10.0  # a frame's wait for the link and for WeCom's answer
+    open_timeout: float = 10.0  # connect + subscribe
+    markdown_limit: int = 4096
+    image_max_bytes: int = 5 * 1024 * 1024
+    media_timeout: float = 15.0
+
+
+class _LinkLost(Exception):
+    """The link ended for a reason worth a reconnect."""
+
+
+class _AuthFailed(Exception):
+    def __init__(self, errcode: int, errmsg: str) -> None:
+        super().__init__(f"errcode {errcode}: {errmsg}")
+        self.errcode = errcode
+
+
+class _TakenOver(Exception):
+    pass
+
+
+class AibotLink:
+    """The one long connection of one AI bot."""
+
+    def __init__(self, options: AibotOptions, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.options = options
+        self._clock = clock
+        self._ws: ClientConnection | None = None
+        self._up = asyncio.Event()
+        self._send_lock = asyncio.Lock()
+        self._pending: dict[str, asyncio.Future[Frame]] = {}
+        self._unanswered_pings = 0
+        self._down_since = clock()
+        self._problem: str | None = None  # degraded at once: the credentials were refused, the bot was taken
+        self._last_error = "not connected yet"
+        self._auth_logged = False
+        self._was_up = False
+        self.connects = 0
+        self.bad_frames = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
+
+    def health(self) -> tuple[bool, str | None]:
+        if self._ws is not None:
+            return True, None
+        if self._problem is not None:
+            return False, self._problem
+        down = self._clock() - self._down_since
+        if down > self.options.down_grace:
+            return False, f"the AI bot's long connection has been down for {down:.0f}s ({self._last_error})"
+        return True, None
+
+    async def run(self, on_callback: Callable[[Frame], None]) -> None:
+        """Hold the link until cancelled. `on_callback` gets every callback frame; it must not block."""
+        o = self.options
+        delay = o.reconnect_min_delay
+        while True:
+            try:
+                await self._connect_once(on_callback)
+            except _AuthFailed as exc:
+                self._problem = (
+                    f"WeCom refused the AI bot's credentials ({exc}): check WECOM_AIBOT_ID and WECOM_AIBOT_SECRET"
+                )
+                if not self._auth_logged:
+                    logger.error(
+                        "AI bot authentication failed bot_id=%s (%s): check WECOM_AIBOT_ID and WECOM_AIBOT_SECRET "
+                        "(admin console: 智能机器人 → API 模式 → 长连接); retrying every %.0fs",
+                        o.bot_id,
+                        exc,
+                        o.auth_retry,
+                    )
+                    self._auth_logged = True
+                wait = o.auth_retry
+            except _TakenOver:
+                self._problem = (
+                    f"another connection took the AI bot over; this server stays off for {o.takeover_backoff:.0f}s"
+                )
+                logger.error(
+                    "AI BOT TAKEN OVER bot_id=%s: another connection subscribed this bot (a second HIL Server, or "
+                    "the same bot in another tool?). Not fighting for it: reconnecting in %.0fs",
+                    o.bot_id,
+                    o.takeover_backoff,
+                )
+                wait = o.takeover_backoff
+            except (*NETWORK_ERRORS, _LinkLost) as exc:
+                self._last_error = _describe(exc)
+                self._problem = None  # what holds now is a link that is down; /health says so after down_grace
+                if self._was_up:  # a link that came up starts the backoff over
+                    delay = o.reconnect_min_delay
+                wait = delay
+                delay = min(delay * 2, o.reconnect_max_delay)
+                logger.warning("aibot link to %s is down (%s); reconnecting in %.1fs", o.url, self._last_error, wait)
+            await asyncio.sleep(wait)
+
+    async def _connect_once(self, on_callback: Callable[[Frame], None]) -> None:
+        o = self.options
+        self._was_up = False
+        async with connect(
+            o.url,
+            open_timeout=o.open_timeout,
+            ping_interval=None,  # WeCom's own ping frame keeps the link, as its SDKs do
+            close_timeout=CLOSE_TIMEOUT,
+            max_size=WS_MAX_SIZE,
+        ) as ws:
+            await self._subscribe(ws)
+            self._went_up(ws)
+            try:
+                await self._read(ws, on_callback)
+            except asyncio.CancelledError:
+                await ws.close(1001, "going away")  # shutting down: say so, rather than an internal error
+                raise
+            finally:
+                self._went_down()
+
+    async def _subscribe(self, ws: ClientConnection) -> None:
+        o = self.options
+        req_id = new_req_id(CMD_SUBSCRIBE)
+        await ws.send(dump_frame(CMD_SUBSCRIBE, req_id, {"bot_id": o.bot_id, "secret": o.secret}))
+        async with asyncio.timeout(o.open_timeout):
+            while True:
+                frame = self._parse(await ws.recv())
+                if frame is None or not frame.is_answer or frame.req_id != req_id:
+                    continue  # nothing else is expected before the answer; nothing else is for us yet
+                if frame.errcode == 0:
+                    return
+                raise _AuthFailed(-2 if frame.errcode is None else frame.errcode, frame.errmsg)
+
+    def _went_up(self, ws: ClientConnection) -> None:
+        self._ws = ws
+        self._was_up = True
+        self._problem = None
+        self._auth_logged = False
+        self._unanswered_pings = 0
+        self.connects += 1
+        self._up.set()
+        logger.info("aibot link up bot_id=%s url=%s connects=%d", self.options.bot_id, self.options.url, self.connects)
+
+    def _went_down(self) -> None:
+        self._ws = None
+        self._up.clear()
+        self._down_since = self._clock()
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(ConnectionError("the link closed before WeCom answered"))
+
+    async def _read(self, ws: ClientConnection, on_callback: Callable[[Frame], None]) -> None:
+        """Read until the link ends; ping on time in between (recv is cancellation-safe)."""
+        loop = asyncio.get_running_loop()
+        next_ping = loop.time() + self.options.ping_interval
+        while True:
+            try:
+                async with asyncio.timeout_at(next_ping):
+                    raw = await ws.recv()
+            except TimeoutError:
+                next_ping = loop.time() + self.options.ping_interval
+                await self._ping(ws)
+                continue
+            except ConnectionClosed as exc:
+                raise _LinkLost(f"closed by the other end (code {exc.rcvd.code if exc.rcvd else 'none'})") from exc
+            frame = self._parse(raw)
+            if frame is None:
+                continue
+            if frame.is_answer:
+                self._answered(frame)
+            elif is_takeover(frame):
+                raise _TakenOver
+            elif frame.cmd in (CMD_MSG_CALLBACK, CMD_EVENT_CALLBACK):
+                on_callback(frame)
+            else:
+                logger.info("aibot frame with unknown cmd %r ignored req_id=%s", frame.cmd, frame.req_id)
+
+    async def _ping(self, ws: ClientConnection) -> None:
+        if self._unanswered_pings >= self.options.missed_pings:
+            raise _LinkLost(f"no answer to {self._unanswered_pings} pings in a row")
+        self._unanswered_pings += 1
+        async with self._send_lock:
+            await ws.send(dump_frame(CMD_PING, new_req_id(CMD_PING)))
+
+    def _answered(self, frame: Frame) -> None:
+        future = self._pending.get(frame.req_id)
+        if future is not None:
+            if not future.done():
+                future.set_result(frame)
+        elif frame.req_id.startswith(CMD_PING + "_"):
+            if frame.errcode == 0:
+                self._unanswered_pings = 0
+            else:
+                logger.warning("aibot ping answered with errcode %s: %s", frame.errcode, frame.errmsg)
+        else:
+            logger.debug("aibot answer for no pending frame req_id=%s", frame.req_id)
+
+    def _parse(self, raw: str | bytes) -> Frame | None:
+        try:
+            return parse_frame(raw)
+        except FrameError as exc:
+            self.bad_frames += 1
+            logger.warning("aibot: unreadable frame ignored (%s)", exc)
+            return None
+
+    async def request(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> Frame:
+        """Send a frame and wait for WeCom's answer (errcode 0), within `send_timeout` for the link to be up and the
+        answer to come. Raises AibotError: WeCom's errcode, or ERR_NO_LINK when the frame or answer did not pass."""
+        req_id = req_id or new_req_id(cmd)
+        try:
+            text = dump_frame(cmd, req_id, body)
+            text.encode("utf-8")
+        except (UnicodeEncodeError, ValueError) as exc:
+            raise AibotError(ERR_NO_LINK, "消息含有无法编码为 UTF-8 的字符，没有发出") from exc
+        timeout = self.options.send_timeout
+        try:
+            async with asyncio.timeout(timeout):
+                await self._up.wait()
+        except TimeoutError:
+            raise AibotError(
+                ERR_NO_LINK, f"智能机器人的长连接没有建立（{self._problem or self._last_error}），消息没有发出"
+            ) from None
+        # Answers to one req_id come back under that id: one frame per req_id at a time.
+        while (earlier := self._pending.get(req_id)) is not None:
+            await asyncio.wait([earlier])
+        future: asyncio.Future[Frame] = asyncio.get_running_loop().create_future()
+        self._pending[req_id] = future
+        try:
+            ws = self._ws
+            if ws is None:
+                raise AibotError(ERR_NO_LINK, "智能机器人的长连接刚刚断开，消息没有发出")
+            async with self._send_lock:
+                await ws.send(text)
+            async with asyncio.timeout(timeout):
+                answer = await future
+        except ConnectionClosed as exc:
+            raise AibotError(ERR_NO_LINK, "智能机器人的长连接在发送时断开，消息没有发出") from exc
+        except ConnectionError as exc:
+            raise AibotError(
+                ERR_NO_LINK, "智能机器人的长连接在等待企业微信确认时断开：消息可能已发出，也可能没有"
+            ) from exc
+        except TimeoutError:
+            raise AibotError(
+                ERR_NO_LINK, f"企业微信在 {timeout:.3g} 秒内没有确认这条消息：消息可能已发出，也可能没有"
+            ) from None
+        finally:
+            if self._pending.get(req_id) is future:
+                del self._pending[req_id]
+            if future.done() and not future.cancelled():
+                future.exception()  # seen here, so a link that dropped mid-send leaves no "never retrieved" warning
+        if answer.errcode != 0:
+            raise error_for(-2 if answer.errcode is None else answer.errcode, answer.errmsg)
+        return answer
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, _LinkLost):
+        return str(exc)
+    if isinstance(exc, ConnectionClosed):
+        return f"closed (code {exc.rcvd.code if exc.rcvd else 'none'})"
+    if isinstance(exc, TimeoutError):
+        return "timed out connecting or subscribing"
+    return f"{type(exc).__name__}: {exc}"[:200]
+
+
+class AibotChannel:
+    """The AI bot as the HIL Server's channel. `sessions` looks a question up by its card id (the session id), so
+    a card keeps its buttons while its question is still open (an approval that needs more people, a click that
+    was not taken)."""
+
+    name = "aibot"
+
+    def __init__(
+        self,
+        options: AibotOptions,
+        http: httpx.AsyncClient,
+        *,
+        sessions: Callable[[str], Session | None] | None = None,
+        on_attempt: Callable[[int], None] | None = None,
+        link: AibotLink | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.link = link or AibotLink(options, clock=clock)
+        self._http = http
+        self._sessions = sessions or (lambda card_id: None)
+        self._on_attempt = on_attempt or (lambda errcode: None)  # metrics: every frame's errcode, 0 when taken
+        self._clock = clock
+        self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=CALLBACK_QUEUE)
+        self._callbacks: OrderedDict[str, tuple[str, float]] = OrderedDict()  # req_id -> kind, when
+        self.dropped = 0
+        self.failed = 0
+
+    # --- the Channel protocol ----------------------------------------------------------------------------------
+
+    async def run(self, inbox: Inbox) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            for n in range(CALLBACK_WORKERS):
+                tasks.create_task(self._work(inbox), name=f"aibot-callbacks-{n}")
+            await self.link.run(self._enqueue)
+
+    def health(self) -> ChannelHealth:
+        ok, reason = self.link.health()
+        return ChannelHealth(ok=ok, reason=reason, fields={"aibot_connected": self.link.connected})
+
+    async def send_question(self, question: Question) -> SendReceipt:
+        if question.images:
+            raise ChannelError(IMAGES_UNSUPPORTED, ERR_UNSUPPORTED)
+        chat_id = question.chat_id
+        if not chat_id:
+            raise ChannelError(NO_CHAT)
+        buttons = question.card_id is not None and 1 <= len(question.options) <= CARD_MAX_BUTTONS
+        parts: list[str] = []
+        if not (buttons and len(question.message) <= CARD_TEXT_CHARS):
+            body = as_text(question) if question.options and not buttons else _with_people(question)
+            limit = self.options.markdown_limit
+            parts = split_text(body, question.header, limit) if question.header else _split_plain(body, limit)
+        for part in parts:
+            await self._send(CMD_SEND, {"chatid": chat_id, "msgtype": "markdown", "markdown": {"content": part}})
+        if buttons:
+            card = question_card(
+                question.card_id or "",
+                question.header,
+                question.message,
+                question.options,
+                approvals=question.approvals_required,
+                allow_text=question.allow_text,
+                responders=question.responders,
+                text_above=bool(parts),
+            )
+            await self._send(CMD_SEND, {"chatid": chat_id, "msgtype": "template_card", "template_card": card})
+        return SendReceipt(parts=len(parts) + int(buttons))
+
+    async def send_notice(self, notice: Notice) -> None:
+        text = truncate_bytes(notice.text, self.options.markdown_limit)
+        kind, at = self._callbacks.get(notice.reply_to or "", ("", 0.0))
+        try:
+            if kind == EVENT_ENTER_CHAT and self._clock() - at < REPLY_WINDOW:
+                welcome = {"msgtype": "text", "text": {"content": plain_text(text)}}
+                await self._request(CMD_WELCOME, welcome, req_id=notice.reply_to)
+                return
+            if kind in MESSAGE_KINDS:
+                stream = {"id": uuid.uuid4().hex, "finish": True, "content": text}
+                await self._request(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
+                return
+        except AibotError as exc:
+            if exc.errcode not in (ERR_INVALID_REQ_ID, ERR_STREAM_EXPIRED):
+                raise ChannelError(str(exc), exc.errcode) from exc
+            # Too late to answer the callback itself: say it in the chat instead.
+            logger.info("aibot reply to req_id=%s refused (%s); sending it to the chat", notice.reply_to, exc.errcode)
+        if not notice.chat_id:
+            raise ChannelError(NO_CHAT)
+        await self._send(CMD_SEND, {"chatid": notice.chat_id, "msgtype": "markdown", "markdown": {"content": text}})
+
+    async def update_card(self, update: CardUpdate) -> None:
+        session = self._sessions(update.card_id)
+        if session is not None and session.status in ("sending", "waiting") and session.options:
+            card = question_card(
+                update.card_id,
+                update.title,
+                session.message,
+                tuple(session.options),
+                approvals=session.approvals_required,
+                allow_text=session.allow_text,
+                responders=tuple(session.responders),
+                status=update.text,
+            )
+        else:
+            card = closed_card(update.card_id, update.title, update.text, session.message if session else "")
+        body = {"response_type": "update_template_card", "template_card": card}
+        await self._send(CMD_UPDATE, body, req_id=update.reply_to)
+
+    # --- sending -----------------------------------------------------------------------------------------------
+
+    async def _send(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
+        try:
+            await self._request(cmd, body, req_id=req_id)
+        except AibotError as exc:
+            raise ChannelError(str(exc), exc.errcode) from exc
+
+    async def _request(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
+        try:
+            await self.link.request(cmd, body, req_id=req_id)
+        except AibotError as exc:
+            self._on_attempt(exc.errcode)
+            raise
+        self._on_attempt(0)
+
+    # --- receiving ---------------------------------------------------------------------------------------------
+
+    def _enqueue(self, frame: Frame) -> None:
+        try:
+            self._queue.put_nowait(frame)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            logger.error(
+                "aibot callback dropped req_id=%s: %d callbacks are already waiting for the store",
+                frame.req_id,
+                CALLBACK_QUEUE,
+            )
+
+    async def _work(self, inbox: Inbox) -> None:
+        while True:
+            frame = await self._queue.get()
+            try:
+                await self._handle(frame, inbox)
+            except Exception:  # one bad callback must not stop the others: logged once, counted
+                self.failed += 1
+                logger.exception("aibot callback req_id=%s could not be handled", frame.req_id)
+
+    async def _handle(self, frame: Frame, inbox: Inbox) -> None:
+        try:
+            inbound = read_callback(frame, self.options.bot_id)
+        except CallbackError as exc:
+            logger.warning("aibot callback ignored req_id=%s: %s", frame.req_id, exc)
+            return
+        if inbound is None:
+            return
+        self._remember(frame.req_id, inbound.kind)
+        message = inbound.message
+        if inbound.images:
+            message = await self._with_images(message, inbound.images)
+        await self._deliver(message, inbox)
+
+    def _remember(self, req_id: str, kind: str) -> None:
+        self._callbacks[req_id] = (kind, self._clock())
+        while len(self._callbacks) > REMEMBERED_CALLBACKS:
+            self._callbacks.popitem(last=False)
+
+    async def _with_images(self, message: IncomingMessage, refs: list[MediaRef]) -> IncomingMessage:
+        """The images as data URLs; what could not be fetched is said in the answer, never dropped silently."""
+        urls: list[str] = []
+        problems: list[str] = []
+        o = self.options
+        try:
+            async with asyncio.timeout(o.media_timeout):
+                for ref in refs[:MEDIA_PER_MESSAGE]:
+                    try:
+                        data = await fetch_media(self._http, ref, max_bytes=o.image_max_bytes, timeout=o.media_timeout)
+                        urls.append(image_data_url(data))
+                    except MediaError as exc:
+                        problems.append(str(exc))
+        except TimeoutError:
+            problems.append(f"下载图片超时（{o.media_timeout:.3g} 秒内没有全部下载完）")
+        missing = len(refs) - len(urls)
+        if len(refs) > MEDIA_PER_MESSAGE:
+            problems.append(f"一条消息最多转交 {MEDIA_PER_MESSAGE} 张图片")
+        answer = message.answer
+        if missing:
+            note = f"（{missing} 张图片没有转交给 AI：{'；'.join(dict.fromkeys(problems))}）"
+            answer = f"{answer}\n{note}" if answer else note
+            logger.warning(
+                "aibot msgid=%s: %d of %d images not fetched: %s", message.msgid, missing, len(refs), problems
+            )
+        return message.model_copy(update={"image_urls": urls, "answer": answer})
+
+    async def _deliver(self, message: IncomingMessage, inbox: Inbox) -> None:
+        """Hand the message to the service, waiting out a store that is down (WeCom will not send it again)."""
+        delay = 0.5
+        warned = False
+        started = self._clock()
+        while True:
+            try:
+                await inbox(message)
+                return
+            except StoreUnavailable as exc:
+                if self._clock() - started > REDELIVER_FOR:
+                    logger.error("aibot message msgid=%s lost: the store stayed unavailable (%s)", message.msgid, exc)
+                    return
+                if not warned:
+                    logger.warning("aibot message msgid=%s waits for the store: %s", message.msgid, exc)
+                    warned = True
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+# --- rendering --------------------------------------------------------------------------------------------------------
+
+
+def _people_lines(question: Question) -> list[str]:
+    lines = []
+    if question.responders:
+        lines.append("（只有 " + "、".join(f"@{r}" for r in question.responders) + " 可以回答）")
+    others = [m for m in question.mention_list if m not in question.responders]
+    if others:
+        lines.append(" ".join(f"@{m}" for m in others))
+    return lines
+
+
+def _with_people(question: Question) -> str:
+    lines = _people_lines(question)
+    return "\n\n".join([question.message.rstrip(), "\n".join(lines)]) if lines else question.message
+
+
+def _split_plain(body: str, limit: int) -> list[str]:
+    return [body] if utf8_len(body) <= limit else split_text(body, "", limit)
+
+
+def question_card(
+    task_id: str,
+    header: str,
+    message: str,
+    options: tuple[str, ...],
+    *,
+    approvals: int = 0,
+    allow_text: bool = True,
+    responders: tuple[str, ...] = (),
+    status: str | None = None,
+    text_above: bool = False,
+) -> dict[str, Any]:
+    """A `button_interaction` card: title = the question's header (so a quote of the card names the question),
+    one button per option, key = the option's index."""
+    if approvals:
+        how = f"需要 {approvals} 人批准，一人拒绝即否决" if approvals > 1 else "请批准或拒绝"
+    else:
+        how = "请选择一项" + ("，或引用本卡片回复文字" if allow_text else "")
+    flat = " ".join(message.split())
+    if text_above or len(flat) > CARD_TEXT_CHARS:
+        flat = flat[: CARD_TEXT_CHARS - 12] + "…（完整问题见上方消息）"
+    card: dict[str, Any] = {
+        "card_type": "button_interaction",
+        "main_title": {"title": header, "desc": status or how},
+        "sub_title_text": flat,
+        "task_id": task_id,
+        "button_list": [
+            {"text": label, "style": 2 if approvals and label == APPROVAL_OPTIONS[1] else 1, "key": str(index)}
+            for index, label in enumerate(options)
+        ],
+    }
+    if responders:
+        card["horizontal_content_list"] = [{"keyname": "可回答", "value": "、".join(responders)}]
+    return card
+
+
+def closed_card(task_id: str, title: str, result: str, message: str) -> dict[str, Any]:
+    """A decided (or closed) question's card: what happened and who did it; no buttons."""
+    flat = " ".join(message.split())
+    card: dict[str, Any] = {
+        "card_type": "text_notice",
+        "main_title": {"title": title, "desc": result},
+        "task_id": task_id,
+    }
+    if flat:
+        card["sub_title_text"] = flat if len(flat) <= CARD_TEXT_CHARS else flat[: CARD_TEXT_CHARS - 1] + "…"
+    return card
+
+
+def plain_text(markdown: str) -> str:
+    """A hint's markdown as plain text, for a welcome (which WeCom takes as text only)."""
+    lines = []
+    for line in markdown.splitlines():
+        line = line.removeprefix("> ").replace("**", "").replace("`", "")
+        lines.append(line)
+    text = "\n".join(lines)
+    while "<font" in text:
+        start = text.index("<font")
+        end = text.find(">", start)
+        if end < 0:
+            break
+        text = text[:start] + text[end + 1 :]
+    return text.replace("</font>", "")
+
+
+__all__ = ["DEFAULT_URL", "AibotChannel", "AibotLink", "AibotOptions"]
