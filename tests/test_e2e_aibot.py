@@ -269,6 +269,25 @@ async def test_an_mcp_client_over_stdio_gets_the_quote_reply(shared: Stack, tmp_
     assert [r["content"] for r in result.structured_content["replies"]] == ["可以"]
 
 
+async def test_request_approval_over_stdio_with_one_click(shared: Stack, tmp_path: Path) -> None:
+    chat = "group-approve-mcp"
+    params = mcp_stdio_params(shared.server_url, tmp_path / "mcp", "--chat-id", chat)
+    async with world(shared) as w, Client(params) as client:
+        call = asyncio.create_task(
+            client.call_tool("request_approval", {"summary": "部署 v2 到生产", "details": "回滚：v1 镜像仍在"})
+        )
+        [card] = await w.messages(chat)
+        assert [b["text"] for b in card["card"]["button_list"]] == ["批准", "拒绝"]
+        await w.person("click", userid="lisi", task_id=card["task_id"], event_key="0")
+        result = await asyncio.wait_for(call, 20)
+        state = (await w.http.get(f"{shared.fake_url}/_fake/aibot/cards/{card['task_id']}")).json()
+    assert not result.is_error and result.structured_content is not None
+    out = result.structured_content
+    assert out["status"] == "success" and out["approved"] is True and out["decided_by"] == ["lisi"]
+    # The card now says who decided, and its buttons are gone.
+    assert "lisi" in json.dumps(state["card"], ensure_ascii=False) and not state["card"].get("button_list")
+
+
 async def test_a_dropped_link_reconnects_and_the_next_reply_matches(own: Stack) -> None:
     chat = "group-drop"
     async with world(own) as w:
