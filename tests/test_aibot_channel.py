@@ -42,7 +42,8 @@ from hil_sandbox.fake_aibot import encrypt_media
 from hil_server.channels import ChannelError
 from hil_server.channels.aibot import IMAGES_UNSUPPORTED, AibotChannel, AibotOptions, plain_text
 from hil_server.models import Session
-from tests.test_fake_aibot import BOT, ROBOT, SECRET, Served, config, png, serve_fake, until
+from tests.helpers import png, until
+from tests.test_fake_aibot import BOT, ROBOT, SECRET, Served, config, serve_fake
 
 FAST = {
     "ping_interval": 0.2,
@@ -670,7 +671,7 @@ def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_
     from starlette.websockets import WebSocketDisconnect
 
     from hil_server.app import create_app
-    from tests.procs import free_port
+    from tests.helpers import free_port
 
     app = create_app(
         aibot_settings(

@@ -106,30 +106,27 @@ def test_nine_kb_question_splits_under_limit_with_header_and_counter(body: str) 
     rejoin(body, contents(parts, HEADER))
 
 
-def test_cuts_at_line_ends_when_lines_allow_it() -> None:
-    body = lined_question()
-    original_lines = body.split("\n")
-    chunks = contents(split_text(body, HEADER), HEADER)
-    # Every chunk is a run of whole original lines: no line was cut in the middle.
+def assert_cut_between(chunks: list[str], body: str, separator: str) -> None:
+    """Every chunk is a run of whole pieces of `body` (split at `separator`), and the runs follow each other."""
+    pieces = body.split(separator)
     pos = 0
     for chunk in chunks:
-        chunk_lines = chunk.split("\n")
-        assert chunk_lines == original_lines[pos : pos + len(chunk_lines)]
-        pos += len(chunk_lines)
-    assert pos == len(original_lines)
+        chunk_pieces = chunk.split(separator)
+        assert chunk_pieces == pieces[pos : pos + len(chunk_pieces)]
+        pos += len(chunk_pieces)
+    assert pos == len(pieces)
+
+
+def test_cuts_at_line_ends_when_lines_allow_it() -> None:
+    body = lined_question()
+    # Every chunk is a run of whole original lines: no line was cut in the middle.
+    assert_cut_between(contents(split_text(body, HEADER), HEADER), body, "\n")
 
 
 def test_cuts_at_spaces_when_there_are_no_newlines() -> None:
     body = unlined_question()
-    words = body.split(" ")
-    chunks = contents(split_text(body, HEADER), HEADER)
     # Every chunk is a run of whole words.
-    pos = 0
-    for chunk in chunks:
-        chunk_words = chunk.split(" ")
-        assert chunk_words == words[pos : pos + len(chunk_words)]
-        pos += len(chunk_words)
-    assert pos == len(words)
+    assert_cut_between(contents(split_text(body, HEADER), HEADER), body, " ")
 
 
 def test_never_splits_a_multibyte_character() -> None:
