@@ -98,11 +98,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.websockets import WebSocketDisconnect
 
 from hil_sandbox.fake_wecom import (
+    AIBOT_ERRMSGS,
     ATTACH_MAX_BYTES,
     DEFAULT_PUBLIC_URL,
+    ERR_BAD_REQUEST,
     ERR_EMPTY_CONTENT,
+    ERR_INVALID_CHATID,
+    ERR_INVALID_CREDENTIALS,
     ERR_INVALID_MEDIA_ID,
     ERR_INVALID_MSGTYPE,
+    ERR_INVALID_REQ_ID,
+    ERR_STREAM_EXPIRED,
     MEDIA_MAX_BYTES,
     ChatType,
     ImageStore,
@@ -130,23 +136,6 @@ CMD_MSG_CALLBACK = "aibot_msg_callback"
 CMD_EVENT_CALLBACK = "aibot_event_callback"
 # Frames that put something in a chat: injected failures without a cmd apply to these.
 MESSAGE_CMDS = frozenset({CMD_SEND, CMD_RESPOND, CMD_WELCOME, CMD_UPDATE})
-
-ERR_INVALID_CREDENTIALS = 853000
-ERR_INVALID_REQ_ID = 846605
-ERR_STREAM_EXPIRED = 846608
-ERR_INVALID_CHATID = 93006
-ERR_BAD_REQUEST = 40058
-AIBOT_ERRMSGS: dict[int, str] = {
-    ERR_INVALID_CREDENTIALS: "invalid bot_id or secret",
-    ERR_INVALID_REQ_ID: "invalid req_id",
-    ERR_STREAM_EXPIRED: "stream message update expired",
-    ERR_INVALID_CHATID: "invalid chatid",
-    ERR_BAD_REQUEST: "invalid Request Parameter",
-    ERR_INVALID_MSGTYPE: "invalid message type",
-    ERR_EMPTY_CONTENT: "empty content",
-    ERR_INVALID_MEDIA_ID: "invalid media_id",
-    45009: "api freq out of limit",
-}
 
 CLOSE_NORMAL = 1000
 CLOSE_NOT_JSON = 1007
@@ -1503,56 +1492,44 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
     """
     hub = fake.aibot
 
-    def failure(exc: AibotError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        # An AibotError (a request to play a person that cannot happen): every control route answers it this way.
+        return JSONResponse({"detail": str(exc)}, status_code=getattr(exc, "status_code", 422))
+
+    app.add_exception_handler(AibotError, refused)
 
     @app.websocket("/")
     async def long_connection(websocket: WebSocket) -> None:
         await hub.serve(websocket)
 
     @app.post("/_fake/aibot/message", response_model=None)
-    async def control_message(body: PersonMessage, request: Request) -> AibotEvent | JSONResponse:
-        try:
-            images = [_decode(data, "image_base64") for data in body.image_base64]
-            file = None
-            if body.file_base64 is not None or body.file_name is not None:
-                if body.file_base64 is None or body.file_name is None:
-                    raise AibotError("a file needs both file_name and file_base64")
-                file = (body.file_name, _decode(body.file_base64, "file_base64"))
-            # The body's fields are push_message's keywords, but for the encoded file and images decoded here.
-            fields = body.model_dump(exclude={"image_base64", "file_name", "file_base64"})
-            base_url = fake.config.public_url or str(request.base_url)
-            return await hub.push_message(**fields, images=images, file=file, base_url=base_url)
-        except AibotError as exc:
-            return failure(exc)
+    async def control_message(body: PersonMessage, request: Request) -> AibotEvent:
+        images = [_decode(data, "image_base64") for data in body.image_base64]
+        file = None
+        if body.file_base64 is not None or body.file_name is not None:
+            if body.file_base64 is None or body.file_name is None:
+                raise AibotError("a file needs both file_name and file_base64")
+            file = (body.file_name, _decode(body.file_base64, "file_base64"))
+        # The body's fields are push_message's keywords, but for the encoded file and images decoded here.
+        fields = body.model_dump(exclude={"image_base64", "file_name", "file_base64"})
+        base_url = fake.config.public_url or str(request.base_url)
+        return await hub.push_message(**fields, images=images, file=file, base_url=base_url)
 
     @app.post("/_fake/aibot/event", response_model=None)
-    async def control_event(body: PersonEvent) -> AibotEvent | JSONResponse:
-        try:
-            return await hub.push_event(**body.model_dump())
-        except AibotError as exc:
-            return failure(exc)
+    async def control_event(body: PersonEvent) -> AibotEvent:
+        return await hub.push_event(**body.model_dump())
 
     @app.post("/_fake/aibot/click", response_model=None)
-    async def control_click(body: CardClick) -> AibotEvent | JSONResponse:
-        try:
-            return await hub.click(**body.model_dump())
-        except AibotError as exc:
-            return failure(exc)
+    async def control_click(body: CardClick) -> AibotEvent:
+        return await hub.click(**body.model_dump())
 
     @app.post("/_fake/aibot/kick", response_model=None)
-    async def control_kick(body: LinkAction) -> dict[str, Any] | JSONResponse:
-        try:
-            return {"kicked": await hub.kick(body.bot_id)}
-        except AibotError as exc:
-            return failure(exc)
+    async def control_kick(body: LinkAction) -> dict[str, Any]:
+        return {"kicked": await hub.kick(body.bot_id)}
 
     @app.post("/_fake/aibot/drop", response_model=None)
-    async def control_drop(body: LinkAction) -> dict[str, Any] | JSONResponse:
-        try:
-            return {"dropped": await hub.drop(body.bot_id, body.code)}
-        except AibotError as exc:
-            return failure(exc)
+    async def control_drop(body: LinkAction) -> dict[str, Any]:
+        return {"dropped": await hub.drop(body.bot_id, body.code)}
 
     @app.post("/_fake/aibot/fail")
     async def control_fail(body: AibotFailRequest) -> dict[str, Any]:
@@ -1564,15 +1541,13 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
         bot_id: str | None = None,
         wait: Literal["connected", "disconnected"] | None = None,
         wait_timeout: PollTimeout = 10.0,
-    ) -> dict[str, Any] | JSONResponse:
+    ) -> dict[str, Any]:
         timed_out = False
         if wait is not None:
             try:
                 await hub.wait_connected(bot_id, wait_timeout, connected=wait == "connected")
             except TimeoutError:
                 timed_out = True
-            except AibotError as exc:
-                return failure(exc)
         return {"bots": [s.model_dump() for s in hub.status()], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/events")
@@ -1586,11 +1561,8 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
         return {"frames": [f.model_dump() for f in hub.get_frames(since_seq)], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/cards/{task_id}", response_model=None)
-    async def control_card(task_id: str, bot_id: str | None = None) -> CardState | JSONResponse:
-        try:
-            return hub.card(task_id, bot_id)
-        except AibotError as exc:
-            return failure(exc)
+    async def control_card(task_id: str, bot_id: str | None = None) -> CardState:
+        return hub.card(task_id, bot_id)
 
     @app.get("/_fake/aibot/media/{media_id}", response_model=None)
     async def control_media(media_id: str) -> Response:
