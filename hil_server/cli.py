@@ -6,7 +6,7 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from hil_protocol.cli import load_settings, run_process
+from hil_protocol.cli import console_parser, load_settings, run_process
 
 from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
@@ -15,9 +15,10 @@ PROG = "hil-server"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
+    parser = console_parser(
+        PROG,
+        __version__,
+        "HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
         "Settings come from the environment and .env (see deploy/hil.env.example); these flags override them.",
     )
     parser.add_argument("--host", help="listen address (HIL_HOST, default 0.0.0.0)")
@@ -26,7 +27,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mode", choices=["auto", "relay", "direct"], help="auto: direct when BOT_KEY is set (HIL_MODE)"
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 
