@@ -25,7 +25,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from .callback import CallbackError, CallbackUser, CardClick, IncomingMessage
-from .images import image_kind
+from .images import image_kind, read_capped
 from .messages import HEADER_RE, parse_reply_text
 from .wecom_robot import WeComError
 
@@ -395,21 +395,13 @@ async def fetch_media(http: httpx.AsyncClient, ref: MediaRef, *, max_bytes: int,
         async with asyncio.timeout(timeout), http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
             if resp.status_code != 200:
                 raise MediaError(f"下载图片失败：HTTP {resp.status_code}（链接只在几分钟内有效）")
-            length = resp.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise MediaError(f"图片 {int(length) / 1024 / 1024:.1f} MB，超过 {max_bytes / 1024 / 1024:.0f} MB 上限")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.aiter_raw():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise MediaError(f"图片超过 {max_bytes / 1024 / 1024:.0f} MB 上限")
-                chunks.append(chunk)
+            limit = f" {max_bytes / 1024 / 1024:.0f} MB "
+            data = await read_capped(resp.aiter_raw(), resp.headers.get("content-length"), max_bytes, limit, MediaError)
     except TimeoutError as exc:
         raise MediaError(f"下载图片超时（{timeout:.3g} 秒）") from exc
     except httpx.HTTPError as exc:
         raise MediaError(f"下载图片失败（{type(exc).__name__}）") from exc
-    return decrypt_media(b"".join(chunks), ref.aeskey)
+    return decrypt_media(data, ref.aeskey)
 
 
 def image_data_url(data: bytes) -> str:
