@@ -15,16 +15,15 @@ from . import __version__
 from .config import WorkerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-worker"
+DESCRIPTION = (
+    "DevCloud Worker: inside the intranet, keeps a WebSocket to the HIL Server, sends its messages to "
+    "WeCom (企业微信) and forwards the robot's callbacks. Settings come from the environment and .env "
+    "(see deploy/worker.env.example; BOT_KEY is required); these flags override them."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console_parser(
-        PROG,
-        __version__,
-        "DevCloud Worker: inside the intranet, keeps a WebSocket to the HIL Server, sends its messages to "
-        "WeCom (企业微信) and forwards the robot's callbacks. Settings come from the environment and .env "
-        "(see deploy/worker.env.example; BOT_KEY is required); these flags override them.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument("--hil-url", help="the HIL Server's WebSocket URL (HIL_URL, default ws://localhost:8081/ws)")
     parser.add_argument("--host", help="callback listen address (CALLBACK_HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="callback listen port (CALLBACK_PORT, default 8082)")

@@ -34,6 +34,11 @@ from hil_protocol.logs import setup_logging
 from hil_server.config import ServerSettings
 
 PROG = "hil-sandbox"
+DESCRIPTION = (
+    "The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
+    "mode pointed at it, in one process. Nothing is read from the environment or .env but HIL_CHANNEL=aibot "
+    "(the same as --aibot): these flags are all."
+)
 SANDBOX_BOT_KEY = "sandbox-bot-key"
 SANDBOX_AIBOT_ID = "sandbox-aibot"
 SANDBOX_AIBOT_SECRET = "sandbox-aibot-secret"
@@ -235,13 +240,7 @@ async def run(served: list[Served], on_ready: str) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console_parser(
-        PROG,
-        __version__,
-        "The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
-        "mode pointed at it, in one process. Nothing is read from the environment or .env but HIL_CHANNEL=aibot "
-        "(the same as --aibot): these flags are all.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument(
         "--aibot",
         action="store_true",

@@ -12,15 +12,14 @@ from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-server"
+DESCRIPTION = (
+    "HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
+    "Settings come from the environment and .env (see deploy/hil.env.example); these flags override them."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = console_parser(
-        PROG,
-        __version__,
-        "HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
-        "Settings come from the environment and .env (see deploy/hil.env.example); these flags override them.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument("--host", help="listen address (HIL_HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="listen port (HIL_PORT, default 8081)")
     parser.add_argument("--data-dir", help="where the session store lives (HIL_DATA_DIR, default ./data)")
