@@ -24,7 +24,8 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .callback import CallbackError, CallbackUser, CardClick, IncomingMessage
+from .api_models import Person
+from .callback import CallbackError, CardClick, IncomingMessage
 from .images import image_kind, read_capped
 from .messages import HEADER_RE, parse_reply_text
 from .wecom_robot import WeComError
@@ -258,7 +259,7 @@ def read_callback(frame: Frame, bot_id: str) -> Inbound | None:
         "msgid": body.msgid,
         "chat_id": chat_id,
         "chat_type": body.chattype,
-        "from_user": CallbackUser(userid=body.from_.userid),
+        "from_user": Person(userid=body.from_.userid),
         "reply_to": frame.req_id,
     }
     if frame.cmd == CMD_EVENT_CALLBACK:

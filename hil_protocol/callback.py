@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .api_models import Person
 from .messages import parse_reply_text
 
 
@@ -18,12 +19,6 @@ class CallbackError(ValueError):
 class _Loose(BaseModel):
     # Callbacks carry fields we don't use (and WeCom adds new ones); keep them instead of refusing the message.
     model_config = ConfigDict(extra="allow", populate_by_name=True)
-
-
-class CallbackUser(_Loose):
-    userid: str = ""
-    name: str = ""
-    alias: str = ""
 
 
 class CallbackText(_Loose):
@@ -55,7 +50,7 @@ class RobotCallback(_Loose):
     chatid: str = Field(min_length=1, max_length=256)
     chattype: str = "group"
     msgtype: str = Field(min_length=1, max_length=32)
-    from_: CallbackUser = Field(default_factory=CallbackUser, alias="from")
+    from_: Person = Field(default_factory=Person, alias="from")
     webhook_url: str | None = None
     get_chat_info_url: str | None = None
     text: CallbackText | None = None
@@ -81,7 +76,7 @@ class IncomingMessage(BaseModel):
     answer: str = ""
     image_urls: list[str] = Field(default_factory=list)
     quoted_short_id: str | None = None
-    from_user: CallbackUser = Field(default_factory=CallbackUser)
+    from_user: Person = Field(default_factory=Person)
     event_type: str | None = None
     received_at: float = Field(default_factory=time.time)
     # the channel's reference to this message, for answering it (the AI bot replies to a callback's req_id)
