@@ -9,8 +9,6 @@
 # For a service managed by systemd, see deploy/hil-server.service instead.
 set -euo pipefail
 
-DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DEPLOY_SCRIPT="$(basename "$0")"
 DEPLOY_NAME="hil-server"
 DEPLOY_MODULE="hil_server.app"
 DEPLOY_ENV_VAR="HIL_ENV_FILE"
@@ -24,5 +22,5 @@ DEPLOY_REQUIRE=""
 DEPLOY_REQUIRE_HINT=""
 
 # shellcheck source=deploy/common.sh
-. "$DEPLOY_ROOT/deploy/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/deploy/common.sh"
 deploy_main "$@"

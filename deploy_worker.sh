@@ -10,8 +10,6 @@
 # For a service managed by systemd, see deploy/hil-worker.service instead.
 set -euo pipefail
 
-DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DEPLOY_SCRIPT="$(basename "$0")"
 DEPLOY_NAME="hil-worker"
 DEPLOY_MODULE="devcloud_worker.worker"
 DEPLOY_ENV_VAR="WORKER_ENV_FILE"
@@ -25,5 +23,5 @@ DEPLOY_REQUIRE="BOT_KEY"
 DEPLOY_REQUIRE_HINT="the WeCom robot's webhook key"
 
 # shellcheck source=deploy/common.sh
-. "$DEPLOY_ROOT/deploy/common.sh"
+. "$(dirname "${BASH_SOURCE[0]}")/deploy/common.sh"
 deploy_main "$@"

@@ -1,9 +1,9 @@
 # shellcheck shell=bash
 # Shared logic of deploy_hil.sh and deploy_worker.sh: install / start / stop / restart / status / logs.
-# Sourced, not run. The calling script sets, before sourcing:
-#   DEPLOY_ROOT          the checkout (holds requirements.txt and pyproject.toml)
+# Sourced, not run, by those scripts. It finds the checkout from its own path (DEPLOY_ROOT, which holds
+# requirements.txt and pyproject.toml) and names the calling script in usage lines (DEPLOY_SCRIPT).
+# The calling script sets, before sourcing:
 #   DEPLOY_NAME          name shown in messages, e.g. hil-server
-#   DEPLOY_SCRIPT        the calling script's name, for usage lines
 #   DEPLOY_MODULE        the Python module to run (python -m ...)
 #   DEPLOY_ENV_VAR       the variable naming the env file (e.g. HIL_ENV_FILE); DEPLOY_ENV_DEFAULT its default
 #   DEPLOY_HOST_VAR      the variable holding the listen host (e.g. HIL_HOST)
@@ -17,7 +17,9 @@
 # PID_FILE, LOG_FILE and the env file are relative to the current directory.
 # Secret values are never printed: only variable names appear in messages.
 
-: "${DEPLOY_ROOT:?}" "${DEPLOY_NAME:?}" "${DEPLOY_SCRIPT:?}" "${DEPLOY_MODULE:?}" "${DEPLOY_ENV_VAR:?}" \
+DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEPLOY_SCRIPT="$(basename "$0")"
+: "${DEPLOY_NAME:?}" "${DEPLOY_MODULE:?}" "${DEPLOY_ENV_VAR:?}" \
   "${DEPLOY_ENV_DEFAULT:?}" "${DEPLOY_HOST_VAR:?}" "${DEPLOY_PORT_VAR:?}" "${DEPLOY_PORT_DEFAULT:?}" \
   "${DEPLOY_PID_DEFAULT:?}" "${DEPLOY_LOG_DEFAULT:?}"
 
