@@ -157,10 +157,14 @@ class AibotMedia(_Wire):
     aeskey: str = Field(default="", max_length=128)
 
 
-class AibotMixedItem(_Wire):
-    msgtype: str = ""
+class _Parts(_Wire):
+    # What a message holds: a callback and each item of a mixed message carry their text and image alike.
     text: AibotText | None = None
     image: AibotMedia | None = None
+
+
+class AibotMixedItem(_Parts):
+    msgtype: str = ""
 
 
 class AibotMixed(_Wire):
@@ -191,7 +195,7 @@ class AibotEventPart(_Wire):
     template_card_event: AibotCardEvent | None = None
 
 
-class CallbackBody(_Wire):
+class CallbackBody(_Parts):
     """What `aibot_msg_callback` and `aibot_event_callback` carry. `chatid` is sent for group chats only: in a
     single chat the chat is the person, and messages to it go to their userid."""
 
@@ -201,8 +205,6 @@ class CallbackBody(_Wire):
     chattype: Literal["single", "group"] = "single"
     from_: AibotUser = Field(alias="from")
     msgtype: str = Field(min_length=1, max_length=32)
-    text: AibotText | None = None
-    image: AibotMedia | None = None
     mixed: AibotMixed | None = None
     voice: AibotText | None = None
     file: AibotMedia | None = None

@@ -29,10 +29,14 @@ class CallbackImage(_Loose):
     image_url: str = ""
 
 
-class CallbackMsgItem(_Loose):
-    msg_type: str = Field(default="text", alias="msg_type")
+class _Parts(_Loose):
+    # What a message holds: a callback and each item of a mixed message carry their text and image alike.
     text: CallbackText | None = None
     image: CallbackImage | None = None
+
+
+class CallbackMsgItem(_Parts):
+    msg_type: str = Field(default="text", alias="msg_type")
 
 
 class CallbackMixed(_Loose):
@@ -43,7 +47,7 @@ class CallbackEvent(_Loose):
     event_type: str = ""
 
 
-class RobotCallback(_Loose):
+class RobotCallback(_Parts):
     """The robot callback body as fly-pigeon's relay POSTs it (snake_case JSON names)."""
 
     msgid: str | None = None
@@ -53,8 +57,6 @@ class RobotCallback(_Loose):
     from_: Person = Field(default_factory=Person, alias="from")
     webhook_url: str | None = None
     get_chat_info_url: str | None = None
-    text: CallbackText | None = None
-    image: CallbackImage | None = None
     mixed_message: CallbackMixed | None = None
     event: CallbackEvent | None = None
 
