@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from tests.helpers import child_env, free_port
+from tests.helpers import ROBOT, child_env, free_port
 
 BOT_KEY = "e2e-bot-key-0123456789"
 WORKER_TOKEN = "e2e-worker-token-abcdef"
@@ -284,7 +284,7 @@ class FakeChat:
     async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
         response = await self.http.post(
             "/_fake/reply",
-            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": "HIL助手"},
+            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": ROBOT},
         )
         response.raise_for_status()
         assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()
