@@ -9,20 +9,6 @@
 # For a service managed by systemd, see deploy/hil-server.service instead.
 set -euo pipefail
 
-DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DEPLOY_SCRIPT="$(basename "$0")"
-DEPLOY_NAME="hil-server"
-DEPLOY_MODULE="hil_server.app"
-DEPLOY_ENV_VAR="HIL_ENV_FILE"
-DEPLOY_ENV_DEFAULT="./hil.env"
-DEPLOY_HOST_VAR="HIL_HOST"
-DEPLOY_PORT_VAR="HIL_PORT"
-DEPLOY_PORT_DEFAULT=8081
-DEPLOY_PID_DEFAULT="./hil-server.pid"
-DEPLOY_LOG_DEFAULT="./hil.log"
-DEPLOY_REQUIRE=""
-DEPLOY_REQUIRE_HINT=""
-
 # shellcheck source=deploy/common.sh
-. "$DEPLOY_ROOT/deploy/common.sh"
-deploy_main "$@"
+. "$(dirname "${BASH_SOURCE[0]}")/deploy/common.sh"
+deploy_main hil-server "$@"

@@ -10,20 +10,6 @@
 # For a service managed by systemd, see deploy/hil-worker.service instead.
 set -euo pipefail
 
-DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-DEPLOY_SCRIPT="$(basename "$0")"
-DEPLOY_NAME="hil-worker"
-DEPLOY_MODULE="devcloud_worker.worker"
-DEPLOY_ENV_VAR="WORKER_ENV_FILE"
-DEPLOY_ENV_DEFAULT="./worker.env"
-DEPLOY_HOST_VAR="CALLBACK_HOST"
-DEPLOY_PORT_VAR="CALLBACK_PORT"
-DEPLOY_PORT_DEFAULT=8082
-DEPLOY_PID_DEFAULT="./hil-worker.pid"
-DEPLOY_LOG_DEFAULT="./worker.log"
-DEPLOY_REQUIRE="BOT_KEY"
-DEPLOY_REQUIRE_HINT="the WeCom robot's webhook key"
-
 # shellcheck source=deploy/common.sh
-. "$DEPLOY_ROOT/deploy/common.sh"
-deploy_main "$@"
+. "$(dirname "${BASH_SOURCE[0]}")/deploy/common.sh"
+deploy_main hil-worker "$@"

@@ -47,11 +47,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ
 
 import httpx  # noqa: E402
 
-from tests.procs import BOT_KEY, Stack  # noqa: E402
-
-ROBOT = "HIL助手"  # the fake's robot name, as it appears in "@HIL助手 answer"
-PROXY_VARS = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
-
+from tests.helpers import ROBOT, callback_body, question_text, quote  # noqa: E402
+from tests.procs import BOT_KEY, Stack, mcp_stdio_params  # noqa: E402
 
 # --- results ----------------------------------------------------------------------------------------------------
 
@@ -325,11 +322,6 @@ async def create_sessions(
         close_all(conns)
 
 
-def quote_of(short_id: str, message: str, project: str | None = None) -> str:
-    head = f"[#{short_id} {project}]" if project else f"[#{short_id}]"
-    return f"{head}\n{message}"
-
-
 # --- P1: reply -> MCP tool returns ------------------------------------------------------------------------------
 
 
@@ -398,21 +390,10 @@ async def p1(
     target_ms: float = 30,
 ) -> None:
     from mcp import Client
-    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from mcp.client.stdio import stdio_client
 
     chat = "bench"
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k.lower() not in PROXY_VARS and not k.startswith(("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_"))
-    }
-    env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", chat, "--timeout", "60"],
-        env=env,
-        cwd=str(workdir),
-    )
+    params = mcp_stdio_params(stack.server_url, workdir, "--chat-id", chat, "--timeout", "60")
     with (workdir / f"mcp-{figure}.log").open("w") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as mcp:
             latencies = await reply_rounds(mcp, stack, chat, rounds, figure, reply)
@@ -702,7 +683,7 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
                 body = {
                     "chat_id": chat,
                     "text": f"answer {s['short_id']}",
-                    "quote": quote_of(s["short_id"], s["message"]),
+                    "quote": question_text(s["short_id"], s["message"]),
                     "quote_sender": ROBOT,
                 }
                 t0 = time.perf_counter()
@@ -732,21 +713,16 @@ async def p3(stack: Stack, n: int, res: Results, sample: int = 200) -> None:
 # --- P4: callbacks matched per second (direct mode) -------------------------------------------------------------
 
 
-def callback_body(stack: Stack, chat: str, short_id: str, message: str, answer: str) -> bytes:
-    """The fly-pigeon JSON of a quote-reply (WECOM.md): “Sender：\\n<quoted>”\\n------\\n@Robot answer."""
-    content = f"\u201c{ROBOT}\uff1a\n{quote_of(short_id, message)}\u201d\n------\n@{ROBOT} {answer}"
-    return json.dumps(
-        {
-            "webhook_url": f"{stack.fake_url}/cgi-bin/webhook/send?key={BOT_KEY}",
-            "msgid": uuid.uuid4().hex,
-            "chatid": chat,
-            "chattype": "group",
-            "msgtype": "text",
-            "from": {"userid": "zhangsan", "name": "张三", "alias": "zhangsan"},
-            "text": {"content": content},
-        },
-        ensure_ascii=False,
-    ).encode()
+def callback_json(stack: Stack, chat: str, short_id: str, message: str, answer: str) -> bytes:
+    """The fly-pigeon JSON of a person's quote-reply to the question (WECOM.md), as the fake would post it."""
+    body = callback_body(
+        quote(short_id, answer, project=None, question=message),
+        chat,
+        uuid.uuid4().hex,
+        sender={"alias": "zhangsan"},
+        webhook_url=f"{stack.fake_url}/cgi-bin/webhook/send?key={BOT_KEY}",
+    )
+    return json.dumps(body, ensure_ascii=False).encode()
 
 
 async def p4_trial(stack: Stack, m: int, trial: int, concurrency: int) -> tuple[float, int, float, float]:
@@ -754,7 +730,7 @@ async def p4_trial(stack: Stack, m: int, trial: int, concurrency: int) -> tuple[
     chat = f"bench-p4-{trial}"
     server_pid = stack.procs["server"].popen.pid
     sessions = await create_sessions(stack, m, chat, concurrency=100, label=f"P4.{trial}")
-    bodies = [callback_body(stack, chat, s["short_id"], s["message"], f"answer {s['short_id']}") for s in sessions]
+    bodies = [callback_json(stack, chat, s["short_id"], s["message"], f"answer {s['short_id']}") for s in sessions]
     conns = await open_conns(stack.server_url, concurrency)
     try:
         await asyncio.gather(*(c.request("GET", "/health") for c in conns))  # every connection used once
@@ -853,17 +829,10 @@ async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
     """request_approval over a real stdio MCP client; one click on 批准 in the AI bot's card -> the tool returns
     approved with the clicker in decided_by."""
     from mcp import Client
-    from mcp.client.stdio import StdioServerParameters, stdio_client
+    from mcp.client.stdio import stdio_client
 
     chat = "bench-p6"
-    env = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(("HIL_", "DEFAULT_"))}
-    env.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1"})
-    params = StdioServerParameters(
-        command=sys.executable,
-        args=["-m", "mcp_server", "--service-url", stack.server_url, "--chat-id", chat, "--timeout", "60"],
-        env=env,
-        cwd=str(workdir),
-    )
+    params = mcp_stdio_params(stack.server_url, workdir, "--chat-id", chat, "--timeout", "60")
     latencies: list[float] = []
     with (workdir / "mcp-P6.log").open("w") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as mcp, client(30) as http:

@@ -1,25 +1,42 @@
 # shellcheck shell=bash
 # Shared logic of deploy_hil.sh and deploy_worker.sh: install / start / stop / restart / status / logs.
-# Sourced, not run. The calling script sets, before sourcing:
-#   DEPLOY_ROOT          the checkout (holds requirements.txt and pyproject.toml)
-#   DEPLOY_NAME          name shown in messages, e.g. hil-server
-#   DEPLOY_SCRIPT        the calling script's name, for usage lines
-#   DEPLOY_MODULE        the Python module to run (python -m ...)
-#   DEPLOY_ENV_VAR       the variable naming the env file (e.g. HIL_ENV_FILE); DEPLOY_ENV_DEFAULT its default
-#   DEPLOY_HOST_VAR      the variable holding the listen host (e.g. HIL_HOST)
-#   DEPLOY_PORT_VAR      the variable holding the port (e.g. HIL_PORT); DEPLOY_PORT_DEFAULT its default
-#   DEPLOY_PID_DEFAULT   default pid file; DEPLOY_LOG_DEFAULT default log file
-#   DEPLOY_REQUIRE       optional: a variable that must be non-empty to start; DEPLOY_REQUIRE_HINT what it is
-# and then calls: deploy_main "$@"
+# Sourced, not run, by those scripts, which then call: deploy_main <service> "$@" (hil-server or hil-worker).
+# It finds the checkout from its own path (DEPLOY_ROOT, which holds requirements.txt and pyproject.toml) and names the
+# calling script in usage lines (DEPLOY_SCRIPT); deploy_service says how the two services differ.
 #
 # The virtualenv is the checkout's .venv, the same one ./hil uses (VENV or HIL_VENV overrides it); the package is
 # installed editable, so after `git pull` a restart runs the new code (run `install` again when dependencies change).
 # PID_FILE, LOG_FILE and the env file are relative to the current directory.
 # Secret values are never printed: only variable names appear in messages.
 
-: "${DEPLOY_ROOT:?}" "${DEPLOY_NAME:?}" "${DEPLOY_SCRIPT:?}" "${DEPLOY_MODULE:?}" "${DEPLOY_ENV_VAR:?}" \
-  "${DEPLOY_ENV_DEFAULT:?}" "${DEPLOY_HOST_VAR:?}" "${DEPLOY_PORT_VAR:?}" "${DEPLOY_PORT_DEFAULT:?}" \
-  "${DEPLOY_PID_DEFAULT:?}" "${DEPLOY_LOG_DEFAULT:?}"
+DEPLOY_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+DEPLOY_SCRIPT="$(basename "$0")"
+
+# How the two services differ, setting:
+#   DEPLOY_NAME          name shown in messages, e.g. hil-server (and the default pid file ./<name>.pid)
+#   DEPLOY_MODULE        the Python module to run (python -m ...)
+#   DEPLOY_ENV_VAR       the variable naming the env file (e.g. HIL_ENV_FILE); DEPLOY_ENV_DEFAULT its default
+#   DEPLOY_HOST_VAR      the variable holding the listen host (e.g. HIL_HOST)
+#   DEPLOY_PORT_VAR      the variable holding the port (e.g. HIL_PORT); DEPLOY_PORT_DEFAULT its default
+#   DEPLOY_LOG_DEFAULT   default log file
+#   DEPLOY_REQUIRE       a variable that must be non-empty to start (or none); DEPLOY_REQUIRE_HINT what it is
+deploy_service() {
+  DEPLOY_NAME="$1"
+  DEPLOY_PID_DEFAULT="./$1.pid"
+  DEPLOY_REQUIRE="" DEPLOY_REQUIRE_HINT=""
+  case "$1" in
+    hil-server)
+      DEPLOY_MODULE="hil_server.app" DEPLOY_ENV_VAR="HIL_ENV_FILE" DEPLOY_ENV_DEFAULT="./hil.env"
+      DEPLOY_HOST_VAR="HIL_HOST" DEPLOY_PORT_VAR="HIL_PORT" DEPLOY_PORT_DEFAULT=8081 DEPLOY_LOG_DEFAULT="./hil.log"
+      ;;
+    hil-worker)
+      DEPLOY_MODULE="devcloud_worker.worker" DEPLOY_ENV_VAR="WORKER_ENV_FILE" DEPLOY_ENV_DEFAULT="./worker.env"
+      DEPLOY_HOST_VAR="CALLBACK_HOST" DEPLOY_PORT_VAR="CALLBACK_PORT" DEPLOY_PORT_DEFAULT=8082
+      DEPLOY_LOG_DEFAULT="./worker.log" DEPLOY_REQUIRE="BOT_KEY" DEPLOY_REQUIRE_HINT="the WeCom robot's webhook key"
+      ;;
+    *) printf 'deploy: unknown service %s (hil-server or hil-worker)\n' "$1" >&2; exit 2 ;;
+  esac
+}
 
 deploy_say() { printf '%s: %s\n' "$DEPLOY_NAME" "$*"; }
 deploy_die() { printf '%s: error: %s\n' "$DEPLOY_NAME" "$*" >&2; exit 1; }
@@ -274,7 +291,8 @@ EOF
 }
 
 deploy_main() {
-  local cmd="${1:-}"
+  deploy_service "$1"
+  local cmd="${2:-}"
   deploy_setup
   case "$cmd" in
     "")

@@ -9,27 +9,26 @@ from collections.abc import Iterator, Sequence
 from types import FrameType
 from typing import Any
 
-from hil_protocol.cli import fail, load_settings, run_process
+from hil_protocol.cli import console_parser, fail, load_settings, run_process
 
 from . import __version__
 from .config import WorkerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-worker"
+DESCRIPTION = (
+    "DevCloud Worker: inside the intranet, keeps a WebSocket to the HIL Server, sends its messages to "
+    "WeCom (企业微信) and forwards the robot's callbacks. Settings come from the environment and .env "
+    "(see deploy/worker.env.example; BOT_KEY is required); these flags override them."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="DevCloud Worker: inside the intranet, keeps a WebSocket to the HIL Server, sends its messages to "
-        "WeCom (企业微信) and forwards the robot's callbacks. Settings come from the environment and .env "
-        "(see deploy/worker.env.example; BOT_KEY is required); these flags override them.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument("--hil-url", help="the HIL Server's WebSocket URL (HIL_URL, default ws://localhost:8081/ws)")
     parser.add_argument("--host", help="callback listen address (CALLBACK_HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="callback listen port (CALLBACK_PORT, default 8082)")
     parser.add_argument("--data-dir", help="where the callback spool lives (HIL_DATA_DIR, default ./data)")
     parser.add_argument("--worker-id", help="this worker's name on the server (WORKER_ID, default random)")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 

@@ -12,10 +12,10 @@ from typing import Any
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router
 from hil_protocol.http_limits import RequestLimits
+from hil_protocol.metrics import CONTENT_TYPE
 from hil_protocol.settings import secret_value
 from hil_protocol.supervise import Supervisor
 
@@ -116,7 +116,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     async def spool_callback(request: Request, accepted: Accepted) -> None:
         # Durable in the spool before the robot gets its 200; forwarded now or after a reconnect.

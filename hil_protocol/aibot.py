@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives import padding
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .callback import CallbackError, CallbackUser, CardClick, IncomingMessage
-from .images import image_kind
+from .api_models import Person
+from .callback import CallbackError, CardClick, IncomingMessage
+from .images import image_kind, read_capped
 from .messages import HEADER_RE, parse_reply_text
 from .wecom_robot import WeComError
 
@@ -156,10 +157,14 @@ class AibotMedia(_Wire):
     aeskey: str = Field(default="", max_length=128)
 
 
-class AibotMixedItem(_Wire):
-    msgtype: str = ""
+class _Parts(_Wire):
+    # What a message holds: a callback and each item of a mixed message carry their text and image alike.
     text: AibotText | None = None
     image: AibotMedia | None = None
+
+
+class AibotMixedItem(_Parts):
+    msgtype: str = ""
 
 
 class AibotMixed(_Wire):
@@ -190,7 +195,7 @@ class AibotEventPart(_Wire):
     template_card_event: AibotCardEvent | None = None
 
 
-class CallbackBody(_Wire):
+class CallbackBody(_Parts):
     """What `aibot_msg_callback` and `aibot_event_callback` carry. `chatid` is sent for group chats only: in a
     single chat the chat is the person, and messages to it go to their userid."""
 
@@ -200,8 +205,6 @@ class CallbackBody(_Wire):
     chattype: Literal["single", "group"] = "single"
     from_: AibotUser = Field(alias="from")
     msgtype: str = Field(min_length=1, max_length=32)
-    text: AibotText | None = None
-    image: AibotMedia | None = None
     mixed: AibotMixed | None = None
     voice: AibotText | None = None
     file: AibotMedia | None = None
@@ -258,7 +261,7 @@ def read_callback(frame: Frame, bot_id: str) -> Inbound | None:
         "msgid": body.msgid,
         "chat_id": chat_id,
         "chat_type": body.chattype,
-        "from_user": CallbackUser(userid=body.from_.userid),
+        "from_user": Person(userid=body.from_.userid),
         "reply_to": frame.req_id,
     }
     if frame.cmd == CMD_EVENT_CALLBACK:
@@ -395,21 +398,13 @@ async def fetch_media(http: httpx.AsyncClient, ref: MediaRef, *, max_bytes: int,
         async with asyncio.timeout(timeout), http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
             if resp.status_code != 200:
                 raise MediaError(f"下载图片失败：HTTP {resp.status_code}（链接只在几分钟内有效）")
-            length = resp.headers.get("content-length", "")
-            if length.isdigit() and int(length) > max_bytes:
-                raise MediaError(f"图片 {int(length) / 1024 / 1024:.1f} MB，超过 {max_bytes / 1024 / 1024:.0f} MB 上限")
-            chunks: list[bytes] = []
-            size = 0
-            async for chunk in resp.aiter_raw():
-                size += len(chunk)
-                if size > max_bytes:
-                    raise MediaError(f"图片超过 {max_bytes / 1024 / 1024:.0f} MB 上限")
-                chunks.append(chunk)
+            limit = f" {max_bytes / 1024 / 1024:.0f} MB "
+            data = await read_capped(resp.aiter_raw(), resp.headers.get("content-length"), max_bytes, limit, MediaError)
     except TimeoutError as exc:
         raise MediaError(f"下载图片超时（{timeout:.3g} 秒）") from exc
     except httpx.HTTPError as exc:
         raise MediaError(f"下载图片失败（{type(exc).__name__}）") from exc
-    return decrypt_media(b"".join(chunks), ref.aeskey)
+    return decrypt_media(data, ref.aeskey)
 
 
 def image_data_url(data: bytes) -> str:

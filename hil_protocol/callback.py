@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .api_models import Person
 from .messages import parse_reply_text
 
 
@@ -20,12 +21,6 @@ class _Loose(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)
 
 
-class CallbackUser(_Loose):
-    userid: str = ""
-    name: str = ""
-    alias: str = ""
-
-
 class CallbackText(_Loose):
     content: str = ""
 
@@ -34,10 +29,14 @@ class CallbackImage(_Loose):
     image_url: str = ""
 
 
-class CallbackMsgItem(_Loose):
-    msg_type: str = Field(default="text", alias="msg_type")
+class _Parts(_Loose):
+    # What a message holds: a callback and each item of a mixed message carry their text and image alike.
     text: CallbackText | None = None
     image: CallbackImage | None = None
+
+
+class CallbackMsgItem(_Parts):
+    msg_type: str = Field(default="text", alias="msg_type")
 
 
 class CallbackMixed(_Loose):
@@ -48,18 +47,16 @@ class CallbackEvent(_Loose):
     event_type: str = ""
 
 
-class RobotCallback(_Loose):
+class RobotCallback(_Parts):
     """The robot callback body as fly-pigeon's relay POSTs it (snake_case JSON names)."""
 
     msgid: str | None = None
     chatid: str = Field(min_length=1, max_length=256)
     chattype: str = "group"
     msgtype: str = Field(min_length=1, max_length=32)
-    from_: CallbackUser = Field(default_factory=CallbackUser, alias="from")
+    from_: Person = Field(default_factory=Person, alias="from")
     webhook_url: str | None = None
     get_chat_info_url: str | None = None
-    text: CallbackText | None = None
-    image: CallbackImage | None = None
     mixed_message: CallbackMixed | None = None
     event: CallbackEvent | None = None
 
@@ -81,7 +78,7 @@ class IncomingMessage(BaseModel):
     answer: str = ""
     image_urls: list[str] = Field(default_factory=list)
     quoted_short_id: str | None = None
-    from_user: CallbackUser = Field(default_factory=CallbackUser)
+    from_user: Person = Field(default_factory=Person)
     event_type: str | None = None
     received_at: float = Field(default_factory=time.time)
     # the channel's reference to this message, for answering it (the AI bot replies to a callback's req_id)

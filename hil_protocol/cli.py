@@ -7,6 +7,7 @@ message work on a plain `pip install hil-mcp`.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import errno
 import logging
@@ -31,6 +32,13 @@ logger = logging.getLogger(__name__)
 
 # Top-level modules that come with the `server` extra, not with a plain `pip install hil-mcp`.
 SERVER_MODULES = frozenset({"fastapi", "websockets", "cryptography", "multipart", "prometheus_client"})
+
+
+def console_parser(prog: str, version: str, description: str) -> argparse.ArgumentParser:
+    """A console script's argument parser: `--help` with `description`, and `--version` printing "prog version"."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--version", action="version", version=f"{prog} {version}")
+    return parser
 
 
 def fail(prog: str, message: str, code: int = 1) -> NoReturn:

@@ -20,7 +20,7 @@ import logging
 import re
 import socket
 import ssl
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Sequence
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -407,15 +407,27 @@ def _redirect_target(url: httpx.URL, response: httpcore.Response) -> httpx.URL:
 
 
 async def _read_capped(response: httpcore.Response) -> bytes:
-    length = next((value for name, value in response.headers if name.lower() == b"content-length"), None)
-    if length is not None and length.strip().isdigit() and int(length) > IMAGE_MAX_BYTES:
-        raise ImageError(f"图片 {int(length) / 1024 / 1024:.1f} MB，超过企业微信的 2 MB 上限")
+    length = next((v.decode("latin-1") for name, v in response.headers if name.lower() == b"content-length"), None)
+    return await read_capped(response.aiter_stream(), length, IMAGE_MAX_BYTES, "企业微信的 2 MB ", ImageError)
+
+
+async def read_capped(
+    body: AsyncIterable[bytes],
+    content_length: str | None,
+    max_bytes: int,
+    limit: str,
+    error: Callable[[str], Exception],
+) -> bytes:
+    """A downloaded picture's bytes, at most `max_bytes`: a larger one (by its Content-Length, or as it arrives)
+    raises `error` with a message that names the limit as `limit` ("企业微信的 2 MB ")."""
+    if content_length is not None and content_length.strip().isdigit() and int(content_length) > max_bytes:
+        raise error(f"图片 {int(content_length) / 1024 / 1024:.1f} MB，超过{limit}上限")
     chunks: list[bytes] = []
     size = 0
-    async for chunk in response.aiter_stream():
+    async for chunk in body:
         size += len(chunk)
-        if size > IMAGE_MAX_BYTES:
-            raise ImageError("图片超过企业微信的 2 MB 上限")
+        if size > max_bytes:
+            raise error(f"图片超过{limit}上限")
         chunks.append(chunk)
     return b"".join(chunks)
 

@@ -110,28 +110,17 @@ class SendMessagePayload(BaseModel):
     project_name: str | None = None
     mention_list: list[str] | None = None
 
+    # The payload's fields are the Question's of the same names; a question without mentions sends none (no []).
+
     @classmethod
     def of(cls, question: Question) -> SendMessagePayload:
-        return cls(
-            short_id=question.short_id,
-            message=question.message,
-            chat_id=question.chat_id,
-            chat_type=question.chat_type,
-            images=list(question.images),
-            project_name=question.project_name,
-            mention_list=list(question.mention_list) or None,
-        )
+        payload = cls.model_validate(question, from_attributes=True)
+        payload.mention_list = payload.mention_list or None
+        return payload
 
     def question(self) -> Question:
-        return Question(
-            message=self.message,
-            chat_id=self.chat_id,
-            chat_type=self.chat_type,
-            short_id=self.short_id,
-            project_name=self.project_name,
-            images=tuple(self.images),
-            mention_list=tuple(self.mention_list or ()),
-        )
+        fields = self.model_dump(exclude={"images", "mention_list"})
+        return Question(**fields, images=tuple(self.images), mention_list=tuple(self.mention_list or ()))
 
 
 class SendHintPayload(BaseModel):

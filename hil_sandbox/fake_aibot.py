@@ -86,7 +86,7 @@ import secrets
 import time
 import uuid
 from collections import OrderedDict, deque
-from collections.abc import Coroutine, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import quote as url_quote
@@ -98,11 +98,17 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from starlette.websockets import WebSocketDisconnect
 
 from hil_sandbox.fake_wecom import (
+    AIBOT_ERRMSGS,
     ATTACH_MAX_BYTES,
     DEFAULT_PUBLIC_URL,
+    ERR_BAD_REQUEST,
     ERR_EMPTY_CONTENT,
+    ERR_INVALID_CHATID,
+    ERR_INVALID_CREDENTIALS,
     ERR_INVALID_MEDIA_ID,
     ERR_INVALID_MSGTYPE,
+    ERR_INVALID_REQ_ID,
+    ERR_STREAM_EXPIRED,
     MEDIA_MAX_BYTES,
     ChatType,
     ImageStore,
@@ -120,33 +126,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+# The events a bot answers with a frame of their own within the reply window (a welcome, a card update): what the
+# fake says when the answered callback is of another kind, and when the answer comes too late.
+EVENT_ANSWERS = {
+    "enter_chat": (
+        "a welcome answers an enter_chat event only",
+        "the welcome came {age:.1f}s after enter_chat, {window:g}s allowed",
+    ),
+    "template_card_event": (
+        "a card update answers a template_card_event only",
+        "the update came {age:.1f}s after the click, {window:g}s allowed",
+    ),
+}
+# The long connection's commands besides those that put something in a chat (AibotHub's message table).
 CMD_SUBSCRIBE = "aibot_subscribe"
 CMD_PING = "ping"
-CMD_SEND = "aibot_send_msg"
-CMD_RESPOND = "aibot_respond_msg"
-CMD_WELCOME = "aibot_respond_welcome_msg"
-CMD_UPDATE = "aibot_respond_update_msg"
 CMD_MSG_CALLBACK = "aibot_msg_callback"
 CMD_EVENT_CALLBACK = "aibot_event_callback"
-# Frames that put something in a chat: injected failures without a cmd apply to these.
-MESSAGE_CMDS = frozenset({CMD_SEND, CMD_RESPOND, CMD_WELCOME, CMD_UPDATE})
-
-ERR_INVALID_CREDENTIALS = 853000
-ERR_INVALID_REQ_ID = 846605
-ERR_STREAM_EXPIRED = 846608
-ERR_INVALID_CHATID = 93006
-ERR_BAD_REQUEST = 40058
-AIBOT_ERRMSGS: dict[int, str] = {
-    ERR_INVALID_CREDENTIALS: "invalid bot_id or secret",
-    ERR_INVALID_REQ_ID: "invalid req_id",
-    ERR_STREAM_EXPIRED: "stream message update expired",
-    ERR_INVALID_CHATID: "invalid chatid",
-    ERR_BAD_REQUEST: "invalid Request Parameter",
-    ERR_INVALID_MSGTYPE: "invalid message type",
-    ERR_EMPTY_CONTENT: "empty content",
-    ERR_INVALID_MEDIA_ID: "invalid media_id",
-    45009: "api freq out of limit",
-}
 
 CLOSE_NORMAL = 1000
 CLOSE_NOT_JSON = 1007
@@ -494,6 +490,14 @@ class AibotHub:
         self.links: dict[int, _Link] = {}
         self._holders: dict[str, int] = {}  # bot_id -> link id
         self._takeovers: dict[str, int] = {}
+        # The frames that put something in a chat (WECOM.md), and what makes the message for each: sending to a
+        # chat, or one of the three answers to a callback the fake pushed. Injected failures without a cmd hit these.
+        self._message_frames: dict[str, Callable[[_Link, str, dict[str, Any]], SentMessage]] = {
+            "aibot_send_msg": self._send_msg,
+            "aibot_respond_msg": self._respond_reply,
+            "aibot_respond_welcome_msg": self._welcome_reply,
+            "aibot_respond_update_msg": self._update_reply,
+        }
         self._clear()
 
     def _clear(self) -> None:
@@ -680,8 +684,8 @@ class AibotHub:
             await self._close(link, CLOSE_POLICY, "not subscribed")
         elif frame.cmd == CMD_PING:
             await self._ping(link, frame)
-        elif frame.cmd in MESSAGE_CMDS:
-            await self._message_frame(link, frame)
+        elif frame.cmd in self._message_frames:
+            await self._message_frame(link, frame, self._message_frames[frame.cmd])
         else:
             await self._answer(link, frame.headers.req_id, ERR_BAD_REQUEST, f"unknown cmd {frame.cmd!r}")
 
@@ -742,8 +746,10 @@ class AibotHub:
         elif self._fake.config.aibot_answer_pings:
             await self._answer(link, frame.headers.req_id, 0)
 
-    async def _message_frame(self, link: _Link, frame: InboundFrame) -> None:
-        """aibot_send_msg and the three replies: check, record, answer."""
+    async def _message_frame(
+        self, link: _Link, frame: InboundFrame, make: Callable[[_Link, str, dict[str, Any]], SentMessage]
+    ) -> None:
+        """aibot_send_msg and the three replies: check, `make` the message (under the lock), record, answer."""
         bot_id = link.bot_id
         assert bot_id is not None  # only subscribed links get here
         req_id = frame.headers.req_id
@@ -759,10 +765,7 @@ class AibotHub:
             if not isinstance(frame.body, dict):
                 raise Rejected(ERR_BAD_REQUEST, "body must be a JSON object")
             with self._lock:
-                if frame.cmd == CMD_SEND:
-                    message = self._send_msg(bot_id, frame.body)
-                else:
-                    message = self._reply(link, frame.cmd, req_id, frame.body)
+                message = make(link, req_id, frame.body)
         except Rejected as rejected:
             errmsg = self._errmsg(rejected.errcode, rejected.detail)
             with self._lock:
@@ -786,7 +789,9 @@ class AibotHub:
 
     # Under the lock from here to _record: nothing awaits.
 
-    def _send_msg(self, bot_id: str, body: dict[str, Any]) -> SentMessage:
+    def _send_msg(self, link: _Link, req_id: str, body: dict[str, Any]) -> SentMessage:
+        bot_id = link.bot_id
+        assert bot_id is not None  # only subscribed links send
         if "chatid" not in body:
             raise Rejected(ERR_BAD_REQUEST, "chatid is required: the group chat id, or the userid for a single chat")
         try:
@@ -806,28 +811,37 @@ class AibotHub:
             raise Rejected(ERR_INVALID_MSGTYPE, f"msgtype {send.msgtype!r}: use markdown or template_card")
         return self._record(bot_id, send.chatid, outgoing, reply_to=None)
 
-    def _reply(self, link: _Link, cmd: str, req_id: str, body: dict[str, Any]) -> SentMessage:
+    def _answering(self, link: _Link, req_id: str) -> tuple[_Pending, float]:
+        """The callback this connection was pushed with `req_id`, and its age in seconds."""
         pending = self._pending.get(req_id)
         if pending is None or pending.link_id != link.id:
             raise Rejected(ERR_INVALID_REQ_ID, "req_id is not a callback this connection received")
-        age = self._clock() - pending.pushed_at
+        return pending, self._clock() - pending.pushed_at
+
+    def _answering_event(self, link: _Link, req_id: str, kind: str) -> _Pending:
+        """The `kind` event this connection was pushed with `req_id`, answered within the reply window."""
+        pending, age = self._answering(link, req_id)
         window = self._fake.config.aibot_reply_window
-        if cmd == CMD_WELCOME:
-            if pending.kind != "enter_chat":
-                raise Rejected(ERR_INVALID_REQ_ID, "a welcome answers an enter_chat event only")
-            if age > window:
-                raise Rejected(ERR_INVALID_REQ_ID, f"the welcome came {age:.1f}s after enter_chat, {window:g}s allowed")
-            if pending.welcomed:
-                raise Rejected(ERR_INVALID_REQ_ID, "this enter_chat was already welcomed")
-            outgoing = self._welcome(pending.bot_id, body)
-            pending.welcomed = True
-            return self._record(pending.bot_id, pending.chat_id, outgoing, reply_to=pending.msgid)
-        if cmd == CMD_UPDATE:
-            if pending.kind != "template_card_event":
-                raise Rejected(ERR_INVALID_REQ_ID, "a card update answers a template_card_event only")
-            if age > window:
-                raise Rejected(ERR_INVALID_REQ_ID, f"the update came {age:.1f}s after the click, {window:g}s allowed")
-            return self._update_card(pending, req_id, body)
+        wrong_kind, late = EVENT_ANSWERS[kind]
+        if pending.kind != kind:
+            raise Rejected(ERR_INVALID_REQ_ID, wrong_kind)
+        if age > window:
+            raise Rejected(ERR_INVALID_REQ_ID, late.format(age=age, window=window))
+        return pending
+
+    def _welcome_reply(self, link: _Link, req_id: str, body: dict[str, Any]) -> SentMessage:
+        pending = self._answering_event(link, req_id, "enter_chat")
+        if pending.welcomed:
+            raise Rejected(ERR_INVALID_REQ_ID, "this enter_chat was already welcomed")
+        outgoing = self._welcome(pending.bot_id, body)
+        pending.welcomed = True
+        return self._record(pending.bot_id, pending.chat_id, outgoing, reply_to=pending.msgid)
+
+    def _update_reply(self, link: _Link, req_id: str, body: dict[str, Any]) -> SentMessage:
+        return self._update_card(self._answering_event(link, req_id, "template_card_event"), req_id, body)
+
+    def _respond_reply(self, link: _Link, req_id: str, body: dict[str, Any]) -> SentMessage:
+        pending, age = self._answering(link, req_id)
         if pending.cmd != CMD_MSG_CALLBACK:
             raise Rejected(ERR_INVALID_REQ_ID, "an event cannot be answered with aibot_respond_msg: use aibot_send_msg")
         if age > self._fake.config.aibot_stream_window:
@@ -967,7 +981,7 @@ class AibotHub:
     def _take_failure(self, cmd: str) -> int | None:
         with self._lock:
             for failure in self._failures:
-                if failure.cmd == cmd or (failure.cmd is None and cmd in MESSAGE_CMDS):
+                if failure.cmd == cmd or (failure.cmd is None and cmd in self._message_frames):
                     self._failures.remove(failure)
                     return failure.errcode
         return None
@@ -1503,56 +1517,44 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
     """
     hub = fake.aibot
 
-    def failure(exc: AibotError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code)
+    async def refused(request: Request, exc: Exception) -> JSONResponse:
+        # An AibotError (a request to play a person that cannot happen): every control route answers it this way.
+        return JSONResponse({"detail": str(exc)}, status_code=getattr(exc, "status_code", 422))
+
+    app.add_exception_handler(AibotError, refused)
 
     @app.websocket("/")
     async def long_connection(websocket: WebSocket) -> None:
         await hub.serve(websocket)
 
     @app.post("/_fake/aibot/message", response_model=None)
-    async def control_message(body: PersonMessage, request: Request) -> AibotEvent | JSONResponse:
-        try:
-            images = [_decode(data, "image_base64") for data in body.image_base64]
-            file = None
-            if body.file_base64 is not None or body.file_name is not None:
-                if body.file_base64 is None or body.file_name is None:
-                    raise AibotError("a file needs both file_name and file_base64")
-                file = (body.file_name, _decode(body.file_base64, "file_base64"))
-            # The body's fields are push_message's keywords, but for the encoded file and images decoded here.
-            fields = body.model_dump(exclude={"image_base64", "file_name", "file_base64"})
-            base_url = fake.config.public_url or str(request.base_url)
-            return await hub.push_message(**fields, images=images, file=file, base_url=base_url)
-        except AibotError as exc:
-            return failure(exc)
+    async def control_message(body: PersonMessage, request: Request) -> AibotEvent:
+        images = [_decode(data, "image_base64") for data in body.image_base64]
+        file = None
+        if body.file_base64 is not None or body.file_name is not None:
+            if body.file_base64 is None or body.file_name is None:
+                raise AibotError("a file needs both file_name and file_base64")
+            file = (body.file_name, _decode(body.file_base64, "file_base64"))
+        # The body's fields are push_message's keywords, but for the encoded file and images decoded here.
+        fields = body.model_dump(exclude={"image_base64", "file_name", "file_base64"})
+        base_url = fake.config.public_url or str(request.base_url)
+        return await hub.push_message(**fields, images=images, file=file, base_url=base_url)
 
     @app.post("/_fake/aibot/event", response_model=None)
-    async def control_event(body: PersonEvent) -> AibotEvent | JSONResponse:
-        try:
-            return await hub.push_event(**body.model_dump())
-        except AibotError as exc:
-            return failure(exc)
+    async def control_event(body: PersonEvent) -> AibotEvent:
+        return await hub.push_event(**body.model_dump())
 
     @app.post("/_fake/aibot/click", response_model=None)
-    async def control_click(body: CardClick) -> AibotEvent | JSONResponse:
-        try:
-            return await hub.click(**body.model_dump())
-        except AibotError as exc:
-            return failure(exc)
+    async def control_click(body: CardClick) -> AibotEvent:
+        return await hub.click(**body.model_dump())
 
     @app.post("/_fake/aibot/kick", response_model=None)
-    async def control_kick(body: LinkAction) -> dict[str, Any] | JSONResponse:
-        try:
-            return {"kicked": await hub.kick(body.bot_id)}
-        except AibotError as exc:
-            return failure(exc)
+    async def control_kick(body: LinkAction) -> dict[str, Any]:
+        return {"kicked": await hub.kick(body.bot_id)}
 
     @app.post("/_fake/aibot/drop", response_model=None)
-    async def control_drop(body: LinkAction) -> dict[str, Any] | JSONResponse:
-        try:
-            return {"dropped": await hub.drop(body.bot_id, body.code)}
-        except AibotError as exc:
-            return failure(exc)
+    async def control_drop(body: LinkAction) -> dict[str, Any]:
+        return {"dropped": await hub.drop(body.bot_id, body.code)}
 
     @app.post("/_fake/aibot/fail")
     async def control_fail(body: AibotFailRequest) -> dict[str, Any]:
@@ -1564,15 +1566,13 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
         bot_id: str | None = None,
         wait: Literal["connected", "disconnected"] | None = None,
         wait_timeout: PollTimeout = 10.0,
-    ) -> dict[str, Any] | JSONResponse:
+    ) -> dict[str, Any]:
         timed_out = False
         if wait is not None:
             try:
                 await hub.wait_connected(bot_id, wait_timeout, connected=wait == "connected")
             except TimeoutError:
                 timed_out = True
-            except AibotError as exc:
-                return failure(exc)
         return {"bots": [s.model_dump() for s in hub.status()], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/events")
@@ -1586,11 +1586,8 @@ def add_aibot_routes(app: FastAPI, fake: FakeWeCom) -> None:
         return {"frames": [f.model_dump() for f in hub.get_frames(since_seq)], "timed_out": timed_out}
 
     @app.get("/_fake/aibot/cards/{task_id}", response_model=None)
-    async def control_card(task_id: str, bot_id: str | None = None) -> CardState | JSONResponse:
-        try:
-            return hub.card(task_id, bot_id)
-        except AibotError as exc:
-            return failure(exc)
+    async def control_card(task_id: str, bot_id: str | None = None) -> CardState:
+        return hub.card(task_id, bot_id)
 
     @app.get("/_fake/aibot/media/{media_id}", response_model=None)
     async def control_media(media_id: str) -> Response:

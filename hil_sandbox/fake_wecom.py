@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypedDict, TypeVar, Unpack
 
 import httpx
 from fastapi import FastAPI, Query, Request
@@ -103,6 +103,12 @@ ERR_INVALID_MEDIA_TYPE = 40004
 ERR_EMPTY_MEDIA = 44001
 ERR_INVALID_FILE_SIZE = 40006
 ERR_ROBOT_NOT_ALLOWED = 93005
+# The AI bot's long connection (fake_aibot) answers with these as well as some of the above.
+ERR_INVALID_CREDENTIALS = 853000
+ERR_INVALID_REQ_ID = 846605
+ERR_STREAM_EXPIRED = 846608
+ERR_INVALID_CHATID = 93006
+ERR_BAD_REQUEST = 40058  # the webhook's "content too long" code, which the AI bot answers to any bad request
 
 ERRMSGS: dict[int, str] = {
     ERR_INVALID_WEBHOOK_URL: "invalid webhook url",
@@ -121,9 +127,34 @@ ERRMSGS: dict[int, str] = {
     ERR_INVALID_FILE_SIZE: "invalid file size",
     ERR_ROBOT_NOT_ALLOWED: "robot not allowed to send to this user",
 }
+# The AI bot's words: for its own codes, and for the ones it shares with the webhook the webhook's.
+AIBOT_SHARED_ERRCODES = (ERR_INVALID_MSGTYPE, ERR_EMPTY_CONTENT, ERR_INVALID_MEDIA_ID, ERR_FREQ_OUT_OF_LIMIT)
+AIBOT_ERRMSGS: dict[int, str] = {
+    ERR_INVALID_CREDENTIALS: "invalid bot_id or secret",
+    ERR_INVALID_REQ_ID: "invalid req_id",
+    ERR_STREAM_EXPIRED: "stream message update expired",
+    ERR_INVALID_CHATID: "invalid chatid",
+    ERR_BAD_REQUEST: "invalid Request Parameter",
+} | {code: ERRMSGS[code] for code in AIBOT_SHARED_ERRCODES}
 
 ChatType = Literal["group", "single"]
 CallbackMsgType = Literal["text", "image", "mixed", "event"]
+
+
+class CallbackParts(TypedDict, total=False):
+    """What a person's message is made of besides its chat and text: FakeWeCom.build_callback's keywords."""
+
+    quote: str | None
+    quote_sender: str
+    image_url: str | None
+    chat_type: ChatType
+    from_user: Mapping[str, str] | None
+    msgid: str | None
+    msgtype: CallbackMsgType | None
+    event_type: str | None
+    at_robot: bool
+
+
 T = TypeVar("T")
 
 
@@ -829,21 +860,14 @@ class FakeWeCom:
         chat_id: str,
         text: str | None = None,
         *,
-        quote: str | None = None,
-        quote_sender: str = "",
-        image_url: str | None = None,
-        chat_type: ChatType = "group",
-        from_user: Mapping[str, str] | None = None,
-        msgid: str | None = None,
-        msgtype: CallbackMsgType | None = None,
-        event_type: str | None = None,
-        at_robot: bool = True,
         repeat: int = 1,
         base_url: str | None = None,
         wecom_retries: bool = False,
         retry_interval: float = 5.0,
+        **parts: Unpack[CallbackParts],
     ) -> dict[str, Any]:
-        """Play a person: build a callback and POST it ``repeat`` times (same msgid, like WeCom's retries).
+        """Play a person: build a callback (``parts`` as build_callback takes them) and POST it ``repeat`` times
+        (same msgid, like WeCom's retries).
 
         With ``wecom_retries`` it behaves like WeCom itself: up to 3 attempts in all, ``retry_interval`` apart,
         stopping at the first HTTP 200 (WeCom counts nothing else as delivered).
@@ -862,20 +886,7 @@ class FakeWeCom:
             raise RuntimeError("FakeWeCom has no HTTP client: run the app's lifespan or pass http_client=")
         if repeat < 1:
             raise ValueError("repeat must be at least 1")
-        callback = self.build_callback(
-            chat_id,
-            text,
-            quote=quote,
-            quote_sender=quote_sender,
-            image_url=image_url,
-            chat_type=chat_type,
-            from_user=from_user,
-            msgid=msgid,
-            msgtype=msgtype,
-            event_type=event_type,
-            at_robot=at_robot,
-            base_url=base_url,
-        )
+        callback = self.build_callback(chat_id, text, base_url=base_url, **parts)
         written_at = time.time()
         # Sequential on purpose: WeCom retries after the previous attempt, it does not send copies at once.
         if wecom_retries:
@@ -1180,23 +1191,7 @@ def create_fake_wecom_app(
     @app.post("/_fake/reply", response_model=None)
     async def control_reply(body: ReplyRequest, request: Request) -> dict[str, Any] | JSONResponse:
         try:
-            return await fake.reply(
-                body.chat_id,
-                body.text,
-                quote=body.quote,
-                quote_sender=body.quote_sender,
-                image_url=body.image_url,
-                chat_type=body.chat_type,
-                from_user=body.from_user.model_dump() if body.from_user else None,
-                msgid=body.msgid,
-                msgtype=body.msgtype,
-                event_type=body.event_type,
-                at_robot=body.at_robot,
-                repeat=body.repeat,
-                wecom_retries=body.wecom_retries,
-                retry_interval=body.retry_interval,
-                base_url=fake.config.public_url or str(request.base_url),
-            )
+            return await fake.reply(**body.model_dump(), base_url=fake.config.public_url or str(request.base_url))
         except CallbackNotConfiguredError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=409)
 

@@ -29,11 +29,16 @@ import httpx
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
 from hil_protocol import __version__
-from hil_protocol.cli import bind, data_dir_lock, exit_without_server_extra, fail
+from hil_protocol.cli import bind, console_parser, data_dir_lock, exit_without_server_extra, fail
 from hil_protocol.logs import setup_logging
 from hil_server.config import ServerSettings
 
 PROG = "hil-sandbox"
+DESCRIPTION = (
+    "The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
+    "mode pointed at it, in one process. Nothing is read from the environment or .env but HIL_CHANNEL=aibot "
+    "(the same as --aibot): these flags are all."
+)
 SANDBOX_BOT_KEY = "sandbox-bot-key"
 SANDBOX_AIBOT_ID = "sandbox-aibot"
 SANDBOX_AIBOT_SECRET = "sandbox-aibot-secret"
@@ -235,12 +240,7 @@ async def run(served: list[Served], on_ready: str) -> bool:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="The sandbox: a fake WeCom (企业微信) robot API with a web chat page, and a HIL Server in direct "
-        "mode pointed at it, in one process. Nothing is read from the environment or .env but HIL_CHANNEL=aibot "
-        "(the same as --aibot): these flags are all.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument(
         "--aibot",
         action="store_true",
@@ -256,7 +256,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     levels = ["DEBUG", "INFO", "WARNING", "ERROR"]
     parser.add_argument("--log-level", type=str.upper, default="INFO", choices=levels, help="default INFO")
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 

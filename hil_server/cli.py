@@ -6,27 +6,26 @@ import argparse
 from collections.abc import Sequence
 from typing import Any
 
-from hil_protocol.cli import load_settings, run_process
+from hil_protocol.cli import console_parser, load_settings, run_process
 
 from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
 
 PROG = "hil-server"
+DESCRIPTION = (
+    "HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
+    "Settings come from the environment and .env (see deploy/hil.env.example); these flags override them."
+)
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog=PROG,
-        description="HIL Server: holds the agent's questions, sends them to WeCom (企业微信) and matches the answers. "
-        "Settings come from the environment and .env (see deploy/hil.env.example); these flags override them.",
-    )
+    parser = console_parser(PROG, __version__, DESCRIPTION)
     parser.add_argument("--host", help="listen address (HIL_HOST, default 0.0.0.0)")
     parser.add_argument("--port", type=int, help="listen port (HIL_PORT, default 8081)")
     parser.add_argument("--data-dir", help="where the session store lives (HIL_DATA_DIR, default ./data)")
     parser.add_argument(
         "--mode", choices=["auto", "relay", "direct"], help="auto: direct when BOT_KEY is set (HIL_MODE)"
     )
-    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser.parse_args(argv)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import Field, SecretStr, field_validator
 
@@ -12,6 +12,7 @@ if TYPE_CHECKING:
     from .channels.aibot import AibotOptions
 
 ChannelName = Literal["aibot", "webhook", "relay"]
+AIBOT_PREFIX = "hil_aibot_"
 
 
 class ServerSettings(RobotSettings):
@@ -90,21 +91,14 @@ class ServerSettings(RobotSettings):
                 "HIL_CHANNEL=aibot needs WECOM_AIBOT_ID and WECOM_AIBOT_SECRET (the AI bot's Bot ID and Secret: "
                 "WeCom admin console → 智能机器人 → the bot → API 模式, long connection)"
             )
-        return AibotOptions(
-            bot_id=self.wecom_aibot_id,
-            secret=secret,
-            url=self.wecom_aibot_url,
-            ping_interval=self.hil_aibot_ping_interval,
-            missed_pings=self.hil_aibot_missed_pings,
-            reconnect_min_delay=self.hil_aibot_reconnect_min_delay,
-            reconnect_max_delay=max(self.hil_aibot_reconnect_max_delay, self.hil_aibot_reconnect_min_delay),
-            auth_retry=self.hil_aibot_auth_retry,
-            takeover_backoff=self.hil_aibot_takeover_backoff,
-            down_grace=self.hil_aibot_down_grace,
-            send_timeout=self.hil_aibot_send_timeout,
-            markdown_limit=self.hil_aibot_markdown_limit,
-            image_max_bytes=self.hil_aibot_image_max_bytes,
-        )
+        # How to hold the connection: each HIL_AIBOT_<NAME> setting is AibotOptions' <name>.
+        tuning: dict[str, Any] = {
+            name.removeprefix(AIBOT_PREFIX): getattr(self, name)
+            for name in type(self).model_fields
+            if name.startswith(AIBOT_PREFIX)
+        }
+        tuning["reconnect_max_delay"] = max(tuning["reconnect_max_delay"], tuning["reconnect_min_delay"])
+        return AibotOptions(bot_id=self.wecom_aibot_id, secret=secret, url=self.wecom_aibot_url, **tuning)
 
     @property
     def default_responders(self) -> tuple[str, ...]:

@@ -39,15 +39,17 @@ def chat_id_hint(chat_id: str, chat_type: str) -> str:
     )
 
 
+def _about(session: Session, text: str) -> str:
+    """A notice about one question, under its header so the person sees which one."""
+    return f"{format_header(session.short_id, session.project_name)} {text}"
+
+
 def unknown_quote(short_id: str) -> str:
     return f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
 
 
 def late_answer(session: Session) -> str:
-    return (
-        f"{format_header(session.short_id, session.project_name)} AI 已停止等待这个问题的回复，"
-        "你的回答已保存：AI 可以用 `wait_for_reply` 取回它。"
-    )
+    return _about(session, "AI 已停止等待这个问题的回复，你的回答已保存：AI 可以用 `wait_for_reply` 取回它。")
 
 
 def empty_answer() -> str:
@@ -59,9 +61,9 @@ def other_chat(short_id: str) -> str:
 
 
 def abandoned(session: Session) -> str:
-    return (
-        f"{format_header(session.short_id, session.project_name)} 服务在发送这个问题时重启了，问题可能没有完整发出，"
-        "已作废：请不要回答它，AI 会收到失败的结果并可以重新提问。"
+    return _about(
+        session,
+        "服务在发送这个问题时重启了，问题可能没有完整发出，已作废：请不要回答它，AI 会收到失败的结果并可以重新提问。",
     )
 
 

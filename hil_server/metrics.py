@@ -10,17 +10,11 @@ from collections.abc import Iterable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    ProcessCollector,
-    generate_latest,
-)
+from prometheus_client import CollectorRegistry
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from hil_protocol.metrics import CONTENT_TYPE, AppMetrics
 
 from .matching import Outcome
 from .state import server_state
@@ -34,41 +28,37 @@ _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"
 _MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "matched_button": "button", "late": "late"}
 
 
-class Metrics:
+class Metrics(AppMetrics):
     """The app's Prometheus metrics. Implements the service's `ServiceMetrics`; `wecom_attempt` and
     `workers_changed` are handed to the robot client and the worker hub when they are built."""
 
     def __init__(self, *, version: str, mode: str, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        ProcessCollector(registry=r)  # process_start_time_seconds, memory, open fds (Linux)
-        Gauge("hil_info", "HIL Server version and mode", ["version", "mode"], registry=r).labels(version, mode).set(1)
-        self.waiting = Gauge("hil_waiting_sessions", "Questions waiting for a reply", registry=r)
-        self.replies_matched = Counter(
-            "hil_replies_matched", "Replies stored on a question, by how they were matched", ["method"], registry=r
+        super().__init__(registry)
+        self.gauge("hil_info", "HIL Server version and mode", ["version", "mode"]).labels(version, mode).set(1)
+        self.waiting = self.gauge("hil_waiting_sessions", "Questions waiting for a reply")
+        self.replies_matched = self.counter(
+            "hil_replies_matched", "Replies stored on a question, by how they were matched", ["method"]
         )
-        self.hints_sent = Counter(
-            "hil_hints_sent", "Hints the robot posted (or failed to post) in a chat", ["kind", "result"], registry=r
+        self.hints_sent = self.counter(
+            "hil_hints_sent", "Hints the robot posted (or failed to post) in a chat", ["kind", "result"]
         )
-        self.callbacks = Counter("hil_callbacks", "Robot callbacks handled, by outcome", ["outcome"], registry=r)
-        self.wecom_sends = Counter(
+        self.callbacks = self.counter("hil_callbacks", "Robot callbacks handled, by outcome", ["outcome"])
+        self.wecom_sends = self.counter(
             "hil_wecom_sends",
             "Send attempts to WeCom by errcode (direct mode; -1 network error, -2 unreadable answer, -4 invalid text)",
             ["errcode"],
-            registry=r,
         )
-        self.worker_connections = Gauge("hil_worker_connections", "Workers connected now (relay mode)", registry=r)
-        self.worker_connects = Counter("hil_worker_connects", "Worker connections accepted (relay mode)", registry=r)
-        self.polls = Counter("hil_polls", "Polls answered, short or long (?wait=N)", ["kind"], registry=r)
-        self.task_restarts = Counter(
-            "hil_background_restarts", "Background tasks restarted after a crash", ["task"], registry=r
+        self.worker_connections = self.gauge("hil_worker_connections", "Workers connected now (relay mode)")
+        self.worker_connects = self.counter("hil_worker_connects", "Worker connections accepted (relay mode)")
+        self.polls = self.counter("hil_polls", "Polls answered, short or long (?wait=N)", ["kind"])
+        self.task_restarts = self.counter(
+            "hil_background_restarts", "Background tasks restarted after a crash", ["task"]
         )
-        self.http_duration = Histogram(
+        self.http_duration = self.histogram(
             "hil_http_request_duration_seconds",
             "HTTP request duration by method and route template",
             ["method", "route"],
-            buckets=DURATION_BUCKETS,
-            registry=r,
+            DURATION_BUCKETS,
         )
         self._workers = 0
 
@@ -102,9 +92,6 @@ class Metrics:
             self.worker_connects.inc(count - self._workers)
         self._workers = count
         self.worker_connections.set(count)
-
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
 
 
 def route_template(scope: Scope, routes: Iterable[BaseRoute]) -> str:
@@ -160,7 +147,7 @@ router = APIRouter()
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format. Needs an API token (any valid one) when HIL_API_TOKENS is set (AuthMiddleware)."""
-    return Response(server_state(request)["metrics"].render(), media_type=CONTENT_TYPE_LATEST)
+    return Response(server_state(request)["metrics"].render(), media_type=CONTENT_TYPE)
 
 
 __all__ = ["Metrics", "RequestTimer", "route_template", "router"]

@@ -1,4 +1,5 @@
-"""Sessions, replies and the HTTP API's request/response bodies."""
+"""Sessions, replies and the HTTP API's request/response bodies (the shapes inside them, shared with hil-mcp, are in
+hil_protocol.api_models)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from hil_protocol.api_models import Approval, Choice, Person, PollStatus
 from hil_protocol.images import check_image_source
 from hil_protocol.messages import SESSION_REF_RE, utf8_len
 
@@ -30,26 +32,12 @@ def is_session_ref(value: str) -> bool:
     return SESSION_REF_RE.fullmatch(value) is not None
 
 
-class UserInfo(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    userid: str = ""
-    name: str = ""
-    alias: str = ""
-
-
-class Choice(BaseModel):
-    """The option a reply picked: its position (0-based) and label."""
-
-    index: int
-    label: str
-
-
 class Reply(BaseModel):
     msg_type: Literal["text", "image", "mixed"]
     content: str = ""
     image_url: str | None = None
     images: list[str] = Field(default_factory=list)
-    from_user: UserInfo = Field(default_factory=UserInfo)
+    from_user: Person = Field(default_factory=Person)
     timestamp: float = Field(default_factory=time.time)
     msgid: str | None = None
     matched_by: Literal["quote", "only_waiting", "late", "button"] = "quote"
@@ -69,16 +57,6 @@ class Refused(BaseModel):
     name: str = ""
     at: float
     text: str = ""
-
-
-class Approval(BaseModel):
-    """Where an approval stands: `approved` is None until it is decided."""
-
-    approved: bool | None = None
-    decided_by: list[str] = Field(default_factory=list)
-    comment: str = ""
-    approvals: int = 0
-    required: int = 1
 
 
 class Session(BaseModel):
@@ -224,7 +202,7 @@ class SendResponse(BaseModel):
 
 class PollResponse(BaseModel):
     session_id: str
-    status: Literal["waiting", "replied", "timeout", "failed", "not_found"]
+    status: PollStatus
     has_reply: bool
     replies: list[Reply] = Field(default_factory=list)
     message: str

@@ -27,7 +27,7 @@ from .channels import Channel, ChannelError
 from .choices import APPROVAL_OPTIONS
 from .events import RecentEvents
 from .matching import Decision, Outcome, decide
-from .models import Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session, UserInfo
+from .models import Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session
 from .store import SessionStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -284,7 +284,7 @@ class HilService:
                 content=msg.answer,
                 image_url=msg.image_urls[0] if msg.image_urls else None,
                 images=msg.image_urls,
-                from_user=UserInfo.model_validate(msg.from_user.model_dump()),
+                from_user=msg.from_user,
                 timestamp=msg.received_at,
                 msgid=msg.msgid,
                 matched_by=decision.matched_by or "quote",

@@ -6,6 +6,7 @@ With HIL_API_TOKENS set both need a token, and show what that token may see (`au
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from html import escape
 from typing import Any
 
@@ -158,6 +159,63 @@ grid-template-columns:max-content auto;gap:.2em 1em}dt{color:#555}dd{margin:0}
 """
 
 
+def _worker_row(w: dict[str, Any]) -> list[Any]:
+    return [
+        w["worker_id"],
+        f"{_utc(w['connected_at'])} ({duration(w['connected_seconds'])})",
+        f"{w['last_heartbeat_seconds_ago']:.0f}s ago",
+        w["in_flight"],
+    ]
+
+
+def _waiting_row(w: dict[str, Any]) -> list[Any]:
+    return [
+        w["short_id"],
+        w["project"] or "–",
+        w["chat_id"] or "–",
+        duration(w["age_seconds"]),
+        w["question"] + (f"（{w['approvals']} 已批准）" if w["approvals"] else ""),
+        "、".join(r["name"] or r["userid"] for r in w["refused"]) or "–",
+    ]
+
+
+def _recent_row(r: dict[str, Any]) -> list[Any]:
+    return [
+        r["short_id"],
+        r["project"] or "–",
+        r["outcome"],
+        r["by"] or "–",
+        r["chat_id"] or "–",
+        f"{duration(r['seconds_ago'])} ago",
+    ]
+
+
+# The page's tables: title, column headings, the list in status.json, one item as a row, what an empty one says.
+_SECTIONS: list[tuple[str, list[str], str, Callable[[dict[str, Any]], list[Any]], str]] = [
+    (
+        "Worker 连接 / Workers",
+        ["worker_id", "连接于 Connected since", "上次心跳 Last heartbeat", "处理中 In flight"],
+        "workers",
+        _worker_row,
+        "没有已连接的 Worker / no worker connected",
+    ),
+    (
+        "等待回复的问题 / Waiting questions",
+        ["短 id Short id", "项目 Project", "会话 Chat", "已等待 Age", "问题 Question", "未采纳 Refused"],
+        "waiting",
+        _waiting_row,
+        "没有等待中的问题 / nothing is waiting",
+    ),
+    (
+        "最近结果 / Recent outcomes",
+        ["短 id Short id", "项目 Project", "结果 Outcome", "回答者 By", "会话 Chat", "时间 When"],
+        "recent",
+        _recent_row,
+        "暂无 / none yet",
+    ),
+]
+
+
 def render_html(data: dict[str, Any]) -> str:
     summary = [
         ("模式 Mode", data["mode"]),
@@ -180,59 +238,11 @@ def render_html(data: dict[str, Any]) -> str:
         "<h1>HIL Server 状态 / Status</h1>",
         "<dl>" + "".join(f"<dt>{escape(k)}</dt><dd>{escape(v)}</dd>" for k, v in summary) + "</dl>",
     ]
-    if data["mode"] == "relay":
-        parts.append("<h2>Worker 连接 / Workers</h2>")
-        parts.append(
-            _table(
-                ["worker_id", "连接于 Connected since", "上次心跳 Last heartbeat", "处理中 In flight"],
-                [
-                    [
-                        w["worker_id"],
-                        f"{_utc(w['connected_at'])} ({duration(w['connected_seconds'])})",
-                        f"{w['last_heartbeat_seconds_ago']:.0f}s ago",
-                        w["in_flight"],
-                    ]
-                    for w in data["workers"]
-                ],
-                "没有已连接的 Worker / no worker connected",
-            )
-        )
-    parts.append("<h2>等待回复的问题 / Waiting questions</h2>")
-    parts.append(
-        _table(
-            ["短 id Short id", "项目 Project", "会话 Chat", "已等待 Age", "问题 Question", "未采纳 Refused"],
-            [
-                [
-                    w["short_id"],
-                    w["project"] or "–",
-                    w["chat_id"] or "–",
-                    duration(w["age_seconds"]),
-                    w["question"] + (f"（{w['approvals']} 已批准）" if w["approvals"] else ""),
-                    "、".join(r["name"] or r["userid"] for r in w["refused"]) or "–",
-                ]
-                for w in data["waiting"]
-            ],
-            "没有等待中的问题 / nothing is waiting",
-        )
-    )
-    parts.append("<h2>最近结果 / Recent outcomes</h2>")
-    parts.append(
-        _table(
-            ["短 id Short id", "项目 Project", "结果 Outcome", "回答者 By", "会话 Chat", "时间 When"],
-            [
-                [
-                    r["short_id"],
-                    r["project"] or "–",
-                    r["outcome"],
-                    r["by"] or "–",
-                    r["chat_id"] or "–",
-                    f"{duration(r['seconds_ago'])} ago",
-                ]
-                for r in data["recent"]
-            ],
-            "暂无 / none yet",
-        )
-    )
+    for title, headings, key, row, empty in _SECTIONS:
+        if key == "workers" and data["mode"] != "relay":
+            continue
+        parts.append(f"<h2>{title}</h2>")
+        parts.append(_table(headings, [row(item) for item in data[key]], empty))
     parts.append('<p class="empty"><a href="status.json">status.json</a> · <a href="metrics">metrics</a></p>')
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Any
 
 from pydantic import ValidationError
 
+from hil_protocol.cli import console_parser
 from hil_protocol.logs import setup_logging
 
 from . import __version__
@@ -16,9 +16,10 @@ from .config import McpSettings
 
 
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(
-        prog="hil-mcp",
-        description="Human-in-the-loop MCP server for WeCom (企业微信): ask a person, wait for the answer (stdio).",
+    parser = console_parser(
+        "hil-mcp",
+        __version__,
+        "Human-in-the-loop MCP server for WeCom (企业微信): ask a person, wait for the answer (stdio).",
     )
     parser.add_argument(
         "--service-url", help="HIL Server URL, with or without /api (env SERVICE_URL; default http://localhost:8081)"
@@ -35,7 +36,6 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
         help="seconds between polls against servers without long-poll (env POLL_INTERVAL; default 2)",
     )
     parser.add_argument("--api-token", help="API token for the HIL Server (env HIL_API_TOKEN)")
-    parser.add_argument("--version", action="version", version=f"hil-mcp {__version__}")
     args = parser.parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 

@@ -6,14 +6,13 @@ machine) and `hil_server.mcp_endpoint.ServiceBackend`, which calls the service i
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-# A session id (32 lowercase hex) or the short id shown in the chat (8 lowercase hex); always a full match.
-SESSION_REF_RE = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{24})?")
+from hil_protocol.api_models import Approval, Choice, Person, PollStatus
+from hil_protocol.messages import SESSION_REF_RE
 
 
 def session_ref(text: str) -> str:
@@ -33,13 +32,6 @@ class BackendError(Exception):
     def __init__(self, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.retryable = retryable
-
-
-class Person(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    userid: str = ""
-    name: str = ""
-    alias: str = ""
 
 
 class Reply(BaseModel):
@@ -68,20 +60,6 @@ class Outgoing(BaseModel):
     approvals_required: int | None = None
 
 
-class Choice(BaseModel):
-    index: int = Field(description="the option's position, from 0")
-    label: str = Field(description="the option as the person saw it")
-
-
-class Approval(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    approved: bool | None = None
-    decided_by: list[str] = Field(default_factory=list)
-    comment: str = ""
-    approvals: int = 0
-    required: int = 1
-
-
 class Sent(BaseModel):
     model_config = ConfigDict(extra="ignore")
     success: bool
@@ -94,7 +72,7 @@ class Sent(BaseModel):
 class Polled(BaseModel):
     model_config = ConfigDict(extra="ignore")
     session_id: str
-    status: Literal["waiting", "replied", "timeout", "failed", "not_found"]
+    status: PollStatus
     replies: list[Reply] = Field(default_factory=list)
     message: str = ""
     short_id: str | None = None

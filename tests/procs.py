@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import os
+import contextlib
 import signal
-import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 
+from tests.helpers import ROBOT, child_env, free_port
+
 BOT_KEY = "e2e-bot-key-0123456789"
 WORKER_TOKEN = "e2e-worker-token-abcdef"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -34,13 +30,7 @@ class Proc:
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self, wait: float = 20.0) -> Proc:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_"))}
-        env.update(self.env)
-        env["PYTHONUNBUFFERED"] = "1"
-        # Tests talk to 127.0.0.1 only; a proxy from the environment must not get in the way.
-        for var in ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY"):
-            env.pop(var, None)
-        env["NO_PROXY"] = "127.0.0.1,localhost"
+        env = child_env(**{**self.env, "PYTHONUNBUFFERED": "1"})
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             [sys.executable, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
@@ -201,6 +191,17 @@ class Stack:
         for proc in reversed(list(self.procs.values())):
             proc.stop()
 
+    @contextlib.contextmanager
+    def running(self) -> Iterator[Stack]:
+        """Started for the block and stopped after it; every process's log is printed when the block fails."""
+        try:
+            yield self.start()
+        except BaseException:
+            print(self.logs())
+            raise
+        finally:
+            self.stop()
+
     def logs(self) -> str:
         return "\n".join(f"===== {name}\n{proc.log()}" for name, proc in self.procs.items())
 
@@ -237,14 +238,11 @@ def mcp_stdio_params(
 ):
     """hil-mcp launched over stdio as an agent's MCP config would: `python -m mcp_server --service-url URL *args`.
 
-    Settings the test does not give come from nowhere: inherited HIL_/SERVICE_/DEFAULT_ variables and proxies are
-    dropped, and `cwd` (created) keeps any `.env` out."""
+    Settings the test does not give come from nowhere: inherited settings and proxies are dropped, and `cwd`
+    (created) keeps any `.env` out."""
     from mcp.client.stdio import StdioServerParameters
 
-    skip = ("HIL_", "SERVICE_", "DEFAULT_", "DEVCLOUD_", "POLL_")
-    base = {k: v for k, v in os.environ.items() if "proxy" not in k.lower() and not k.startswith(skip)}
-    base.update({"NO_PROXY": "127.0.0.1,localhost", "PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": log_level})
-    base.update(env or {})
+    base = child_env(**{"PYTHONUNBUFFERED": "1", "HIL_LOG_LEVEL": log_level, **(env or {})})
     cwd.mkdir(parents=True, exist_ok=True)
     return StdioServerParameters(
         command=sys.executable, args=["-m", "mcp_server", "--service-url", server_url, *args], env=base, cwd=cwd
@@ -286,7 +284,7 @@ class FakeChat:
     async def quote_reply(self, question: dict[str, Any], answer: str) -> None:
         response = await self.http.post(
             "/_fake/reply",
-            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": "HIL助手"},
+            json={"chat_id": self.chat_id, "text": answer, "quote": question["content"], "quote_sender": ROBOT},
         )
         response.raise_for_status()
         assert all(r["status_code"] == 200 for r in response.json()["responses"]), response.json()

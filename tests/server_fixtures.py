@@ -5,8 +5,6 @@ a module opts in to the clean environment with `pytestmark = pytest.mark.usefixt
 from __future__ import annotations
 
 import json
-import os
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from hil_server.app import create_app
 from hil_server.config import ServerSettings
+from tests.helpers import eventually, scrub_env
 
 BASE = "https://wecom.test"
 SEND = "/cgi-bin/webhook/send"
@@ -25,12 +24,11 @@ BOT_KEY = "test-bot-key-abcdef"
 
 
 @pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    # Settings read the environment and ./.env: neither may leak into these tests.
-    for name in list(os.environ):
-        if name.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "HEARTBEAT_")):
-            monkeypatch.delenv(name)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
+    """Settings read the environment and ./.env: neither may leak into the test (which may set its own)."""
+    scrub_env(monkeypatch)
     monkeypatch.chdir(tmp_path)
+    return monkeypatch
 
 
 def settings(tmp_path: Path, **kw: Any) -> ServerSettings:
@@ -68,12 +66,7 @@ class WeCom:
         return [p["markdown"]["content"] for p in self.accepted if p["msgtype"] == "markdown"]
 
     def wait_for(self, predicate: Any, timeout: float = 2.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if predicate():
-                return
-            time.sleep(0.01)
-        raise AssertionError(f"WeCom did not get the expected message; got {self.accepted}")
+        eventually(predicate, timeout, f"WeCom did not get the expected message; got {self.accepted}")
 
 
 @pytest.fixture
@@ -86,16 +79,3 @@ def wecom() -> Iterator[WeCom]:
 def client(tmp_path: Path, wecom: WeCom) -> Iterator[TestClient]:
     with TestClient(create_app(settings(tmp_path))) as c:
         yield c
-
-
-def callback_body(text: str, chat: str = "chatA", msgid: str = "m-1") -> dict[str, Any]:
-    """A fly-pigeon text callback from 张三 in a group chat."""
-    return {
-        "chatid": chat,
-        "chattype": "group",
-        "msgid": msgid,
-        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
-        "msgtype": "text",
-        "text": {"content": text},
-        "webhook_url": f"{BASE}{SEND}?key=xyz",
-    }

@@ -42,7 +42,8 @@ from hil_sandbox.fake_aibot import encrypt_media
 from hil_server.channels import ChannelError
 from hil_server.channels.aibot import IMAGES_UNSUPPORTED, AibotChannel, AibotOptions, plain_text
 from hil_server.models import Session
-from tests.test_fake_aibot import BOT, ROBOT, SECRET, Served, config, png, serve_fake, until
+from tests.helpers import png, until
+from tests.test_fake_aibot import BOT, ROBOT, SECRET, Served, config, serve_fake
 
 FAST = {
     "ping_interval": 0.2,
@@ -649,6 +650,30 @@ def test_the_channel_is_chosen_by_the_settings(tmp_path: Any) -> None:
 
 
 @pytest.mark.usefixtures("clean_env")
+def test_every_hil_aibot_setting_tunes_the_option_of_its_name(tmp_path: Any) -> None:
+    from hil_server.config import ServerSettings
+
+    values: dict[str, Any] = {
+        "hil_aibot_ping_interval": 7.0,
+        "hil_aibot_missed_pings": 3,
+        "hil_aibot_reconnect_min_delay": 0.5,
+        "hil_aibot_reconnect_max_delay": 9.0,
+        "hil_aibot_auth_retry": 11.0,
+        "hil_aibot_takeover_backoff": 12.0,
+        "hil_aibot_down_grace": 13.0,
+        "hil_aibot_send_timeout": 14.0,
+        "hil_aibot_markdown_limit": 2048,
+        "hil_aibot_image_max_bytes": 4096,
+    }
+    assert set(values) == {name for name in ServerSettings.model_fields if name.startswith("hil_aibot_")}
+    options = aibot_settings(tmp_path, **values).aibot_options()
+    assert {name: getattr(options, name.removeprefix("hil_aibot_")) for name in values} == values
+    # A maximum backoff below the minimum is raised to it.
+    backwards = aibot_settings(tmp_path, hil_aibot_reconnect_min_delay=5.0, hil_aibot_reconnect_max_delay=1.0)
+    assert backwards.aibot_options().reconnect_max_delay == 5.0
+
+
+@pytest.mark.usefixtures("clean_env")
 @pytest.mark.parametrize(
     ("changes", "says"),
     [
@@ -670,7 +695,7 @@ def test_the_app_in_ai_bot_mode_has_no_callback_route_and_says_when_the_link_is_
     from starlette.websockets import WebSocketDisconnect
 
     from hil_server.app import create_app
-    from tests.procs import free_port
+    from tests.helpers import free_port
 
     app = create_app(
         aibot_settings(

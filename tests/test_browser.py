@@ -9,8 +9,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import shutil
-import struct
-import zlib
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -21,7 +19,8 @@ import httpx
 import pytest
 
 from hil_sandbox.sandbox import SANDBOX_BOT_KEY
-from tests.procs import Proc, free_port, mcp_stdio_params
+from tests.helpers import CHROMIUM_ARGS, PNG_MAGIC, free_port, png
+from tests.procs import Proc, mcp_stdio_params
 
 sync_api = pytest.importorskip(
     "playwright.sync_api", reason="playwright is not installed: pip install playwright (it is in the test extra)"
@@ -34,31 +33,6 @@ if CHROMIUM is None:
     )
 
 pytestmark = pytest.mark.e2e
-
-# --disable-background-networking and friends: otherwise Chromium reaches for Google's servers on its own.
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-proxy-server",
-]
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def png(width: int, height: int, rgb: tuple[int, int, int]) -> bytes:
-    """A solid-colour PNG, so the tests need no image files."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + bytes(rgb) * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return PNG_MAGIC + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
 
 
 @dataclass

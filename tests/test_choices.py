@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import pytest
@@ -12,7 +13,7 @@ from hil_server.choices import as_text, check_options, pick_decision, pick_optio
 from hil_server.models import SendRequest
 from hil_server.service import HilService
 from hil_server.store import SessionStore
-from tests.server_fixtures import callback_body
+from tests.helpers import callback_body
 
 OPTIONS = ["合并", "不合并", "Rebase First"]
 
@@ -104,29 +105,24 @@ class Channel:
         self.cards.append(update)
 
 
-_seq = 0
-
-
 def reply(text: str, userid: str = "zhangsan", chat: str = "c", name: str = "张三") -> IncomingMessage:
-    global _seq
-    _seq += 1
-    data: dict[str, Any] = callback_body(text, chat=chat, msgid=f"c-{_seq}")
-    data["from"] = {"userid": userid, "name": name}
-    return parse_callback(data)
+    return parse_callback(callback_body(text, chat, sender={"userid": userid, "name": name}))
+
+
+_clicks = itertools.count(1)
 
 
 def click(session_id: str, key: str, userid: str = "zhangsan", chat: str = "c") -> IncomingMessage:
-    global _seq
-    _seq += 1
+    seq = next(_clicks)
     return IncomingMessage(
-        msgid=f"k-{_seq}",
+        msgid=f"k-{seq}",
         chat_id=chat,
         chat_type="group",
         msg_type="event",
         event_type="template_card_event",
         from_user={"userid": userid, "name": userid},
         card=CardClick(task_id=session_id, key=key),
-        reply_to=f"req-{_seq}",
+        reply_to=f"req-{seq}",
     )
 
 

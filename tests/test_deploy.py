@@ -4,15 +4,12 @@ nginx sample, served with TLS and a throwaway certificate."""
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -28,6 +25,7 @@ from pydantic_settings import BaseSettings
 
 from devcloud_worker.config import WorkerSettings
 from hil_server.config import ServerSettings
+from tests.helpers import child_env, free_port, throwaway_tls
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")
@@ -42,12 +40,6 @@ VENV = Path(sys.prefix)
 needs_venv = pytest.mark.skipif(
     not (VENV / "bin" / "python").exists(), reason="the test interpreter is not in a virtualenv with bin/python"
 )
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def port_free(port: int) -> bool:
@@ -81,38 +73,20 @@ def alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
 
 
-def clean_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "WORKER_", "HEARTBEAT_"))
+# What the deploy scripts read besides the programs' settings: none of it may come from the test runner.
+SCRIPT_VARS = ("VENV", "PID_FILE", "LOG_FILE", "HEALTH_URL", "START_TIMEOUT", "STOP_TIMEOUT", "PYTHON")
+
+
+def script_env(tmp_path: Path, name: str, **extra: str) -> dict[str, str]:
+    """A deploy script's environment: this test's venv, and pid, log and data files under `tmp_path`."""
+    files = {
+        "VENV": str(VENV),
+        "PID_FILE": str(tmp_path / "run" / f"{name}.pid"),
+        "LOG_FILE": str(tmp_path / "logs" / f"{name}.log"),
+        "HIL_DATA_DIR": str(tmp_path / "data"),
+        "HIL_LOG_LEVEL": "INFO",
     }
-    for var in (
-        "http_proxy",
-        "https_proxy",
-        "all_proxy",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "ALL_PROXY",
-        "VENV",
-        "PID_FILE",
-        "LOG_FILE",
-        "HEALTH_URL",
-        "START_TIMEOUT",
-        "STOP_TIMEOUT",
-        "PYTHON",
-    ):
-        env.pop(var, None)
-    env["NO_PROXY"] = "127.0.0.1,localhost"
-    env.update(
-        VENV=str(VENV),
-        PID_FILE=str(tmp_path / "run" / f"{name}.pid"),
-        LOG_FILE=str(tmp_path / "logs" / f"{name}.log"),
-        HIL_DATA_DIR=str(tmp_path / "data"),
-        HIL_LOG_LEVEL="INFO",
-    )
-    env.update(extra)
-    return env
+    return child_env(drop=SCRIPT_VARS, **{**files, **extra})
 
 
 def run(
@@ -174,10 +148,10 @@ def test_shellcheck() -> None:
 
 
 def test_help(tmp_path: Path) -> None:
-    result = run(HIL, "--help", env=clean_env(tmp_path, "hil"), cwd=tmp_path)
+    result = run(HIL, "--help", env=script_env(tmp_path, "hil"), cwd=tmp_path)
     assert result.returncode == 0
     assert "usage: deploy_hil.sh" in result.stdout
-    result = run(WORKER, "bogus", env=clean_env(tmp_path, "worker"), cwd=tmp_path)
+    result = run(WORKER, "bogus", env=script_env(tmp_path, "worker"), cwd=tmp_path)
     assert result.returncode == 2
     assert "usage: deploy_worker.sh" in result.stderr
 
@@ -193,7 +167,7 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
     env_file = tmp_path / "hil.env"
     env_file.write_text(f"HIL_PORT={port}\nHIL_MODE=direct\nHIL_WORKER_TOKEN='{SECRET}'\nHIL_API_TOKENS=api-tok\n")
     env_file.chmod(0o600)
-    env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_MODE="relay")
+    env = script_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_MODE="relay")
     reaper.append(env)
     outputs: list[str] = []
 
@@ -265,7 +239,7 @@ def test_hil_start_status_restart_stop(tmp_path: Path, reaper: list[dict[str, st
 def test_start_repeats_the_servers_warnings(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
     """An open API is said in the deploy output itself, not only in the log; in either log format."""
     port = free_port()
-    env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(port), HIL_MODE="relay")
+    env = script_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(port), HIL_MODE="relay")
     reaper.append(env)
     Path(env["LOG_FILE"]).parent.mkdir(parents=True)
     Path(env["LOG_FILE"]).write_text("2026-01-01 00:00:00,000 WARNING old: from an earlier run\n")
@@ -283,7 +257,7 @@ def test_start_repeats_the_servers_warnings(tmp_path: Path, reaper: list[dict[st
 
 @needs_venv
 def test_hil_start_failure_shows_log_and_exits_nonzero(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
-    env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(free_port()), HIL_MODE="direct")
+    env = script_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(free_port()), HIL_MODE="direct")
     reaper.append(env)
     result = run(HIL, "start", env=env, cwd=tmp_path)
     assert result.returncode != 0
@@ -298,7 +272,7 @@ def test_hil_refuses_a_busy_port(tmp_path: Path, reaper: list[dict[str, str]]) -
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = clean_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(port), HIL_MODE="relay")
+        env = script_env(tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(port), HIL_MODE="relay")
         reaper.append(env)
         result = run(HIL, "start", env=env, cwd=tmp_path)
     assert result.returncode != 0
@@ -307,7 +281,7 @@ def test_hil_refuses_a_busy_port(tmp_path: Path, reaper: list[dict[str, str]]) -
 
 
 def test_missing_explicit_env_file(tmp_path: Path) -> None:
-    env = clean_env(tmp_path, "hil", HIL_ENV_FILE=str(tmp_path / "nope.env"))
+    env = script_env(tmp_path, "hil", HIL_ENV_FILE=str(tmp_path / "nope.env"))
     result = run(HIL, "status", env=env, cwd=tmp_path)
     assert result.returncode != 0
     assert "nope.env" in result.stderr
@@ -320,7 +294,7 @@ def test_missing_explicit_env_file(tmp_path: Path) -> None:
 def test_worker_start_status_stop(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
     port = free_port()
     closed = free_port()  # nothing listens there: the worker runs anyway and keeps retrying
-    env = clean_env(
+    env = script_env(
         tmp_path,
         "worker",
         BOT_KEY="deploy-test-bot-key",
@@ -354,7 +328,7 @@ def test_worker_start_status_stop(tmp_path: Path, reaper: list[dict[str, str]]) 
 @needs_venv
 def test_worker_refuses_to_start_without_bot_key(tmp_path: Path, reaper: list[dict[str, str]]) -> None:
     port = free_port()
-    env = clean_env(tmp_path, "worker", CALLBACK_HOST="127.0.0.1", CALLBACK_PORT=str(port))
+    env = script_env(tmp_path, "worker", CALLBACK_HOST="127.0.0.1", CALLBACK_PORT=str(port))
     reaper.append(env)
     (tmp_path / "worker.env").write_text("BOT_KEY=\n")  # present but empty counts as missing
     for args in (["start"], ["restart"]):
@@ -366,40 +340,6 @@ def test_worker_refuses_to_start_without_bot_key(tmp_path: Path, reaper: list[di
 
 
 # --- nginx sample: HTTPS by default; the worker reaches the server through it over wss ----------------------------
-
-
-def throwaway_certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 and localhost, and its key (PEM files)."""
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = directory / "fullchain.pem", directory / "privkey.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    key_file.chmod(0o600)
-    return cert_file, key_file
 
 
 def test_nginx_sample_is_https_by_default() -> None:
@@ -423,15 +363,15 @@ def test_nginx_sample_proxies_api_ws_and_health_only(tmp_path: Path, reaper: lis
     server_port, worker_port, http_port, https_port = free_port(), free_port(), free_port(), free_port()
     ngx = tmp_path / "nginx"
     ngx.mkdir()
-    cert, key = throwaway_certificate(ngx)
+    tls = throwaway_tls(ngx, "localhost", "127.0.0.1")
     site = (ROOT / "deploy" / "nginx-hil.conf").read_text()
     for placeholder, value in (
         ("listen 80;", f"listen 127.0.0.1:{http_port};"),
         ("listen [::]:80;", ""),
         ("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;"),
         ("listen [::]:443 ssl;", ""),
-        ("/etc/letsencrypt/live/your-domain.com/fullchain.pem", str(cert)),
-        ("/etc/letsencrypt/live/your-domain.com/privkey.pem", str(key)),
+        ("/etc/letsencrypt/live/your-domain.com/fullchain.pem", str(tls.certfile)),
+        ("/etc/letsencrypt/live/your-domain.com/privkey.pem", str(tls.keyfile)),
     ):
         assert site.count(placeholder) == 1, placeholder
         site = site.replace(placeholder, value)
@@ -448,10 +388,10 @@ def test_nginx_sample_proxies_api_ws_and_health_only(tmp_path: Path, reaper: lis
     check = subprocess.run([*nginx_cmd, "-t"], capture_output=True, text=True, timeout=30)
     assert check.returncode == 0, check.stderr
 
-    server_env = clean_env(
+    server_env = script_env(
         tmp_path, "hil", HIL_HOST="127.0.0.1", HIL_PORT=str(server_port), HIL_MODE="relay", HIL_WORKER_TOKEN=SECRET
     )
-    worker_env = clean_env(
+    worker_env = script_env(
         tmp_path,
         "worker",
         BOT_KEY="deploy-test-bot-key",
@@ -459,11 +399,11 @@ def test_nginx_sample_proxies_api_ws_and_health_only(tmp_path: Path, reaper: lis
         CALLBACK_HOST="127.0.0.1",
         CALLBACK_PORT=str(worker_port),
         HIL_URL=f"wss://127.0.0.1:{https_port}/ws",
-        SSL_CERT_FILE=str(cert),  # the worker trusts the throwaway certificate as it would a real one
+        SSL_CERT_FILE=str(tls.cafile),  # the worker trusts the throwaway CA as it would a real one
         HIL_DATA_DIR=str(tmp_path / "worker-data"),
     )
     reaper.extend([server_env, worker_env])
-    trust = ssl.create_default_context(cafile=str(cert))
+    trust = tls.client_context()
     nginx = subprocess.Popen(nginx_cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert run(HIL, "start", env=server_env, cwd=tmp_path).returncode == 0
@@ -551,7 +491,7 @@ def test_env_example_loads(tmp_path: Path, example: str, module: str) -> None:
     """Sourced as deploy_*.sh does, the example is a valid configuration (the worker's BOT_KEY aside)."""
     mod, cls = module.rsplit(".", 1)
     code = f"from {mod} import {cls}; {cls}()"
-    env = clean_env(tmp_path, "x")
+    env = script_env(tmp_path, "x")
     del env["HIL_DATA_DIR"], env["HIL_LOG_LEVEL"]
     result = subprocess.run(
         [
@@ -612,7 +552,7 @@ def test_systemd_unit(tmp_path: Path, unit: str, module: str, env_file: str) -> 
 
 def test_deploy_scripts_and_hil_share_one_venv(tmp_path: Path) -> None:
     venv = ROOT / ".venv"
-    env = clean_env(tmp_path, "hil")
+    env = script_env(tmp_path, "hil")
     del env["VENV"]
     usage = run(HIL, "--help", env=env, cwd=tmp_path).stdout
     assert f"default {venv}, shared with ./hil" in usage

@@ -18,7 +18,8 @@ from hil_server.app import create_app
 from hil_server.models import SendRequest, Session
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence, StoreUnavailable
-from tests.server_fixtures import WeCom, callback_body, settings
+from tests.helpers import callback_body
+from tests.server_fixtures import WeCom, settings
 
 
 class FlakyDisk(SqlitePersistence):

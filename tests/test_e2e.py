@@ -10,6 +10,7 @@ import time
 import httpx
 import pytest
 
+from tests import helpers
 from tests.procs import BOT_KEY, Stack
 
 pytestmark = pytest.mark.e2e
@@ -283,7 +284,8 @@ def test_logs_never_contain_secrets(stack: Stack) -> None:
 
 
 def test_failed_send_is_tried_on_the_next_worker(relay: Stack, tmp_path) -> None:
-    from tests.procs import Proc, free_port
+    from tests.helpers import free_port
+    from tests.procs import Proc
 
     # A second worker whose WeCom is unreachable: every send it takes fails with a network error.
     port = free_port()
@@ -332,23 +334,11 @@ def test_silent_worker_is_evicted(relay: Stack) -> None:
     assert relay.send("还在吗", chat_id="chat-alive")["success"]
 
 
-def _png(width: int = 4) -> bytes:
-    import struct
-    import zlib
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    raw = b"".join(b"\x00" + b"\xff\x00\x00" * width for _ in range(width))
-    ihdr = struct.pack(">IIBBBBB", width, width, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b"")
-
-
 def test_images_go_out_after_the_text_and_image_replies_come_back(stack: Stack) -> None:
     import base64
     import hashlib
 
-    png = _png()
+    png = helpers.png(4, 4, (255, 0, 0))
     uploaded = httpx.post(f"{stack.server_url}/api/upload-image", files={"file": ("shot.png", png, "image/png")}).json()
     assert uploaded["success"] and uploaded["image_url"].startswith("data:image/png;base64,")
     sent = stack.send("看下这张截图？", chat_id="chat-img", images=[uploaded["image_url"]], chat_type="single")

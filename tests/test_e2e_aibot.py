@@ -20,7 +20,8 @@ import pytest
 from mcp import Client
 from websockets.asyncio.client import connect
 
-from tests.procs import Proc, Stack, free_port, mcp_stdio_params
+from tests.helpers import aibot_chat_page, free_port
+from tests.procs import Proc, Stack, mcp_stdio_params
 
 pytestmark = pytest.mark.e2e
 
@@ -384,18 +385,10 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
             async_api = pytest.importorskip("playwright.async_api")
             if chromium is None:
                 pytest.skip("Chromium is not installed: apt-get install chromium")
-            from tests.test_browser import CHROMIUM_ARGS
 
             expect: Any = async_api.expect
-            async with async_api.async_playwright() as playwright:
-                browser = await playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-                page = await browser.new_page(viewport={"width": 1280, "height": 800}, locale="zh-CN")
-                page.set_default_timeout(10_000)
-                errors: list[str] = []
-                page.on("pageerror", lambda exc: errors.append(str(exc)))
-                await page.goto(f"{sandbox.wecom_url}/#chat=sandbox-chat")
-                await expect(page.get_by_test_id("mode-select")).to_have_value("aibot")
-                await page.get_by_test_id("whoami-userid").fill("lisi")
+            async with aibot_chat_page(chromium, f"{sandbox.wecom_url}/#chat=sandbox-chat", "lisi") as chat:
+                page = chat.page
                 choice = {"message": "要合并这个 PR 吗？", "chat_id": "sandbox-chat", "options": ["合并", "不合并"]}
                 asked = (await http.post(send, json=choice)).json()
                 card = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
@@ -407,7 +400,6 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 assert answer["replies"][0]["answered_by"] == "lisi"
                 await expect(card).to_contain_text("✅ lisi 选择了「不合并」")
                 await expect(card.get_by_test_id("card-button")).to_have_count(0)
-                await browser.close()
-            assert not errors, errors
+            assert not chat.errors, chat.errors
     finally:
         proc.stop()

@@ -17,6 +17,7 @@ import pytest
 from mcp import Client
 from mcp.client.stdio import StdioServerParameters
 
+from tests.helpers import ASK_PARAMETERS, SEED_TOOL_PARAMETERS, parameters
 from tests.procs import FakeChat, Stack, ask_then_cancel, mcp_stdio_params, settled_status
 
 pytestmark = pytest.mark.e2e
@@ -55,20 +56,8 @@ async def test_list_tools(stack: Stack, tmp_path: Path) -> None:
     async with session(stack, tmp_path) as (client, _):
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert {"send_and_wait_reply", "send_message_only", "wait_for_reply"} <= set(tools)
-    assert set(tools["send_and_wait_reply"].input_schema["properties"]) == {
-        "message",
-        "chat_id",
-        "image_paths",
-        "project_name",
-        "options",
-        "responders",
-    }
-    assert set(tools["send_message_only"].input_schema["properties"]) == {
-        "message",
-        "chat_id",
-        "image_paths",
-        "project_name",
-    }
+    assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
+    assert parameters(tools["send_message_only"]) == SEED_TOOL_PARAMETERS
 
 
 async def test_send_and_wait_reply_gets_the_quote_reply(stack: Stack, tmp_path: Path) -> None:

@@ -9,31 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import datetime
-import ipaddress
 import json
 import shutil
 import ssl
-import struct
-import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import uvicorn
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from websockets.asyncio.client import ClientConnection, connect
 
 from hil_sandbox.fake_aibot import AibotConflictError, AibotError, AibotNotConnectedError, AibotNotFoundError
 from hil_sandbox.fake_wecom import FakeWeCom, FakeWeComConfig, create_fake_wecom_app
 from hil_sandbox.fake_wecom import main as fake_main
+from tests.helpers import PNG_MAGIC, TlsFiles, aibot_chat_page, png, throwaway_tls, until
 
 pytest.importorskip("aibot", reason="wecom-aibot-python-sdk is in the test extra: pip install -e '.[test]'")
 import aibot  # WeCom's official SDK; its api and ws modules hold the SSL contexts replaced below
@@ -43,24 +35,7 @@ import aibot.ws
 BOT = "aib-test-bot"
 SECRET = "s3cret-of-the-bot"
 ROBOT = "HIL助手"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIMEOUT = 5.0
-
-
-def png(width: int = 4, height: int = 3) -> bytes:
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    rows = b"".join(b"\x00" + b"\x2f\x7c\xf6" * width for _ in range(height))
-    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
-    return PNG_MAGIC + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b"")
-
-
-async def until(predicate: Callable[[], bool], timeout: float = TIMEOUT) -> None:
-    """Poll state another library owns (the SDK, uvicorn), which offers nothing to wait on."""
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 def markdown(chatid: str, content: str) -> dict[str, Any]:
@@ -83,62 +58,9 @@ def button_card(task_id: str, *keys: str) -> dict[str, Any]:
 # ----- a throwaway certificate authority and a server certificate for 127.0.0.1 -----
 
 
-@dataclass
-class Tls:
-    cafile: Path
-    certfile: Path
-    keyfile: Path
-
-    def client_context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.cafile))
-
-
-def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-
-
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> Tls:
-    tmp = tmp_path_factory.mktemp("tls")
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key, key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "hil-mcp test CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
-        )  # digital_signature, key_cert_sign, crl_sign
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = Tls(tmp / "ca.pem", tmp / "cert.pem", tmp / "key.pem")
-    paths.cafile.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    paths.certfile.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    paths.keyfile.write_bytes(_pem_key(key))
-    return paths
+def tls(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return throwaway_tls(tmp_path_factory.mktemp("tls"), "127.0.0.1")
 
 
 # ----- the fake under uvicorn, in the test's own event loop -----
@@ -152,7 +74,7 @@ class Served:
 
 
 @asynccontextmanager
-async def serve_fake(config: FakeWeComConfig, tls: Tls | None = None) -> AsyncIterator[Served]:
+async def serve_fake(config: FakeWeComConfig, tls: TlsFiles | None = None) -> AsyncIterator[Served]:
     app = create_fake_wecom_app(config)
     ssl_files = {"ssl_certfile": str(tls.certfile), "ssl_keyfile": str(tls.keyfile)} if tls else {}
     server = uvicorn.Server(
@@ -232,7 +154,7 @@ class SdkBot:
 async def sdk_bot(
     served: Served,
     monkeypatch: pytest.MonkeyPatch,
-    tls: Tls,
+    tls: TlsFiles,
     *,
     secret: str = SECRET,
     authenticate: bool = True,
@@ -265,7 +187,9 @@ async def sdk_bot(
 # ----- conformance: the official SDK against the fake over wss -----
 
 
-async def test_sdk_authenticates_receives_text_and_sends_markdown(tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sdk_authenticates_receives_text_and_sends_markdown(
+    tls: TlsFiles, monkeypatch: pytest.MonkeyPatch
+) -> None:
     async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls) as bot:
         fake = served.fake
         await fake.aibot.wait_connected()
@@ -299,7 +223,7 @@ async def test_sdk_authenticates_receives_text_and_sends_markdown(tls: Tls, monk
         assert SECRET not in json.dumps([f.model_dump() for f in fake.aibot.get_frames()])
 
 
-async def test_sdk_card_click_and_update(tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sdk_card_click_and_update(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls) as bot:
         fake = served.fake
         ack = await bot.client.send_message(
@@ -337,7 +261,7 @@ async def test_sdk_card_click_and_update(tls: Tls, monkeypatch: pytest.MonkeyPat
         assert fake.aibot.card("merge-2").updates == []
 
 
-async def test_sdk_download_file_decrypts_images_and_files(tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sdk_download_file_decrypts_images_and_files(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls) as bot:
         fake = served.fake
         image = png(7, 5)
@@ -367,7 +291,7 @@ async def test_sdk_download_file_decrypts_images_and_files(tls: Tls, monkeypatch
 
 
 async def test_sdk_sees_a_takeover_and_a_kick_as_its_disconnected_event(
-    tls: Tls, monkeypatch: pytest.MonkeyPatch
+    tls: TlsFiles, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls) as first:
         fake = served.fake
@@ -389,7 +313,7 @@ async def test_sdk_sees_a_takeover_and_a_kick_as_its_disconnected_event(
             await fake.aibot.wait_connected(connected=False)
 
 
-async def test_sdk_heartbeat_and_a_half_dead_link(tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sdk_heartbeat_and_a_half_dead_link(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls, heartbeat_interval=50) as bot:
         fake = served.fake
         await asyncio.sleep(0.3)
@@ -402,7 +326,7 @@ async def test_sdk_heartbeat_and_a_half_dead_link(tls: Tls, monkeypatch: pytest.
         await fake.aibot.wait_connected(connected=False)
 
 
-async def test_sdk_wrong_secret_and_welcome(tls: Tls, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sdk_wrong_secret_and_welcome(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
     async with serve_fake(config(), tls) as served:
         async with sdk_bot(served, monkeypatch, tls, secret="wrong", authenticate=False) as refused:
             error = await refused.next("error")
@@ -977,19 +901,11 @@ CHROMIUM = shutil.which("chromium")
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed: apt-get install chromium")
 async def test_chat_page_in_ai_bot_mode(served: Served) -> None:
     async_api = pytest.importorskip("playwright.async_api", reason="playwright is in the test extra")
-    from tests.test_browser import CHROMIUM_ARGS
-
     expect: Callable[..., Any] = async_api.expect
     fake = served.fake
-    async with link(served) as bare, async_api.async_playwright() as playwright:
-        browser = await playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        page = await browser.new_page(viewport={"width": 1280, "height": 800}, locale="zh-CN")
-        page.set_default_timeout(10_000)
-        errors: list[str] = []
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
-        await page.goto(f"{served.http.base_url}/#chat=group-1")
-        await expect(page.get_by_test_id("mode-select")).to_have_value("aibot")
-        await page.get_by_test_id("whoami-userid").fill("lisi")
+    assert CHROMIUM is not None
+    async with link(served) as bare, aibot_chat_page(CHROMIUM, f"{served.http.base_url}/#chat=group-1", "lisi") as chat:
+        page = chat.page
         await page.get_by_test_id("whoami-name").fill("李四")
 
         # The bot asks with a card; the person clicks as 李四.
@@ -1022,6 +938,5 @@ async def test_chat_page_in_ai_bot_mode(served: Served) -> None:
         await expect(mine).to_contain_text("李四")
         await expect(mine.get_by_test_id("callback-status")).to_have_text("已推送")
         assert (await page.screenshot()).startswith(PNG_MAGIC)
-        await browser.close()
-    assert not errors, errors
+    assert not chat.errors, chat.errors
     assert fake.aibot.card("page-1").card == decided

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import socket
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ from hil_sandbox.fake_wecom import (
     create_fake_wecom_app,
     format_quote_reply,
 )
+from tests.helpers import free_port
 
 KEY = "test-bot-key"
 OTHER_KEY = "other-bot-key"
@@ -656,9 +656,7 @@ async def test_callbacks_have_seq_and_long_poll(env: Env) -> None:
 
 @pytest.fixture
 def cli_server() -> Iterator[str]:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     command = [sys.executable, "-m", "hil_sandbox.fake_wecom", "--port", str(port), "--bot-key", "k1"]
     command += ["--rate-limit", "5", "--log-level", "warning"]
     url = f"http://127.0.0.1:{port}"

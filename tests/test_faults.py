@@ -28,7 +28,8 @@ import httpx
 import pytest
 
 from tests.fault_proxy import ODD_ANSWERS, Fault, FaultProxy, redirecting_server
-from tests.procs import BOT_KEY, Proc, Stack, free_port
+from tests.helpers import eventually, free_port
+from tests.procs import BOT_KEY, Proc, Stack
 
 pytestmark = pytest.mark.e2e
 
@@ -78,13 +79,6 @@ def metric(text: str, name: str) -> float:
 
 def spool_depth(stack: Stack) -> int:
     return int(worker_health(stack).json()["spooled_callbacks"])
-
-
-def eventually(predicate: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, what
-        time.sleep(0.02)
 
 
 async def _gather_posts(url: str, bodies: list[dict[str, Any]], concurrency: int) -> list[httpx.Response]:
@@ -404,8 +398,7 @@ def test_odd_answers_to_hints_leave_the_direct_server_working(answer: str, tmp_p
     stack = Stack(mode="direct", tmp=tmp_path)
     with FaultProxy(stack.fake_url, path_prefix="/cgi-bin/") as proxy:
         stack.server_env["WECOM_API_BASE"] = proxy.url
-        try:
-            stack.start()
+        with stack.running():
             proxy.inject(ODD_ANSWERS[answer], count=2)
             stack.reply("chat-hint", "没有问题在等，机器人会回一个提示")  # the hint gets the odd answer
             stack.reply("chat-hint", "再来一次")
@@ -414,11 +407,6 @@ def test_odd_answers_to_hints_leave_the_direct_server_working(answer: str, tmp_p
             plain_round_trip(stack, "chat-after-hint")
             metrics = httpx.get(f"{stack.server_url}/metrics", timeout=5).text
             assert metric(metrics, "hil_hints_sent_total") >= 2
-        except BaseException:
-            print(stack.logs())
-            raise
-        finally:
-            stack.stop()
 
 
 def sending(stack: Stack) -> int:
@@ -432,8 +420,7 @@ def sending(stack: Stack) -> int:
 
 def test_sigkill_with_30_sends_in_flight_leaves_no_phantom_question(tmp_path: Path) -> None:
     stack = Stack(mode="direct", tmp=tmp_path, server_env={"WECOM_RETRY_DEADLINE": "60"})
-    try:
-        stack.start()
+    with stack.running():
         stack.fake("fail", {"errcodes": [45009] * 1000})  # WeCom refuses everything: every send keeps retrying
         bodies = [{"message": f"在途问题 {i}", "chat_id": "chat-kill"} for i in range(30)]
         with ThreadPoolExecutor(1) as pool:
@@ -454,19 +441,13 @@ def test_sigkill_with_30_sends_in_flight_leaves_no_phantom_question(tmp_path: Pa
         # The chat is told not to answer the half-sent questions.
         eventually(lambda: sum("已作废" in (m["content"] or "") for m in stack.messages()) == 30, 20, "no notices")
         plain_round_trip(stack, "chat-after-kill")
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 @pytest.mark.parametrize("mode", ["direct", "relay"])
 def test_a_full_disk_under_the_server_loses_no_reply(mode: str, tiny_disk: Path, tmp_path: Path) -> None:
     env = {"HIL_DATA_DIR": str(tiny_disk / "server"), "HIL_STORE_RETRY_INTERVAL": "0.2"}
     stack = Stack(mode=mode, tmp=tmp_path, server_env=env, worker_env=dict(FAST_WORKER))
-    try:
-        stack.start()
+    with stack.running():
         sent = stack.send("磁盘满了也不能丢回答", chat_id="chat-disk")
         assert sent["success"], sent
         filler = fill(tiny_disk)
@@ -494,11 +475,6 @@ def test_a_full_disk_under_the_server_loses_no_reply(mode: str, tiny_disk: Path,
             stack.wait_worker()
         assert [r["content"] for r in stack.poll(sent["session_id"])["replies"]] == ["可以"]
         plain_round_trip(stack, "chat-disk-after")
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 def test_two_servers_on_one_data_dir(tmp_path: Path) -> None:

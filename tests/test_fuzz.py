@@ -26,7 +26,8 @@ from devcloud_worker.config import WorkerSettings
 from devcloud_worker.worker import create_app as create_worker_app
 from hil_server.app import create_app
 from hil_server.config import ServerSettings
-from tests.test_security_e2e import WeComOracle, new_aes_key, new_callback_token, text_payload_json, text_payload_xml
+from tests.helpers import callback_body, scrub_env
+from tests.wecom_oracle import WeComOracle, new_aes_key, new_callback_token, text_payload_json, text_payload_xml
 
 WECOM = "http://wecom.fuzz.test"
 FUZZ_SETTINGS = settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
@@ -37,9 +38,7 @@ FAST = 1.0  # WeCom wants URL verification answered within 1 s and retries callb
 def clean_env() -> Iterator[None]:
     # Settings read the environment (and ./.env, turned off below): none of it may leak into these apps.
     with pytest.MonkeyPatch.context() as mp:
-        for name in list(os.environ):
-            if name.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "HEARTBEAT_")):
-                mp.delenv(name)
+        scrub_env(mp)
         yield
 
 
@@ -189,14 +188,8 @@ def crypto_callback(
 
 
 def valid(msgtype: str = "text", **extra: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "webhook_url": f"{WECOM}/cgi-bin/webhook/send?key=xyz",
-        "msgid": f"fuzz-{random.getrandbits(64):x}",
-        "chatid": "fuzzChat",
-        "chattype": "group",
-        "from": {"userid": "zhangsan", "name": "张三", "alias": "zs"},
-        "msgtype": msgtype,
-        "text": {"content": "@HIL助手 hi"},
+    """A callback with every part filled in, whichever `msgtype` it names: there is something at every path."""
+    parts: dict[str, Any] = {
         "image": {"image_url": "https://example.invalid/a.png"},
         "mixed_message": {
             "msg_item": [
@@ -206,8 +199,15 @@ def valid(msgtype: str = "text", **extra: Any) -> dict[str, Any]:
         },
         "event": {"event_type": "add_to_chat"},
     }
-    body.update(extra)
-    return body
+    return callback_body(
+        "@HIL助手 hi",
+        "fuzzChat",
+        f"fuzz-{random.getrandbits(64):x}",
+        msgtype=msgtype,
+        sender={"alias": "zs"},
+        webhook_url=f"{WECOM}/cgi-bin/webhook/send?key=xyz",
+        **{**parts, **extra},
+    )
 
 
 def leaf_paths(value: Any, prefix: tuple[Any, ...] = ()) -> Iterator[tuple[Any, ...]]:

@@ -4,7 +4,6 @@ the long-poll fast path answering exactly as the FastAPI route, and slow or huge
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -19,6 +18,7 @@ from fastapi.testclient import TestClient
 from hil_server.app import create_app
 from hil_server.auth import Grant, can_see, parse_tokens
 from hil_server.models import Session
+from tests.helpers import free_port
 from tests.server_fixtures import WeCom, settings
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -147,12 +147,6 @@ def test_fast_path_and_route_answer_identically(tmp_path: Path, wecom: WeCom) ->
 
 
 # --- slow bodies -----------------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from mcp.shared.exceptions import MCPError
 
 from hil_server.app import create_app
 from hil_server.mcp_endpoint import _is_loopback_host
+from tests.helpers import ASK_PARAMETERS, parameters
 from tests.procs import FakeChat, Nginx, Stack, ask_then_cancel, settled_status
 from tests.server_fixtures import WeCom, settings
 
@@ -115,14 +116,7 @@ async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
     async with mcp_client(remote, "tokFree", mode=mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert set(tools) == {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"}
-    assert set(tools["send_and_wait_reply"].input_schema["properties"]) == {
-        "message",
-        "chat_id",
-        "image_paths",
-        "project_name",
-        "options",
-        "responders",
-    }
+    assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
     output = tools["send_and_wait_reply"].output_schema
     assert output is not None and {"status", "replies", "message", "session_id", "short_id"} <= set(
         output["properties"]

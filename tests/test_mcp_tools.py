@@ -23,6 +23,7 @@ from mcp_server.backend import BackendError
 from mcp_server.client import HilClient
 from mcp_server.config import McpSettings
 from mcp_server.server import create_server
+from tests.helpers import ASK_PARAMETERS, SEED_TOOL_PARAMETERS, parameters
 
 BASE = "http://hil.test"
 # A 1x1 PNG.
@@ -209,9 +210,8 @@ async def test_list_tools_has_the_four_tools_with_their_parameters(hil: FakeHil)
     async with connect() as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
     assert {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"} <= set(tools)
-    seed = {"message", "chat_id", "image_paths", "project_name"}
-    assert set(tools["send_message_only"].input_schema["properties"]) == seed
-    assert set(tools["send_and_wait_reply"].input_schema["properties"]) == seed | {"options", "responders"}
+    assert parameters(tools["send_message_only"]) == SEED_TOOL_PARAMETERS
+    assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
     for name in ("send_and_wait_reply", "send_message_only"):
         assert tools[name].input_schema["required"] == ["message"]
         assert tools[name].description
@@ -598,28 +598,6 @@ async def test_progress_strictly_increases_against_a_fast_polled_seed_server(rou
 
 
 # --- configuration ---
-
-ENV_VARS = (
-    "SERVICE_URL",
-    "DEVCLOUD_SERVICE_URL",
-    "SERVICE_MODE",
-    "DEFAULT_CHAT_ID",
-    "DEFAULT_PROJECT_NAME",
-    "DEFAULT_TIMEOUT",
-    "POLL_INTERVAL",
-    "HIL_API_TOKEN",
-    "HIL_HEARTBEAT",
-    "HIL_LOG_LEVEL",
-)
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> pytest.MonkeyPatch:
-    for name in ENV_VARS:
-        monkeypatch.delenv(name, raising=False)
-        monkeypatch.delenv(name.lower(), raising=False)
-    monkeypatch.chdir(tmp_path)
-    return monkeypatch
 
 
 def from_cli(*argv: str) -> McpSettings:

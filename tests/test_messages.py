@@ -9,6 +9,7 @@ import pytest
 from hil_protocol.messages import (
     HEADER_RE,
     TEXT_LIMIT,
+    ParsedText,
     format_header,
     new_short_id,
     parse_reply_text,
@@ -106,30 +107,27 @@ def test_nine_kb_question_splits_under_limit_with_header_and_counter(body: str) 
     rejoin(body, contents(parts, HEADER))
 
 
-def test_cuts_at_line_ends_when_lines_allow_it() -> None:
-    body = lined_question()
-    original_lines = body.split("\n")
-    chunks = contents(split_text(body, HEADER), HEADER)
-    # Every chunk is a run of whole original lines: no line was cut in the middle.
+def assert_cut_between(chunks: list[str], body: str, separator: str) -> None:
+    """Every chunk is a run of whole pieces of `body` (split at `separator`), and the runs follow each other."""
+    pieces = body.split(separator)
     pos = 0
     for chunk in chunks:
-        chunk_lines = chunk.split("\n")
-        assert chunk_lines == original_lines[pos : pos + len(chunk_lines)]
-        pos += len(chunk_lines)
-    assert pos == len(original_lines)
+        chunk_pieces = chunk.split(separator)
+        assert chunk_pieces == pieces[pos : pos + len(chunk_pieces)]
+        pos += len(chunk_pieces)
+    assert pos == len(pieces)
+
+
+def test_cuts_at_line_ends_when_lines_allow_it() -> None:
+    body = lined_question()
+    # Every chunk is a run of whole original lines: no line was cut in the middle.
+    assert_cut_between(contents(split_text(body, HEADER), HEADER), body, "\n")
 
 
 def test_cuts_at_spaces_when_there_are_no_newlines() -> None:
     body = unlined_question()
-    words = body.split(" ")
-    chunks = contents(split_text(body, HEADER), HEADER)
     # Every chunk is a run of whole words.
-    pos = 0
-    for chunk in chunks:
-        chunk_words = chunk.split(" ")
-        assert chunk_words == words[pos : pos + len(chunk_words)]
-        pos += len(chunk_words)
-    assert pos == len(words)
+    assert_cut_between(contents(split_text(body, HEADER), HEADER), body, " ")
 
 
 def test_never_splits_a_multibyte_character() -> None:
@@ -184,11 +182,17 @@ def test_truncate_bytes_keeps_whole_characters() -> None:
 # --- parse_reply_text -------------------------------------------------------------------------------------------
 
 
+def read_reply(content: str, short_id: str | None, answer: str) -> ParsedText:
+    """`content` read as the quote-reply to `short_id` (None: no quoted question) saying `answer`."""
+    parsed = parse_reply_text(content)
+    assert parsed.quoted_short_id == short_id
+    assert parsed.answer == answer
+    return parsed
+
+
 def test_exact_wecom_quote_format() -> None:
     content = "\u201cSender\uff1a\n[#1a2b3c4d my project]\nquestion\u201d\n------\n@Robot answer"
-    parsed = parse_reply_text(content)
-    assert parsed.quoted_short_id == "1a2b3c4d"
-    assert parsed.answer == "answer"
+    parsed = read_reply(content, "1a2b3c4d", "answer")
     assert parsed.quoted_text is not None and "question" in parsed.quoted_text
 
 
@@ -196,28 +200,20 @@ def test_quote_built_by_independent_formatter() -> None:
     content = format_quote_reply(
         "[#0f0e0d0c 多 个 词 的 项目]\n要部署吗？", "部署吧", sender="张三", robot_name="HIL助手"
     )
-    parsed = parse_reply_text(content)
-    assert parsed.quoted_short_id == "0f0e0d0c"
-    assert parsed.answer == "部署吧"
+    read_reply(content, "0f0e0d0c", "部署吧")
 
 
 def test_quote_in_single_chat_without_mention() -> None:
-    parsed = parse_reply_text(format_quote_reply("[#deadbeef]\nq?", "yes, go ahead"))
-    assert parsed.quoted_short_id == "deadbeef"
-    assert parsed.answer == "yes, go ahead"
+    read_reply(format_quote_reply("[#deadbeef]\nq?", "yes, go ahead"), "deadbeef", "yes, go ahead")
 
 
 def test_quote_of_a_later_part_of_a_split_question() -> None:
     parts = split_text(lined_question(), "[#cafe0123 proj]")
-    parsed = parse_reply_text(format_quote_reply(parts[2][:200], "ok", sender="李四", robot_name="Bot"))
-    assert parsed.quoted_short_id == "cafe0123"
-    assert parsed.answer == "ok"
+    read_reply(format_quote_reply(parts[2][:200], "ok", sender="李四", robot_name="Bot"), "cafe0123", "ok")
 
 
 def test_ascii_quote_marks() -> None:
-    parsed = parse_reply_text('"Sender:\n[#1a2b3c4d my project]\nquestion"\n------\n@Robot answer')
-    assert parsed.quoted_short_id == "1a2b3c4d"
-    assert parsed.answer == "answer"
+    read_reply('"Sender:\n[#1a2b3c4d my project]\nquestion"\n------\n@Robot answer', "1a2b3c4d", "answer")
 
 
 @pytest.mark.parametrize(
@@ -230,15 +226,11 @@ def test_ascii_quote_marks() -> None:
     ids=["no-newlines", "spaces", "crlf"],
 )
 def test_separator_without_surrounding_newlines(content: str) -> None:
-    parsed = parse_reply_text(content)
-    assert parsed.quoted_short_id == "1a2b3c4d"
-    assert parsed.answer == "answer"
+    read_reply(content, "1a2b3c4d", "answer")
 
 
 def test_mention_followed_by_newline() -> None:
-    parsed = parse_reply_text("\u201c[#1a2b3c4d]\nq\u201d\n------\n@Robot\nanswer\nsecond line")
-    assert parsed.quoted_short_id == "1a2b3c4d"
-    assert parsed.answer == "answer\nsecond line"
+    read_reply("\u201c[#1a2b3c4d]\nq\u201d\n------\n@Robot\nanswer\nsecond line", "1a2b3c4d", "answer\nsecond line")
 
 
 def test_project_name_with_spaces() -> None:
@@ -248,9 +240,8 @@ def test_project_name_with_spaces() -> None:
 
 
 def test_quote_without_header() -> None:
-    parsed = parse_reply_text(format_quote_reply("just something someone said", "hi", sender="王五", robot_name="R"))
-    assert parsed.quoted_short_id is None
-    assert parsed.answer == "hi"
+    content = format_quote_reply("just something someone said", "hi", sender="王五", robot_name="R")
+    parsed = read_reply(content, None, "hi")
     assert parsed.quoted_text is not None and "just something someone said" in parsed.quoted_text
 
 
@@ -261,17 +252,14 @@ def test_header_must_be_eight_lowercase_hex() -> None:
 
 def test_quoted_text_containing_separator() -> None:
     quote = "[#1a2b3c4d p]\nstep one\n------\nstep two"
-    parsed = parse_reply_text(format_quote_reply(quote, "real answer", sender="S", robot_name="Robot"))
-    assert parsed.quoted_short_id == "1a2b3c4d"
-    assert parsed.answer == "real answer"
+    content = format_quote_reply(quote, "real answer", sender="S", robot_name="Robot")
+    parsed = read_reply(content, "1a2b3c4d", "real answer")
     assert parsed.quoted_text is not None and "step two" in parsed.quoted_text
 
 
 def test_quote_of_a_quote_reply_uses_the_outer_separator() -> None:
     inner = format_quote_reply("[#11111111 p]\nfirst", "first answer", robot_name="Robot")
-    parsed = parse_reply_text(format_quote_reply(inner, "outer answer", robot_name="Robot"))
-    assert parsed.answer == "outer answer"
-    assert parsed.quoted_short_id == "11111111"
+    read_reply(format_quote_reply(inner, "outer answer", robot_name="Robot"), "11111111", "outer answer")
 
 
 def test_plain_mention_is_not_a_quote() -> None:
@@ -283,15 +271,11 @@ def test_plain_mention_is_not_a_quote() -> None:
 
 def test_header_in_plain_text_is_not_a_quote() -> None:
     # Someone pasting a header without quoting is not a quote-reply.
-    parsed = parse_reply_text("@Robot [#1a2b3c4d p] yes")
-    assert parsed.quoted_short_id is None
-    assert parsed.answer == "[#1a2b3c4d p] yes"
+    read_reply("@Robot [#1a2b3c4d p] yes", None, "[#1a2b3c4d p] yes")
 
 
 def test_text_without_mention_is_kept_whole() -> None:
-    parsed = parse_reply_text("  yes, do it  \n")
-    assert parsed.quoted_short_id is None
-    assert parsed.answer == "yes, do it"
+    read_reply("  yes, do it  \n", None, "yes, do it")
 
 
 def test_strip_mention_variants() -> None:

@@ -6,11 +6,9 @@ virtual environments, from the package indexes pip is configured with (`pip conf
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ import httpx
 import pytest
 
 from hil_protocol import __version__
+from tests.helpers import child_env, free_port
 
 REPO = Path(__file__).resolve().parents[1]
 COMMANDS = ["hil-mcp", "hil-server", "hil-worker", "hil-sandbox"]
@@ -31,14 +30,8 @@ pytestmark = pytest.mark.e2e
 
 
 def clean_env(**extra: str) -> dict[str, str]:
-    # The suite's settings must not come from the test runner's environment, nor its venv from VIRTUAL_ENV.
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("HIL_", "WECOM_", "BOT_", "CALLBACK_", "SERVICE_", "DEFAULT_", "PYTHON", "VIRTUAL_ENV"))
-    }
-    env.update(extra)
-    return env
+    # Neither the suite's settings nor the test runner's Python (PYTHON*, VIRTUAL_ENV) may reach the venvs made here.
+    return child_env(drop_prefixes=("PYTHON", "VIRTUAL_ENV"), **extra)
 
 
 def run(
@@ -130,9 +123,7 @@ def test_help_with_the_server_extra(server_venv: Venv, tmp_path: Path) -> None:
 @pytest.mark.parametrize("command", ["hil-server", "hil-worker", "hil-sandbox"])
 def test_server_commands_without_the_extra_say_what_to_install(base_venv: Venv, command: str) -> None:
     assert Path(base_venv.bin(command)).exists(), f"{command} entry point is not installed"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = str(sock.getsockname()[1])
+    port = str(free_port())
     env = clean_env(
         HIL_HOST="127.0.0.1",
         HIL_PORT=port,
@@ -159,9 +150,7 @@ def test_server_extra_brings_the_servers(server_venv: Venv, tmp_path: Path) -> N
     server_venv.python("import hil_server.app, devcloud_worker.worker, hil_sandbox.fake_wecom, hil_sandbox.sandbox")
 
     # And the installed command really serves.
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     env = clean_env(
         HIL_HOST="127.0.0.1",
         HIL_PORT=str(port),

@@ -20,6 +20,7 @@ from mcp import Client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 
 from hil_sandbox.fake_wecom import format_quote_reply
+from tests.helpers import callback_body
 from tests.procs import BOT_KEY, WORKER_TOKEN, Proc, Stack, mcp_stdio_params
 from tests.wecom_oracle import (
     WeComOracle,
@@ -43,15 +44,8 @@ HEADER_RE = re.compile(r"^\[#(?P<short_id>[0-9a-f]{8})")
 @contextmanager
 def running(mode: str, tmp: Path, *, env: dict[str, str] | None = None, **kw: Any) -> Iterator[Stack]:
     """A started Stack; `env` goes to both the server and the worker. Logs are printed when the test fails."""
-    stack = Stack(mode=mode, tmp=tmp, server_env=dict(env or {}), worker_env=dict(env or {}), **kw)
-    try:
-        stack.start()
+    with Stack(mode=mode, tmp=tmp, server_env=dict(env or {}), worker_env=dict(env or {}), **kw).running() as stack:
         yield stack
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
 
 
 def http(token: str | None = None, timeout: float = 30) -> httpx.Client:
@@ -331,23 +325,14 @@ async def test_no_secret_in_any_log(mode: str, tmp_path: Path) -> None:
 
 # --- (e) attacks on the answer: each fails, and the asked person still gets through -------------------------------
 
-
-def forged_callback(chat: str, text: str, msgid: str, userid: str = "ceo", chattype: str = "group") -> dict[str, Any]:
-    return {
-        "chatid": chat,
-        "chattype": chattype,
-        "msgid": msgid,
-        "msgtype": "text",
-        "from": {"userid": userid, "name": "CEO"},
-        "text": {"content": text},
-    }
+CEO = {"userid": "ceo", "name": "CEO"}  # someone other than the asked person
 
 
 def test_relay_server_takes_no_callbacks_of_its_own(tmp_path: Path) -> None:
     env = {"HIL_API_TOKENS": "tok"}
     with running("relay", tmp_path, env=env) as stack, http("tok") as client:
         sent = client.post(f"{stack.server_url}/api/send", json={"message": "上线吗？", "chat_id": "chatR"}).json()
-        forged = forged_callback("chatR", "yes, deploy", "forged-1")
+        forged = callback_body("yes, deploy", "chatR", "forged-1", sender=CEO)
         response = client.post(f"{stack.server_url}/api/callback", json=forged)
         assert response.status_code == 404 and "DevCloud Worker" in response.json()["error"], response.text
         # Without any token, too.
@@ -376,7 +361,7 @@ def test_signed_reply_reaches_a_setup_with_signing_and_a_header_rule(mode: str, 
         with http() as client:  # WeCom cannot add a custom header to its signed POST
             response = client.post(stack.callback_url, params=params, content=body)
             assert response.status_code == 200, response.text
-            unsigned = client.post(stack.callback_url, json=forged_callback("chatSH", "yes", "sh-2"))
+            unsigned = client.post(stack.callback_url, json=callback_body("yes", "chatSH", "sh-2", sender=CEO))
             assert unsigned.status_code == 401
         polled = stack.poll(sent["session_id"], wait=5)
         assert polled["status"] == "replied" and polled["replies"][0]["content"] == "签名回答"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import functools
 import threading
 import time
 from collections.abc import Iterator
@@ -13,10 +14,10 @@ import pytest
 from fastapi.testclient import TestClient
 from starlette.websockets import WebSocketDisconnect
 
-from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server import __version__
 from hil_server.app import create_app
-from tests import server_fixtures as fixtures
+from tests import helpers
+from tests.helpers import quote
 from tests.server_fixtures import WeCom, settings
 
 # Settings read the environment and ./.env: neither may leak into these tests.
@@ -27,12 +28,7 @@ CHAT = "wrkChatA"
 PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(200))
 
 
-def callback_body(text: str, chat: str = CHAT, msgid: str = "m-1") -> dict[str, Any]:
-    return fixtures.callback_body(text, chat, msgid)
-
-
-def quote(short_id: str, answer: str) -> str:
-    return format_quote_reply(f"[#{short_id} proj]\nquestion", answer, sender="HIL助手", robot_name="HIL助手")
+callback_body = functools.partial(helpers.callback_body, chat=CHAT)  # the chat the questions here go to
 
 
 # --- health -------------------------------------------------------------------------------------------------------

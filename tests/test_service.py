@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import sqlite3
 import time
@@ -14,15 +15,14 @@ import pytest
 from hil_protocol.callback import parse_callback
 from hil_protocol.outbound import Notice, Question, SendReceipt
 from hil_protocol.relay_frames import SendHintPayload, SendMessagePayload
-from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server.channels import ChannelError
 from hil_server.models import PollResponse, SendRequest
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence
+from tests.helpers import ROBOT, callback_body, quote
 
 CHAT = "wrkChatA"
 OTHER_CHAT = "wrkChatB"
-ROBOT = "HIL助手"
 
 
 class FakeChannel:
@@ -90,27 +90,7 @@ def drain(service: HilService) -> list[SendHintPayload]:
     return out
 
 
-_msg_counter = 0
-
-
-def callback(text: str | None = None, chat: str = CHAT, msgid: str | None = None, **extra: Any) -> dict[str, Any]:
-    global _msg_counter
-    _msg_counter += 1
-    data: dict[str, Any] = {
-        "chatid": chat,
-        "chattype": "group",
-        "msgid": msgid or f"msg-{_msg_counter}",
-        "from": {"userid": "zhangsan", "name": "张三", "alias": ""},
-        "msgtype": "text",
-        "text": {"content": text or ""},
-    }
-    data.update(extra)
-    return data
-
-
-def quote(short_id: str, answer: str, project: str | None = "proj") -> str:
-    header = f"[#{short_id} {project}]" if project else f"[#{short_id}]"
-    return format_quote_reply(f"{header}\nthe question", answer, sender="HIL助手", robot_name=ROBOT)
+callback = functools.partial(callback_body, chat=CHAT)  # the chat the questions here go to
 
 
 async def ask(service: HilService, message: str = "Deploy?", chat: str | None = CHAT, **kw: Any):

@@ -9,7 +9,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +22,9 @@ from hil_protocol.outbound import Notice
 from hil_protocol.relay_frames import SendHintPayload
 from hil_server import __version__
 from hil_server.app import create_app
+from tests.helpers import callback_body, eventually
 from tests.procs import Stack
-from tests.server_fixtures import WeCom, callback_body, settings
+from tests.server_fixtures import WeCom, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,15 +54,6 @@ def scrape(client: Any, headers: dict[str, str] | None = None) -> dict[tuple[str
 
 def value(page: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float | None:
     return page.get((name, frozenset(labels.items())))
-
-
-def wait_until(predicate: Any, timeout: float = 3.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.01)
-    raise AssertionError("condition not reached in time")
 
 
 # --- /metrics ----------------------------------------------------------------------------------------------------
@@ -116,17 +107,17 @@ def test_wecom_93000_is_counted_by_errcode(client: TestClient, wecom: WeCom) -> 
 
 def test_hints_are_counted_by_kind_and_result(client: TestClient, wecom: WeCom) -> None:
     client.post("/api/callback", json=callback_body("你好", chat="lonely", msgid="h-1"))
-    wait_until(lambda: value(scrape(client), "hil_hints_sent_total", kind="chat_id", result="sent") == 1)
+    eventually(lambda: value(scrape(client), "hil_hints_sent_total", kind="chat_id", result="sent") == 1)
 
     for i in range(2):
         assert client.post("/api/send", json={"message": f"问题 {i}", "chat_id": "chatB"}).json()["success"]
     client.post("/api/callback", json=callback_body("好的", chat="chatB", msgid="h-2"))
-    wait_until(lambda: value(scrape(client), "hil_hints_sent_total", kind="several", result="sent") == 1)
+    eventually(lambda: value(scrape(client), "hil_hints_sent_total", kind="several", result="sent") == 1)
     assert value(scrape(client), "hil_callbacks_total", outcome="hint_several") == 1
 
     wecom.errcode = 93000
     client.post("/api/callback", json=callback_body("", chat="lonely", msgid="h-3"))
-    wait_until(lambda: value(scrape(client), "hil_hints_sent_total", kind="empty", result="failed") == 1)
+    eventually(lambda: value(scrape(client), "hil_hints_sent_total", kind="empty", result="failed") == 1)
 
 
 def test_hint_kind_stays_off_the_wire() -> None:
@@ -161,11 +152,11 @@ def test_worker_connections_in_relay_mode(tmp_path: Path) -> None:
             assert worker["worker_id"] == "w1" and worker["in_flight"] == 0
             assert worker["last_heartbeat_seconds_ago"] < 5
             assert "w1" in client.get("/status").text
-        wait_until(lambda: value(scrape(client), "hil_worker_connections") == 0)
+        eventually(lambda: value(scrape(client), "hil_worker_connections") == 0)
         with client.websocket_connect("/ws?worker_id=w1", headers={"authorization": f"Bearer {WORKER_TOKEN}"}) as ws:
             ws.receive_json()
             assert value(scrape(client), "hil_worker_connections") == 1
-        wait_until(lambda: value(scrape(client), "hil_worker_connections") == 0)
+        eventually(lambda: value(scrape(client), "hil_worker_connections") == 0)
         assert value(scrape(client), "hil_worker_connects_total") == 2
         assert client.get("/status.json").json()["workers"] == []
 

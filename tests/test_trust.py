@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from hil_sandbox.fake_wecom import format_quote_reply
 from hil_server.app import create_app
-from tests.server_fixtures import WeCom, callback_body, settings
+from tests.helpers import callback_body, quote
+from tests.server_fixtures import WeCom, settings
 from tests.wecom_oracle import WeComOracle, new_aes_key, new_callback_token, text_payload_json
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -30,10 +30,6 @@ def ask(client: TestClient, chat: str | None = "chatA", **extra: Any) -> dict[st
     sent = client.post("/api/send", json=body).json()
     assert sent["success"], sent
     return sent
-
-
-def quote(short_id: str, answer: str) -> str:
-    return format_quote_reply(f"[#{short_id}]\n要上线吗？", answer, sender="HIL助手", robot_name="HIL助手")
 
 
 def status(client: TestClient, sent: dict[str, Any]) -> dict[str, Any]:

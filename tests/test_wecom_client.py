@@ -151,21 +151,24 @@ async def test_text_over_limit_refused_before_sending(mock: respx.MockRouter, ht
 # --- errors and retries -----------------------------------------------------------------------------------------
 
 
-async def test_invalid_key_not_retried(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
-    route = mock.post(SEND).mock(return_value=err(93000, "invalid webhook url"))
-    with pytest.raises(WeComInvalidKey) as info:
-        await sender(http).send_text("c", "hi")
-    assert route.call_count == 1
-    assert info.value.errcode == 93000
-    assert "BOT_KEY" in str(info.value)
-
-
-async def test_unknown_errcode_not_retried(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
-    route = mock.post(SEND).mock(return_value=err(40008, "invalid message type"))
+async def refused_once(mock: respx.MockRouter, http: httpx.AsyncClient, errcode: int, errmsg: str) -> WeComError:
+    """What a send raises when WeCom answers `errcode`, checked to have been tried once only."""
+    route = mock.post(SEND).mock(return_value=err(errcode, errmsg))
     with pytest.raises(WeComError) as info:
         await sender(http).send_text("c", "hi")
     assert route.call_count == 1
-    assert info.value.errcode == 40008
+    assert info.value.errcode == errcode
+    return info.value
+
+
+async def test_invalid_key_not_retried(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    error = await refused_once(mock, http, 93000, "invalid webhook url")
+    assert isinstance(error, WeComInvalidKey)
+    assert "BOT_KEY" in str(error)
+
+
+async def test_unknown_errcode_not_retried(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:
+    await refused_once(mock, http, 40008, "invalid message type")
 
 
 async def test_rate_limited_twice_then_ok(mock: respx.MockRouter, http: httpx.AsyncClient) -> None:

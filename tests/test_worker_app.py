@@ -6,8 +6,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,7 @@ from devcloud_worker.config import WorkerSettings
 from devcloud_worker.spool import SCHEMA_VERSION, Spool, SpoolError
 from devcloud_worker.worker import SPOOL_FILE, create_app
 from tests.fault_proxy import redirecting_server
-from tests.procs import free_port
-from tests.server_fixtures import callback_body
+from tests.helpers import callback_body, eventually, free_port
 
 pytestmark = pytest.mark.usefixtures("clean_env")
 
@@ -35,13 +33,6 @@ def worker_settings(tmp_path: Path, **kw: Any) -> WorkerSettings:
     }
     values.update(kw)
     return WorkerSettings(_env_file=None, **values)
-
-
-def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 @pytest.fixture

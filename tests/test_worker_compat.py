@@ -13,7 +13,8 @@ import httpx
 import pytest
 from websockets.asyncio.server import ServerConnection, serve
 
-from tests.procs import BOT_KEY, Proc, free_port
+from tests.helpers import free_port
+from tests.procs import BOT_KEY, Proc
 
 pytestmark = pytest.mark.e2e
 

@@ -24,7 +24,7 @@ from devcloud_worker.link import LinkOptions, RelayClient, retryable
 from devcloud_worker.metrics import WorkerMetrics
 from devcloud_worker.spool import Spool
 from hil_protocol.wecom_robot import RetryPolicy, RobotSender, WeComError
-from tests.server_fixtures import callback_body
+from tests.helpers import callback_body, until
 
 FAST = LinkOptions(min_delay=0.02, max_delay=0.05, hello_timeout=0.2, ack_timeout=5.0)
 PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
@@ -47,13 +47,6 @@ class Backend:
 
     async def upload_file(self, filename: str, data: bytes, timeout: float = 10.0) -> str:
         raise WeComError(-3, "no uploads here")
-
-
-async def eventually(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-    """Poll state that another component changes (the client, the stand-in, the spool) until `predicate` holds."""
-    async with asyncio.timeout(timeout):
-        while not predicate():  # noqa: ASYNC110  (no single event to wait on: the state spans components)
-            await asyncio.sleep(0.005)
 
 
 def insert_raw(path: Path, text: str) -> None:
@@ -115,7 +108,7 @@ class StandIn:
         return [f["data"]["callback_data"]["msgid"] for f in self.of_type("callback")]
 
     async def until(self, predicate: Callable[[], bool], timeout: float = 5.0) -> None:
-        await eventually(predicate, timeout)
+        await until(predicate, timeout)
 
     async def request(self, action: str, payload: Any, request_id: str = "r1") -> dict[str, Any]:
         assert self.ws is not None
@@ -298,7 +291,7 @@ async def test_network_errors_are_retried_until_the_server_is_there(make_rig, tm
     rig = await make_rig()
     await rig.stand_in.stop()
     rig.start()
-    await eventually(lambda: metric(rig, "hil_worker_connect_failures_total") >= 3)
+    await until(lambda: metric(rig, "hil_worker_connect_failures_total") >= 3)
     assert not rig.client.connected
     assert "cannot reach HIL Server" in (rig.client.last_error or "")
     assert not rig.task.done()  # still trying
@@ -315,7 +308,7 @@ async def test_a_refused_token_is_retried_and_named(make_rig) -> None:
     await rig.stand_in.stop()
     await rig.stand_in.start(process_request=refuse)
     rig.start()
-    await eventually(lambda: metric(rig, "hil_worker_connect_failures_total") >= 2)
+    await until(lambda: metric(rig, "hil_worker_connect_failures_total") >= 2)
     assert "HTTP 403" in (rig.client.last_error or "") and "HIL_TOKEN" in (rig.client.last_error or "")
     assert not rig.task.done()
 
