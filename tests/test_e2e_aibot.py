@@ -206,7 +206,14 @@ async def test_a_click_is_the_choice_and_the_card_says_so(shared: Stack) -> None
         answered = await waiting
         assert answered["status"] == "replied" and answered["choice"] == {"index": 0, "label": "合并"}
         assert answered["replies"][0]["answered_by"] == "lisi" and answered["replies"][0]["via"] == "button"
-        state = await w.http.get(f"{shared.fake_url}/_fake/aibot/cards/{asked['session_id']}")
+        # The card update goes out after the reply is stored (the poll can return first): wait for it.
+        cards = f"{shared.fake_url}/_fake/aibot/cards/{asked['session_id']}"
+        state = await w.http.get(cards)
+        for _ in range(100):
+            if state.json()["updates"]:
+                break
+            await asyncio.sleep(0.05)
+            state = await w.http.get(cards)
         [update] = state.json()["updates"]
         assert update["ts"] - time.time() + (time.monotonic() - clicked) < 5  # within WeCom's window
         assert state.json()["card"]["card_type"] == "text_notice"
