@@ -40,12 +40,26 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
+FLAGS = frozenset({"service_url", "mode", "chat_id", "project_name", "timeout", "poll_interval", "api_token"})
+
+
+def setting_names(loc: tuple[Any, ...]) -> str:
+    """How a person sets the field named in a validation error: its flag and environment variables."""
+    field = str(loc[0]) if loc else ""
+    info = McpSettings.model_fields.get(field)
+    choices = getattr(getattr(info, "validation_alias", None), "choices", ())
+    names = [c for c in choices if isinstance(c, str) and c.isupper()]
+    if field in FLAGS:
+        names.insert(0, "--" + field.replace("_", "-"))
+    return " / ".join(names) or field or "settings"
+
+
 def main(argv: list[str] | None = None) -> None:
     overrides = parse_args(argv)
     try:
         settings = McpSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"{setting_names(e['loc'])}: {e['msg']}" for e in exc.errors())
         print(f"hil-mcp: invalid configuration: {problems}", file=sys.stderr)
         raise SystemExit(2) from None
     secret = [settings.api_token.get_secret_value()] if settings.api_token else []

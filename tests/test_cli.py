@@ -358,3 +358,29 @@ def test_mcp_config_without_the_console_script_runs_the_source(monkeypatch: pyte
         [server["command"], *server["args"], "--version"], cwd=tmp_path, env=env, capture_output=True, text=True
     )
     assert result.stdout.strip() == f"hil-mcp {__version__}", result.stderr
+
+
+@pytest.mark.parametrize(
+    ("env", "argv", "names"),
+    [
+        ({"DEFAULT_TIMEOUT": "abc"}, [], "--timeout / DEFAULT_TIMEOUT"),
+        ({}, ["--poll-interval", "-3"], "--poll-interval / POLL_INTERVAL"),
+        ({"HIL_HEARTBEAT": "0"}, [], "HIL_HEARTBEAT"),
+    ],
+)
+def test_hil_mcp_names_a_bad_setting_the_way_a_person_sets_it(
+    env: dict[str, str],
+    argv: list[str],
+    names: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from mcp_server.__main__ import main as hil_mcp
+
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(SystemExit) as exited:
+        hil_mcp(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"hil-mcp: invalid configuration: {names}: ") and "\n" not in err
