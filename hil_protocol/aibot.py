@@ -28,7 +28,7 @@ from .api_models import Person
 from .callback import CallbackError, CardClick, IncomingMessage
 from .images import image_kind, read_capped
 from .messages import HEADER_RE, parse_reply_text
-from .wecom_robot import WeComError
+from .wecom_robot import ERR_NETWORK, WeComError
 
 CMD_SUBSCRIBE = "aibot_subscribe"
 CMD_PING = "ping"
@@ -46,8 +46,9 @@ EVENT_DISCONNECTED = "disconnected_event"
 ERR_INVALID_CREDENTIALS = 853000
 ERR_INVALID_REQ_ID = 846605  # an answer to a callback that is too old, or not one that kind of answer fits
 ERR_STREAM_EXPIRED = 846608
-ERR_NO_LINK = -1  # ours: the frame never reached WeCom, or its answer never came back
-ERR_UNSUPPORTED = -3  # ours: the AI bot cannot carry this (images in a question)
+# ours, shared with the robot webhook's codes: the frame never reached WeCom, or its answer never came back;
+# a question the AI bot cannot carry (images) fails with wecom_robot.ERR_UNSUPPORTED
+ERR_NO_LINK = ERR_NETWORK
 
 # A frame we read: WeCom's are a few KB (media come as URLs), so this is generous; larger ones are refused as frames,
 # and the link stays up.

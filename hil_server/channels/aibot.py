@@ -38,7 +38,6 @@ from hil_protocol.aibot import (
     ERR_INVALID_REQ_ID,
     ERR_NO_LINK,
     ERR_STREAM_EXPIRED,
-    ERR_UNSUPPORTED,
     EVENT_ENTER_CHAT,
     AibotError,
     Frame,
@@ -57,6 +56,7 @@ from hil_protocol.aibot import (
 from hil_protocol.callback import CallbackError, IncomingMessage
 from hil_protocol.messages import split_text, truncate_bytes, utf8_len
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
+from hil_protocol.wecom_robot import ERR_UNSUPPORTED
 
 from ..choices import APPROVAL_OPTIONS, as_text
 from ..models import Session
