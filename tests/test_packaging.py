@@ -264,3 +264,14 @@ def test_deploy_install_makes_the_editable_venv_hil_uses(tmp_path: Path) -> None
     probe = "import fastapi, hil_server; print(hil_server.__file__)"
     where = run([str(venv / "bin" / "python"), "-c", probe], tmp_path)
     assert Path(where.stdout.strip()) == REPO / "hil_server" / "__init__.py"  # editable: a pull is a restart away
+
+
+def test_requirements_txt_lists_what_the_server_extra_installs() -> None:
+    # CONTRACT.md promises requirements.txt for the servers; pyproject.toml is the one place dependencies are decided,
+    # so the file must say exactly what `pip install '.[server]'` brings, or the two drift apart.
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    lines = (REPO / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    listed = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    assert listed == [*project["dependencies"], *project["optional-dependencies"]["server"]]
