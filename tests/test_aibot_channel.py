@@ -626,6 +626,31 @@ async def test_odd_frames_never_end_the_link(caplog: pytest.LogCaptureFixture) -
     assert "another AI bot" in caplog.text and "unknown cmd 'aibot_brand_new_cmd'" in caplog.text
 
 
+async def test_a_media_url_httpx_cannot_read_still_delivers_the_message() -> None:
+    """httpx refuses a URL with a control character before any request (InvalidURL, no HTTPError): the person's
+    words still arrive, with the picture said to be missing."""
+    bad = {"msgtype": "image", "image": {"url": "https://wecom.test/\u0000", "aeskey": "A" * 43}}
+    items = [{"msgtype": "text", "text": {"content": f"@{ROBOT} 看图"}}, bad]
+    body = msg_body("mixed", mixed={"msg_item": items})
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(json.dumps(frame("aibot_msg_callback", body, "req-img")))
+
+    async with stand_in(script) as url, httpx.AsyncClient() as http:
+        received: list[IncomingMessage] = []
+
+        async def keep(message: IncomingMessage) -> None:
+            received.append(message)
+
+        channel = AibotChannel(AibotOptions(bot_id=BOT, secret=SECRET, url=url, **FAST), http)
+        async with asyncio.TaskGroup() as tasks:
+            task = tasks.create_task(channel.run(keep))
+            await until(lambda: bool(received), TIMEOUT)
+            task.cancel()
+    assert received[0].image_urls == [] and received[0].answer.startswith("看图\n（1 张图片没有转交给 AI：")
+    assert channel.failed == 0
+
+
 # --- settings and the app ------------------------------------------------------------------------------------------
 
 
