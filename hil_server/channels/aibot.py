@@ -148,7 +148,6 @@ class AibotLink:
         self._problem: str | None = None  # degraded at once: the credentials were refused, the bot was taken
         self._last_error = "not connected yet"
         self._auth_logged = False
-        self._was_up = False
         self.connects = 0
         self.bad_frames = 0
 
@@ -171,6 +170,7 @@ class AibotLink:
         o = self.options
         delay = o.reconnect_min_delay
         while True:
+            connects = self.connects
             try:
                 await self._connect_once(on_callback)
             except _AuthFailed as exc:
@@ -201,7 +201,7 @@ class AibotLink:
             except (*NETWORK_ERRORS, _LinkLost) as exc:
                 self._last_error = _describe(exc)
                 self._problem = None  # what holds now is a link that is down; /health says so after down_grace
-                if self._was_up:  # a link that came up starts the backoff over
+                if self.connects > connects:  # a link that came up starts the backoff over
                     delay = o.reconnect_min_delay
                 wait = delay
                 delay = min(delay * 2, o.reconnect_max_delay)
@@ -210,7 +210,6 @@ class AibotLink:
 
     async def _connect_once(self, on_callback: Callable[[Frame], None]) -> None:
         o = self.options
-        self._was_up = False
         async with connect(
             o.url,
             open_timeout=o.open_timeout,
@@ -243,7 +242,6 @@ class AibotLink:
 
     def _went_up(self, ws: ClientConnection) -> None:
         self._ws = ws
-        self._was_up = True
         self._problem = None
         self._auth_logged = False
         self._unanswered_pings = 0
