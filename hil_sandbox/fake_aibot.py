@@ -1412,14 +1412,19 @@ class AibotHub:
 # ----- the control API -----
 
 
-class PersonMessage(BaseModel):
-    """POST /_fake/aibot/message: a person writes to the bot. Fields are AibotHub.push_message's keywords, with images
-    as ``image_ids`` (from POST /_fake/images) or ``image_base64``, and a file as ``file_name`` + ``file_base64``."""
+class _Person(BaseModel):
+    """Who does something in a control request: the person, and the bot (left out when only one is configured)."""
 
     model_config = ConfigDict(extra="forbid")
     bot_id: str | None = None
     userid: str = Field(default="zhangsan", min_length=1, max_length=64)
     name: str | None = Field(default=None, max_length=64)
+
+
+class PersonMessage(_Person):
+    """POST /_fake/aibot/message: a person writes to the bot. Fields are AibotHub.push_message's keywords, with images
+    as ``image_ids`` (from POST /_fake/images) or ``image_base64``, and a file as ``file_name`` + ``file_base64``."""
+
     chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     chat_type: ChatType = "group"
     msgtype: MsgType | None = None
@@ -1436,13 +1441,9 @@ class PersonMessage(BaseModel):
     msgid: str | None = Field(default=None, min_length=1, max_length=128)
 
 
-class PersonEvent(BaseModel):
+class PersonEvent(_Person):
     """POST /_fake/aibot/event: AibotHub.push_event's keywords."""
 
-    model_config = ConfigDict(extra="forbid")
-    bot_id: str | None = None
-    userid: str = Field(default="zhangsan", min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=64)
     eventtype: EventType
     chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     chat_type: ChatType = "single"
@@ -1455,13 +1456,9 @@ class SelectedItem(BaseModel):
     option_ids: list[str] = Field(min_length=1, max_length=20)
 
 
-class CardClick(BaseModel):
+class CardClick(_Person):
     """POST /_fake/aibot/click: AibotHub.click's keywords."""
 
-    model_config = ConfigDict(extra="forbid")
-    bot_id: str | None = None
-    userid: str = Field(default="zhangsan", min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=64)
     task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_BYTES)
     event_key: str = Field(min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
     selected_items: list[SelectedItem] | None = Field(default=None, max_length=3)
