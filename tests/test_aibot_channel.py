@@ -38,6 +38,7 @@ from hil_protocol.aibot import (
 )
 from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import CardUpdate, Notice, Question
+from hil_protocol.wecom_robot import ERR_INVALID_MESSAGE
 from hil_sandbox.fake_aibot import encrypt_media
 from hil_server.channels import ChannelError
 from hil_server.channels.aibot import IMAGES_UNSUPPORTED, AibotChannel, AibotOptions, plain_text
@@ -406,6 +407,15 @@ async def test_what_the_ai_bot_cannot_send_is_refused_in_words(on: Running) -> N
         await on.channel.send_question(question())
     assert invalid.value.errcode == 93006 and "chat_id 无效" in str(invalid.value)
     assert on.fake.get_messages() == []
+
+
+async def test_text_that_cannot_be_utf8_is_an_invalid_message_not_a_lost_link(on: Running) -> None:
+    """A lone surrogate (valid in JSON, not in UTF-8) fails the question with the robot client's code for it. The
+    API refuses such text at its edge; a card is what carries it this far unchanged."""
+    with pytest.raises(ChannelError, match="UTF-8") as invalid:
+        await on.channel.send_question(question("合并吗\ud800", options=("合并", "不合并")))
+    assert invalid.value.errcode == ERR_INVALID_MESSAGE
+    assert on.fake.get_messages() == [] and on.channel.link.connected
 
 
 async def test_people_are_heard_with_quotes_and_images(on: Running) -> None:

@@ -56,7 +56,7 @@ from hil_protocol.aibot import (
 from hil_protocol.callback import CallbackError, IncomingMessage
 from hil_protocol.messages import split_text, truncate_bytes, utf8_len
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
-from hil_protocol.wecom_robot import ERR_UNSUPPORTED
+from hil_protocol.wecom_robot import ERR_BAD_RESPONSE, ERR_INVALID_MESSAGE, ERR_UNSUPPORTED
 
 from ..choices import APPROVAL_OPTIONS, as_text
 from ..models import Session
@@ -238,7 +238,7 @@ class AibotLink:
                     continue  # nothing else is expected before the answer; nothing else is for us yet
                 if frame.errcode == 0:
                     return
-                raise _AuthFailed(-2 if frame.errcode is None else frame.errcode, frame.errmsg)
+                raise _AuthFailed(ERR_BAD_RESPONSE if frame.errcode is None else frame.errcode, frame.errmsg)
 
     def _went_up(self, ws: ClientConnection) -> None:
         self._ws = ws
@@ -319,7 +319,7 @@ class AibotLink:
             text = dump_frame(cmd, req_id, body)
             text.encode("utf-8")
         except (UnicodeEncodeError, ValueError) as exc:
-            raise AibotError(ERR_NO_LINK, "消息含有无法编码为 UTF-8 的字符，没有发出") from exc
+            raise AibotError(ERR_INVALID_MESSAGE, "消息含有无法编码为 UTF-8 的字符，没有发出") from exc
         timeout = self.options.send_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -357,7 +357,7 @@ class AibotLink:
             if future.done() and not future.cancelled():
                 future.exception()  # seen here, so a link that dropped mid-send leaves no "never retrieved" warning
         if answer.errcode != 0:
-            raise error_for(-2 if answer.errcode is None else answer.errcode, answer.errmsg)
+            raise error_for(ERR_BAD_RESPONSE if answer.errcode is None else answer.errcode, answer.errmsg)
         return answer
 
 
