@@ -392,18 +392,20 @@ def decrypt_media(data: bytes, aeskey: str) -> bytes:
 
 async def fetch_media(http: httpx.AsyncClient, ref: MediaRef, *, max_bytes: int, timeout: float) -> bytes:
     """Download a callback's media URL and decrypt it, within `timeout` seconds and `max_bytes` of ciphertext."""
-    url = httpx.URL(ref.url) if ref.url.startswith(("https://", "http://")) else None
-    if url is None:
+    if not ref.url.startswith(("https://", "http://")):
         raise MediaError("图片地址不是 http(s) URL")
     try:
-        async with asyncio.timeout(timeout), http.stream("GET", url, headers={"Accept-Encoding": "identity"}) as resp:
+        async with (
+            asyncio.timeout(timeout),
+            http.stream("GET", ref.url, headers={"Accept-Encoding": "identity"}) as resp,
+        ):
             if resp.status_code != 200:
                 raise MediaError(f"下载图片失败：HTTP {resp.status_code}（链接只在几分钟内有效）")
             limit = f" {max_bytes / 1024 / 1024:.0f} MB "
             data = await read_capped(resp.aiter_raw(), resp.headers.get("content-length"), max_bytes, limit, MediaError)
     except TimeoutError as exc:
         raise MediaError(f"下载图片超时（{timeout:.3g} 秒）") from exc
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL is no HTTPError: a control character in the URL
         raise MediaError(f"下载图片失败（{type(exc).__name__}）") from exc
     return decrypt_media(data, ref.aeskey)
 

@@ -149,7 +149,6 @@ CLOSE_NOT_JSON = 1007
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 
-CARD_TYPES = ("text_notice", "news_notice", "button_interaction", "vote_interaction", "multiple_interaction")
 INTERACTIVE_CARDS = frozenset({"button_interaction", "vote_interaction", "multiple_interaction"})
 TASK_ID_PATTERN = re.compile(r"^[0-9A-Za-z_\-@]+$")
 TASK_ID_MAX_BYTES = 128
@@ -431,17 +430,14 @@ class _Link:
 
 @dataclass
 class _Pending:
-    """A callback pushed to a bot; its req_id is the bot's ticket to answer it, for a while."""
+    """A callback pushed to a bot (kept under its req_id, the bot's ticket to answer it, for a while)."""
 
-    req_id: str
     bot_id: str
     link_id: int
     cmd: str
     kind: str  # msgtype, or the eventtype for events
     msgid: str
     chat_id: str
-    chat_type: ChatType
-    userid: str
     task_id: str | None
     pushed_at: float  # fake clock
     welcomed: bool = False
@@ -451,7 +447,6 @@ class _Pending:
 class _Media:
     blob_id: str
     filename: str | None
-    content_type: str
     expires_at: float  # fake clock
 
 
@@ -578,16 +573,6 @@ class AibotHub:
             if found is None:
                 raise AibotNotFoundError(f"no template card with task_id {task_id!r} was sent by this bot")
             return found.state.model_copy(deep=True)
-
-    async def wait_for_card_updates(
-        self, task_id: str, n: int = 1, timeout: float = 10, bot_id: str | None = None
-    ) -> CardState:
-        def updates() -> list[CardUpdate]:
-            found = self._cards.get((self._bot(bot_id), task_id))
-            return found.state.updates if found else []
-
-        await self._fake._wait_for(updates, n, timeout)
-        return self.card(task_id, bot_id)
 
     def media(self, media_id: str) -> tuple[bytes, str | None] | None:
         """The encrypted bytes behind a media URL and the file name, while the URL is valid."""
@@ -1150,9 +1135,7 @@ class AibotHub:
         media_id = f"{kind}-{uuid.uuid4().hex}"
         with self._lock:
             blob_id = self._blobs.add(ciphertext)
-            self._media[media_id] = _Media(
-                blob_id, filename, "application/octet-stream", self._clock() + self._fake.config.aibot_media_ttl
-            )
+            self._media[media_id] = _Media(blob_id, filename, self._clock() + self._fake.config.aibot_media_ttl)
         return {"url": f"{base_url.rstrip('/')}/_fake/aibot/media/{media_id}", "aeskey": aeskey}
 
     def _base_url(self, base_url: str | None) -> str:
@@ -1392,9 +1375,7 @@ class AibotHub:
             link = self.links.get(self._holders.get(bot_id, -1))
             if link is None:
                 raise AibotNotConnectedError(f"AI bot {bot_id!r} has no connection: nothing would receive the message")
-            self._pending[req_id] = _Pending(
-                req_id, bot_id, link.id, cmd, kind, body["msgid"], chat_id, chat_type, userid, task_id, self._clock()
-            )
+            self._pending[req_id] = _Pending(bot_id, link.id, cmd, kind, body["msgid"], chat_id, task_id, self._clock())
             while len(self._pending) > PENDING_SIZE:
                 self._pending.popitem(last=False)
             self._chat_types[chat_id] = chat_type
@@ -1431,14 +1412,19 @@ class AibotHub:
 # ----- the control API -----
 
 
-class PersonMessage(BaseModel):
-    """POST /_fake/aibot/message: a person writes to the bot. Fields are AibotHub.push_message's keywords, with images
-    as ``image_ids`` (from POST /_fake/images) or ``image_base64``, and a file as ``file_name`` + ``file_base64``."""
+class _Person(BaseModel):
+    """Who does something in a control request: the person, and the bot (left out when only one is configured)."""
 
     model_config = ConfigDict(extra="forbid")
     bot_id: str | None = None
     userid: str = Field(default="zhangsan", min_length=1, max_length=64)
     name: str | None = Field(default=None, max_length=64)
+
+
+class PersonMessage(_Person):
+    """POST /_fake/aibot/message: a person writes to the bot. Fields are AibotHub.push_message's keywords, with images
+    as ``image_ids`` (from POST /_fake/images) or ``image_base64``, and a file as ``file_name`` + ``file_base64``."""
+
     chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     chat_type: ChatType = "group"
     msgtype: MsgType | None = None
@@ -1455,13 +1441,9 @@ class PersonMessage(BaseModel):
     msgid: str | None = Field(default=None, min_length=1, max_length=128)
 
 
-class PersonEvent(BaseModel):
+class PersonEvent(_Person):
     """POST /_fake/aibot/event: AibotHub.push_event's keywords."""
 
-    model_config = ConfigDict(extra="forbid")
-    bot_id: str | None = None
-    userid: str = Field(default="zhangsan", min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=64)
     eventtype: EventType
     chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     chat_type: ChatType = "single"
@@ -1474,13 +1456,9 @@ class SelectedItem(BaseModel):
     option_ids: list[str] = Field(min_length=1, max_length=20)
 
 
-class CardClick(BaseModel):
+class CardClick(_Person):
     """POST /_fake/aibot/click: AibotHub.click's keywords."""
 
-    model_config = ConfigDict(extra="forbid")
-    bot_id: str | None = None
-    userid: str = Field(default="zhangsan", min_length=1, max_length=64)
-    name: str | None = Field(default=None, max_length=64)
     task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_BYTES)
     event_key: str = Field(min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
     selected_items: list[SelectedItem] | None = Field(default=None, max_length=3)

@@ -38,6 +38,7 @@ from hil_protocol.aibot import (
 )
 from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import CardUpdate, Notice, Question
+from hil_protocol.wecom_robot import ERR_INVALID_MESSAGE
 from hil_sandbox.fake_aibot import encrypt_media
 from hil_server.channels import ChannelError
 from hil_server.channels.aibot import IMAGES_UNSUPPORTED, AibotChannel, AibotOptions, plain_text
@@ -408,6 +409,15 @@ async def test_what_the_ai_bot_cannot_send_is_refused_in_words(on: Running) -> N
     assert on.fake.get_messages() == []
 
 
+async def test_text_that_cannot_be_utf8_is_an_invalid_message_not_a_lost_link(on: Running) -> None:
+    """A lone surrogate (valid in JSON, not in UTF-8) fails the question with the robot client's code for it. The
+    API refuses such text at its edge; a card is what carries it this far unchanged."""
+    with pytest.raises(ChannelError, match="UTF-8") as invalid:
+        await on.channel.send_question(question("合并吗\ud800", options=("合并", "不合并")))
+    assert invalid.value.errcode == ERR_INVALID_MESSAGE
+    assert on.fake.get_messages() == [] and on.channel.link.connected
+
+
 async def test_people_are_heard_with_quotes_and_images(on: Running) -> None:
     await on.channel.send_question(question())
     [sent] = on.fake.get_messages("group-1")
@@ -624,6 +634,31 @@ async def test_odd_frames_never_end_the_link(caplog: pytest.LogCaptureFixture) -
     assert received[1].card is not None and received[1].chat_id == "other-group"
     assert channel.link.connects == 1 and channel.link.bad_frames == 3
     assert "another AI bot" in caplog.text and "unknown cmd 'aibot_brand_new_cmd'" in caplog.text
+
+
+async def test_a_media_url_httpx_cannot_read_still_delivers_the_message() -> None:
+    """httpx refuses a URL with a control character before any request (InvalidURL, no HTTPError): the person's
+    words still arrive, with the picture said to be missing."""
+    bad = {"msgtype": "image", "image": {"url": "https://wecom.test/\u0000", "aeskey": "A" * 43}}
+    items = [{"msgtype": "text", "text": {"content": f"@{ROBOT} 看图"}}, bad]
+    body = msg_body("mixed", mixed={"msg_item": items})
+
+    async def script(ws: ServerConnection) -> None:
+        await ws.send(json.dumps(frame("aibot_msg_callback", body, "req-img")))
+
+    async with stand_in(script) as url, httpx.AsyncClient() as http:
+        received: list[IncomingMessage] = []
+
+        async def keep(message: IncomingMessage) -> None:
+            received.append(message)
+
+        channel = AibotChannel(AibotOptions(bot_id=BOT, secret=SECRET, url=url, **FAST), http)
+        async with asyncio.TaskGroup() as tasks:
+            task = tasks.create_task(channel.run(keep))
+            await until(lambda: bool(received), TIMEOUT)
+            task.cancel()
+    assert received[0].image_urls == [] and received[0].answer.startswith("看图\n（1 张图片没有转交给 AI：")
+    assert channel.failed == 0
 
 
 # --- settings and the app ------------------------------------------------------------------------------------------

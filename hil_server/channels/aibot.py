@@ -56,7 +56,7 @@ from hil_protocol.aibot import (
 from hil_protocol.callback import CallbackError, IncomingMessage
 from hil_protocol.messages import split_text, truncate_bytes, utf8_len
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
-from hil_protocol.wecom_robot import ERR_UNSUPPORTED
+from hil_protocol.wecom_robot import ERR_BAD_RESPONSE, ERR_INVALID_MESSAGE, ERR_UNSUPPORTED
 
 from ..choices import APPROVAL_OPTIONS, as_text
 from ..models import Session
@@ -148,7 +148,6 @@ class AibotLink:
         self._problem: str | None = None  # degraded at once: the credentials were refused, the bot was taken
         self._last_error = "not connected yet"
         self._auth_logged = False
-        self._was_up = False
         self.connects = 0
         self.bad_frames = 0
 
@@ -171,6 +170,7 @@ class AibotLink:
         o = self.options
         delay = o.reconnect_min_delay
         while True:
+            connects = self.connects
             try:
                 await self._connect_once(on_callback)
             except _AuthFailed as exc:
@@ -201,7 +201,7 @@ class AibotLink:
             except (*NETWORK_ERRORS, _LinkLost) as exc:
                 self._last_error = _describe(exc)
                 self._problem = None  # what holds now is a link that is down; /health says so after down_grace
-                if self._was_up:  # a link that came up starts the backoff over
+                if self.connects > connects:  # a link that came up starts the backoff over
                     delay = o.reconnect_min_delay
                 wait = delay
                 delay = min(delay * 2, o.reconnect_max_delay)
@@ -210,7 +210,6 @@ class AibotLink:
 
     async def _connect_once(self, on_callback: Callable[[Frame], None]) -> None:
         o = self.options
-        self._was_up = False
         async with connect(
             o.url,
             open_timeout=o.open_timeout,
@@ -239,11 +238,10 @@ class AibotLink:
                     continue  # nothing else is expected before the answer; nothing else is for us yet
                 if frame.errcode == 0:
                     return
-                raise _AuthFailed(-2 if frame.errcode is None else frame.errcode, frame.errmsg)
+                raise _AuthFailed(ERR_BAD_RESPONSE if frame.errcode is None else frame.errcode, frame.errmsg)
 
     def _went_up(self, ws: ClientConnection) -> None:
         self._ws = ws
-        self._was_up = True
         self._problem = None
         self._auth_logged = False
         self._unanswered_pings = 0
@@ -321,7 +319,7 @@ class AibotLink:
             text = dump_frame(cmd, req_id, body)
             text.encode("utf-8")
         except (UnicodeEncodeError, ValueError) as exc:
-            raise AibotError(ERR_NO_LINK, "消息含有无法编码为 UTF-8 的字符，没有发出") from exc
+            raise AibotError(ERR_INVALID_MESSAGE, "消息含有无法编码为 UTF-8 的字符，没有发出") from exc
         timeout = self.options.send_timeout
         try:
             async with asyncio.timeout(timeout):
@@ -359,7 +357,7 @@ class AibotLink:
             if future.done() and not future.cancelled():
                 future.exception()  # seen here, so a link that dropped mid-send leaves no "never retrieved" warning
         if answer.errcode != 0:
-            raise error_for(-2 if answer.errcode is None else answer.errcode, answer.errmsg)
+            raise error_for(ERR_BAD_RESPONSE if answer.errcode is None else answer.errcode, answer.errmsg)
         return answer
 
 
