@@ -32,3 +32,11 @@ def tally(session: Session) -> Approval:
                 required=session.approvals_required,
             )
     return Approval(approved=None, decided_by=[], approvals=len(approvers), required=session.approvals_required)
+
+
+def answered(session: Session, approval: Approval | None = None) -> bool:
+    """Whether the question has its answer: a reply, or for an approval its decision (a first 批准 of two is not one).
+    `approval`: the session's tally when the caller already has it."""
+    if not session.approvals_required:
+        return bool(session.replies)
+    return (approval or tally(session)).approved is not None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -237,6 +238,19 @@ async def test_two_person_approval(service: HilService) -> None:
     result = await state(service, session_id)
     assert result.status == "replied" and result.approval.approved is True
     assert result.approval.decided_by == ["lisi", "wangwu"]
+
+
+async def test_a_held_poll_waits_past_the_first_of_two_approvals(service: HilService) -> None:
+    # One 批准 of two is a reply but not the answer: a held poll keeps waiting (returning at once would make every
+    # client loop on the server until the second approver decides) and wakes on the decision.
+    session_id = await ask(service, approvals_required=2)
+    await service.handle_message(reply("批准", userid="lisi"))
+    held = asyncio.create_task(service.poll(service.store.get(session_id), wait=5))  # type: ignore[arg-type]
+    await asyncio.sleep(0.05)
+    assert not held.done()
+    await service.handle_message(reply("批准", userid="wangwu"))
+    result = await asyncio.wait_for(held, 1)
+    assert result.status == "replied" and result.approval.approved is True
 
 
 async def test_one_rejection_decides_at_once_with_its_comment(service: HilService) -> None:
