@@ -98,6 +98,17 @@ class World:
         assert len(found["messages"]) >= n, found
         return found["messages"]
 
+    async def card(self, session_id: str, updates: int = 1) -> dict[str, Any]:
+        """The fake's state of a question's card once it has had at least `updates` updates (a click's update goes
+        out after the reply is stored and after any notice, so the poll or the notice can come first)."""
+        url = f"{self.stack.fake_url}/_fake/aibot/cards/{session_id}"
+        deadline = time.monotonic() + 5
+        while True:
+            state = (await self.http.get(url)).json()
+            if len(state["updates"]) >= updates or time.monotonic() > deadline:
+                return state
+            await asyncio.sleep(0.05)
+
     async def person(self, path: str, **body: Any) -> dict[str, Any]:
         response = await self.http.post(f"{self.stack.fake_url}/_fake/aibot/{path}", json=body)
         assert response.status_code == 200, response.text
@@ -206,18 +217,11 @@ async def test_a_click_is_the_choice_and_the_card_says_so(shared: Stack) -> None
         answered = await waiting
         assert answered["status"] == "replied" and answered["choice"] == {"index": 0, "label": "合并"}
         assert answered["replies"][0]["answered_by"] == "lisi" and answered["replies"][0]["via"] == "button"
-        # The card update goes out after the reply is stored (the poll can return first): wait for it.
-        cards = f"{shared.fake_url}/_fake/aibot/cards/{asked['session_id']}"
-        state = await w.http.get(cards)
-        for _ in range(100):
-            if state.json()["updates"]:
-                break
-            await asyncio.sleep(0.05)
-            state = await w.http.get(cards)
-        [update] = state.json()["updates"]
+        state = await w.card(asked["session_id"])
+        [update] = state["updates"]
         assert update["ts"] - time.time() + (time.monotonic() - clicked) < 5  # within WeCom's window
-        assert state.json()["card"]["card_type"] == "text_notice"
-        assert state.json()["card"]["main_title"]["desc"] == "✅ lisi 选择了「合并」"
+        assert state["card"]["card_type"] == "text_notice"
+        assert state["card"]["main_title"]["desc"] == "✅ lisi 选择了「合并」"
         metrics = (await w.http.get(f"{shared.server_url}/metrics")).text
         assert 'hil_wecom_sends_total{errcode="0"}' in metrics  # every frame WeCom took, the card update too
 
@@ -230,8 +234,7 @@ async def test_a_non_responders_click_is_refused_and_the_right_persons_taken(sha
         await w.person("click", userid="wangwu", task_id=asked["session_id"], event_key="0")
         [notice] = await w.messages(chat, since_seq=card["seq"])
         assert "只有 @lisi 可以回答" in notice["content"]
-        cards = f"{shared.fake_url}/_fake/aibot/cards/{asked['session_id']}"
-        state = (await w.http.get(cards)).json()
+        state = await w.card(asked["session_id"])
         assert len(state["updates"]) == 1 and len(state["card"]["button_list"]) == 2  # still open
         assert (await w.poll(asked["session_id"]))["status"] == "waiting"
 
@@ -247,13 +250,8 @@ async def test_a_two_person_approval_by_clicks(shared: Stack) -> None:
         asked = await w.ask("删除旧数据？", chat, approvals_required=2, responders=["lisi", "wangwu"])
         [card] = await w.messages(chat)
         assert [b["text"] for b in card["card"]["button_list"]] == ["批准", "拒绝"]
-        cards = f"{shared.fake_url}/_fake/aibot/cards/{asked['session_id']}"
         await w.person("click", userid="lisi", task_id=asked["session_id"], event_key="0")
-        for _ in range(100):
-            state = (await w.http.get(cards)).json()
-            if state["updates"]:
-                break
-            await asyncio.sleep(0.05)
+        state = await w.card(asked["session_id"])
         assert state["card"]["main_title"]["desc"] == "已批准 1/2，等待更多批准"
         assert (await w.poll(asked["session_id"]))["status"] == "waiting"
 
@@ -288,7 +286,7 @@ async def test_request_approval_over_stdio_with_one_click(shared: Stack, tmp_pat
         assert [b["text"] for b in card["card"]["button_list"]] == ["批准", "拒绝"]
         await w.person("click", userid="lisi", task_id=card["task_id"], event_key="0")
         result = await asyncio.wait_for(call, 20)
-        state = (await w.http.get(f"{shared.fake_url}/_fake/aibot/cards/{card['task_id']}")).json()
+        state = await w.card(card["task_id"])
     assert not result.is_error and result.structured_content is not None
     out = result.structured_content
     assert out["status"] == "success" and out["approved"] is True and out["decided_by"] == ["lisi"]
