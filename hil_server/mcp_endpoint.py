@@ -157,6 +157,7 @@ class EndpointHost:
         return Caller(
             backend=ServiceBackend(self.service, info.grant),
             memory=self.memories.setdefault(owner, OpenQuestions()),
+            settings=self.tool_settings,
             chat_id=info.chat_id,
             project_name=info.project_name,
             hangup=info.hangup,

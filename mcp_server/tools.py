@@ -3,7 +3,8 @@
 
 `build_server(lifespan)` returns an mcp 2.x `MCPServer` with the tools. Its lifespan yields a `ToolHost`, which hands
 each call a `Caller`: the backend to use (HTTP for hil-mcp on stdio, the service in-process for the HIL Server's
-`/mcp`), the caller's defaults and its memory of open questions. Nothing below knows which transport it runs on.
+`/mcp`), the transport's settings, the caller's defaults and its memory of open questions. Nothing below knows which
+transport it runs on.
 """
 
 from __future__ import annotations
@@ -139,6 +140,7 @@ class Hangup(Protocol):
 class Caller:
     backend: Backend
     memory: OpenQuestions
+    settings: ToolSettings
     chat_id: str | None = None
     project_name: str | None = None
     hangup: Hangup | None = None
@@ -146,9 +148,6 @@ class Caller:
 
 class ToolHost(Protocol):
     """The lifespan context of a server built by `build_server`."""
-
-    @property
-    def tool_settings(self) -> ToolSettings: ...
 
     def caller(self, ctx: Context) -> Caller: ...
 
@@ -189,23 +188,21 @@ async def _load_images(paths: list[str]) -> list[Path]:
     return files
 
 
-async def _send(caller: Caller, settings: ToolSettings, outgoing: Outgoing, image_paths: list[str] | None) -> Sent:
+async def _send(caller: Caller, outgoing: Outgoing, image_paths: list[str] | None) -> Sent:
     """Upload images and send. Raises BackendError or _ImageProblem."""
     files = await _load_images(image_paths or [])
     images = [await caller.backend.upload_image(path) for path in files]
-    return await caller.backend.send(outgoing.model_copy(update={"images": images, "timeout": settings.send_timeout}))
+    update = {"images": images, "timeout": caller.settings.send_timeout}
+    return await caller.backend.send(outgoing.model_copy(update=update))
 
 
-async def _ask(
-    ctx: Context, outgoing: Outgoing, image_paths: list[str] | None
-) -> tuple[Caller, ToolSettings, Question] | WaitResult:
+async def _ask(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) -> tuple[Caller, Question] | WaitResult:
     """Send a question (or reuse the same one still open) and remember it; or the error result."""
-    settings, caller, chat, project = _begin(ctx, outgoing.chat_id, image_paths, outgoing.project_name)
-    outgoing = outgoing.model_copy(update={"chat_id": chat, "project_name": project})
+    caller, outgoing = _begin(ctx, outgoing, image_paths)
     key = (
         outgoing.message,
-        chat,
-        project,
+        outgoing.chat_id,
+        outgoing.project_name,
         tuple(outgoing.options or ()),
         tuple(outgoing.responders or ()),
         outgoing.approvals_required,
@@ -213,9 +210,9 @@ async def _ask(
     question = caller.memory.find_open(key)
     if question is not None:
         logger.info("reusing open question session_id=%s", question.session_id)
-        return caller, settings, question
+        return caller, question
     try:
-        sent = await _send(caller, settings, outgoing, image_paths)
+        sent = await _send(caller, outgoing, image_paths)
     except (BackendError, _ImageProblem) as exc:
         return WaitResult(status="error", message=str(exc))
     if not sent.success or not sent.session_id:
@@ -227,25 +224,24 @@ async def _ask(
         )
     question = Question(sent.session_id, sent.short_id, key)
     caller.memory.remember(question)
-    return caller, settings, question
+    return caller, question
 
 
-def _begin(
-    ctx: Context, chat_id: str | None, image_paths: list[str] | None, project_name: str | None
-) -> tuple[ToolSettings, Caller, str | None, str | None]:
-    """What a sending tool starts from: the settings, the caller, and the chat and project after the defaults."""
-    host = _host(ctx)
-    settings = host.tool_settings
-    if image_paths and not settings.local_files:
+def _begin(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) -> tuple[Caller, Outgoing]:
+    """What a sending tool starts from: the caller, and what it sends with the caller's chat and project defaults."""
+    caller = _host(ctx).caller(ctx)
+    if image_paths and not caller.settings.local_files:
         # Refused before any path is looked at: on the server, a path is the server's file, never the agent's.
         raise ToolError(REMOTE_IMAGES)
-    caller = host.caller(ctx)
-    return settings, caller, chat_id or caller.chat_id, project_name or caller.project_name
+    defaults = {
+        "chat_id": outgoing.chat_id or caller.chat_id,
+        "project_name": outgoing.project_name or caller.project_name,
+    }
+    return caller, outgoing.model_copy(update=defaults)
 
 
 async def _wait(
     caller: Caller,
-    settings: ToolSettings,
     ctx: Context,
     question: Question,
     timeout: float,
@@ -255,7 +251,7 @@ async def _wait(
 
     A cancelled call or a cut stream is a cancelled wait: the server is told the agent stopped waiting, the question
     stays open and a later answer is kept for wait_for_reply."""
-    backend = caller.backend
+    backend, settings = caller.backend, caller.settings
     start = time.monotonic()
     deadline = start + timeout
     progress = 0.0
@@ -399,8 +395,8 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         asked = await _ask(ctx, outgoing, image_paths)
         if isinstance(asked, WaitResult):
             return asked
-        caller, settings, question = asked
-        return await _wait(caller, settings, ctx, question, settings.timeout)
+        caller, question = asked
+        return await _wait(caller, ctx, question, caller.settings.timeout)
 
     @server.tool()
     async def request_approval(
@@ -439,9 +435,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         asked = await _ask(ctx, outgoing, None)
         if isinstance(asked, WaitResult):
             return _approval(asked, None)
-        caller, settings, question = asked
+        caller, question = asked
         final: list[Any] = []
-        result = await _wait(caller, settings, ctx, question, settings.timeout, on_poll=final.append)
+        result = await _wait(caller, ctx, question, caller.settings.timeout, on_poll=final.append)
         return _approval(result, final[-1].approval if final else None)
 
     @server.tool()
@@ -460,10 +456,10 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             image_paths: local JPG/PNG files (≤ 2 MB each) to send with it (hil-mcp on stdio only).
             project_name: shown in front of the message.
         """
-        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
-        outgoing = Outgoing(message=message, chat_id=chat, project_name=project, wait_reply=False)
+        outgoing = Outgoing(message=message, chat_id=chat_id, project_name=project_name, wait_reply=False)
+        caller, outgoing = _begin(ctx, outgoing, image_paths)
         try:
-            sent = await _send(caller, settings, outgoing, image_paths)
+            sent = await _send(caller, outgoing, image_paths)
         except (BackendError, _ImageProblem) as exc:
             return SendResult(status="error", message=str(exc))
         if not sent.success:
@@ -479,11 +475,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 (#1a2b3c4d); leave it out for your newest open question.
             timeout: seconds to wait at most (default: the configured timeout).
         """
-        host = _host(ctx)
-        settings = host.tool_settings
         if timeout is not None and not math.isfinite(timeout):
             raise ToolError("timeout must be a number of seconds")
-        caller = host.caller(ctx)
+        caller = _host(ctx).caller(ctx)
         memory = caller.memory
         if session_id is not None and session_id.strip():
             try:
@@ -502,8 +496,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 if found is None or found.session_id in memory.settled:
                     return WaitResult(status="error", message="No open question to wait for.")
                 question = Question(found.session_id, found.short_id)
-        limit = settings.timeout if timeout is None else max(1.0, min(timeout, settings.timeout))
-        return await _wait(caller, settings, ctx, question, limit)
+        most = caller.settings.timeout
+        limit = most if timeout is None else max(1.0, min(timeout, most))
+        return await _wait(caller, ctx, question, limit)
 
     return server
 
