@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from hil_protocol.images import IMAGE_MAX_BYTES
 
 from . import __version__
-from .backend import Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
+from .backend import Approval, Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
 
 logger = logging.getLogger("mcp_server")
 
@@ -340,12 +340,13 @@ def _answered(polled: Polled) -> str:
     return f"The person replied: {_reply_text(polled.replies)}{chose}"
 
 
-def _approval(result: WaitResult, polled_approval: Any) -> ApprovalResult:
+def _approval(result: WaitResult, approval: Approval | None) -> ApprovalResult:
+    decision = approval or Approval()  # not polled: undecided, nobody, no comment
     return ApprovalResult(
         status=result.status,
-        approved=polled_approval.approved if polled_approval else None,
-        decided_by=list(polled_approval.decided_by) if polled_approval else [],
-        comment=polled_approval.comment if polled_approval else "",
+        approved=decision.approved,
+        decided_by=list(decision.decided_by),
+        comment=decision.comment,
         message=result.message,
         session_id=result.session_id,
         short_id=result.short_id,
@@ -436,7 +437,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         if isinstance(asked, WaitResult):
             return _approval(asked, None)
         caller, question = asked
-        final: list[Any] = []
+        final: list[Polled] = []
         result = await _wait(caller, ctx, question, caller.settings.timeout, on_poll=final.append)
         return _approval(result, final[-1].approval if final else None)
 
