@@ -266,6 +266,9 @@ async def _wait(
             choice=polled.choice if polled else None,
         )
 
+    async def pause() -> None:
+        await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+
     with anyio.CancelScope() as cut:
         if caller.hangup is not None:
             caller.hangup.add(cut.cancel)
@@ -275,7 +278,6 @@ async def _wait(
             while (remaining := deadline - time.monotonic()) > 0:
                 wait = min(settings.heartbeat, remaining, 60.0)
                 asked = time.monotonic()
-                polled: Polled | None = None
                 try:
                     polled = await backend.poll(question.session_id, wait=wait)
                 except BackendError as exc:
@@ -283,8 +285,8 @@ async def _wait(
                         return result("error", str(exc))
                     # The server may be restarting; its sessions are durable, so keep trying until our deadline.
                     logger.warning("poll failed (%s); retrying", exc)
-                    await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
-                if polled is not None:
+                    await pause()
+                else:
                     if on_poll is not None:
                         on_poll(polled)
                     if polled.status != "not_found":
@@ -304,7 +306,7 @@ async def _wait(
                         return result("error", polled.message or "send failed")
                     if time.monotonic() - asked < min(wait, settings.poll_interval) * 0.5:
                         # The server answered at once: it does not hold polls (a seed server). Poll at the interval.
-                        await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+                        await pause()
                 elapsed = time.monotonic() - start
                 # MCP requires progress to increase with every notification; rounding alone can repeat a value.
                 progress = round(max(elapsed, progress + 0.001), 3)
