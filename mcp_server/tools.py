@@ -345,13 +345,8 @@ def _answered(polled: Polled) -> str:
 def _approval(result: WaitResult, approval: Approval | None) -> ApprovalResult:
     decision = approval or Approval()  # not polled: undecided, nobody, no comment
     return ApprovalResult(
-        status=result.status,
-        approved=decision.approved,
-        decided_by=list(decision.decided_by),
-        comment=decision.comment,
-        message=result.message,
-        session_id=result.session_id,
-        short_id=result.short_id,
+        **result.model_dump(include={"status", "message", "session_id", "short_id"}),
+        **decision.model_dump(include={"approved", "decided_by", "comment"}),
     )
 
 
