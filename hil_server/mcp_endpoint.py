@@ -35,6 +35,7 @@ from mcp_server.backend import BackendError, Outgoing, Polled, QuestionRef, Sent
 from mcp_server.tools import Caller, OpenQuestions, ToolSettings, build_server
 
 from . import errors
+from .api import NOT_FOUND
 from .auth import ApiAuth, AuthError, Grant, can_see, grant_of
 from .config import ServerSettings
 from .errors import InvalidRequest
@@ -80,7 +81,7 @@ class ServiceBackend:
     async def poll(self, ref: str, wait: float) -> Polled:
         session = self._visible(ref)
         if session is None:
-            return Polled(session_id=ref, status="not_found", message="会话不存在或已过期")
+            return Polled(session_id=ref, status="not_found", message=NOT_FOUND)
         return Polled.model_validate((await self.service.poll(session, wait)).model_dump())
 
     async def mark_timeout(self, ref: str) -> None:
@@ -157,6 +158,7 @@ class EndpointHost:
         return Caller(
             backend=ServiceBackend(self.service, info.grant),
             memory=self.memories.setdefault(owner, OpenQuestions()),
+            settings=self.tool_settings,
             chat_id=info.chat_id,
             project_name=info.project_name,
             hangup=info.hangup,

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import mimetypes
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import httpx
 from pydantic import ValidationError
+
+from hil_protocol.images import image_kind
 
 from .backend import SESSION_REF_RE, BackendError, Outgoing, Polled, QuestionRef, Sent
 
@@ -76,7 +77,8 @@ class HilClient:
 
     async def upload_image(self, path: Path) -> str:
         data = await anyio.Path(path).read_bytes()
-        mime = mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+        # From the bytes, not the name: mimetypes would read the system's type files on the event loop.
+        mime = {"png": "image/png", "jpg": "image/jpeg"}.get(image_kind(data) or "", "application/octet-stream")
         body = await self._request("POST", "/api/upload-image", files={"file": (path.name, data, mime)}, timeout=60)
         if not body.get("success") or not body.get("image_url"):
             raise BackendError(f"uploading {path.name} failed: {body.get('error') or body.get('message')}")

@@ -18,7 +18,6 @@ from .tools import Caller, OpenQuestions, ToolSettings, build_server
 class StdioHost:
     """One agent, one process: every call shares the settings' defaults and the process's open questions."""
 
-    tool_settings: ToolSettings
     the_caller: Caller
 
     def caller(self, ctx: Context) -> Caller:
@@ -41,10 +40,11 @@ def create_server(settings: McpSettings) -> MCPServer[StdioHost]:
             caller = Caller(
                 backend=HilClient(http, settings.service_url, token),
                 memory=OpenQuestions(),
+                settings=tool_settings,
                 chat_id=settings.chat_id,
                 project_name=settings.project_name,
             )
-            yield StdioHost(tool_settings, caller)
+            yield StdioHost(caller)
 
     return build_server(lifespan)
 

@@ -3,7 +3,8 @@
 
 `build_server(lifespan)` returns an mcp 2.x `MCPServer` with the tools. Its lifespan yields a `ToolHost`, which hands
 each call a `Caller`: the backend to use (HTTP for hil-mcp on stdio, the service in-process for the HIL Server's
-`/mcp`), the caller's defaults and its memory of open questions. Nothing below knows which transport it runs on.
+`/mcp`), the transport's settings, the caller's defaults and its memory of open questions. Nothing below knows which
+transport it runs on.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from pydantic import BaseModel, Field
 from hil_protocol.images import IMAGE_MAX_BYTES
 
 from . import __version__
-from .backend import Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
+from .backend import Approval, Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
 
 logger = logging.getLogger("mcp_server")
 
@@ -139,6 +140,7 @@ class Hangup(Protocol):
 class Caller:
     backend: Backend
     memory: OpenQuestions
+    settings: ToolSettings
     chat_id: str | None = None
     project_name: str | None = None
     hangup: Hangup | None = None
@@ -146,9 +148,6 @@ class Caller:
 
 class ToolHost(Protocol):
     """The lifespan context of a server built by `build_server`."""
-
-    @property
-    def tool_settings(self) -> ToolSettings: ...
 
     def caller(self, ctx: Context) -> Caller: ...
 
@@ -189,23 +188,21 @@ async def _load_images(paths: list[str]) -> list[Path]:
     return files
 
 
-async def _send(caller: Caller, settings: ToolSettings, outgoing: Outgoing, image_paths: list[str] | None) -> Sent:
+async def _send(caller: Caller, outgoing: Outgoing, image_paths: list[str] | None) -> Sent:
     """Upload images and send. Raises BackendError or _ImageProblem."""
     files = await _load_images(image_paths or [])
     images = [await caller.backend.upload_image(path) for path in files]
-    return await caller.backend.send(outgoing.model_copy(update={"images": images, "timeout": settings.send_timeout}))
+    update = {"images": images, "timeout": caller.settings.send_timeout}
+    return await caller.backend.send(outgoing.model_copy(update=update))
 
 
-async def _ask(
-    ctx: Context, outgoing: Outgoing, image_paths: list[str] | None
-) -> tuple[Caller, ToolSettings, Question] | WaitResult:
+async def _ask(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) -> tuple[Caller, Question] | WaitResult:
     """Send a question (or reuse the same one still open) and remember it; or the error result."""
-    settings, caller, chat, project = _begin(ctx, outgoing.chat_id, image_paths, outgoing.project_name)
-    outgoing = outgoing.model_copy(update={"chat_id": chat, "project_name": project})
+    caller, outgoing = _begin(ctx, outgoing, image_paths)
     key = (
         outgoing.message,
-        chat,
-        project,
+        outgoing.chat_id,
+        outgoing.project_name,
         tuple(outgoing.options or ()),
         tuple(outgoing.responders or ()),
         outgoing.approvals_required,
@@ -213,9 +210,9 @@ async def _ask(
     question = caller.memory.find_open(key)
     if question is not None:
         logger.info("reusing open question session_id=%s", question.session_id)
-        return caller, settings, question
+        return caller, question
     try:
-        sent = await _send(caller, settings, outgoing, image_paths)
+        sent = await _send(caller, outgoing, image_paths)
     except (BackendError, _ImageProblem) as exc:
         return WaitResult(status="error", message=str(exc))
     if not sent.success or not sent.session_id:
@@ -227,25 +224,24 @@ async def _ask(
         )
     question = Question(sent.session_id, sent.short_id, key)
     caller.memory.remember(question)
-    return caller, settings, question
+    return caller, question
 
 
-def _begin(
-    ctx: Context, chat_id: str | None, image_paths: list[str] | None, project_name: str | None
-) -> tuple[ToolSettings, Caller, str | None, str | None]:
-    """What a sending tool starts from: the settings, the caller, and the chat and project after the defaults."""
-    host = _host(ctx)
-    settings = host.tool_settings
-    if image_paths and not settings.local_files:
+def _begin(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) -> tuple[Caller, Outgoing]:
+    """What a sending tool starts from: the caller, and what it sends with the caller's chat and project defaults."""
+    caller = _host(ctx).caller(ctx)
+    if image_paths and not caller.settings.local_files:
         # Refused before any path is looked at: on the server, a path is the server's file, never the agent's.
         raise ToolError(REMOTE_IMAGES)
-    caller = host.caller(ctx)
-    return settings, caller, chat_id or caller.chat_id, project_name or caller.project_name
+    defaults = {
+        "chat_id": outgoing.chat_id or caller.chat_id,
+        "project_name": outgoing.project_name or caller.project_name,
+    }
+    return caller, outgoing.model_copy(update=defaults)
 
 
 async def _wait(
     caller: Caller,
-    settings: ToolSettings,
     ctx: Context,
     question: Question,
     timeout: float,
@@ -255,7 +251,7 @@ async def _wait(
 
     A cancelled call or a cut stream is a cancelled wait: the server is told the agent stopped waiting, the question
     stays open and a later answer is kept for wait_for_reply."""
-    backend = caller.backend
+    backend, settings = caller.backend, caller.settings
     start = time.monotonic()
     deadline = start + timeout
     progress = 0.0
@@ -270,6 +266,9 @@ async def _wait(
             choice=polled.choice if polled else None,
         )
 
+    async def pause() -> None:
+        await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+
     with anyio.CancelScope() as cut:
         if caller.hangup is not None:
             caller.hangup.add(cut.cancel)
@@ -279,7 +278,6 @@ async def _wait(
             while (remaining := deadline - time.monotonic()) > 0:
                 wait = min(settings.heartbeat, remaining, 60.0)
                 asked = time.monotonic()
-                polled: Polled | None = None
                 try:
                     polled = await backend.poll(question.session_id, wait=wait)
                 except BackendError as exc:
@@ -287,8 +285,8 @@ async def _wait(
                         return result("error", str(exc))
                     # The server may be restarting; its sessions are durable, so keep trying until our deadline.
                     logger.warning("poll failed (%s); retrying", exc)
-                    await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
-                if polled is not None:
+                    await pause()
+                else:
                     if on_poll is not None:
                         on_poll(polled)
                     if polled.status != "not_found":
@@ -308,7 +306,7 @@ async def _wait(
                         return result("error", polled.message or "send failed")
                     if time.monotonic() - asked < min(wait, settings.poll_interval) * 0.5:
                         # The server answered at once: it does not hold polls (a seed server). Poll at the interval.
-                        await anyio.sleep(min(settings.poll_interval, max(0.0, deadline - time.monotonic())))
+                        await pause()
                 elapsed = time.monotonic() - start
                 # MCP requires progress to increase with every notification; rounding alone can repeat a value.
                 progress = round(max(elapsed, progress + 0.001), 3)
@@ -344,15 +342,11 @@ def _answered(polled: Polled) -> str:
     return f"The person replied: {_reply_text(polled.replies)}{chose}"
 
 
-def _approval(result: WaitResult, polled_approval: Any) -> ApprovalResult:
+def _approval(result: WaitResult, approval: Approval | None) -> ApprovalResult:
+    decision = approval or Approval()  # not polled: undecided, nobody, no comment
     return ApprovalResult(
-        status=result.status,
-        approved=polled_approval.approved if polled_approval else None,
-        decided_by=list(polled_approval.decided_by) if polled_approval else [],
-        comment=polled_approval.comment if polled_approval else "",
-        message=result.message,
-        session_id=result.session_id,
-        short_id=result.short_id,
+        **result.model_dump(include={"status", "message", "session_id", "short_id"}),
+        **decision.model_dump(include={"approved", "decided_by", "comment"}),
     )
 
 
@@ -399,8 +393,8 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         asked = await _ask(ctx, outgoing, image_paths)
         if isinstance(asked, WaitResult):
             return asked
-        caller, settings, question = asked
-        return await _wait(caller, settings, ctx, question, settings.timeout)
+        caller, question = asked
+        return await _wait(caller, ctx, question, caller.settings.timeout)
 
     @server.tool()
     async def request_approval(
@@ -439,9 +433,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         asked = await _ask(ctx, outgoing, None)
         if isinstance(asked, WaitResult):
             return _approval(asked, None)
-        caller, settings, question = asked
-        final: list[Any] = []
-        result = await _wait(caller, settings, ctx, question, settings.timeout, on_poll=final.append)
+        caller, question = asked
+        final: list[Polled] = []
+        result = await _wait(caller, ctx, question, caller.settings.timeout, on_poll=final.append)
         return _approval(result, final[-1].approval if final else None)
 
     @server.tool()
@@ -460,10 +454,10 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             image_paths: local JPG/PNG files (≤ 2 MB each) to send with it (hil-mcp on stdio only).
             project_name: shown in front of the message.
         """
-        settings, caller, chat, project = _begin(ctx, chat_id, image_paths, project_name)
-        outgoing = Outgoing(message=message, chat_id=chat, project_name=project, wait_reply=False)
+        outgoing = Outgoing(message=message, chat_id=chat_id, project_name=project_name, wait_reply=False)
+        caller, outgoing = _begin(ctx, outgoing, image_paths)
         try:
-            sent = await _send(caller, settings, outgoing, image_paths)
+            sent = await _send(caller, outgoing, image_paths)
         except (BackendError, _ImageProblem) as exc:
             return SendResult(status="error", message=str(exc))
         if not sent.success:
@@ -479,11 +473,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 (#1a2b3c4d); leave it out for your newest open question.
             timeout: seconds to wait at most (default: the configured timeout).
         """
-        host = _host(ctx)
-        settings = host.tool_settings
         if timeout is not None and not math.isfinite(timeout):
             raise ToolError("timeout must be a number of seconds")
-        caller = host.caller(ctx)
+        caller = _host(ctx).caller(ctx)
         memory = caller.memory
         if session_id is not None and session_id.strip():
             try:
@@ -502,8 +494,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 if found is None or found.session_id in memory.settled:
                     return WaitResult(status="error", message="No open question to wait for.")
                 question = Question(found.session_id, found.short_id)
-        limit = settings.timeout if timeout is None else max(1.0, min(timeout, settings.timeout))
-        return await _wait(caller, settings, ctx, question, limit)
+        most = caller.settings.timeout
+        limit = most if timeout is None else max(1.0, min(timeout, most))
+        return await _wait(caller, ctx, question, limit)
 
     return server
 
