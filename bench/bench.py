@@ -10,6 +10,9 @@ P3  N waiting sessions with N open long-polls: server RSS, and reply -> poll-ret
 P4  callbacks matched per second, POSTed straight to /api/callback (direct mode)
 P1A P1 on the AI-bot channel: the quote-reply comes over the AI bot's long connection
 P5  a click on a question's card (AI bot) -> the held long-poll returns the choice
+P6  a click on 批准 (AI bot) -> request_approval over a real stdio MCP client returns approved
+M1  P1 over /mcp (the SDK's streamable-HTTP client)
+M2  server RSS with 2,000 tool calls waiting at /mcp at once
 
 A missed target is reported, not fatal: the exit status is 0 when every measurement ran, 1 when one failed.
 """
