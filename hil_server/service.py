@@ -168,7 +168,7 @@ class HilService:
             raise StoreUnavailable(self.store.broken)
         self.metrics.poll(held=wait > 0)
         wait = max(0.0, min(wait, POLL_WAIT_MAX))
-        if wait and not session.replies and session.status in ("sending", "waiting", "timeout"):
+        if wait and not _answered(session) and session.status in ("sending", "waiting", "timeout"):
             if session.status == "timeout":
                 await self._reopen(session, wait)
             event = self._waiters.setdefault(session.session_id, asyncio.Event())
@@ -188,8 +188,7 @@ class HilService:
 
     def _poll_response(self, session: Session) -> PollResponse:
         approval = tally(session) if session.approvals_required else None
-        answered = approval.approved is not None if approval else bool(session.replies)
-        status = "replied" if answered else session.status
+        status = "replied" if _answered(session) else session.status
         messages = {
             "sending": "发送中，等待回复",
             "waiting": "等待回复中",
@@ -295,7 +294,7 @@ class HilService:
                 via="button" if decision.matched_by == "button" else "text",
             )
         )
-        decided = tally(session).approved is not None if session.approvals_required else True
+        decided = _answered(session)
         if decided and session.status in ("sending", "waiting"):
             session.status = "replied"
             session.closed_at = self._clock()
@@ -382,6 +381,13 @@ class HilService:
         open_statuses = ("sending", "waiting", "timeout")
         candidates = (s for s in self.store.all() if s.owner == owner and s.status in open_statuses)
         return max(candidates, key=lambda s: s.created_at, default=None)
+
+
+def _answered(session: Session) -> bool:
+    """Whether the agent has its answer: any reply, or for an approval its decision (one approval of two is not)."""
+    if session.approvals_required:
+        return tally(session).approved is not None
+    return bool(session.replies)
 
 
 def _who(msg: IncomingMessage) -> str | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from typing import Any
 
@@ -264,3 +265,16 @@ def test_api_validation_of_typed_questions() -> None:
     with pytest.raises(ValueError, match="responders"):
         SendRequest(message="q", responders=["bad id!"])
     assert SendRequest(message="q", responders=[" a ", "a", ""]).responders == ["a"]
+
+
+async def test_a_long_poll_holds_while_an_approval_is_undecided(service: HilService) -> None:
+    session_id = await ask(service, approvals_required=2)
+    await service.handle_message(reply("批准", userid="lisi"))
+    session = service.store.get(session_id)
+    assert session is not None
+    held = asyncio.create_task(service.poll(session, wait=5))
+    await asyncio.sleep(0.05)
+    assert not held.done()  # one approval of two decides nothing: the agent keeps waiting, not re-polling
+    await service.handle_message(reply("批准", userid="wangwu"))
+    result = await asyncio.wait_for(held, 1)
+    assert result.status == "replied" and result.approval.approved is True
