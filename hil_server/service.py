@@ -291,7 +291,7 @@ class HilService:
                 chat_type=msg.chat_type,
                 answered_by=msg.from_user.userid,
                 choice=Choice(index=pick.index, label=pick.label) if pick else None,
-                via="button" if decision.matched_by == "button" else "text",
+                via="text" if msg.card is None else "button",  # a late click is a click too
             )
         )
         decided = _answered(session)

@@ -278,3 +278,11 @@ async def test_a_long_poll_holds_while_an_approval_is_undecided(service: HilServ
     await service.handle_message(reply("批准", userid="wangwu"))
     result = await asyncio.wait_for(held, 1)
     assert result.status == "replied" and result.approval.approved is True
+
+
+async def test_a_late_click_is_recorded_as_a_click(service: HilService) -> None:
+    session_id = await ask(service, options=OPTIONS)
+    await service.mark_timeout(service.store.get(session_id))  # type: ignore[arg-type]
+    assert await service.handle_message(click(session_id, "1")) == "late"
+    (late,) = (await state(service, session_id)).replies
+    assert late.matched_by == "late" and late.via == "button" and late.choice.label == "不合并"
