@@ -73,6 +73,7 @@ class Session(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     error: str | None = None
     owner: str | None = None  # the API token's name that created it, when tokens are configured
+    # an approval is a question with the options 批准 / 拒绝 that takes no free text
     options: list[str] = Field(default_factory=list)
     allow_text: bool = True
     responders: list[str] = Field(default_factory=list)
