@@ -281,7 +281,6 @@ class HilService:
             Reply(
                 msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
                 content=msg.answer,
-                image_url=msg.image_urls[0] if msg.image_urls else None,
                 images=msg.image_urls,
                 from_user=msg.from_user,
                 timestamp=msg.received_at,
@@ -289,7 +288,6 @@ class HilService:
                 matched_by=decision.matched_by or "quote",
                 chat_id=msg.chat_id,
                 chat_type=msg.chat_type,
-                answered_by=msg.from_user.userid,
                 choice=Choice(index=pick.index, label=pick.label) if pick else None,
                 via="text" if msg.card is None else "button",  # a late click is a click too
             )
