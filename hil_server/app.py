@@ -129,7 +129,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                         }
                     finally:
                         for link in list(hub.links.values()):
-                            with contextlib.suppress(Exception):
+                            with contextlib.suppress(ConnectionError):  # WorkerLink.close: the socket is gone
                                 await link.close(1001, "server shutting down")
                         supervisor.cancel()
         finally:

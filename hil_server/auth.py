@@ -91,15 +91,15 @@ class ApiAuth:
         """The caller's grant from its Authorization header; None when tokens are off. Raises AuthError(401)."""
         if not self._grants:
             return None
-        scheme, _, given = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not given.strip():
+        given = bearer_token(authorization)
+        if not given:
             raise AuthError(
                 401,
                 "this HIL Server requires an API token: send 'Authorization: Bearer <token>' "
                 "(hil-mcp: --api-token or HIL_API_TOKEN)",
             )
         found: Grant | None = None
-        candidate = given.strip().encode("utf-8", "surrogateescape")
+        candidate = given.encode("utf-8", "surrogateescape")
         # Compare against every token, in constant time each, so timing tells nothing about which one matched.
         for token, grant in self._grants:
             if hmac.compare_digest(token, candidate):
@@ -145,10 +145,16 @@ def grant_of(conn: HTTPConnection) -> Grant | None:
     return conn.scope.get(GRANT_KEY)
 
 
+def bearer_token(authorization: str | None) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header (maybe empty); None for no header or another scheme."""
+    scheme, space, given = (authorization or "").partition(" ")
+    return given.strip() if space and scheme.lower() == "bearer" else None
+
+
 def worker_token_ok(expected: str | None, query_token: str | None, authorization: str | None) -> bool:
     if not expected:
         return True
-    given = query_token or ""
-    if authorization and authorization.lower().startswith("bearer "):
-        given = authorization[7:].strip()
+    given = bearer_token(authorization)
+    if given is None:
+        given = query_token or ""
     return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), expected.encode())

@@ -76,9 +76,14 @@ class ServerSettings(RobotSettings):
         return value
 
     @property
+    def uses_aibot(self) -> bool:
+        """HIL_CHANNEL=aibot, or auto with WECOM_AIBOT_ID set."""
+        return self.hil_channel == "aibot" or (self.hil_channel == "auto" and bool(self.wecom_aibot_id))
+
+    @property
     def channel(self) -> ChannelName:
         """How the server reaches people: the AI bot's long connection, the robot webhook (direct) or workers."""
-        if self.hil_channel == "aibot" or (self.hil_channel == "auto" and self.wecom_aibot_id):
+        if self.uses_aibot:
             return "aibot"
         return "webhook" if self.mode == "direct" else "relay"
 
@@ -113,8 +118,7 @@ class ServerSettings(RobotSettings):
     def mode(self) -> Literal["relay", "direct"]:
         """direct: this server talks to WeCom itself (the robot webhook, or the AI bot); relay: workers do."""
         if self.hil_mode == "auto":
-            aibot = self.hil_channel == "aibot" or (self.hil_channel == "auto" and self.wecom_aibot_id)
-            return "direct" if secret_value(self.bot_key) or aibot else "relay"
+            return "direct" if secret_value(self.bot_key) or self.uses_aibot else "relay"
         return self.hil_mode
 
     def secrets(self) -> list[str]:

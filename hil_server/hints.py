@@ -8,7 +8,8 @@ from .approvals import tally
 from .models import Session
 
 
-def _preview(text: str, limit: int = 30) -> str:
+def preview(text: str, limit: int = 30) -> str:
+    """`text` on one line, cut to `limit` characters (and an ellipsis)."""
     flat = " ".join(text.split())
     return flat if len(flat) <= limit else flat[:limit] + "…"
 
@@ -17,7 +18,7 @@ def several_waiting(sessions: list[Session]) -> str:
     lines = [f"**当前有 {len(sessions)} 个问题在等待回复**，无法判断你在回答哪一个。", ""]
     for session in sessions:
         project = f" {session.project_name}" if session.project_name else ""
-        lines.append(f"> `#{session.short_id}`{project}：{_preview(session.message)}")
+        lines.append(f"> `#{session.short_id}`{project}：{preview(session.message)}")
     lines += [
         "",
         '请对要回答的那条问题消息使用<font color="warning">「引用回复」</font>'

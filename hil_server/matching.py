@@ -26,7 +26,7 @@ from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import Notice
 
 from . import hints
-from .choices import APPROVAL_OPTIONS, Pick, pick_decision, pick_option
+from .choices import Pick, pick_decision, pick_option
 from .models import Session
 from .store import SessionStore
 
@@ -100,7 +100,7 @@ def _click(msg: IncomingMessage, store: SessionStore) -> Decision:
     session = store.get(msg.card.task_id)
     if session is None or not in_conversation(session, msg):
         return Decision("ignored")  # a card we did not send, or long purged: nothing to answer
-    options = APPROVAL_OPTIONS if session.approvals_required else tuple(session.options)
+    options = session.options  # an approval's are 批准 / 拒绝
     key = msg.card.key
     if not (key.isascii() and key.isdigit() and len(key) <= 2) or not 0 <= int(key) < len(options):
         return Decision("ignored", session)
@@ -117,12 +117,12 @@ def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick |
     if session.status in ("timeout", "failed"):
         late = _notice(msg, hints.late_answer(session), "late", markdown=False)
         return Decision("late", session, "late", _choose(session, msg) if pick is None else pick, late)
-    if session.status == "replied" and (session.options or session.approvals_required):
+    if session.status == "replied" and session.options:
         # A typed question is decided once; later clicks and replies change nothing (the card says so).
         return Decision("ignored", session)
-    if pick is None and (session.options or session.approvals_required):
+    if pick is None and session.options:
         pick = _choose(session, msg)
-        if pick is None and (session.approvals_required or not session.allow_text):
+        if pick is None and not session.allow_text:  # an approval takes no free text
             return Decision("hint_options", session, notice=_notice(msg, hints.pick_one(session), "options"))
     outcome: Outcome = {"quote": "matched_quote", "only_waiting": "matched_only", "button": "matched_button"}.get(
         how, "matched_quote"

@@ -16,7 +16,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hil_protocol.metrics import CONTENT_TYPE, AppMetrics
 
-from .matching import Outcome
+from .matching import MatchedBy, Outcome
 from .state import server_state
 from .store import SessionStore
 
@@ -24,8 +24,6 @@ METRICS_PATH = "/metrics"
 # Long polls hold a request for up to 60 s, so the buckets reach that far.
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
-# Outcomes that mean a reply was stored on a question, and how it was matched.
-_MATCHED = {"matched_quote": "quote", "matched_only": "only_waiting", "matched_button": "button", "late": "late"}
 
 
 class Metrics(AppMetrics):
@@ -66,11 +64,10 @@ class Metrics(AppMetrics):
         """Attach to one lifespan's store."""
         self.waiting.set_function(lambda: len(store.waiting()))  # computed at scrape time
 
-    def callback(self, outcome: Outcome) -> None:
+    def callback(self, outcome: Outcome, matched_by: MatchedBy | None) -> None:
         self.callbacks.labels(outcome).inc()
-        method = _MATCHED.get(outcome)
-        if method:
-            self.replies_matched.labels(method).inc()
+        if matched_by is not None:  # a reply was stored on a question
+            self.replies_matched.labels(matched_by).inc()
 
     def notice(self, kind: str, sent: bool) -> None:
         self.hints_sent.labels(kind, "sent" if sent else "failed").inc()

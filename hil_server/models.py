@@ -7,7 +7,7 @@ import re
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
 
 from hil_protocol.api_models import Approval, Choice, Person, PollStatus
 from hil_protocol.images import check_image_source
@@ -35,7 +35,6 @@ def is_session_ref(value: str) -> bool:
 class Reply(BaseModel):
     msg_type: Literal["text", "image", "mixed"]
     content: str = ""
-    image_url: str | None = None
     images: list[str] = Field(default_factory=list)
     from_user: Person = Field(default_factory=Person)
     timestamp: float = Field(default_factory=time.time)
@@ -44,10 +43,22 @@ class Reply(BaseModel):
     # where the answer was given (always the question's own chat; recorded for questions sent without a chat_id)
     chat_id: str | None = None
     chat_type: str | None = None
-    # who answered (WeCom userid, as `responders` names people) and, for a question with options, what they chose
-    answered_by: str = ""
+    # for a question with options: what they chose
     choice: Choice | None = None
     via: Literal["text", "button"] = "text"
+
+    # Derived, on the wire for clients (computed fields are dumped, and ignored when a stored session is read back).
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def image_url(self) -> str | None:
+        """The first image (the seed's field; `images` has them all)."""
+        return self.images[0] if self.images else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def answered_by(self) -> str:
+        """Who answered: the WeCom userid, as `responders` names people."""
+        return self.from_user.userid
 
 
 class Refused(BaseModel):
@@ -73,6 +84,7 @@ class Session(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     error: str | None = None
     owner: str | None = None  # the API token's name that created it, when tokens are configured
+    # an approval is a question with the options 批准 / 拒绝 that takes no free text
     options: list[str] = Field(default_factory=list)
     allow_text: bool = True
     responders: list[str] = Field(default_factory=list)

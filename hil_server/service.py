@@ -26,7 +26,7 @@ from .approvals import answered, tally
 from .channels import Channel, ChannelError
 from .choices import APPROVAL_OPTIONS
 from .events import RecentEvents
-from .matching import Decision, Outcome, decide
+from .matching import Decision, MatchedBy, Outcome, decide
 from .models import Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session
 from .store import SessionStore, StoreUnavailable
 
@@ -41,7 +41,7 @@ REOPEN_GRACE = 5.0
 class ServiceMetrics(Protocol):
     """What the service reports (Prometheus in the app; nothing in tests)."""
 
-    def callback(self, outcome: Outcome) -> None: ...
+    def callback(self, outcome: Outcome, matched_by: MatchedBy | None) -> None: ...
 
     def notice(self, kind: str, sent: bool) -> None: ...
 
@@ -49,7 +49,7 @@ class ServiceMetrics(Protocol):
 
 
 class NoMetrics:
-    def callback(self, outcome: Outcome) -> None:
+    def callback(self, outcome: Outcome, matched_by: MatchedBy | None) -> None:
         pass
 
     def notice(self, kind: str, sent: bool) -> None:
@@ -236,7 +236,7 @@ class HilService:
             raise StoreUnavailable(self.store.broken)
         decision = decide(msg, self.store)
         await self._apply(decision, msg)
-        self.metrics.callback(decision.outcome)
+        self.metrics.callback(decision.outcome, decision.matched_by)
         if decision.session is None:  # a match logs its own line, with the session
             logger.info(
                 "message msgid=%s chat_id=%s quoted=%s outcome=%s",
@@ -281,7 +281,6 @@ class HilService:
             Reply(
                 msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
                 content=msg.answer,
-                image_url=msg.image_urls[0] if msg.image_urls else None,
                 images=msg.image_urls,
                 from_user=msg.from_user,
                 timestamp=msg.received_at,
@@ -289,9 +288,8 @@ class HilService:
                 matched_by=decision.matched_by or "quote",
                 chat_id=msg.chat_id,
                 chat_type=msg.chat_type,
-                answered_by=msg.from_user.userid,
                 choice=Choice(index=pick.index, label=pick.label) if pick else None,
-                via="button" if decision.matched_by == "button" else "text",
+                via="text" if msg.card is None else "button",  # a late click is a click too
             )
         )
         decided = answered(session)

@@ -17,16 +17,12 @@ from . import __version__
 from .api import health
 from .approvals import tally
 from .auth import can_see, grant_of
+from .hints import preview
 from .state import ServerState, server_state
 
 router = APIRouter()
 
 PREVIEW_CHARS = 40
-
-
-def _preview(text: str, limit: int = PREVIEW_CHARS) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= limit else flat[:limit] + "…"
 
 
 def status_data(request: Request) -> dict[str, Any]:
@@ -81,7 +77,7 @@ def status_data(request: Request) -> dict[str, Any]:
                 "chat_id": s.chat_id,
                 "age_seconds": round(now - s.created_at, 1),
                 "deadline_in_seconds": round(s.deadline - now, 1),
-                "question": _preview(s.message),
+                "question": preview(s.message, PREVIEW_CHARS),
                 "options": s.options,
                 "responders": s.responders,
                 "approvals": f"{tally(s).approvals}/{s.approvals_required}" if s.approvals_required else None,

@@ -17,6 +17,7 @@ durable, and nothing durable is forgotten.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import sqlite3
@@ -125,8 +126,14 @@ class SessionStore:
             await self._write(delete=ids)
 
     async def forget_msgids(self, before: float) -> None:
+        """Forget the msgids seen before `before`. They are kept in the order they were seen, so a sweep (every few
+        seconds, over a day of msgids) walks only those it drops, and the disk is touched only when there are some."""
         self._check_writable()
-        self._msgids = {m: t for m, t in self._msgids.items() if t >= before}
+        stale = list(itertools.takewhile(lambda msgid: self._msgids[msgid] < before, self._msgids))
+        if not stale:
+            return
+        for msgid in stale:
+            del self._msgids[msgid]
         if self._persistence is not None:
             try:
                 await self._persistence.purge_msgids(before)
@@ -327,7 +334,7 @@ class SqlitePersistence:
                 sessions.append(Session.model_validate_json(data))
             except ValueError:
                 logger.warning("skipping an unreadable session row in %s", self.path)
-        msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids").fetchall())
+        msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids ORDER BY seen_at").fetchall())
         return sessions, msgids
 
     def _probe(self) -> None:

@@ -240,19 +240,6 @@ async def test_two_person_approval(service: HilService) -> None:
     assert result.approval.decided_by == ["lisi", "wangwu"]
 
 
-async def test_a_held_poll_waits_past_the_first_of_two_approvals(service: HilService) -> None:
-    # One 批准 of two is a reply but not the answer: a held poll keeps waiting (returning at once would make every
-    # client loop on the server until the second approver decides) and wakes on the decision.
-    session_id = await ask(service, approvals_required=2)
-    await service.handle_message(reply("批准", userid="lisi"))
-    held = asyncio.create_task(service.poll(service.store.get(session_id), wait=5))  # type: ignore[arg-type]
-    await asyncio.sleep(0.05)
-    assert not held.done()
-    await service.handle_message(reply("批准", userid="wangwu"))
-    result = await asyncio.wait_for(held, 1)
-    assert result.status == "replied" and result.approval.approved is True
-
-
 async def test_one_rejection_decides_at_once_with_its_comment(service: HilService) -> None:
     session_id = await ask(service, approvals_required=2)
     await service.handle_message(reply("批准", userid="lisi"))
@@ -278,3 +265,24 @@ def test_api_validation_of_typed_questions() -> None:
     with pytest.raises(ValueError, match="responders"):
         SendRequest(message="q", responders=["bad id!"])
     assert SendRequest(message="q", responders=[" a ", "a", ""]).responders == ["a"]
+
+
+async def test_a_long_poll_holds_while_an_approval_is_undecided(service: HilService) -> None:
+    session_id = await ask(service, approvals_required=2)
+    await service.handle_message(reply("批准", userid="lisi"))
+    session = service.store.get(session_id)
+    assert session is not None
+    held = asyncio.create_task(service.poll(session, wait=5))
+    await asyncio.sleep(0.05)
+    assert not held.done()  # one approval of two decides nothing: the agent keeps waiting, not re-polling
+    await service.handle_message(reply("批准", userid="wangwu"))
+    result = await asyncio.wait_for(held, 1)
+    assert result.status == "replied" and result.approval.approved is True
+
+
+async def test_a_late_click_is_recorded_as_a_click(service: HilService) -> None:
+    session_id = await ask(service, options=OPTIONS)
+    await service.mark_timeout(service.store.get(session_id))  # type: ignore[arg-type]
+    assert await service.handle_message(click(session_id, "1")) == "late"
+    (late,) = (await state(service, session_id)).replies
+    assert late.matched_by == "late" and late.via == "button" and late.choice.label == "不合并"

@@ -513,6 +513,26 @@ async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
         conn.close()
 
 
+async def test_old_msgids_are_forgotten_in_memory_and_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "x.sqlite3"
+    store = await open_store(path)
+    try:
+        await store.save(msgid="old")
+        await asyncio.sleep(0.01)
+        cutoff = time.time()
+        await asyncio.sleep(0.01)
+        await store.save(msgid="new")
+        await store.forget_msgids(cutoff)
+        assert not store.seen_msgid("old") and store.seen_msgid("new")
+    finally:
+        await store.close()
+    reopened = await open_store(path)
+    try:
+        assert not reopened.seen_msgid("old") and reopened.seen_msgid("new")
+    finally:
+        await reopened.close()
+
+
 async def test_sqlite_delete_is_durable(tmp_path: Path) -> None:
     path = tmp_path / "x.sqlite3"
     clock = Clock()

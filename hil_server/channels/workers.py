@@ -40,11 +40,8 @@ class WorkerLink:
     close: Callable[[int, str], Awaitable[None]]
     connected_at: float = field(default_factory=time.time)
     last_seen: float = field(default_factory=time.monotonic)
-    last_seen_wall: float = field(default_factory=time.time)
-    features: set[str] = field(default_factory=set)
     pending: dict[str, asyncio.Future[Response]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    alive: bool = True
 
     async def send(self, frame: Any) -> None:
         async with self.lock:
@@ -52,7 +49,6 @@ class WorkerLink:
 
     def touch(self) -> None:
         self.last_seen = time.monotonic()
-        self.last_seen_wall = time.time()
 
 
 class WorkerHub:
@@ -87,7 +83,6 @@ class WorkerHub:
             self._changed.notify_all()
 
     async def remove(self, link: WorkerLink, reason: str = "") -> None:
-        link.alive = False
         if self.links.get(link.worker_id) is link:
             del self.links[link.worker_id]
             self._on_change(self.count)
@@ -109,7 +104,7 @@ class WorkerHub:
                     await asyncio.wait_for(self._changed.wait_for(lambda: bool(self.links)), self.grace)
             except TimeoutError:
                 pass
-        links = [link for link in self.links.values() if link.alive]
+        links = list(self.links.values())  # remove() takes a link out of `links` the moment it is gone
         if not links:
             return []
         # Round-robin start point, so load spreads and a failed worker is followed by the next.
