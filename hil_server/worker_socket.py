@@ -56,7 +56,11 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
             raise ConnectionError(f"worker socket closed: {type(exc).__name__}") from exc
 
     link = WorkerLink(worker_id=(worker_id or uuid.uuid4().hex[:8])[:64], send_text=send_text, close=close)
-    await link.send(Hello(features=[FEATURE_CALLBACK_ACK]))
+    try:
+        await link.send(Hello(features=[FEATURE_CALLBACK_ACK]))
+    except ConnectionError:
+        logger.info("worker left before its hello worker_id=%s", link.worker_id)
+        return
     await hub.add(link)
     logger.info("worker connected worker_id=%s workers=%d", link.worker_id, hub.count)
     try:
@@ -83,13 +87,13 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
                 except StoreUnavailable as exc:
                     # Not acknowledged: the worker keeps it and sends it again after it reconnects.
                     logger.error("worker_id=%s callback not stored (%s); closing the link", link.worker_id, exc)
-                    await websocket.close(code=1011, reason="store unavailable; resend later")
+                    await link.close(1011, "store unavailable; resend later")
                     break
                 if frame.id:
                     await link.send(CallbackAck(id=frame.id))
             elif isinstance(frame, Ping):
                 await link.send(Pong())
-    except WebSocketDisconnect:
+    except (WebSocketDisconnect, ConnectionError):  # gone while we read, acknowledged or answered a ping
         pass
     finally:
         await hub.remove(link, reason="disconnected")
