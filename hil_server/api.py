@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from hil_protocol.http_errors import error_response
 from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__, errors
@@ -156,6 +157,17 @@ class PollFastPath:
 
 
 _POLL_RE = re.compile(r"/api/poll/([^/]+)")
+
+
+@router.get("/api/session/newest")
+async def newest_open_session(request: Request) -> Any:
+    """The caller's newest question still open to the agent (waiting, or the agent stopped waiting): what
+    `wait_for_reply()` without an id waits for, also after a restart of hil-mcp or of the server."""
+    grant = grant_of(request)
+    session = server_state(request)["service"].newest_open(grant.owner if grant else None)
+    if session is None:
+        return error_response(404, "no open question for this API token")
+    return {"success": True, "session_id": session.session_id, "short_id": session.short_id, "status": session.status}
 
 
 @router.post("/api/session/{session_id}/timeout")

@@ -143,7 +143,6 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
         app.include_router(worker_socket.router)
     app.include_router(status.router)
     app.include_router(metrics.router)
-    app.include_router(mcp_endpoint.router)
     app.add_route(mcp_endpoint.PATH, mcp, include_in_schema=False)
     if take_callbacks:
 

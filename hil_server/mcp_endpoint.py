@@ -17,9 +17,8 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import Request
 from mcp.server.auth.middleware.bearer_auth import AuthenticatedUser
 from mcp.server.auth.provider import AccessToken
 from mcp.server.mcpserver import Context, MCPServer
@@ -41,7 +40,6 @@ from .config import ServerSettings
 from .errors import InvalidRequest
 from .models import SendRequest, Session
 from .service import HilService
-from .state import server_state
 
 logger = logging.getLogger(__name__)
 
@@ -323,20 +321,4 @@ async def _refuse(status: int, message: str, scope: Scope, receive: Receive, sen
     await error_response(status, message)(scope, receive, send)
 
 
-# --- hil-mcp on stdio asks the store, too ---------------------------------------------------------------------------
-
-router = APIRouter()
-
-
-@router.get("/api/session/newest")
-async def newest_open_session(request: Request) -> Any:
-    """The caller's newest question still open to the agent (waiting, or the agent stopped waiting): what
-    `wait_for_reply()` without an id waits for, also after a restart of hil-mcp or of the server."""
-    grant = grant_of(request)
-    session = server_state(request)["service"].newest_open(grant.owner if grant else None)
-    if session is None:
-        return error_response(404, "no open question for this API token")
-    return {"success": True, "session_id": session.session_id, "short_id": session.short_id, "status": session.status}
-
-
-__all__ = ["PATH", "McpEndpoint", "ServiceBackend", "router"]
+__all__ = ["PATH", "McpEndpoint", "ServiceBackend"]
