@@ -82,14 +82,17 @@ class Supervisor:
             if self._on_restart is not None:
                 self._on_restart(name)
 
+    def recent_crashes(self, state: TaskState) -> int:
+        """How often the task crashed within the last `stable_after` seconds."""
+        now = self._clock()
+        return sum(1 for t in state.crashes if now - t < self._stable_after)
+
     def problems(self) -> list[str]:
         """Why the supervised work is not all healthy now: empty when it is."""
-        now = self._clock()
         found = []
         for state in self.tasks.values():
-            recent = [t for t in state.crashes if now - t < self._stable_after]
             if not state.running:
                 found.append(f"background task {state.name} is down ({state.last_error})")
-            elif len(recent) >= self._flapping:
+            elif self.recent_crashes(state) >= self._flapping:
                 found.append(f"background task {state.name} keeps crashing ({state.last_error})")
         return found
