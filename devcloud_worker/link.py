@@ -148,10 +148,13 @@ class RelayClient:
         self._replayer: Replayer | None = None
         self._send_lock = asyncio.Lock()
         self._spool_wake = asyncio.Event()
-        self.connected = False
         self.down_since: float = clock()  # monotonic; meaningful while not connected
         self.last_error: str | None = None  # why the last attempt to connect failed
         self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
 
     def down_for(self) -> float:
         return 0.0 if self.connected else self._clock() - self.down_since
@@ -199,7 +202,7 @@ class RelayClient:
         async with contextlib.aclosing(aiter(connector)) as links:
             async for ws in links:
                 opened = self._clock()
-                self._up()
+                self._up(ws)
                 try:
                     await self._serve_until_closed(ws)
                 except asyncio.CancelledError:
@@ -218,9 +221,9 @@ class RelayClient:
                 logger.info("reconnecting in %.1fs", pause)
                 await asyncio.sleep(pause)
 
-    def _up(self) -> None:
+    def _up(self, ws: ClientConnection) -> None:
+        self._ws = ws
         self._replayer = None
-        self.connected = True
         self.last_error = None
         self.connects += 1
         if self.connects > 1:
@@ -229,9 +232,8 @@ class RelayClient:
         logger.info("connected to HIL Server worker_id=%s", self.worker_id)
 
     def _down(self, ws: ClientConnection) -> None:
-        self.connected = False
-        self.down_since = self._clock()
         self._ws = None
+        self.down_since = self._clock()
         self._metrics.link_up.set(0)
         logger.warning("link to HIL Server closed (code %s)", ws.close_code)
 
@@ -256,7 +258,6 @@ class RelayClient:
             pass  # the link dropped: reconnect
 
     async def _serve(self, ws: ClientConnection) -> None:
-        self._ws = ws
         hello = asyncio.Event()
         features: set[str] = set()
         async with asyncio.TaskGroup() as tasks:
