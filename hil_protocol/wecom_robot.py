@@ -475,15 +475,13 @@ class _Pacer:
 
     async def run(self, send: Callable[[float], Awaitable[None]], deadline: float) -> None:
         """Run `send(bound)` once its turn comes, or raise _OutOfTime if that is not before `deadline`."""
-        async with self._hold(self._slots, deadline):
-            # While WeCom is refusing, go one at a time so the queue drains at the pace WeCom allows.
-            if self._throttled:
-                async with self._hold(self._throttle_lock, deadline):
-                    await self._wait_turn(deadline)
-                    await self._send(send, deadline)
-            else:
-                await self._wait_turn(deadline)
-                await self._send(send, deadline)
+        # While WeCom is refusing, go one at a time so the queue drains at the pace WeCom allows.
+        async with (
+            self._hold(self._slots, deadline),
+            self._hold(self._throttle_lock, deadline) if self._throttled else contextlib.nullcontext(),
+        ):
+            await self._wait_turn(deadline)
+            await self._send(send, deadline)
 
     @contextlib.asynccontextmanager
     async def _hold(self, lock: asyncio.Semaphore | asyncio.Lock, deadline: float) -> AsyncIterator[None]:
