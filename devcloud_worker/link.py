@@ -320,8 +320,7 @@ class RelayClient:
             data = await self._perform(request)
         except WeComError as exc:
             logger.warning("request %s action=%s refused by WeCom: errcode %s", request.id, action, exc.errcode)
-            errcode = exc.errcode if isinstance(exc.errcode, int) and not isinstance(exc.errcode, bool) else None
-            response = self._failure(request, "wecom_error", str(exc), errcode)
+            response = self._failure(request, "wecom_error", str(exc), exc.errcode)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}" for e in exc.errors()[:3])
             response = self._failure(request, "invalid", f"invalid {action} payload: {problems}")
