@@ -255,7 +255,11 @@ class RelayClient:
         try:
             await self._serve(ws)
         except* (ConnectionClosed, OSError):
-            pass  # the link dropped: reconnect
+            # The link dropped: reconnect. Unless this task was cancelled in the same step: Python 3.11's TaskGroup
+            # then raises the children's errors instead of the cancellation, which would be lost here.
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError from None
 
     async def _serve(self, ws: ClientConnection) -> None:
         hello = asyncio.Event()
