@@ -43,6 +43,7 @@ from hil_protocol.relay_frames import (
     dump_frame,
     parse_frame,
 )
+from hil_protocol.supervise import being_cancelled
 from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from .config import WorkerSettings
@@ -255,10 +256,8 @@ class RelayClient:
         try:
             await self._serve(ws)
         except* (ConnectionClosed, OSError):
-            # The link dropped: reconnect. Unless this task was cancelled in the same step: Python 3.11's TaskGroup
-            # then raises the children's errors instead of the cancellation, which would be lost here.
-            task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            # The link dropped: reconnect, unless this task was cancelled in the same step (see being_cancelled).
+            if being_cancelled():
                 raise asyncio.CancelledError from None
 
     async def _serve(self, ws: ClientConnection) -> None:
