@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import time
 from collections.abc import Callable
 
 from hil_protocol.supervise import Supervisor
@@ -16,7 +15,7 @@ from .spool import Spool
 
 logger = logging.getLogger(__name__)
 
-# Crashes of one background task are counted over this window (also the supervisor's "stable after").
+# Crashes of one background task are counted over this window: the supervisor's `stable_after`.
 CRASH_WINDOW = 60.0
 
 
@@ -31,7 +30,6 @@ class Health:
     max_crashes: int  # crashes of one task within CRASH_WINDOW that stop the process
     on_fatal: Callable[[str], None] | None = None
     interval: float = 1.0
-    clock: Callable[[], float] = time.monotonic
     fatal: str | None = dataclasses.field(default=None, init=False)
 
     def problems(self) -> list[str]:
@@ -57,12 +55,11 @@ class Health:
     def _check_crashes(self) -> None:
         if self.fatal is not None:
             return
-        now = self.clock()
         for state in self.supervisor.tasks.values():
-            recent = [t for t in state.crashes if now - t < CRASH_WINDOW]
-            if len(recent) >= self.max_crashes:
+            crashes = self.supervisor.recent_crashes(state)
+            if crashes >= self.max_crashes:
                 self.fatal = (
-                    f"background task {state.name} crashed {len(recent)} times within {CRASH_WINDOW:.0f}s "
+                    f"background task {state.name} crashed {crashes} times within {CRASH_WINDOW:.0f}s "
                     f"(last: {state.last_error})"
                 )
                 logger.critical("%s; the worker cannot be kept alive and stops", self.fatal)

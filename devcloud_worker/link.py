@@ -43,6 +43,7 @@ from hil_protocol.relay_frames import (
     dump_frame,
     parse_frame,
 )
+from hil_protocol.supervise import being_cancelled
 from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from .config import WorkerSettings
@@ -148,10 +149,13 @@ class RelayClient:
         self._replayer: Replayer | None = None
         self._send_lock = asyncio.Lock()
         self._spool_wake = asyncio.Event()
-        self.connected = False
         self.down_since: float = clock()  # monotonic; meaningful while not connected
         self.last_error: str | None = None  # why the last attempt to connect failed
         self.connects = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._ws is not None
 
     def down_for(self) -> float:
         return 0.0 if self.connected else self._clock() - self.down_since
@@ -199,7 +203,7 @@ class RelayClient:
         async with contextlib.aclosing(aiter(connector)) as links:
             async for ws in links:
                 opened = self._clock()
-                self._up()
+                self._up(ws)
                 try:
                     await self._serve_until_closed(ws)
                 except asyncio.CancelledError:
@@ -218,9 +222,9 @@ class RelayClient:
                 logger.info("reconnecting in %.1fs", pause)
                 await asyncio.sleep(pause)
 
-    def _up(self) -> None:
+    def _up(self, ws: ClientConnection) -> None:
+        self._ws = ws
         self._replayer = None
-        self.connected = True
         self.last_error = None
         self.connects += 1
         if self.connects > 1:
@@ -229,9 +233,8 @@ class RelayClient:
         logger.info("connected to HIL Server worker_id=%s", self.worker_id)
 
     def _down(self, ws: ClientConnection) -> None:
-        self.connected = False
-        self.down_since = self._clock()
         self._ws = None
+        self.down_since = self._clock()
         self._metrics.link_up.set(0)
         logger.warning("link to HIL Server closed (code %s)", ws.close_code)
 
@@ -253,10 +256,11 @@ class RelayClient:
         try:
             await self._serve(ws)
         except* (ConnectionClosed, OSError):
-            pass  # the link dropped: reconnect
+            # The link dropped: reconnect, unless this task was cancelled in the same step (see being_cancelled).
+            if being_cancelled():
+                raise asyncio.CancelledError from None
 
     async def _serve(self, ws: ClientConnection) -> None:
-        self._ws = ws
         hello = asyncio.Event()
         features: set[str] = set()
         async with asyncio.TaskGroup() as tasks:
@@ -319,8 +323,7 @@ class RelayClient:
             data = await self._perform(request)
         except WeComError as exc:
             logger.warning("request %s action=%s refused by WeCom: errcode %s", request.id, action, exc.errcode)
-            errcode = exc.errcode if isinstance(exc.errcode, int) and not isinstance(exc.errcode, bool) else None
-            response = self._failure(request, "wecom_error", str(exc), errcode)
+            response = self._failure(request, "wecom_error", str(exc), exc.errcode)
         except ValidationError as exc:
             problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}" for e in exc.errors()[:3])
             response = self._failure(request, "invalid", f"invalid {action} payload: {problems}")

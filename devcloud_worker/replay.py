@@ -50,10 +50,11 @@ class Replayer:
         self._max_attempts = max_attempts
         self._retry_delay = retry_delay
         self._clock = clock
-        self._cursor = 0  # the highest spool id sent on this link
+        self._cursor = 0  # where reading the spool goes on: rewound to send overdue callbacks again
+        # The highest spool id ever sent on this link: every row at or below it that is sent again is a resend.
+        self._sent = 0
         self._in_flight: dict[int, float] = {}  # spool id -> when it was (last) sent
         self._done: set[int] = set()  # acknowledged (or, for a seed server, written), not yet deleted
-        self._resent: set[int] = set()  # overdue ones being sent again
 
     def oldest_in_flight(self) -> int | None:
         return min(self._in_flight, default=None)
@@ -114,7 +115,8 @@ class Replayer:
             await self._bury(row, f"cannot be encoded as a frame: {type(exc).__name__}")
             return
         await self._send_text(text)
-        self._metrics.relayed.labels("resent" if row.id in self._resent else "first").inc()
+        self._metrics.relayed.labels("resent" if row.id <= self._sent else "first").inc()
+        self._sent = max(self._sent, row.id)
         if self.acks:
             self._in_flight[row.id] = self._clock()
         else:
@@ -137,7 +139,6 @@ class Replayer:
         )
         for spool_id in overdue:
             del self._in_flight[spool_id]
-        self._resent.update(overdue)
         self._cursor = min(self._cursor, min(overdue) - 1)
 
     async def _flush(self) -> None:
@@ -146,7 +147,6 @@ class Replayer:
         done = sorted(self._done)
         await self._spool.remove(done)
         self._done.difference_update(done)
-        self._resent.difference_update(done)
 
     async def _idle(self) -> None:
         timeout = None

@@ -6,14 +6,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router
+from hil_protocol.callback_endpoint import CALLBACK_MAX_BYTES, Accepted, NotStored, callback_router
 from hil_protocol.http_limits import RequestLimits
 from hil_protocol.metrics import CONTENT_TYPE
 from hil_protocol.settings import secret_value
@@ -28,13 +28,6 @@ from .spool import Spool, SpoolError
 logger = logging.getLogger("devcloud_worker")
 
 SPOOL_FILE = "worker-spool.sqlite3"
-
-
-async def _supervised(supervisor: Supervisor, tasks: dict[str, Callable[[], Awaitable[None]]]) -> None:
-    """Run the worker's background tasks under `supervisor` until cancelled (at shutdown)."""
-    async with asyncio.TaskGroup() as group:
-        for name, run in tasks.items():
-            supervisor.start(group, name, run)
 
 
 def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | None = None) -> FastAPI:
@@ -84,18 +77,17 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                     spool.depth,
                 )
                 async with asyncio.TaskGroup() as tasks:
-                    background = tasks.create_task(
-                        _supervised(supervisor, {"link": client.run, "watchdog": health.run}), name="worker-tasks"
-                    )
+                    supervisor.start(tasks, "link", client.run)
+                    supervisor.start(tasks, "watchdog", health.run)
                     try:
                         yield {"client": client, "spool": spool, "health": health}
                     finally:
-                        background.cancel()
+                        supervisor.cancel()
         finally:
             await spool.close()
 
     app = FastAPI(title="hil-worker", lifespan=lifespan)
-    app.add_middleware(RequestLimits, max_bytes=1024 * 1024, body_timeout=settings.hil_body_timeout)
+    app.add_middleware(RequestLimits, max_bytes=CALLBACK_MAX_BYTES, body_timeout=settings.hil_body_timeout)
 
     @app.get("/health", responses={503: {"description": "degraded: `reason` says why"}})
     async def health(request: Request) -> JSONResponse:

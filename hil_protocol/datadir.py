@@ -29,7 +29,7 @@ class DataDirLock:
         self.path = directory / f"{name}.lock"
         self._fd: int | None = None
 
-    def acquire(self) -> DataDirLock:
+    def acquire(self) -> None:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -59,19 +59,12 @@ class DataDirLock:
                 "is the disk full or read-only?"
             ) from None
         self._fd = fd
-        return self
 
     def release(self) -> None:
         if self._fd is not None:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
             self._fd = None
-
-    def __enter__(self) -> DataDirLock:
-        return self.acquire()
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _read(fd: int) -> str:

@@ -9,9 +9,8 @@ from dataclasses import dataclass
 TEXT_LIMIT = 2048
 MARKDOWN_LIMIT = 4096
 
-# Every id pattern is used with fullmatch: "$" would let a trailing newline through.
-SHORT_ID_RE = re.compile(r"[0-9a-f]{8}")
-# What names a question: its session_id (32 hex) or the short id shown in the chat (8 hex).
+# What names a question: its session_id (32 hex) or the short id shown in the chat (8 hex). Use it with
+# fullmatch: "$" would let a trailing newline through.
 SESSION_REF_RE = re.compile(r"[0-9a-f]{8}(?:[0-9a-f]{24})?")
 # The header as it stands at the start of a question (or of a part of one). Project names may contain spaces,
 # but never "]" or a line break (the API refuses those), so "[^\]\n]" ends the name.

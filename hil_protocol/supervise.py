@@ -66,6 +66,8 @@ class Supervisor:
             try:
                 await run()
             except Exception as exc:  # any error: this loop exists so that no single error stops the work
+                if being_cancelled():
+                    raise asyncio.CancelledError from exc
                 logger.exception("background task %s crashed; restarting in %.1fs", name, delay)
                 state.last_error = f"{type(exc).__name__}: {exc}"[:300]
             else:
@@ -82,14 +84,24 @@ class Supervisor:
             if self._on_restart is not None:
                 self._on_restart(name)
 
+    def recent_crashes(self, state: TaskState) -> int:
+        """How often the task crashed within the last `stable_after` seconds."""
+        now = self._clock()
+        return sum(1 for t in state.crashes if now - t < self._stable_after)
+
     def problems(self) -> list[str]:
         """Why the supervised work is not all healthy now: empty when it is."""
-        now = self._clock()
         found = []
         for state in self.tasks.values():
-            recent = [t for t in state.crashes if now - t < self._stable_after]
             if not state.running:
                 found.append(f"background task {state.name} is down ({state.last_error})")
-            elif len(recent) >= self._flapping:
+            elif self.recent_crashes(state) >= self._flapping:
                 found.append(f"background task {state.name} keeps crashing ({state.last_error})")
         return found
+
+
+def being_cancelled() -> bool:
+    """Whether this task is being cancelled. On Python 3.11 a TaskGroup whose child fails in the same step as the
+    cancellation raises the child's error instead, so the cancellation has to be read from the task."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0

@@ -296,8 +296,6 @@ class WebhookBackend:
                 status, body, encoding = await self._exchange(path, **kwargs)
         except TimeoutError as exc:
             raise WeComNetworkError(ERR_NETWORK, f"{timeout:.3g} 秒内没有完整应答", host=self.host) from exc
-        if status >= 500 or status == 429:
-            raise WeComNetworkError(ERR_NETWORK, f"HTTP {status}", host=self.host)
         try:
             answer = decode_answer(status, body, encoding, host=self.host)
         except WeComBadResponse as exc:
@@ -306,11 +304,12 @@ class WebhookBackend:
         return raise_for_errcode(answer)
 
     async def _exchange(self, path: str, **kwargs: Any) -> tuple[int, bytes, str]:
+        """The answer's status, raw body and Content-Encoding; WeComNetworkError for 5xx and 429 (retried)."""
         headers = {"Accept-Encoding": "gzip, deflate"}
         try:
             async with self._http.stream("POST", f"{self._base}{path}", headers=headers, **kwargs) as response:
                 if response.status_code >= 500 or response.status_code == 429:
-                    return response.status_code, b"", ""
+                    raise WeComNetworkError(ERR_NETWORK, f"HTTP {response.status_code}", host=self.host)
                 length = response.headers.get("content-length", "")
                 if length.strip().isdigit() and int(length) > ANSWER_MAX_BYTES:
                     raise WeComBadResponse(f"应答有 {int(length)} 字节，不像企业微信的应答", host=self.host)
@@ -475,15 +474,13 @@ class _Pacer:
 
     async def run(self, send: Callable[[float], Awaitable[None]], deadline: float) -> None:
         """Run `send(bound)` once its turn comes, or raise _OutOfTime if that is not before `deadline`."""
-        async with self._hold(self._slots, deadline):
-            # While WeCom is refusing, go one at a time so the queue drains at the pace WeCom allows.
-            if self._throttled:
-                async with self._hold(self._throttle_lock, deadline):
-                    await self._wait_turn(deadline)
-                    await self._send(send, deadline)
-            else:
-                await self._wait_turn(deadline)
-                await self._send(send, deadline)
+        # While WeCom is refusing, go one at a time so the queue drains at the pace WeCom allows.
+        async with (
+            self._hold(self._slots, deadline),
+            self._hold(self._throttle_lock, deadline) if self._throttled else contextlib.nullcontext(),
+        ):
+            await self._wait_turn(deadline)
+            await self._send(send, deadline)
 
     @contextlib.asynccontextmanager
     async def _hold(self, lock: asyncio.Semaphore | asyncio.Lock, deadline: float) -> AsyncIterator[None]:

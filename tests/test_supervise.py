@@ -54,3 +54,33 @@ async def test_a_task_that_returns_is_restarted_and_flapping_is_a_problem() -> N
         await asyncio.wait_for(fifth.wait(), 5)
         assert any("quits" in p for p in supervisor.problems())
         stop("quits")
+
+
+async def test_a_task_cancelled_as_it_fails_is_not_restarted() -> None:
+    # Python 3.11's TaskGroup raises a child's error instead of the cancellation when both happen in one step:
+    # the supervisor must still see a shutdown, not a crash to restart.
+    fail = asyncio.Event()
+    runs = 0
+
+    async def child() -> None:
+        await fail.wait()
+        if runs == 1:
+            raise ConnectionError("lost")
+
+    async def run() -> None:
+        nonlocal runs
+        runs += 1
+        async with asyncio.TaskGroup() as inner:
+            inner.create_task(child())
+            await asyncio.Event().wait()
+
+    async def shutdown() -> None:
+        supervisor = Supervisor(min_delay=0.001, max_delay=0.001)
+        async with asyncio.TaskGroup() as group:
+            supervisor.start(group, "run", run)
+            await asyncio.sleep(0.01)
+            fail.set()
+            supervisor.cancel()
+
+    await asyncio.wait_for(shutdown(), 2)  # the group ends: nothing restarted the task
+    assert runs == 1

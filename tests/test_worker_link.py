@@ -343,6 +343,27 @@ async def test_reconnects_after_the_server_drops_the_link(make_rig) -> None:
     assert metric(rig, "hil_worker_link_up") == 1
 
 
+async def test_a_shutdown_that_meets_a_dropping_link_still_stops_the_link(make_rig, monkeypatch) -> None:
+    # Python 3.11's TaskGroup reports a child's error instead of the task's cancellation when both happen in the
+    # same step; the link must not take that for a dropped link and reconnect, or shutdown waits for it forever.
+    rig = await make_rig()
+    drop = asyncio.Event()
+
+    async def replay_that_drops(hello: asyncio.Event, features: set[str]) -> None:
+        await drop.wait()
+        raise ConnectionResetError("the link dropped")
+
+    monkeypatch.setattr(rig.client, "_replay", replay_that_drops)
+    rig.start()
+    await rig.connected()
+    drop.set()
+    assert rig.task is not None
+    rig.task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(rig.task, 5)
+    assert rig.stand_in.connections == 1
+
+
 # --- the spool: replay, window, acks, poison ------------------------------------------------------------------
 
 
