@@ -572,7 +572,11 @@ class RobotSender:
             except WeComError as exc:
                 if not exc.retryable:
                     raise
-                last = exc
+                # An attempt that the message's deadline cut short and timed out says less than the error before
+                # it ("no answer within 0.001 s" after "ConnectError"): the reason given is the telling one.
+                cut_short = isinstance(exc.__cause__, TimeoutError) and self._clock() >= deadline
+                if last is None or not cut_short:
+                    last = exc
                 retries += 1
                 logger.info("wecom send retry #%d after errcode %s", retries, exc.errcode)
             else:

@@ -803,6 +803,23 @@ async def test_attempt_bound_is_the_time_left_when_shorter(http: httpx.AsyncClie
     assert fake.now - 1000.0 <= 25.0 + 1e-9
 
 
+async def test_an_attempt_the_deadline_cuts_short_does_not_hide_the_error_before_it() -> None:
+    fake = FakeTime()
+
+    class Refusing(RecordingBackend):
+        async def send(self, payload: dict[str, Any], timeout: float) -> None:
+            fake.now += 1.0
+            if fake.now < 1000.0 + 9.0:
+                raise WeComNetworkError(-1, "ConnectError", host="wecom.test")
+            fake.now += timeout  # the last attempt, bounded by the deadline, times out
+            raise WeComNetworkError(-1, f"{timeout:.3g} 秒内没有完整应答", host="wecom.test") from TimeoutError()
+
+    policy = RetryPolicy(deadline=10.0, attempt_timeout=10.0, base_delay=1.0, max_delay=1.0)
+    with pytest.raises(WeComNetworkError) as info:
+        await RobotSender(Refusing(fake), policy, clock=fake.clock, sleep=fake.sleep).send_text("c", "x")
+    assert "ConnectError" in str(info.value)
+
+
 async def test_waiting_for_a_free_slot_ends_at_the_deadline() -> None:
     class Stuck:
         name = host = "stuck"
