@@ -43,7 +43,7 @@ def split_text(body: str, header: str, limit: int = TEXT_LIMIT) -> list[str]:
     WeCom may shorten a long quoted text, so every part must carry the header at its very start; parts after
     the first one also carry a counter such as `(2/5)` so the person can see that the message continues.
     """
-    whole = f"{header}\n{body}" if body else header
+    whole = "\n".join(part for part in (header, body) if part)  # no header (a notice): the text alone
     if utf8_len(whole) <= limit:
         return [whole]
     # The counter's width depends on how many parts there are; widen it until the parts fit their counter.

@@ -620,7 +620,7 @@ class RobotSender:
         header = question.header
         mentions = list(question.mention_list) or None
         with _valid_unicode():
-            parts = split_text(question.message, header) if header else _split_plain(question.message)
+            parts = split_text(question.message, header)
             # Mention people once, on the first part, so they are not pinged five times for one question.
             payloads = [
                 text_payload(question.chat_id, part, mentions if index == 0 else None)
@@ -638,9 +638,3 @@ class RobotSender:
             await self.send_markdown(notice.chat_id, notice.text)
         else:
             await self.send_text(notice.chat_id, notice.text)
-
-
-def _split_plain(message: str) -> list[str]:
-    if utf8_len(message) <= TEXT_LIMIT:
-        return [message]
-    return split_text(message, "")

@@ -54,7 +54,7 @@ from hil_protocol.aibot import (
     read_callback,
 )
 from hil_protocol.callback import CallbackError, IncomingMessage
-from hil_protocol.messages import split_text, truncate_bytes, utf8_len
+from hil_protocol.messages import split_text, truncate_bytes
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
 from hil_protocol.wecom_robot import ERR_BAD_RESPONSE, ERR_INVALID_MESSAGE, ERR_UNSUPPORTED
 
@@ -422,7 +422,7 @@ class AibotChannel:
         if not (buttons and len(question.message) <= CARD_TEXT_CHARS):
             body = as_text(question) if question.options and not buttons else _with_people(question)
             limit = self.options.markdown_limit
-            parts = split_text(body, question.header, limit) if question.header else _split_plain(body, limit)
+            parts = split_text(body, question.header, limit)
         for part in parts:
             await self._send(CMD_SEND, {"chatid": chat_id, "msgtype": "markdown", "markdown": {"content": part}})
         if buttons:
@@ -598,10 +598,6 @@ def _people_lines(question: Question) -> list[str]:
 def _with_people(question: Question) -> str:
     lines = _people_lines(question)
     return "\n\n".join([question.message.rstrip(), "\n".join(lines)]) if lines else question.message
-
-
-def _split_plain(body: str, limit: int) -> list[str]:
-    return [body] if utf8_len(body) <= limit else split_text(body, "", limit)
 
 
 def question_card(
