@@ -44,6 +44,7 @@ from hil_protocol.relay_frames import (
     parse_frame,
 )
 from hil_protocol.supervise import being_cancelled
+from hil_protocol.validation import problems
 from hil_protocol.wecom_robot import RobotSender, WeComError
 
 from .config import WorkerSettings
@@ -325,8 +326,8 @@ class RelayClient:
             logger.warning("request %s action=%s refused by WeCom: errcode %s", request.id, action, exc.errcode)
             response = self._failure(request, "wecom_error", str(exc), exc.errcode)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'payload'}: {e['msg']}" for e in exc.errors()[:3])
-            response = self._failure(request, "invalid", f"invalid {action} payload: {problems}")
+            found = problems(exc.errors(), default="payload", limit=3)
+            response = self._failure(request, "invalid", f"invalid {action} payload: {found}")
         except ValueError as exc:  # ImageError (a bad image), an unknown action
             response = self._failure(request, "invalid", str(exc))
         except Exception as exc:  # one send failed in a way nobody foresaw: that send fails, never the link

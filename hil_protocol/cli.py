@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from pydantic import ValidationError
 
+from .validation import dotted, problems
+
 if TYPE_CHECKING:
     from pydantic_settings import BaseSettings
 
@@ -65,10 +67,8 @@ def load_settings(cls: type[S], prog: str, overrides: dict[str, Any]) -> S:
     try:
         return cls(**{k: v for k, v in overrides.items() if v is not None})
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']).upper() or 'settings'}: {err['msg']}" for err in exc.errors()
-        )
-        fail(prog, f"invalid configuration: {problems} (fix it in the environment, .env or the flag)", 2)
+        found = problems(exc.errors(), where=lambda loc: dotted(loc).upper(), default="settings")
+        fail(prog, f"invalid configuration: {found} (fix it in the environment, .env or the flag)", 2)
     except UnicodeDecodeError as exc:
         fail(prog, f"cannot read .env in {Path.cwd()}: it is not UTF-8 text ({exc.reason} at byte {exc.start})", 2)
     except OSError as exc:

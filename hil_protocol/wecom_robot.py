@@ -32,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError
 from .images import ImageFetcher, check_image, load_images
 from .messages import MARKDOWN_LIMIT, TEXT_LIMIT, split_text, truncate_bytes, utf8_len
 from .outbound import Notice, Question, SendReceipt
+from .validation import problems
 
 logger = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def parse_answer(value: object, *, host: str | None = None) -> WeComAnswer:
     try:
         return WeComAnswer.model_validate(value)
     except ValidationError as exc:
-        problem = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors(include_url=False))
+        problem = problems(exc.errors(include_url=False))
         raise WeComBadResponse(f"{printable(problem)}：{_snippet(value)}", host=host) from exc
 
 

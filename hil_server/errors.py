@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from hil_protocol.http_errors import error_response
+from hil_protocol.validation import problems
 
 from .auth import AuthError
 from .store import StoreUnavailable
@@ -30,9 +31,8 @@ def render(exc: Exception) -> JSONResponse:
     if isinstance(exc, InvalidRequest):
         return error_response(422, f"invalid request: {exc}")
     if isinstance(exc, RequestValidationError):
-        problems = "; ".join(f"{_where(err['loc'])}: {err['msg']}" for err in exc.errors())
         detail = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
-        return error_response(422, f"invalid request: {problems}", detail=detail)
+        return error_response(422, f"invalid request: {problems(exc.errors(), where=_where)}", detail=detail)
     if isinstance(exc, HTTPException):
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers, detail=exc.detail)
     raise exc

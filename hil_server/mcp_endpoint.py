@@ -30,6 +30,7 @@ from starlette.datastructures import Headers, QueryParams
 from starlette.types import Message, Receive, Scope, Send
 
 from hil_protocol.http_errors import error_response
+from hil_protocol.validation import problems
 from mcp_server.backend import BackendError, Outgoing, Polled, QuestionRef, Sent
 from mcp_server.tools import Caller, OpenQuestions, ToolSettings, build_server
 
@@ -72,7 +73,7 @@ class ServiceBackend:
         try:
             request = SendRequest.model_validate(outgoing.model_dump(exclude_none=True))
         except ValidationError as exc:
-            raise BackendError(f"the question was refused: {_problems(exc)}") from exc
+            raise BackendError(f"the question was refused: {problems(exc.errors(), default='body')}") from exc
         sent = await self.service.send(request, owner=self.owner)
         return Sent.model_validate(sent.model_dump())
 
@@ -94,10 +95,6 @@ class ServiceBackend:
     async def newest_open(self) -> QuestionRef | None:
         session = self.service.newest_open(self.owner)
         return QuestionRef(session_id=session.session_id, short_id=session.short_id) if session else None
-
-
-def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
 
 
 # --- who is calling -----------------------------------------------------------------------------------------------
@@ -282,7 +279,7 @@ class McpEndpoint:
             try:  # the rules of /api/send for these two fields
                 checked = SendRequest(message="-", chat_id=chat_id, project_name=project_name)
             except ValidationError as exc:
-                raise InvalidRequest(f"the /mcp URL: {_problems(exc)}") from exc
+                raise InvalidRequest(f"the /mcp URL: {problems(exc.errors(), default='body')}") from exc
             chat_id, project_name = checked.chat_id, checked.project_name
         if chat_id:
             ApiAuth.check_chat(grant, chat_id)

@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from hil_protocol.cli import console_parser
 from hil_protocol.logs import setup_logging
+from hil_protocol.validation import problems
 
 from . import __version__
 from .config import McpSettings
@@ -59,8 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         settings = McpSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(f"{setting_names(e['loc'])}: {e['msg']}" for e in exc.errors())
-        print(f"hil-mcp: invalid configuration: {problems}", file=sys.stderr)
+        print(f"hil-mcp: invalid configuration: {problems(exc.errors(), where=setting_names)}", file=sys.stderr)
         raise SystemExit(2) from None
     secret = [settings.api_token.get_secret_value()] if settings.api_token else []
     # stdout is the MCP protocol: logs go to stderr only.
