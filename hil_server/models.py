@@ -20,6 +20,7 @@ MESSAGE_MAX_BYTES = 20 * 1024
 PROJECT_MAX_CHARS = 64
 MAX_IMAGES = 5
 TIMEOUT_MAX = 7 * 24 * 3600
+UNCLEAR_KEPT = 20
 CHAT_ID_RE = re.compile(r"[A-Za-z0-9_@.:=+/-]{1,128}")  # fullmatch only
 USERID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
@@ -90,6 +91,9 @@ class Session(BaseModel):
     responders: list[str] = Field(default_factory=list)
     approvals_required: int = 0
     refused: list[Refused] = Field(default_factory=list)
+    # replies to a question that takes no free text which decided nothing ("好的，先不要"): kept for the agent and
+    # the record, never counted as an answer (newest UNCLEAR_KEPT)
+    unclear: list[Reply] = Field(default_factory=list)
 
 
 def _check_chat_id(value: str | None) -> str | None:
@@ -221,3 +225,4 @@ class PollResponse(BaseModel):
     short_id: str | None = None
     choice: Choice | None = None  # with options: what the deciding reply chose
     approval: Approval | None = None  # for an approval: where it stands
+    unclear: list[Reply] = Field(default_factory=list)  # replies that decided nothing (not answers)
