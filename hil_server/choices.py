@@ -85,8 +85,8 @@ _APPROVE_WORDS = (
     "👍", "👌", "✅", "🆗", "✔", "☑",
 )  # fmt: skip
 _REJECT_WORDS = (
-    "不同意", "不批准", "不通过", "不可以", "不允许", "不行", "不要", "不准", "不用", "不好", "驳回", "否决", "拒绝", "算了",
-    "取消", "别", "不", "否", "rejected", "reject", "denied", "deny", "declined", "decline", "disapprove",
+    "不同意", "不批准", "不通过", "不可以", "不允许", "不行", "不要", "不准", "不用", "不好", "驳回", "否决", "拒绝",
+    "算了", "取消", "别", "不", "否", "rejected", "reject", "denied", "deny", "declined", "decline", "disapprove",
     "don't approve", "do not approve", "not approved", "don't", "do not", "veto", "nope", "nah", "no", "n",
     "👎", "❌", "🚫", "✖", "⛔", "❎",
 )  # fmt: skip
@@ -108,9 +108,13 @@ _STRONG_YES = ("批准", "同意", "approve", "lgtm", "go ahead", "ship it", "�
 _HOLD_THINK = ("看看", "看一下", "瞧瞧", "想想", "想一下", "考虑", "研究", "商量", "讨论", "问问", "问一下", "再议")
 _HOLD_THINK_EN = re.compile(r"(?<![a-z])(?:let me|check|look|think|consider|discuss)(?![a-z])")
 # What makes an option's own label a refusal or deferral ("不合并", "暂缓", "later"), so its comment may defer too.
-_REFUSING_LABEL_CJK = ("不", "别", "没", "勿", "否", "拒", "驳", "缓", "暂", "等", "稍", "晚", "以后", "下次", "改天", "取消")
-_REFUSING_LABEL_EN = re.compile(r"(?<![a-z'])(?:not|no|never|\w+n't|don't|reject\w*|den(?:y|ied)|declin\w*|cancel\w*|"
-    r"abort|later|wait|hold|defer\w*|postpone\w*|skip|stop)(?![a-z'])")
+_REFUSING_LABEL_CJK = (
+    "不", "别", "没", "勿", "否", "拒", "驳", "缓", "暂", "等", "稍", "晚", "以后", "下次", "改天", "取消",
+)  # fmt: skip
+_REFUSING_LABEL_EN = re.compile(
+    r"(?<![a-z'])(?:not|no|never|\w+n't|don't|reject\w*|den(?:y|ied)|declin\w*|cancel\w*|"
+    r"abort|later|wait|hold|defer\w*|postpone\w*|skip|stop)(?![a-z'])"
+)
 # Words that read on into their object without a break ("同意合并", "拒绝上线"); every other word needs a break
 # after it: "好像" is not 好, "可以考虑" not 可以, "确认一下" not 确认, "okay" not ok, "yesterday" not yes.
 _FREE = frozenset(("批准", "同意", "不同意", "不批准", "不通过", "不可以", "不允许", "不准", "驳回", "否决", "拒绝"))
