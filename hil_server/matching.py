@@ -59,8 +59,8 @@ class Decision:
     session: Session | None = None  # the question the message is about
     matched_by: MatchedBy | None = None  # set when the message is taken as an answer
     pick: Pick | None = None  # the option (or decision) it chose
-    kept_by: MatchedBy | None = None  # set when the message is kept on the question without deciding (hint_*)
     notice: Notice | None = None  # what the robot says in the chat about it
+    kept_by: MatchedBy | None = None  # set when the message is kept on the question without deciding (hint_*)
 
 
 def in_conversation(session: Session, msg: IncomingMessage) -> bool:

@@ -25,9 +25,21 @@ from . import hints
 from .approvals import answered, tally
 from .channels import Channel, ChannelError
 from .choices import APPROVAL_OPTIONS, Pick
+from .errors import InvalidRequest
 from .events import RecentEvents
 from .matching import Decision, MatchedBy, Outcome, decide
-from .models import UNCLEAR_KEPT, Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session
+from .models import (
+    UNCLEAR_KEPT,
+    Choice,
+    PollResponse,
+    Refused,
+    Reply,
+    SendRequest,
+    SendResponse,
+    Session,
+    check_approvers,
+    distinct_responders,
+)
 from .store import SessionStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -83,7 +95,7 @@ class HilService:
         # msgids are remembered at least as long as a signed callback may be replayed, whatever the retention
         self.msgid_memory = max(retention, msgid_memory)
         self.default_chat_id = default_chat_id
-        self.default_responders = default_responders
+        self.default_responders = tuple(distinct_responders(default_responders))
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
         self._notices: asyncio.Queue[Notice | CardUpdate] = asyncio.Queue(maxsize=1000)
@@ -91,10 +103,16 @@ class HilService:
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
-        """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable."""
+        """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable, and InvalidRequest
+        when the request only fails with this server's settings (more approvals than default responders)."""
         chat_id = request.chat_id or self.default_chat_id
         approval = request.approvals_required or 0
         responders = tuple(request.responders or self.default_responders)
+        if approval and not request.responders:  # the request's own responders were checked by SendRequest
+            try:
+                check_approvers(approval, responders, who="the server's default responders (HIL_DEFAULT_RESPONDERS)")
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from exc
         question = Question(
             message=request.message,
             chat_id=chat_id,

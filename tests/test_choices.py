@@ -263,7 +263,7 @@ async def test_an_approval_needs_a_decision(service: HilService) -> None:
 def test_api_validation_of_typed_questions() -> None:
     with pytest.raises(ValueError, match="approval has its own options"):
         SendRequest(message="q", options=["a"], approvals_required=1)
-    with pytest.raises(ValueError, match="larger than the number of responders"):
+    with pytest.raises(ValueError, match="approvals_required is 3 but responders name only 2 distinct people"):
         SendRequest(message="q", approvals_required=3, responders=["a", "b"])
     with pytest.raises(ValueError, match="responders"):
         SendRequest(message="q", responders=["bad id!"])
