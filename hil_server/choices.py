@@ -96,7 +96,7 @@ _HOLD_CJK = (
     "改天", "明天", "待", "停", "但", "却", "除非", "如果", "要是", "只要", "前提", "算了", "取消",
 )  # fmt: skip
 _HOLD_EN = re.compile(
-    r"(?<![a-z'])(?:not|no|nope|nah|never|\w+n't|dont|do not|wait|hold|later|stop|reject\w*|den(?:y|ied)|declin\w*|"
+    r"(?<![a-z'])(?:not|no|nope|nah|never|[a-z]+n't|dont|do not|wait|hold|later|stop|reject\w*|den(?:y|ied)|declin\w*|"
     r"cancel\w*|abort|but|however|unless|if|until|after|before|first|tomorrow|defer\w*|postpone\w*|pause)(?![a-z'])"
 )
 _HOLD_EMOJI = ("👎", "❌", "🚫", "✖", "⛔", "❎", "🤔", "✋", "🛑")
@@ -112,7 +112,7 @@ _REFUSING_LABEL_CJK = (
     "不", "别", "没", "勿", "否", "拒", "驳", "缓", "暂", "等", "稍", "晚", "以后", "下次", "改天", "取消",
 )  # fmt: skip
 _REFUSING_LABEL_EN = re.compile(
-    r"(?<![a-z'])(?:not|no|never|\w+n't|don't|reject\w*|den(?:y|ied)|declin\w*|cancel\w*|"
+    r"(?<![a-z'])(?:not|no|never|[a-z]+n't|don't|reject\w*|den(?:y|ied)|declin\w*|cancel\w*|"
     r"abort|later|wait|hold|defer\w*|postpone\w*|skip|stop)(?![a-z'])"
 )
 # Words that read on into their object without a break ("同意合并", "拒绝上线"); every other word needs a break
@@ -157,7 +157,7 @@ def read_reply(text: str, options: tuple[str, ...] | list[str], *, approval: boo
     comment = said[pos:]
     if asks:
         return Unclear("asks a question")
-    if _names_other(comment, index, words, len(options)):
+    if _names_other(comment, index, [] if approval else words, len(options)):
         return Unclear("the comment names another option")
     refuses = _refuses(labels[index]) if not approval else index == 1
     if not refuses and _holds(comment, acknowledge=approval):
@@ -272,14 +272,15 @@ def _names_any(said: str, words: list[_Word], count: int) -> bool:
     return bool(_numbers(said, count)) or any(_mentions(said, w) for w, _, _ in words if not _weak(w))
 
 
-def _names_other(comment: str, index: int, words: list[_Word], count: int) -> bool:
+def _names_other(comment: str, index: int, labels: list[_Word], count: int) -> bool:
+    # (An approval's words are weighed by _holds / _approves instead: "好的，批准" names one decision twice.)
     if _numbers(comment, count) - {index}:
         return True
     rest = comment
-    for word, other, _ in words:  # longest first, so "不合并" is taken before "合并"
+    for word, other, _ in labels:  # longest first, so "不合并" is taken before "合并"
         if not _weak(word) and _mentions(rest, word):
-            if other != index and word not in (*_APPROVE_WORDS, *_REJECT_WORDS):
-                return True  # another option's label (an approval's words are weighed by _holds / _approves)
+            if other != index:
+                return True
             rest = rest.replace(word, " ")
     return False
 

@@ -290,3 +290,9 @@ async def test_responders_compare_case_insensitively(service: HilService) -> Non
     assert result.status == "waiting" and result.approval.approvals == 1  # type: ignore[union-attr]
     assert await service.handle_message(reply("批准", userid="WangWu")) == "matched_only"
     assert (await state(service, session_id)).approval.approved is True  # type: ignore[union-attr]
+
+
+def test_labels_that_are_decision_words_are_still_options() -> None:
+    assert read_reply("ok", ["ok", "no"]) == Pick(0, "ok")
+    assert isinstance(read_reply("ok, no", ["ok", "no"]), Unclear)
+    assert isinstance(read_reply("是，或者否", ["是", "否"]), Unclear)  # a go-ahead whose comment refuses
