@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.procs import FakeChat, Stack, mcp_stdio_params
 
@@ -185,3 +187,28 @@ async def test_a_quote_reply_to_an_emoji_project_name_matches(direct: Stack, tmp
         status = (await http.get(f"{direct.server_url}/api/poll/{short_id}", params={"wait": 10})).json()
     assert status["status"] == "replied" and status["approval"]["approved"] is False
     assert status["approval"]["comment"] == "先跑测试" and status["replies"][0]["matched_by"] == "quote"
+
+
+async def test_over_mcp_an_unclear_refusal_is_asked_again_and_the_clear_one_decides(direct: Stack) -> None:
+    """The same over the server's /mcp (no tokens: a loopback client): "ok, reject" decides nothing."""
+    async with (
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120), trust_env=False) as http2,
+        Client(streamable_http_client(f"{direct.server_url}/mcp", http_client=http2)) as client,  # type: ignore[arg-type]
+        httpx.AsyncClient(base_url=direct.fake_url, trust_env=False, timeout=30) as http,
+    ):
+        chat = FakeChat(http, CHAT)
+
+        async def person() -> None:
+            question, short_id = await asked(direct, chat, "删除 staging 库")
+            await reply_as(chat, "lisi", "李四", "ok, reject")
+            with anyio.fail_after(10):
+                while not [m for m in await chat.messages(question["seq"], wait=1) if "没看懂" in m["content"]]:
+                    pass
+            status = (await http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
+            assert status["status"] == "waiting" and [r["content"] for r in status["unclear"]] == ["ok, reject"]
+            await reply_as(chat, "lisi", "李四", "拒绝，先备份")
+
+        arguments = {"summary": "删除 staging 库", "chat_id": CHAT}
+        result = await call(client, "request_approval", arguments, person)
+    assert result["approved"] is False and result["decided_by"] == ["lisi"] and result["comment"] == "先备份"
+    assert [r["content"] for r in result["replies"]] == ["拒绝，先备份"]
