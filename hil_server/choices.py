@@ -146,16 +146,16 @@ def read_reply(text: str, options: tuple[str, ...] | list[str], *, approval: boo
         picked.append(index)
         while pos < len(said) and (said[pos] in _PARTICLES or said[pos] in _SEPARATORS):
             pos += 1
-    asks = any(q in said for q in _QUESTION)
     if not picked:
         if not _names_any(said, words, len(options)):
             return None
+        asks = any(q in said for q in _QUESTION)
         return Unclear("asks a question" if asks else "names an option, but not at the start")
     if len(set(picked)) > 1:
         return Unclear("says both yes and no" if approval else "names more than one option")
     index = picked[0]
     comment = said[pos:]
-    if asks:
+    if any(q in comment for q in _QUESTION):  # "批准？", "1 吗" (a label may hold 么: "什么都不做")
         return Unclear("asks a question")
     if _names_other(comment, index, [] if approval else words, len(options)):
         return Unclear("the comment names another option")
@@ -234,7 +234,7 @@ def _skip_filler(said: str) -> int:
 
 
 def _word_at(said: str, pos: int, words: list[_Word], count: int) -> tuple[int, int] | None:
-    """The option named at `pos` and where it ends; a number with no option is (-number, end)."""
+    """The option named at `pos` and where it ends; a number with no option is (-1, end)."""
     number = re.match(r"\d+", said[pos:])
     if number:
         end = pos + number.end()

@@ -296,3 +296,9 @@ def test_labels_that_are_decision_words_are_still_options() -> None:
     assert read_reply("ok", ["ok", "no"]) == Pick(0, "ok")
     assert isinstance(read_reply("ok, no", ["ok", "no"]), Unclear)
     assert isinstance(read_reply("是，或者否", ["是", "否"]), Unclear)  # a go-ahead whose comment refuses
+
+
+def test_a_question_mark_in_a_label_is_no_question() -> None:
+    labels = ["上线", "什么都不做"]
+    assert read_reply("2 什么都不做", labels) == Pick(1, "什么都不做")
+    assert isinstance(read_reply("2 什么都不做吗", labels), Unclear)
