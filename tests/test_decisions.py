@@ -302,3 +302,42 @@ def test_a_question_mark_in_a_label_is_no_question() -> None:
     labels = ["上线", "什么都不做"]
     assert read_reply("2 什么都不做", labels) == Pick(1, "什么都不做")
     assert isinstance(read_reply("2 什么都不做吗", labels), Unclear)
+
+
+def test_random_replies_never_fail_and_never_approve_with_both_words() -> None:
+    # Pieces people type, shuffled: reading never raises, a pick is in range, and no reply holding a refusal or
+    # deferral word after an approval word reads as 批准.
+    import random
+
+    pieces = [
+        "好的",
+        "ok",
+        "批准",
+        "不",
+        "先不要",
+        "拒绝",
+        "1",
+        "2",
+        "３",
+        "，",
+        "!",
+        " ",
+        "👍",
+        "👎",
+        "等等",
+        "later",
+        "?",
+        "吧",
+    ]
+    rng = random.Random(18)
+    for _ in range(3000):
+        text = ""
+        for piece in (rng.choice(pieces) for _ in range(rng.randint(0, 5))):
+            glued = text[-1:].isascii() and text[-1:].isalnum() and piece[0].isascii() and piece[0].isalnum()
+            text += (" " if glued else rng.choice(["", " ", "，"])) + piece  # "oklater" is no English word
+        for options, approval in ((APPROVAL_OPTIONS, True), (OPTIONS, False)):
+            result = read_reply(text, options, approval=approval)
+            assert result is None or isinstance(result, Unclear) or 0 <= result.index < len(options)
+        result = read_reply(text, APPROVAL_OPTIONS, approval=True)
+        if isinstance(result, Pick) and result.index == 0:
+            assert not any(w in text for w in ("不", "拒绝", "等等", "later", "👎", "2", "?")), text
