@@ -133,7 +133,9 @@ def read_reply(text: str, options: tuple[str, ...] | list[str], *, approval: boo
         return None
     said, where = _fold(text)
     labels = [_fold(o)[0] for o in options]
-    if not approval and said in labels:  # a label as it stands, whatever it contains ("先不合并", "Rebase First")
+    if (
+        not approval and said and said in labels
+    ):  # a label as it stands, whatever it contains ("先不合并", "Rebase First")
         return Pick(labels.index(said), options[labels.index(said)])
     words = _approval_words() if approval else _label_words(labels)
 
