@@ -20,7 +20,7 @@ def tally(session: Session) -> Approval:
                 approvals=len(approvers),
                 required=session.approvals_required,
             )
-        if reply.answered_by not in approvers:
+        if reply.answered_by.casefold() not in {a.casefold() for a in approvers}:  # WeCom userids ignore case
             approvers.append(reply.answered_by)
         if len(approvers) >= session.approvals_required:
             comments = [pick_decision(r.content) for r in session.replies if r.via == "text" and r.content]

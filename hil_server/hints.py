@@ -80,6 +80,14 @@ def pick_one(session: Session) -> str:
     return f"`#{session.short_id}` 请从选项中选择：{options}（回复数字或选项文字）。"
 
 
+def unclear(session: Session) -> str:
+    """One line for a text that named something but decided nothing ("好的，先不要", "1 2"): it is kept, not taken."""
+    if session.approvals_required:
+        return f"#{session.short_id} 没看懂，请回复 1 批准 或 2 拒绝（可在后面附上说明）。"
+    numbers = "、".join(f"{i} {label}" for i, label in enumerate(session.options, start=1))
+    return f"#{session.short_id} 没看懂，请只回复一个选项的数字：{numbers}。"
+
+
 def card_result(session: Session) -> str:
     """What a question's card says once people acted on it: the decision and who made it, or why it is closed."""
     tally = approval_lines(session)

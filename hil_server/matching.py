@@ -9,9 +9,12 @@ Rules, in order:
    question's own conversation; quoted in another chat it is not an answer, and that chat is told so.
 4. A plain reply answers the only question waiting in its chat; with several waiting, the chat gets a list and is
    asked to quote; with none, the chat gets its chat id.
-5. Once the question is known: someone not among its responders is not taken (told once per question); a question
-   with options takes an option (by number, label or button) or, when it allows text, free text; an approval takes a
-   decision (批准 / 拒绝, with a comment after it).
+5. Once the question is known: someone not among its responders is not taken (told once per question; userids
+   compare case-insensitively, as WeCom's do); a question with options takes an option (by number, label or button)
+   or, when it allows text, free text; an approval takes a decision (批准 / 拒绝, with a comment after it). A text is
+   read by `choices.read_reply`: when it does not decide (unclear, or names nothing) on a question that takes no
+   free text, it is kept on the question (`Session.unclear`) without deciding anything, the chat is asked for a
+   clear answer, and the question keeps waiting. With free text allowed, such a reply is a text answer (no choice).
 
 A question sent without a chat_id went to the robot's default delivery (its group chats), so it belongs to every
 group chat of the robot and to no single chat.
@@ -26,7 +29,7 @@ from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import Notice
 
 from . import hints
-from .choices import Pick, pick_decision, pick_option
+from .choices import Pick, Unclear, read_reply
 from .models import Session
 from .store import SessionStore
 
@@ -38,6 +41,7 @@ Outcome = Literal[
     "duplicate",
     "refused_responder",
     "hint_options",
+    "hint_unclear",
     "hint_several",
     "hint_chat_id",
     "hint_unknown_quote",
@@ -56,6 +60,7 @@ class Decision:
     matched_by: MatchedBy | None = None  # set when the message is taken as an answer
     pick: Pick | None = None  # the option (or decision) it chose
     notice: Notice | None = None  # what the robot says in the chat about it
+    kept_by: MatchedBy | None = None  # set when the message is kept on the question without deciding (hint_*)
 
 
 def in_conversation(session: Session, msg: IncomingMessage) -> bool:
@@ -109,9 +114,9 @@ def _click(msg: IncomingMessage, store: SessionStore) -> Decision:
 
 def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick | None = None) -> Decision:
     """`msg` is about `session`: is it taken, and as what?"""
-    userid = msg.from_user.userid
-    if session.responders and userid not in session.responders:
-        told = any(r.userid == userid for r in session.refused)
+    userid = msg.from_user.userid.casefold()
+    if session.responders and userid not in {r.casefold() for r in session.responders}:
+        told = any(r.userid.casefold() == userid for r in session.refused)
         notice = None if told else _notice(msg, hints.not_a_responder(session), "not_responder", markdown=False)
         return Decision("refused_responder", session, notice=notice)
     if session.status in ("timeout", "failed"):
@@ -121,9 +126,15 @@ def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick |
         # A typed question is decided once; later clicks and replies change nothing (the card says so).
         return Decision("ignored", session)
     if pick is None and session.options:
-        pick = _choose(session, msg)
-        if pick is None and not session.allow_text:  # an approval takes no free text
-            return Decision("hint_options", session, notice=_notice(msg, hints.pick_one(session), "options"))
+        reading = _read(session, msg)
+        if isinstance(reading, Pick):
+            pick = reading
+        elif not session.allow_text:  # an approval takes no free text: kept, asked again, still waiting
+            if isinstance(reading, Unclear):
+                notice = _notice(msg, hints.unclear(session), "unclear", markdown=False)
+                return Decision("hint_unclear", session, notice=notice, kept_by=how)
+            notice = _notice(msg, hints.pick_one(session), "options")
+            return Decision("hint_options", session, notice=notice, kept_by=how)
     outcome: Outcome = {"quote": "matched_quote", "only_waiting": "matched_only", "button": "matched_button"}.get(
         how, "matched_quote"
     )  # type: ignore[assignment]
@@ -131,9 +142,12 @@ def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick |
 
 
 def _choose(session: Session, msg: IncomingMessage) -> Pick | None:
-    if session.approvals_required:
-        return pick_decision(msg.answer)
-    return pick_option(msg.answer, session.options)
+    reading = _read(session, msg)
+    return reading if isinstance(reading, Pick) else None
+
+
+def _read(session: Session, msg: IncomingMessage) -> Pick | Unclear | None:
+    return read_reply(msg.answer, session.options, approval=bool(session.approvals_required))
 
 
 def _notice(msg: IncomingMessage, text: str, kind: str, *, markdown: bool = True) -> Notice:

@@ -74,7 +74,10 @@ class ServiceBackend:
             request = SendRequest.model_validate(outgoing.model_dump(exclude_none=True))
         except ValidationError as exc:
             raise BackendError(f"the question was refused: {problems(exc.errors(), default='body')}") from exc
-        sent = await self.service.send(request, owner=self.owner)
+        try:
+            sent = await self.service.send(request, owner=self.owner)
+        except InvalidRequest as exc:  # refused with this server's settings (e.g. its default responders)
+            raise BackendError(f"the question was refused: {exc}") from exc
         return Sent.model_validate(sent.model_dump())
 
     async def poll(self, ref: str, wait: float) -> Polled:

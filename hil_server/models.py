@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import re
 import time
+import unicodedata
+from collections.abc import Iterable
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field, field_validator, model_validator
@@ -20,6 +22,7 @@ MESSAGE_MAX_BYTES = 20 * 1024
 PROJECT_MAX_CHARS = 64
 MAX_IMAGES = 5
 TIMEOUT_MAX = 7 * 24 * 3600
+UNCLEAR_KEPT = 20
 CHAT_ID_RE = re.compile(r"[A-Za-z0-9_@.:=+/-]{1,128}")  # fullmatch only
 USERID_RE = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
 
@@ -90,6 +93,57 @@ class Session(BaseModel):
     responders: list[str] = Field(default_factory=list)
     approvals_required: int = 0
     refused: list[Refused] = Field(default_factory=list)
+    # replies to a question that takes no free text which decided nothing ("好的，先不要"): kept for the agent and
+    # the record, never counted as an answer (newest UNCLEAR_KEPT)
+    unclear: list[Reply] = Field(default_factory=list)
+
+
+def distinct_responders(userids: Iterable[str]) -> list[str]:
+    """Userids without blanks and repeats; WeCom userids ignore case, so "LISI" repeats "lisi" (the first kept)."""
+    seen: dict[str, str] = {}
+    for userid in userids:
+        userid = userid.strip()
+        if userid:
+            seen.setdefault(userid.casefold(), userid)
+    return list(seen.values())
+
+
+def check_approvers(required: int, responders: list[str] | tuple[str, ...], who: str = "responders") -> None:
+    """An approval needing more approvers than there are people who may answer can only be rejected or time out.
+    No responders: anyone in the chat may answer, so any number is possible."""
+    if responders and required > len(responders):
+        raise ValueError(
+            f"approvals_required is {required} but {who} name only {len(responders)} distinct "
+            f"{'person' if len(responders) == 1 else 'people'}: ask for at most {len(responders)} approvals "
+            "or name more responders"
+        )
+
+
+# Invisible characters a project name may keep: they join emoji ("👨‍💻") and shape scripts. Every other format
+# character (bidi overrides such as U+202E, zero-width spaces, tag characters) could make the header in the chat say
+# something other than what it is, so it is refused.
+_JOINERS = frozenset("\u200c\u200d")
+_LINE_BREAKS = frozenset("\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029")
+
+
+def project_name_problem(value: str) -> str | None:
+    """Why `value` cannot be a project name (the first character refused, named exactly), or None. Any printable
+    text is fine except `[` and `]` (they end the `[#id project]` header) and line breaks."""
+    for ch in value:
+        code = f"U+{ord(ch):04X}"
+        if ch in "[]":
+            return f"project_name may not contain {ch!r} ({code}): brackets end the [#id project] header"
+        if ch in _LINE_BREAKS:
+            return f"project_name may not contain a line break ({code})"
+        category = unicodedata.category(ch)
+        if ch in _JOINERS or category[0] != "C":
+            continue
+        name = unicodedata.name(ch, "")
+        kind = {"Cc": "a control character", "Cf": "an invisible format character"}.get(
+            category, "an unassigned or private-use code point"
+        )
+        return f"project_name may not contain {code}{' ' + name if name else ''} ({kind})"
+    return None
 
 
 def _check_chat_id(value: str | None) -> str | None:
@@ -147,8 +201,9 @@ class SendRequest(BaseModel):
         value = value.strip()
         if len(value) > PROJECT_MAX_CHARS:
             raise ValueError(f"project_name is longer than {PROJECT_MAX_CHARS} characters")
-        if any(ch in value for ch in "[]\n\r\t") or not value.isprintable():
-            raise ValueError("project_name may not contain brackets, line breaks or control characters")
+        problem = project_name_problem(value)
+        if problem:
+            raise ValueError(problem)
         return value or None
 
     @field_validator("images")
@@ -181,7 +236,7 @@ class SendRequest(BaseModel):
     def _responders(cls, value: list[str] | None) -> list[str] | None:
         if value is None:
             return None
-        cleaned = list(dict.fromkeys(v.strip() for v in value if v.strip()))
+        cleaned = distinct_responders(value)
         if len(cleaned) > 50 or any(not USERID_RE.fullmatch(v) for v in cleaned):
             raise ValueError("responders takes at most 50 WeCom userids (letters, digits, _ - . @)")
         return cleaned
@@ -191,8 +246,7 @@ class SendRequest(BaseModel):
         if self.approvals_required is not None:
             if self.options:
                 raise ValueError("an approval has its own options (批准 / 拒绝): leave options out")
-            if self.responders and self.approvals_required > len(self.responders):
-                raise ValueError("approvals_required is larger than the number of responders")
+            check_approvers(self.approvals_required, self.responders or [])
         return self
 
     @field_validator("timeout")
@@ -221,3 +275,4 @@ class PollResponse(BaseModel):
     short_id: str | None = None
     choice: Choice | None = None  # with options: what the deciding reply chose
     approval: Approval | None = None  # for an approval: where it stands
+    unclear: list[Reply] = Field(default_factory=list)  # replies that decided nothing (not answers)

@@ -24,10 +24,22 @@ from hil_protocol.outbound import CardUpdate, Notice, Question
 from . import hints
 from .approvals import answered, tally
 from .channels import Channel, ChannelError
-from .choices import APPROVAL_OPTIONS
+from .choices import APPROVAL_OPTIONS, Pick
+from .errors import InvalidRequest
 from .events import RecentEvents
 from .matching import Decision, MatchedBy, Outcome, decide
-from .models import Choice, PollResponse, Refused, Reply, SendRequest, SendResponse, Session
+from .models import (
+    UNCLEAR_KEPT,
+    Choice,
+    PollResponse,
+    Refused,
+    Reply,
+    SendRequest,
+    SendResponse,
+    Session,
+    check_approvers,
+    distinct_responders,
+)
 from .store import SessionStore, StoreUnavailable
 
 logger = logging.getLogger(__name__)
@@ -83,7 +95,7 @@ class HilService:
         # msgids are remembered at least as long as a signed callback may be replayed, whatever the retention
         self.msgid_memory = max(retention, msgid_memory)
         self.default_chat_id = default_chat_id
-        self.default_responders = default_responders
+        self.default_responders = tuple(distinct_responders(default_responders))
         self._clock = clock
         self._waiters: dict[str, asyncio.Event] = {}
         self._notices: asyncio.Queue[Notice | CardUpdate] = asyncio.Queue(maxsize=1000)
@@ -91,10 +103,16 @@ class HilService:
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
-        """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable."""
+        """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable, and InvalidRequest
+        when the request only fails with this server's settings (more approvals than default responders)."""
         chat_id = request.chat_id or self.default_chat_id
         approval = request.approvals_required or 0
         responders = tuple(request.responders or self.default_responders)
+        if approval and not request.responders:  # the request's own responders were checked by SendRequest
+            try:
+                check_approvers(approval, responders, who="the server's default responders (HIL_DEFAULT_RESPONDERS)")
+            except ValueError as exc:
+                raise InvalidRequest(str(exc)) from exc
         question = Question(
             message=request.message,
             chat_id=chat_id,
@@ -206,6 +224,7 @@ class HilService:
             message=messages[status],
             choice=next((r.choice for r in session.replies if r.choice is not None), None),
             approval=approval,
+            unclear=session.unclear,
         )
 
     async def mark_timeout(self, session: Session) -> None:
@@ -254,6 +273,19 @@ class HilService:
         session = decision.session
         if session is not None and decision.matched_by is not None:
             await self._take(session, decision, msg)
+        elif session is not None and decision.kept_by is not None:
+            # Decided nothing ("好的，先不要"): kept for the agent to read, not an answer; the question keeps waiting.
+            session.unclear = [*session.unclear, _reply(msg, decision.kept_by)][-UNCLEAR_KEPT:]
+            await self.store.save(session, msgid=msg.msgid)
+            self.events.add(session, f"not a decision ({decision.outcome})", by=_who(msg), chat_id=msg.chat_id)
+            logger.info(
+                "reply kept undecided session_id=%s short_id=%s msgid=%s userid=%s outcome=%s",
+                session.session_id,
+                session.short_id,
+                msg.msgid,
+                msg.from_user.userid,
+                decision.outcome,
+            )
         elif session is not None and decision.outcome == "refused_responder":
             session.refused.append(
                 Refused(userid=msg.from_user.userid, name=msg.from_user.name, at=self._clock(), text=msg.answer[:200])
@@ -277,21 +309,7 @@ class HilService:
 
     async def _take(self, session: Session, decision: Decision, msg: IncomingMessage) -> None:
         pick = decision.pick
-        session.replies.append(
-            Reply(
-                msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
-                content=msg.answer,
-                images=msg.image_urls,
-                from_user=msg.from_user,
-                timestamp=msg.received_at,
-                msgid=msg.msgid,
-                matched_by=decision.matched_by or "quote",
-                chat_id=msg.chat_id,
-                chat_type=msg.chat_type,
-                choice=Choice(index=pick.index, label=pick.label) if pick else None,
-                via="text" if msg.card is None else "button",  # a late click is a click too
-            )
-        )
+        session.replies.append(_reply(msg, decision.matched_by or "quote", pick))
         decided = answered(session)
         if decided and session.status in ("sending", "waiting"):
             session.status = "replied"
@@ -379,6 +397,22 @@ class HilService:
         open_statuses = ("sending", "waiting", "timeout")
         candidates = (s for s in self.store.all() if s.owner == owner and s.status in open_statuses)
         return max(candidates, key=lambda s: s.created_at, default=None)
+
+
+def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None) -> Reply:
+    return Reply(
+        msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
+        content=msg.answer,
+        images=msg.image_urls,
+        from_user=msg.from_user,
+        timestamp=msg.received_at,
+        msgid=msg.msgid,
+        matched_by=matched_by,
+        chat_id=msg.chat_id,
+        chat_type=msg.chat_type,
+        choice=Choice(index=pick.index, label=pick.label) if pick else None,
+        via="text" if msg.card is None else "button",  # a late click is a click too
+    )
 
 
 def _who(msg: IncomingMessage) -> str | None:

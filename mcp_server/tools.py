@@ -72,6 +72,7 @@ class ApprovalResult(BaseModel):
     approved: bool | None = Field(default=None, description="true: approved; false: rejected; null: not decided")
     decided_by: list[str] = Field(default_factory=list, description="WeCom userids of who approved (or rejected)")
     comment: str = Field(default="", description="what the deciders wrote after their decision word")
+    replies: list[Reply] = Field(default_factory=list, description="the people's messages as they wrote them")
     message: str = Field(description="what happened, in words for the model")
     session_id: str | None = None
     short_id: str | None = None
@@ -346,6 +347,7 @@ def _approval(result: WaitResult, approval: Approval | None) -> ApprovalResult:
     decision = approval or Approval()  # not polled: undecided, nobody, no comment
     return ApprovalResult(
         **result.model_dump(include={"status", "message", "session_id", "short_id"}),
+        replies=result.replies,
         **decision.model_dump(include={"approved", "decided_by", "comment"}),
     )
 

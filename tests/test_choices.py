@@ -30,8 +30,10 @@ OPTIONS = ["合并", "不合并", "Rebase First"]
         ("rebase first", 2, ""),
         ("REBASE FIRST", 2, ""),
         ("３", 2, ""),
-        ("1 先跑测试", 0, "先跑测试"),
+        ("1 备份已确认", 0, "备份已确认"),
+        ("合并吧", 0, ""),  # a particle after the label
         ("不合并，还有 bug", 1, "还有 bug"),
+        ("2，等 CI 绿了再说", 1, "等 CI 绿了再说"),  # an option that refuses may defer
     ],
 )
 def test_pick_option(text: str, index: int, comment: str) -> None:
@@ -40,7 +42,8 @@ def test_pick_option(text: str, index: int, comment: str) -> None:
     assert picked.comment == comment
 
 
-@pytest.mark.parametrize("text", ["4", "0", "合并吧", "我觉得可以", "", "12", "1.5x"])
+# "1 先跑测试" is a go-ahead with a condition first: it decides nothing (tests/test_decisions.py has the table).
+@pytest.mark.parametrize("text", ["4", "0", "我觉得可以", "", "12", "1.5x", "1 先跑测试", "1 2", "合并，不合并也行"])
 def test_no_pick(text: str) -> None:
     assert pick_option(text, OPTIONS) is None
 
@@ -260,7 +263,7 @@ async def test_an_approval_needs_a_decision(service: HilService) -> None:
 def test_api_validation_of_typed_questions() -> None:
     with pytest.raises(ValueError, match="approval has its own options"):
         SendRequest(message="q", options=["a"], approvals_required=1)
-    with pytest.raises(ValueError, match="larger than the number of responders"):
+    with pytest.raises(ValueError, match="approvals_required is 3 but responders name only 2 distinct people"):
         SendRequest(message="q", approvals_required=3, responders=["a", "b"])
     with pytest.raises(ValueError, match="responders"):
         SendRequest(message="q", responders=["bad id!"])

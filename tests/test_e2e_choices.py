@@ -11,8 +11,10 @@ from typing import Any
 
 import anyio
 import httpx
+import httpx2
 import pytest
 from mcp import Client
+from mcp.client.streamable_http import streamable_http_client
 
 from tests.procs import FakeChat, Stack, mcp_stdio_params
 
@@ -145,3 +147,68 @@ async def test_one_rejection_decides_with_its_comment(direct: Stack, tmp_path: P
 
         result = await call(client, "request_approval", {"summary": "合并到 main", "approvals_required": 2}, person)
     assert result["approved"] is False and result["decided_by"] == ["lisi"] and result["comment"] == "先跑测试"
+
+
+async def test_an_unclear_reply_is_asked_again_and_kept_then_a_clear_one_decides(direct: Stack, tmp_path: Path) -> None:
+    """The reported misreading, replayed: "好的，先不要" on an approval is no 批准. The chat is asked again, the reply
+    stays on the question as unclear (not an answer), and the person's "批准" then decides."""
+    async with agent(direct, tmp_path) as (client, chat):
+
+        async def person() -> None:
+            question, short_id = await asked(direct, chat, "上线 v2.0")
+            await reply_as(chat, "zhangsan", "张三", "好的，先不要")
+            with anyio.fail_after(10):
+                while not (
+                    said := [m for m in await chat.messages(question["seq"], wait=1) if "没看懂" in m["content"]]
+                ):
+                    pass
+            assert said[0]["content"] == f"#{short_id} 没看懂，请回复 1 批准 或 2 拒绝（可在后面附上说明）。"
+            status = (await chat.http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
+            assert status["status"] == "waiting" and status["replies"] == [] and status["choice"] is None
+            assert [r["content"] for r in status["unclear"]] == ["好的，先不要"]
+            assert status["approval"]["approved"] is None and status["approval"]["approvals"] == 0
+            await reply_as(chat, "zhangsan", "张三", "批准")
+
+        result = await call(client, "request_approval", {"summary": "上线 v2.0"}, person)
+    assert result["status"] == "success" and result["approved"] is True and result["decided_by"] == ["zhangsan"]
+    assert [r["content"] for r in result["replies"]] == ["批准"]  # the raw text reaches the agent
+
+
+async def test_a_quote_reply_to_an_emoji_project_name_matches(direct: Stack, tmp_path: Path) -> None:
+    project = "👨\u200d💻 dev"  # an emoji joined by ZWJ: taken, shown in the header, and found again in a quote
+    async with httpx.AsyncClient(base_url=direct.fake_url, trust_env=False, timeout=30) as http:
+        chat = FakeChat(http, CHAT)
+        ask = {"message": "合并 emoji 分支？", "chat_id": CHAT, "project_name": project, "approvals_required": 1}
+        sent = (await http.post(f"{direct.server_url}/api/send", json=ask)).json()
+        assert sent["success"] is True, sent
+        question, short_id = await asked(direct, chat, "合并 emoji 分支？")
+        assert question["content"].startswith(f"[#{short_id} {project}]")
+        await chat.quote_reply(question, "拒绝，先跑测试")
+        status = (await http.get(f"{direct.server_url}/api/poll/{short_id}", params={"wait": 10})).json()
+    assert status["status"] == "replied" and status["approval"]["approved"] is False
+    assert status["approval"]["comment"] == "先跑测试" and status["replies"][0]["matched_by"] == "quote"
+
+
+async def test_over_mcp_an_unclear_refusal_is_asked_again_and_the_clear_one_decides(direct: Stack) -> None:
+    """The same over the server's /mcp (no tokens: a loopback client): "ok, reject" decides nothing."""
+    async with (
+        httpx2.AsyncClient(timeout=httpx2.Timeout(30, read=120), trust_env=False) as http2,
+        Client(streamable_http_client(f"{direct.server_url}/mcp", http_client=http2)) as client,  # type: ignore[arg-type]
+        httpx.AsyncClient(base_url=direct.fake_url, trust_env=False, timeout=30) as http,
+    ):
+        chat = FakeChat(http, CHAT)
+
+        async def person() -> None:
+            question, short_id = await asked(direct, chat, "删除 staging 库")
+            await reply_as(chat, "lisi", "李四", "ok, reject")
+            with anyio.fail_after(10):
+                while not [m for m in await chat.messages(question["seq"], wait=1) if "没看懂" in m["content"]]:
+                    pass
+            status = (await http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
+            assert status["status"] == "waiting" and [r["content"] for r in status["unclear"]] == ["ok, reject"]
+            await reply_as(chat, "lisi", "李四", "拒绝，先备份")
+
+        arguments = {"summary": "删除 staging 库", "chat_id": CHAT}
+        result = await call(client, "request_approval", arguments, person)
+    assert result["approved"] is False and result["decided_by"] == ["lisi"] and result["comment"] == "先备份"
+    assert [r["content"] for r in result["replies"]] == ["拒绝，先备份"]
