@@ -15,6 +15,7 @@ import logging
 import math
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -130,9 +131,11 @@ class Question:
 
 @dataclass
 class OpenQuestions:
-    """Questions asked by this caller whose answer has not reached the agent yet (newest last)."""
+    """Questions asked by this caller whose answer has not reached the agent yet (newest last), and those whose
+    answer did (a late answer leaves the server's question "timeout": it is not handed out twice)."""
 
     open: list[Question] = field(default_factory=list)
+    settled: deque[str] = field(default_factory=lambda: deque(maxlen=200))
 
     def remember(self, question: Question) -> None:
         self.open = [q for q in self.open if q.session_id != question.session_id]
@@ -141,6 +144,8 @@ class OpenQuestions:
 
     def settle(self, session_id: str) -> None:
         self.open = [q for q in self.open if q.session_id != session_id]
+        if session_id not in self.settled:
+            self.settled.append(session_id)
 
     def find_open(self, key: tuple[Any, ...]) -> Question | None:
         return next((q for q in reversed(self.open) if q.key == key), None)
@@ -581,7 +586,8 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             if lane is None:  # the backend keeps no lanes: this process's own questions are the lane
                 candidates = list(memory.open)
             else:
-                candidates = [memory.resolve(ref.session_id) or _question(ref) for ref in lane]
+                fresh = [ref for ref in lane if ref.session_id not in memory.settled]
+                candidates = [memory.resolve(ref.session_id) or _question(ref) for ref in fresh]
             if len(candidates) != 1:
                 return _lane_result(candidates)
             question = candidates[0]
