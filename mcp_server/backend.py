@@ -105,7 +105,7 @@ class Backend(Protocol):
 
     async def open_questions(self) -> list[QuestionRef] | None:
         """The open questions of the caller's lane (waiting, or the agent stopped waiting), oldest first, as the
-        server knows them; None when the backend keeps no lanes and the caller's own memory is its lane (stdio)."""
+        server knows them; None when the backend keeps no lanes and the caller's own memory is the lane (stdio)."""
         ...
 
 

@@ -583,11 +583,11 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 lane = await caller.backend.open_questions()
             except BackendError as exc:
                 return WaitResult(status="error", message=str(exc))
-            if lane is None:  # the backend keeps no lanes: this process's own questions are the lane
-                candidates = list(memory.open)
-            else:
-                fresh = [ref for ref in lane if ref.session_id not in memory.settled]
-                candidates = [memory.resolve(ref.session_id) or _question(ref) for ref in fresh]
+            # What this caller asked and has not had the answer of (answered meanwhile included), plus what the
+            # server knows of its lane and is still open (after a restart of the server, memory is empty).
+            candidates = list(memory.open)
+            known = {q.session_id for q in candidates} | set(memory.settled)
+            candidates += [_question(ref) for ref in lane or () if ref.session_id not in known]
             if len(candidates) != 1:
                 return _lane_result(candidates)
             question = candidates[0]

@@ -763,5 +763,7 @@ async def test_a_client_that_cuts_calls_gets_waiting_first_then_the_answer(cappe
         # Still waiting for the person: not marked as abandoned.
         assert (await poll(capped, "tokMax", first["session_id"]))["status"] == "waiting"
         await chat.quote_reply(question, "想好了")
-        done = structured(await client.call_tool("wait_for_reply", {"session_id": first["session_id"]}))
+        assert await settled_status(capped.server_url, first["session_id"], "tokMax") == "replied"
+        # Answered between two calls: the caller's one open question, so no id is needed.
+        done = structured(await client.call_tool("wait_for_reply", {}))
     assert done["status"] == "success" and [r["content"] for r in done["replies"]] == ["想好了"], done
