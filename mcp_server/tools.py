@@ -37,8 +37,8 @@ INSTRUCTIONS = """\
 Ask a person in WeCom (企业微信) and wait for the answer. Use request_approval before a risky or irreversible action
 (deploy, merge, delete, spend): it returns approved true/false and who decided. Use send_and_wait_reply for any other
 question; give `options` when the answer is a choice (the person taps or types one; you get `choice`). Use
-send_message_only to report without waiting. If a wait ends without an answer (timeout or a cut call), the question
-stays open: call wait_for_reply with its session_id to keep waiting, or continue without the answer."""
+send_message_only to report without waiting. If a call ends without an answer (status waiting or timeout, or a cut
+call), the question stays open: call wait_for_reply with its session_id to keep waiting, or continue without it."""
 
 REMOTE_IMAGES = (
     "image_paths names files on your machine, and this MCP server runs on the HIL Server, which cannot read them "

@@ -437,6 +437,14 @@ def test_the_newest_route_of_old_clients_never_guesses(remote: Stack) -> None:
     assert unfiltered.status_code == 409, unfiltered.text
     assert {q["project_name"] for q in unfiltered.json()["open"]} >= {"old1", "old2"}
     assert newest(chat_id="chat-old", project_name="old2").json()["session_id"] == second["session_id"]
+    # Another token's filters find nothing of this token's.
+    other = httpx.get(
+        f"{url}/api/session/newest",
+        params={"chat_id": "chat-old", "project_name": "old2"},
+        headers={"Authorization": "Bearer tokFree"},
+        trust_env=False,
+    )
+    assert other.status_code == 404 and second["session_id"] not in other.text
 
 
 # --- another token's questions ---------------------------------------------------------------------------------------
@@ -514,7 +522,10 @@ def test_missing_or_wrong_token_is_401_before_any_mcp(remote: Stack, authorizati
         response = httpx.request(method, f"{remote.server_url}/mcp", headers=headers, json=body, trust_env=False)
         assert response.status_code == 401, response.text
         assert response.headers["www-authenticate"] == "Bearer"
-        assert "Authorization: Bearer" in response.json()["error"] or "API token" in response.json()["error"]
+        error = response.json()["error"]
+        assert "Authorization: Bearer" in error or "API token" in error
+        # A remote client is told about its header, not about hil-mcp's stdio flag.
+        assert "--api-token" not in error and "header" in error, error
 
 
 async def test_the_sdk_client_with_a_wrong_token_fails(remote: Stack) -> None:
