@@ -576,7 +576,11 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 ref = session_ref(session_id)
             except ValueError as exc:
                 raise ToolError(str(exc)) from None
-            question = memory.resolve(ref) or Question(ref, ref if len(ref) == 8 else None)
+            question = memory.resolve(ref)
+            if question is None:
+                # Named by the caller: from now on it is the caller's (a later call without an id may resume it).
+                question = Question(ref, ref if len(ref) == 8 else None)
+                memory.remember(question)
         else:
             # Only a question this caller asked, never a guess: another agent may share the token.
             try:

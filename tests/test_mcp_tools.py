@@ -580,7 +580,15 @@ async def test_wait_for_reply_without_id_after_a_restart_asks_for_the_id(hil: Fa
         assert not hil.poll.called and not hil.newest.called
         # With the id it has (from the earlier result, or #short_id in the chat), the answer.
         by_id = await call(client, "wait_for_reply", session_id=f"#{session.short_id}")
-    assert by_id["status"] == "success" and by_id["replies"][0]["content"] == "someone else's answer"
+        assert by_id["status"] == "success" and by_id["replies"][0]["content"] == "someone else's answer"
+        # A question named by its id becomes this caller's: still waiting, a later call needs no id.
+        later = Session(secrets.token_hex(16), secrets.token_hex(4), {"message": "q2"})
+        hil.sessions[later.session_id] = later
+        first = await call(client, "wait_for_reply", session_id=later.short_id, timeout=1)
+        assert first["status"] == "timeout" and first["session_id"] == later.session_id
+        hil.answer(later, "second answer")
+        again = await call(client, "wait_for_reply")
+    assert again["status"] == "success" and again["replies"][0]["content"] == "second answer"
 
 
 async def test_two_processes_sharing_a_token_keep_their_own_questions(hil: FakeHil) -> None:
