@@ -247,7 +247,9 @@ class McpEndpoint:
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
             max_request_body_size=self._max_body_bytes,
             session_idle_timeout=self._session_idle,
-            max_sessions=self.sessions.total,  # a backstop: our own check (admit) answers first, with a reason
+            # A backstop only: our check answers first, with a reason, and lets a token at its own cap open one more
+            # for a moment (it then closes its own oldest).
+            max_sessions=self.sessions.total + self.sessions.per_token,
         )
         manager = self.server.session_manager
         self._host = EndpointHost(self.tool_settings, service)
@@ -297,11 +299,9 @@ class McpEndpoint:
         session_id = headers.get("mcp-session-id") if sessions else None
         owner = grant.owner if grant else None
         opening = sessions and session_id is None and scope["method"] == "POST"
-        if opening:
-            full = await self.sessions.admit(owner)
-            if full is not None:
-                await _refuse(503, full, scope, receive, send)
-                return
+        if opening and (full := self.sessions.refusal(owner)) is not None:
+            await _refuse(503, full, scope, receive, send)
+            return
         scope[_CALLER_KEY] = dataclasses.replace(info, mcp_session=session_id)
         if grant is not None:
             # The SDK binds a session to the principal that opened it: another token cannot use its session id.
@@ -316,9 +316,9 @@ class McpEndpoint:
 
         async def watched_send(message: Message) -> None:
             if opening and message["type"] == "http.response.start" and message["status"] < 400:
-                opened = Headers(raw=message.get("headers", [])).get("mcp-session-id")
-                if opened:
-                    self.sessions.opened(owner, opened)
+                # Counted (and the token's oldest closed past its cap) before the client hears of the new session.
+                for new in Headers(raw=message.get("headers", [])).getlist("mcp-session-id"):
+                    await self.sessions.opened(owner, new)
             await send(message)
 
         with self.sessions.using(session_id):

@@ -1,11 +1,12 @@
 """The /mcp sessions of the 2025 protocol (initialize → `Mcp-Session-Id`), counted per API token, so that one token
 cannot fill the server with sessions and lock every other token out.
 
-- Per token, at most `per_token` sessions: opening one more closes that token's least recently used session (one
-  with no call in flight first). A token only ever evicts its own sessions.
-- In all, at most `total`: past it a new session is refused with 503 and a sentence saying why, and `/health` is
-  503 (degraded) while it lasts. Idle sessions close by themselves (the SDK's `session_idle_timeout`), so it
-  recovers without anyone acting.
+- Per token, at most `per_token` sessions: once one more is open, that token's least recently used session (one
+  with no call in flight first) is closed. A token only ever evicts its own sessions, and only when a session was
+  really opened (not for a probe or a refused request).
+- In all, at most `total`: past it a new session is refused with 503 and a sentence saying why (unless the token
+  is at its own cap: it gives up its own oldest instead), and `/health` is 503 (degraded) while it lasts. Idle
+  sessions close by themselves (the SDK's `session_idle_timeout`), so it recovers without anyone acting.
 
 The MCP SDK (2.3) keeps its sessions in `StreamableHTTPSessionManager._server_instances` and has no public way to
 count or close one; `_live` and `_close` are the only two places that reach in (tests/test_mcp_http.py fails loudly
@@ -60,21 +61,13 @@ class SessionBook:
             del self._entries[session_id]  # ended: deleted by its client, idle, or crashed
         return len(live)
 
-    async def admit(self, owner: str | None) -> str | None:
-        """Make room for one more session of `owner`; None, or why /mcp is full (for a 503)."""
-        self.open_count()
-        mine = sorted(
-            (entry.in_flight > 0, entry.last_used, session_id)
-            for session_id, entry in self._entries.items()
-            if entry.owner == owner
-        )
-        for _, _, session_id in mine[: max(0, len(mine) - self.per_token + 1)]:
-            logger.info("/mcp: closing the least recently used session of a token at its cap of %d", self.per_token)
-            self._entries.pop(session_id, None)
-            await self._close(session_id)
-        if self.open_count() >= self.total:
-            return self.full()
-        return None
+    def refusal(self, owner: str | None) -> str | None:
+        """Why `owner` may not open a session now (for a 503), or None."""
+        if self.open_count() < self.total:
+            return None
+        if sum(entry.owner == owner for entry in self._entries.values()) >= self.per_token:
+            return None  # at its own cap: opening closes its own oldest, the total does not grow
+        return self.full()
 
     def full(self) -> str:
         return (
@@ -82,8 +75,19 @@ class SessionBook:
             "HIL_MCP_SESSION_IDLE seconds, try again later"
         )
 
-    def opened(self, owner: str | None, session_id: str) -> None:
+    async def opened(self, owner: str | None, session_id: str) -> None:
+        """A session of `owner` was opened: past its cap, its least recently used others are closed."""
+        self.open_count()
         self._entries[session_id] = _Entry(owner, self._clock())
+        others = sorted(
+            (entry.in_flight > 0, entry.last_used, other)
+            for other, entry in self._entries.items()
+            if entry.owner == owner and other != session_id
+        )
+        for _, _, other in others[: max(0, len(others) + 1 - self.per_token)]:
+            logger.info("/mcp: closing the least recently used session of a token at its cap of %d", self.per_token)
+            self._entries.pop(other, None)
+            await self._close(other)
 
     @contextmanager
     def using(self, session_id: str | None) -> Iterator[None]:

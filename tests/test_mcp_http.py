@@ -729,6 +729,13 @@ async def test_a_token_past_its_cap_closes_its_own_oldest_session_and_locks_nobo
         assert await alive(http, url, hog[-2]) == 200
         hog.append(await legacy_session(http, url, "tokHog"))
         assert [await alive(http, url, h) for h in hog[-3:]] == [200, 404, 200]
+        # Requests that open nothing close nothing: a stray POST without a session, a client without sessions.
+        stray = {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}
+        no_session = ACCEPT | {"Authorization": "Bearer tokHog"}
+        assert (await http.post(url, headers=no_session, json=stray)).status_code >= 400
+        async with mcp_client(capped, "tokHog") as modern:
+            await modern.list_tools()
+        assert [await alive(http, url, h) for h in (hog[-3], hog[-1])] == [200, 200]
         for headers in (*hog[-3:], *other):
             await http.delete(url, headers=headers)
 
@@ -737,23 +744,31 @@ async def test_a_full_server_says_so_with_503_and_health_recovers(capped: Stack)
     url = f"{capped.server_url}/mcp"
     health = f"{capped.server_url}/health"
     async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
-        opened = [await legacy_session(http, url, token) for token in ("tokHog", "tokHog", "tokOther", "tokOther")]
-        opened.append(await legacy_session(http, url, "tokThird"))
-        refused = await http.post(url, headers=ACCEPT | {"Authorization": "Bearer tokLate"}, json=INIT)
-        assert refused.status_code == 503, refused.text
-        assert "/mcp is full" in refused.json()["error"] and "HIL_MCP_MAX_SESSIONS" in refused.json()["error"]
-        down = await http.get(health)
-        assert down.status_code == 503 and down.json()["status"] == "degraded"
-        assert "/mcp is full" in down.json()["reason"]
-        # A token at its own cap still gets a session: it gives up its own oldest, nobody else's.
-        opened.append(await legacy_session(http, url, "tokOther"))
-        assert await alive(http, url, opened[2]) == 404 and await alive(http, url, opened[4]) == 200
-        # One session ends: the server takes new ones again and says it is healthy.
-        assert (await http.delete(url, headers=opened[4])).status_code in (200, 204)
-        assert (await http.get(health)).status_code == 200
-        opened.append(await legacy_session(http, url, "tokLate"))
-        for headers in opened:
-            await http.delete(url, headers=headers)
+        opened: list[dict[str, str]] = []
+        try:
+            await fill_and_recover(http, url, health, opened)
+        finally:
+            for headers in opened:  # the next tests need room
+                await http.delete(url, headers=headers)
+
+
+async def fill_and_recover(http: httpx.AsyncClient, url: str, health: str, opened: list[dict[str, str]]) -> None:
+    """Fill /mcp to its total (5), see 503 and /health 503, then recover; `opened` collects what to close."""
+    for token in ("tokHog", "tokHog", "tokOther", "tokOther", "tokThird"):
+        opened.append(await legacy_session(http, url, token))
+    refused = await http.post(url, headers=ACCEPT | {"Authorization": "Bearer tokLate"}, json=INIT)
+    assert refused.status_code == 503, refused.text
+    assert "/mcp is full" in refused.json()["error"] and "HIL_MCP_MAX_SESSIONS" in refused.json()["error"]
+    down = await http.get(health)
+    assert down.status_code == 503 and down.json()["status"] == "degraded"
+    assert "/mcp is full" in down.json()["reason"]
+    # A token at its own cap still gets a session: it gives up its own oldest, nobody else's.
+    opened.append(await legacy_session(http, url, "tokOther"))
+    assert await alive(http, url, opened[2]) == 404 and await alive(http, url, opened[4]) == 200
+    # One session ends: the server takes new ones again and says it is healthy.
+    assert (await http.delete(url, headers=opened[4])).status_code in (200, 204)
+    assert (await http.get(health)).status_code == 200
+    opened.append(await legacy_session(http, url, "tokLate"))
 
 
 # --- the longest single call --------------------------------------------------------------------------------------
