@@ -13,6 +13,7 @@ P5  a click on a question's card (AI bot) -> the held long-poll returns the choi
 P6  a click on 批准 (AI bot) -> request_approval over a real stdio MCP client returns approved
 M1  P1 over /mcp (the SDK's streamable-HTTP client)
 M2  server RSS with 2,000 tool calls waiting at /mcp at once
+M3  server RSS per open, idle /mcp session (the 2025 protocol's Mcp-Session-Id; what HIL_MCP_MAX_SESSIONS bounds)
 
 A missed target is reported, not fatal: the exit status is 0 when every measurement ran, 1 when one failed.
 """
@@ -551,6 +552,42 @@ async def m2(stack: Stack, n: int, era: str, res: Results, sample: int = 20) -> 
         close_all(conns)
 
 
+async def m3(stack: Stack, n: int, res: Results, lanes_n: int = 10) -> None:
+    """n idle sessions opened at /mcp (initialize + initialized, as the SDK's client does, and nothing after):
+    server RSS before and after, per session. The session caps are raised for the measurement."""
+    server_pid = stack.procs["server"].popen.pid
+    conns = [Http1(stack.server_url) for _ in range(lanes_n)]
+    init = {"protocolVersion": LEGACY, "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}
+    opening = json.dumps({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": init}).encode()
+    initialized = json.dumps({"jsonrpc": "2.0", "method": "notifications/initialized"}).encode()
+
+    async def open_session(conn: Http1, i: int) -> str:
+        status, data = await conn.request("POST", "/mcp", opening, _mcp_headers(LEGACY))
+        if status != 200:
+            raise RuntimeError(f"initialize {i}: HTTP {status} {data[:200]!r}")
+        session = conn.headers["mcp-session-id"]
+        await conn.request("POST", "/mcp", initialized, _mcp_headers(LEGACY, session))
+        return session
+
+    try:
+        await asyncio.sleep(1.0)
+        rss_idle = rss_mb(server_pid)
+        t0 = time.perf_counter()
+        sessions = await lanes(conns, list(range(n)), open_session)
+        opened_in = time.perf_counter() - t0
+        await asyncio.sleep(1.0)
+        rss = rss_mb(server_pid)
+        if len(set(sessions)) != n:
+            raise RuntimeError(f"only {len(set(sessions))} of {n} sessions opened")
+        log(f"M3: {n} sessions opened in {opened_in:.1f}s; RSS {rss_idle:.0f} -> {rss:.0f} MB")
+        res.add(
+            f"M3 server RSS per open idle /mcp session ({n} sessions, 2025 protocol)",
+            f"{(rss - rss_idle) * 1024 / n:.0f} KB per session ({rss_idle:.0f} → {rss:.0f} MB)",
+        )
+    finally:
+        close_all(conns)
+
+
 # --- P2: 200 concurrent sends -----------------------------------------------------------------------------------
 
 
@@ -877,7 +914,7 @@ async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
 
 
 async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
-    figures = {"P1", "P2", "P3", "P4", "M1", "M2", "P1A", "P5", "P6"}
+    figures = {"P1", "P2", "P3", "P4", "M1", "M2", "M3", "P1A", "P5", "P6"}
     only = {x.strip().upper() for x in args.only.split(",")} if args.only else figures
     # SIGTERM (timeout, CI) cancels like Ctrl-C, so the stacks below are stopped instead of left running.
     main_task = asyncio.current_task()
@@ -907,7 +944,7 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
     if "P4" in only:
         with running_stack("direct", workdir, "direct-p4") as stack:
             await measure("P4", lambda: p4(stack, args.callbacks, res))
-    if only & {"M1", "M2"}:
+    if only & {"M1", "M2", "M3"}:
         env = {"HIL_SWEEP_INTERVAL": "5", "HIL_API_TOKENS": MCP_TOKEN}
         if "M1" in only:
             with running_stack("relay", workdir, "relay-m1", server_env=env) as stack:
@@ -916,6 +953,11 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
             for era in (MODERN, LEGACY):
                 with running_stack("relay", workdir, f"relay-m2-{era}", server_env=env) as stack:
                     await measure(f"M2 {era}", functools.partial(m2, stack, args.mcp_calls, era, res))
+        if "M3" in only:
+            room = str(args.mcp_sessions)
+            caps = {"HIL_MCP_SESSIONS_PER_TOKEN": room, "HIL_MCP_MAX_SESSIONS": room}
+            with running_stack("relay", workdir, "relay-m3", server_env=env | caps) as stack:
+                await measure("M3", lambda: m3(stack, args.mcp_sessions, res))
     if only & {"P1A", "P5", "P6"}:
         with running_stack("direct", workdir, "aibot-p1a-p5", make=aibot_bench_stack) as stack:
             if "P1A" in only:
@@ -950,8 +992,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--mcp-calls", type=int, default=2000, help="M2 tool calls waiting at /mcp at once (default 2000)"
     )
+    parser.add_argument("--mcp-sessions", type=int, default=1000, help="M3 idle sessions opened at /mcp (default 1000)")
     parser.add_argument(
-        "--only", help="comma-separated subset, e.g. P1,P3,M1 (P1A, P5, P6: the AI-bot channel; M1, M2: /mcp)"
+        "--only", help="comma-separated subset, e.g. P1,P3,M1 (P1A, P5, P6: the AI-bot channel; M1-M3: /mcp)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the processes' logs and data (printed at the end)")
     args = parser.parse_args(argv)

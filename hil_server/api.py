@@ -42,6 +42,7 @@ def health(state: ServerState) -> tuple[int, dict[str, Any]]:
     if state["service"].store.broken is not None:
         problems.append(state["service"].store.broken)
     problems += state["supervisor"].problems()
+    problems += state["mcp"].problems()
     body: dict[str, Any] = {
         "status": "degraded" if problems else "healthy",
         "mode": state["mode"],
@@ -160,13 +161,20 @@ _POLL_RE = re.compile(r"/api/poll/([^/]+)")
 
 
 @router.get("/api/session/newest")
-async def newest_open_session(request: Request) -> Any:
-    """The caller's newest question still open to the agent (waiting, or the agent stopped waiting): what
-    `wait_for_reply()` without an id waits for, also after a restart of hil-mcp or of the server."""
+async def newest_open_session(request: Request, chat_id: str | None = None, project_name: str | None = None) -> Any:
+    """The caller's one question still open to the agent (waiting, or the agent stopped waiting), for hil-mcp 0.3's
+    `wait_for_reply()` without an id after a restart. Never a guess between agents sharing a token: only questions
+    asked outside /mcp sessions, with this chat and project when given, and only when exactly one matches (several:
+    409 with the list, so the agent asks for an id)."""
     grant = grant_of(request)
-    session = server_state(request)["service"].newest_open(grant.owner if grant else None)
-    if session is None:
+    lane = {"chat_id": chat_id, "project_name": project_name, "any_chat": chat_id is None and project_name is None}
+    found = server_state(request)["service"].open_questions(grant.owner if grant else None, **lane)
+    if not found:
         return error_response(404, "no open question for this API token")
+    if len(found) > 1:
+        listed = [{"session_id": s.session_id, "short_id": s.short_id, "project_name": s.project_name} for s in found]
+        return error_response(409, "several open questions: wait for one by its session_id", open=listed)
+    session = found[0]
     return {"success": True, "session_id": session.session_id, "short_id": session.short_id, "status": session.status}
 
 

@@ -125,6 +125,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                             "intake": intake,
                             "metrics": meters,
                             "supervisor": supervisor,
+                            "mcp": mcp,
                             "started_at": time.time(),
                         }
                     finally:

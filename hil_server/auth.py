@@ -19,6 +19,9 @@ from hil_protocol.http_errors import send_error
 from .models import Session
 
 GRANT_KEY = "hil.grant"
+# Where a caller sets its token, said in a 401: hil-mcp on stdio has a flag, a remote MCP client sends a header.
+HIL_MCP_TOKEN = "hil-mcp: --api-token or HIL_API_TOKEN"
+MCP_CLIENT_TOKEN = "a remote MCP client sends it as an HTTP header: add 'headers' to its /mcp server entry"
 # Routes anyone may call: health, the service banner, the API docs, the robot callback (authenticated by its own
 # rules) and the worker socket (the worker token).
 PUBLIC_PATHS = frozenset(
@@ -87,16 +90,15 @@ class ApiAuth:
     def enabled(self) -> bool:
         return bool(self._grants)
 
-    def grant_for(self, authorization: str | None) -> Grant | None:
-        """The caller's grant from its Authorization header; None when tokens are off. Raises AuthError(401)."""
+    def grant_for(self, authorization: str | None, where: str = HIL_MCP_TOKEN) -> Grant | None:
+        """The caller's grant from its Authorization header; None when tokens are off. Raises AuthError(401).
+        `where` tells the caller where its token is set (hil-mcp's flag, or a remote MCP client's header)."""
         if not self._grants:
             return None
         given = bearer_token(authorization)
         if not given:
             raise AuthError(
-                401,
-                "this HIL Server requires an API token: send 'Authorization: Bearer <token>' "
-                "(hil-mcp: --api-token or HIL_API_TOKEN)",
+                401, f"this HIL Server requires an API token: send 'Authorization: Bearer <token>' ({where})"
             )
         found: Grant | None = None
         candidate = given.encode("utf-8", "surrogateescape")
@@ -105,9 +107,7 @@ class ApiAuth:
             if hmac.compare_digest(token, candidate):
                 found = grant
         if found is None:
-            raise AuthError(
-                401, "API token not accepted: check --api-token / HIL_API_TOKEN against the server's HIL_API_TOKENS"
-            )
+            raise AuthError(401, f"API token not accepted: check it against the server's HIL_API_TOKENS ({where})")
         return found
 
     @staticmethod
@@ -133,7 +133,8 @@ class AuthMiddleware:
         if scope["type"] == "http" and self.auth.enabled and scope["path"] not in PUBLIC_PATHS:
             authorization = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
             try:
-                scope[GRANT_KEY] = self.auth.grant_for(authorization.decode("latin-1"))
+                where = MCP_CLIENT_TOKEN if scope["path"] == "/mcp" else HIL_MCP_TOKEN
+                scope[GRANT_KEY] = self.auth.grant_for(authorization.decode("latin-1"), where)
             except AuthError as exc:
                 await send_error(send, exc.status, str(exc), headers=[(b"www-authenticate", b"Bearer")])
                 return

@@ -113,6 +113,15 @@ class ServerSettings(RobotSettings):
     # browser origins (comma-separated, e.g. https://ide.example.com) allowed to call it; other origins get 403.
     hil_mcp_heartbeat: float = Field(default=9.0, gt=0, le=60)
     hil_mcp_allowed_origins: str = ""
+    # /mcp: the longest single tool call before it returns "waiting" (under the MCP TypeScript SDK's 60 s cut), and
+    # the clients (clientInfo.name, comma-separated) that may wait HIL_DEFAULT_TIMEOUT in one call.
+    hil_mcp_max_call: float = Field(default=50.0, gt=0)
+    hil_mcp_long_call_clients: str = ""
+    # /mcp sessions (the 2025 protocol's Mcp-Session-Id): per token, the least recently used is closed to open one
+    # more; in all, more are refused with 503 (and /health says so); idle ones close after HIL_MCP_SESSION_IDLE s.
+    hil_mcp_sessions_per_token: int = Field(default=50, ge=1)
+    hil_mcp_max_sessions: int = Field(default=1000, ge=1)
+    hil_mcp_session_idle: float = Field(default=1800.0, gt=0)
 
     @property
     def mode(self) -> Literal["relay", "direct"]:

@@ -7,13 +7,19 @@ Every request passes `McpEndpoint`'s checks before the MCP SDK sees it: without 
 machine (loopback address and Host, not through a proxy); an `Origin` header must be allowed (DNS rebinding, as the MCP
 spec requires); then the token (401 with `WWW-Authenticate`) and the chat given in the URL (`?chat_id=`, 403 when the
 token may not write there). A cut stream or a cancelled call is a cancelled wait: the question stays open.
+
+Lanes: a question asked here remembers its MCP session (`Mcp-Session-Id`), so `wait_for_reply()` without an id
+resumes only a question of the same session; a client without sessions (the 2026 protocol) has the lane of its
+token, chat and project. Sessions are capped per token and in all (`mcp_sessions.SessionBook`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import ipaddress
 import logging
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +31,7 @@ from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.mcpserver.exceptions import ToolError
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
 from mcp.server.transport_security import TransportSecuritySettings
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from pydantic import ValidationError
 from starlette.datastructures import Headers, QueryParams
 from starlette.types import Message, Receive, Scope, Send
@@ -39,6 +46,7 @@ from .api import NOT_FOUND
 from .auth import ApiAuth, AuthError, Grant, can_see, grant_of
 from .config import ServerSettings
 from .errors import InvalidRequest
+from .mcp_sessions import SessionBook
 from .models import SendRequest, Session
 from .service import HilService
 
@@ -47,18 +55,30 @@ logger = logging.getLogger(__name__)
 PATH = "/mcp"
 _CALLER_KEY = "hil.mcp_caller"
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_LANE_MEMORIES = 4096  # lanes whose reuse-of-open-questions memory is kept (least recently used go first)
 
 
 # --- the in-process backend --------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Lane:
+    """Whose questions `wait_for_reply()` without an id may resume: those asked in this MCP session, or (no session)
+    those asked outside sessions with these defaults. Always within one token."""
+
+    mcp_session: str | None
+    chat_id: str | None
+    project_name: str | None
+
+
 class ServiceBackend:
     """`mcp_server.backend.Backend` on the service, with one API token's rights (None: tokens are off)."""
 
-    def __init__(self, service: HilService, grant: Grant | None) -> None:
+    def __init__(self, service: HilService, grant: Grant | None, lane: Lane | None = None) -> None:
         self.service = service
         self.grant = grant
         self.owner = grant.owner if grant else None
+        self.lane = lane or Lane(None, None, None)
 
     def _visible(self, ref: str) -> Session | None:
         # The one visibility rule: another token's question does not exist for this caller.
@@ -75,7 +95,7 @@ class ServiceBackend:
         except ValidationError as exc:
             raise BackendError(f"the question was refused: {problems(exc.errors(), default='body')}") from exc
         try:
-            sent = await self.service.send(request, owner=self.owner)
+            sent = await self.service.send(request, owner=self.owner, mcp_session=self.lane.mcp_session)
         except InvalidRequest as exc:  # refused with this server's settings (e.g. its default responders)
             raise BackendError(f"the question was refused: {exc}") from exc
         return Sent.model_validate(sent.model_dump())
@@ -95,9 +115,15 @@ class ServiceBackend:
         # The tools refuse image_paths before they get here; a path on this server is never the agent's file.
         raise BackendError("image files cannot be read over /mcp")
 
-    async def newest_open(self) -> QuestionRef | None:
-        session = self.service.newest_open(self.owner)
-        return QuestionRef(session_id=session.session_id, short_id=session.short_id) if session else None
+    async def open_questions(self) -> list[QuestionRef]:
+        lane = self.lane
+        found = self.service.open_questions(
+            self.owner, mcp_session=lane.mcp_session, chat_id=lane.chat_id, project_name=lane.project_name
+        )
+        return [
+            QuestionRef(session_id=s.session_id, short_id=s.short_id, project_name=s.project_name, message=s.message)
+            for s in found
+        ]
 
 
 # --- who is calling -----------------------------------------------------------------------------------------------
@@ -137,6 +163,11 @@ class CallerInfo:
     chat_id: str | None
     project_name: str | None
     hangup: Hangup = field(default_factory=Hangup)
+    mcp_session: str | None = None  # the request's Mcp-Session-Id, once the SDK will check it (2025 protocol)
+
+    @property
+    def lane(self) -> Lane:
+        return Lane(self.mcp_session, self.chat_id, self.project_name)
 
 
 @dataclass
@@ -145,7 +176,16 @@ class EndpointHost:
 
     tool_settings: ToolSettings
     service: HilService
-    memories: dict[str | None, OpenQuestions] = field(default_factory=dict)
+    memories: OrderedDict[tuple[str | None, Lane], OpenQuestions] = field(default_factory=OrderedDict)
+
+    def memory(self, owner: str | None, lane: Lane) -> OpenQuestions:
+        """The lane's memory of questions asked through it (to reuse one asked again while still open)."""
+        key = (owner, lane)
+        memory = self.memories.pop(key, None) or OpenQuestions()
+        self.memories[key] = memory
+        while len(self.memories) > _LANE_MEMORIES:
+            self.memories.popitem(last=False)
+        return memory
 
     def caller(self, ctx: Context) -> Caller:
         request = ctx.request_context.request
@@ -154,8 +194,8 @@ class EndpointHost:
             raise ToolError("this call did not come through /mcp's checks")
         owner = info.grant.owner if info.grant else None
         return Caller(
-            backend=ServiceBackend(self.service, info.grant),
-            memory=self.memories.setdefault(owner, OpenQuestions()),
+            backend=ServiceBackend(self.service, info.grant, info.lane),
+            memory=self.memory(owner, info.lane),
             settings=self.tool_settings,
             chat_id=info.chat_id,
             project_name=info.project_name,
@@ -180,7 +220,13 @@ class McpEndpoint:
             poll_interval=1.0,
             send_timeout=None,
             local_files=False,
+            max_call=settings.hil_mcp_max_call,
+            long_call_clients=frozenset(
+                name.strip() for name in settings.hil_mcp_long_call_clients.split(",") if name.strip()
+            ),
         )
+        self.sessions = SessionBook(settings.hil_mcp_sessions_per_token, settings.hil_mcp_max_sessions)
+        self._session_idle = settings.hil_mcp_session_idle
         self._host: EndpointHost | None = None
 
         @contextlib.asynccontextmanager
@@ -203,16 +249,26 @@ class McpEndpoint:
             # The Host/Origin rules are ours (below): the SDK's allow-list would need the public host name up front.
             transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
             max_request_body_size=self._max_body_bytes,
+            session_idle_timeout=self._session_idle,
+            # A backstop only: our check answers first, with a reason, and lets a token at its own cap open one more
+            # for a moment (it then closes its own oldest).
+            max_sessions=self.sessions.total + self.sessions.per_token,
         )
         manager = self.server.session_manager
         self._host = EndpointHost(self.tool_settings, service)
         try:
             async with manager.run():
                 self._manager = manager
+                self.sessions.bind(manager)
                 yield
         finally:
+            self.sessions.bind(None)
             self._manager = None
             self._host = None
+
+    def problems(self) -> list[str]:
+        """Why /mcp cannot take new clients now (for /health): empty when it can."""
+        return self.sessions.problems()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -239,7 +295,17 @@ class McpEndpoint:
                 405, "this server sends messages only on the stream of a call", headers={"Allow": "POST, DELETE"}
             )(scope, receive, send)
             return
-        scope[_CALLER_KEY] = info
+        # The SDK serves the 2025 protocol (sessions) unless the request names a later version; only there does it
+        # check an Mcp-Session-Id (it exists, and this token opened it), so only there is it the caller's lane.
+        version = headers.get("mcp-protocol-version")
+        sessions = version is None or version in HANDSHAKE_PROTOCOL_VERSIONS
+        session_id = headers.get("mcp-session-id") if sessions else None
+        owner = grant.owner if grant else None
+        opening = sessions and session_id is None and scope["method"] == "POST"
+        if opening and (full := self.sessions.refusal(owner)) is not None:
+            await _refuse(503, full, scope, receive, send)
+            return
+        scope[_CALLER_KEY] = dataclasses.replace(info, mcp_session=session_id)
         if grant is not None:
             # The SDK binds a session to the principal that opened it: another token cannot use its session id.
             scope["user"] = AuthenticatedUser(AccessToken(token="-", client_id=grant.owner, scopes=[]))
@@ -251,7 +317,15 @@ class McpEndpoint:
                 hangup.fire()
             return message
 
-        await manager.handle_request(scope, watched_receive, send)
+        async def watched_send(message: Message) -> None:
+            if opening and message["type"] == "http.response.start" and message["status"] < 400:
+                # Counted (and the token's oldest closed past its cap) before the client hears of the new session.
+                for new in Headers(raw=message.get("headers", [])).getlist("mcp-session-id"):
+                    await self.sessions.opened(owner, new)
+            await send(message)
+
+        with self.sessions.using(session_id):
+            await manager.handle_request(scope, watched_receive, watched_send)
 
     def _refusal(self, scope: Scope, headers: Headers) -> str | None:
         """Why this request may not reach /mcp (its client or its Origin), or None."""

@@ -87,6 +87,8 @@ class Session(BaseModel):
     replies: list[Reply] = Field(default_factory=list)
     error: str | None = None
     owner: str | None = None  # the API token's name that created it, when tokens are configured
+    # the /mcp session (Mcp-Session-Id) it was asked in: wait_for_reply() without an id stays in that lane
+    mcp_session: str | None = None
     # an approval is a question with the options 批准 / 拒绝 that takes no free text
     options: list[str] = Field(default_factory=list)
     allow_text: bool = True

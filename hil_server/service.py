@@ -102,7 +102,9 @@ class HilService:
 
     # --- questions ---------------------------------------------------------------------------------------------
 
-    async def send(self, request: SendRequest, owner: str | None = None) -> SendResponse:
+    async def send(
+        self, request: SendRequest, owner: str | None = None, mcp_session: str | None = None
+    ) -> SendResponse:
         """Post a question (or, with wait_reply=false, a plain message). Raises StoreUnavailable, and InvalidRequest
         when the request only fails with this server's settings (more approvals than default responders)."""
         chat_id = request.chat_id or self.default_chat_id
@@ -148,6 +150,7 @@ class HilService:
             created_at=now,
             deadline=now + (request.timeout or self.default_timeout),
             owner=owner,
+            mcp_session=mcp_session,
             options=list(question.options),
             allow_text=question.allow_text,
             responders=list(responders),
@@ -391,12 +394,29 @@ class HilService:
 
     # --- the agent's side ------------------------------------------------------------------------------------------
 
-    def newest_open(self, owner: str | None) -> Session | None:
-        """The newest question of this API token (None: tokens are off) the agent may still wait for: waiting, or
-        timed out after the agent stopped waiting (a late answer is kept on it). `wait_for_reply()` without an id."""
+    def open_questions(
+        self,
+        owner: str | None,
+        *,
+        mcp_session: str | None = None,
+        chat_id: str | None = None,
+        project_name: str | None = None,
+        any_chat: bool = False,
+    ) -> list[Session]:
+        """The questions of one lane (oldest first) that the agent may still wait for: waiting, or timed out after
+        the agent stopped waiting (a late answer is kept on it). What `wait_for_reply()` without an id may resume.
+
+        A lane is one API token's (owner; None: tokens are off) questions asked in one /mcp session (`mcp_session`),
+        or, outside /mcp sessions, those with this chat and project (`any_chat`: every chat and project)."""
         open_statuses = ("sending", "waiting", "timeout")
-        candidates = (s for s in self.store.all() if s.owner == owner and s.status in open_statuses)
-        return max(candidates, key=lambda s: s.created_at, default=None)
+
+        def in_lane(s: Session) -> bool:
+            if mcp_session is not None or s.mcp_session is not None:
+                return s.mcp_session == mcp_session
+            return any_chat or (s.chat_id == (chat_id or self.default_chat_id) and s.project_name == project_name)
+
+        found = (s for s in self.store.all() if s.owner == owner and s.status in open_statuses and in_lane(s))
+        return sorted(found, key=lambda s: s.created_at)
 
 
 def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None) -> Reply:

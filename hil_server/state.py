@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from .channels import Channel
     from .channels.workers import WorkerHub
     from .config import ServerSettings
+    from .mcp_endpoint import McpEndpoint
     from .metrics import Metrics
     from .service import HilService
 
@@ -29,6 +30,7 @@ class ServerState(TypedDict):
     intake: CallbackIntake
     metrics: Metrics
     supervisor: Supervisor
+    mcp: McpEndpoint
     started_at: float
 
 

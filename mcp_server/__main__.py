@@ -37,11 +37,19 @@ def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
         help="seconds between polls against servers without long-poll (env POLL_INTERVAL; default 2)",
     )
     parser.add_argument("--api-token", help="API token for the HIL Server (env HIL_API_TOKEN)")
+    parser.add_argument(
+        "--max-call-seconds",
+        type=float,
+        help="longest single tool call; then it returns status waiting and wait_for_reply goes on "
+        "(env HIL_MAX_CALL; default 50, under clients' 60 s cut; Claude Code waits the whole --timeout)",
+    )
     args = parser.parse_args(argv)
     return {k: v for k, v in vars(args).items() if v is not None}
 
 
-FLAGS = frozenset({"service_url", "mode", "chat_id", "project_name", "timeout", "poll_interval", "api_token"})
+FLAGS = frozenset(
+    {"service_url", "mode", "chat_id", "project_name", "timeout", "poll_interval", "api_token", "max_call_seconds"}
+)
 
 
 def setting_names(loc: tuple[Any, ...]) -> str:

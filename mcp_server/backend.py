@@ -21,7 +21,7 @@ def session_ref(text: str) -> str:
     if not SESSION_REF_RE.fullmatch(ref):
         raise ValueError(
             "session_id must be the session_id from an earlier result (32 lowercase hex characters) or the "
-            "8-character id shown in the chat, e.g. #1a2b3c4d; leave it out to wait for the newest open question"
+            "8-character id shown in the chat, e.g. #1a2b3c4d"
         )
     return ref
 
@@ -84,6 +84,8 @@ class QuestionRef(BaseModel):
     model_config = ConfigDict(extra="ignore")
     session_id: str = Field(pattern=r"^[0-9a-f]{32}$")
     short_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{8}$")
+    project_name: str | None = None
+    message: str | None = None
 
 
 class Backend(Protocol):
@@ -101,8 +103,9 @@ class Backend(Protocol):
         """A local image file as something `Outgoing.images` takes (a data URL)."""
         ...
 
-    async def newest_open(self) -> QuestionRef | None:
-        """The caller's newest question that is waiting or that the agent stopped waiting for."""
+    async def open_questions(self) -> list[QuestionRef] | None:
+        """The open questions of the caller's lane (waiting, or the agent stopped waiting), oldest first, as the
+        server knows them; None when the backend keeps no lanes and the caller's own memory is the lane (stdio)."""
         ...
 
 

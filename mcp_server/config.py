@@ -31,6 +31,11 @@ class McpSettings(BaseSettings):
     heartbeat_interval: float = Field(
         default=9.0, gt=0, validation_alias=AliasChoices("heartbeat_interval", "HIL_HEARTBEAT")
     )
+    # Longest single tool call before it returns "waiting" (the question stays open; wait_for_reply goes on):
+    # under the 60 s at which MCP TypeScript SDK clients cut a call. Clients known to wait longer get `timeout`.
+    max_call_seconds: float = Field(
+        default=50.0, gt=0, validation_alias=AliasChoices("max_call_seconds", "HIL_MAX_CALL")
+    )
     log_level: str = Field(default="WARNING", validation_alias=AliasChoices("log_level", "HIL_LOG_LEVEL"))
 
     @field_validator("service_url")

@@ -13,6 +13,10 @@ from .client import HilClient
 from .config import McpSettings
 from .tools import Caller, OpenQuestions, ToolSettings, build_server
 
+# Clients whose tool calls over stdio wait as long as the server says (README: client time limits). Claude Code
+# (clientInfo "claude-code") waits for tools/call until MCP_TOOL_TIMEOUT, which is long unless set.
+STDIO_LONG_CALL_CLIENTS = frozenset({"claude-code"})
+
 
 @dataclass
 class StdioHost:
@@ -31,6 +35,8 @@ def create_server(settings: McpSettings) -> MCPServer[StdioHost]:
         poll_interval=settings.poll_interval,
         send_timeout=settings.timeout,
         local_files=True,
+        max_call=settings.max_call_seconds,
+        long_call_clients=STDIO_LONG_CALL_CLIENTS,
     )
 
     @contextlib.asynccontextmanager

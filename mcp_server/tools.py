@@ -10,6 +10,7 @@ transport it runs on.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import stat
@@ -18,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeVar
 
 import anyio
 from mcp.server.mcpserver import Context, MCPServer
@@ -28,7 +29,7 @@ from pydantic import BaseModel, Field
 from hil_protocol.images import IMAGE_MAX_BYTES
 
 from . import __version__
-from .backend import Approval, Backend, BackendError, Choice, Outgoing, Polled, Reply, Sent, session_ref
+from .backend import Approval, Backend, BackendError, Choice, Outgoing, Polled, QuestionRef, Reply, Sent, session_ref
 
 logger = logging.getLogger("mcp_server")
 
@@ -36,8 +37,8 @@ INSTRUCTIONS = """\
 Ask a person in WeCom (企业微信) and wait for the answer. Use request_approval before a risky or irreversible action
 (deploy, merge, delete, spend): it returns approved true/false and who decided. Use send_and_wait_reply for any other
 question; give `options` when the answer is a choice (the person taps or types one; you get `choice`). Use
-send_message_only to report without waiting. If a wait ends without an answer (timeout or a cut call), the question
-stays open: call wait_for_reply to keep waiting, or continue without the answer."""
+send_message_only to report without waiting. If a call ends without an answer (status waiting or timeout, or a cut
+call), the question stays open: call wait_for_reply with its session_id to keep waiting, or continue without it."""
 
 REMOTE_IMAGES = (
     "image_paths names files on your machine, and this MCP server runs on the HIL Server, which cannot read them "
@@ -48,26 +49,42 @@ REMOTE_IMAGES = (
 # --- results -----------------------------------------------------------------------------------------------------
 
 
+Status = Literal["success", "waiting", "timeout", "error"]
+
+
+class OpenQuestion(BaseModel):
+    """A question still open, listed when wait_for_reply cannot tell which one to wait for."""
+
+    session_id: str
+    short_id: str | None = None
+    project_name: str | None = None
+    preview: str = Field(default="", description="the question's first words")
+
+
 class WaitResult(BaseModel):
     """The outcome of asking (or of waiting for an earlier question)."""
 
-    status: Literal["success", "timeout", "error"] = Field(
-        description="success: the person answered (replies); timeout: no answer yet, the question stays open "
-        "(call wait_for_reply to keep waiting); error: see message"
+    status: Status = Field(
+        description="success: the person answered (replies); waiting: this call ended before the client's own "
+        "time limit, the question is still waiting (call wait_for_reply with session_id to keep waiting); "
+        "timeout: no answer in the configured time, the question stays open; error: see message"
     )
     replies: list[Reply] = Field(default_factory=list, description="the person's messages, oldest first")
     message: str = Field(description="what happened, in words for the model")
     session_id: str | None = Field(default=None, description="the question's id, for wait_for_reply")
     short_id: str | None = Field(default=None, description="the 8-character id shown in the chat as [#short_id]")
     choice: Choice | None = Field(default=None, description="with options: the option the person chose, else null")
+    open_questions: list[OpenQuestion] = Field(
+        default_factory=list, description="when wait_for_reply needs an id: the open questions to choose from"
+    )
 
 
 class ApprovalResult(BaseModel):
     """The outcome of an approval request."""
 
-    status: Literal["success", "timeout", "error"] = Field(
-        description="success: decided (see approved); timeout: not decided yet, the request stays open "
-        "(call wait_for_reply to keep waiting); error: see message"
+    status: Status = Field(
+        description="success: decided (see approved); waiting or timeout: not decided yet, the request stays open "
+        "(call wait_for_reply with session_id to keep waiting); error: see message"
     )
     approved: bool | None = Field(default=None, description="true: approved; false: rejected; null: not decided")
     decided_by: list[str] = Field(default_factory=list, description="WeCom userids of who approved (or rejected)")
@@ -93,6 +110,10 @@ class ToolSettings:
     poll_interval: float  # pause before retrying a failed poll, and the pace against servers that do not hold polls
     send_timeout: float | None  # the session timeout sent with a question; None: the server's default
     local_files: bool  # image_paths can be read (stdio); the server's /mcp cannot read the agent's files
+    # Longest single tool call for a client not known to allow long calls: the call returns "waiting" before the
+    # client's own cut (the MCP TypeScript SDK's 60 s), the question stays open. See README, client time limits.
+    max_call: float = 50.0
+    long_call_clients: frozenset[str] = frozenset()  # clientInfo.name of clients that wait `timeout` in one call
 
 
 @dataclass
@@ -100,11 +121,19 @@ class Question:
     session_id: str
     short_id: str | None
     key: tuple[Any, ...] | None = None  # what was asked (message, chat, project, options...) when asked through us
+    project_name: str | None = None
+    preview: str = ""
+
+    def listed(self) -> OpenQuestion:
+        return OpenQuestion(
+            session_id=self.session_id, short_id=self.short_id, project_name=self.project_name, preview=self.preview
+        )
 
 
 @dataclass
 class OpenQuestions:
-    """Questions whose answer has not reached the agent yet (newest last), and those whose wait is over."""
+    """Questions asked by this caller whose answer has not reached the agent yet (newest last), and those whose
+    answer did (a late answer leaves the server's question "timeout": it is not handed out twice)."""
 
     open: list[Question] = field(default_factory=list)
     settled: deque[str] = field(default_factory=lambda: deque(maxlen=200))
@@ -125,8 +154,11 @@ class OpenQuestions:
     def resolve(self, ref: str) -> Question | None:
         return next((q for q in self.open if ref in (q.session_id, q.short_id)), None)
 
-    def newest(self) -> Question | None:
-        return self.open[-1] if self.open else None
+
+def preview(message: str, chars: int = 30) -> str:
+    """A question's first words, for a list the model picks from."""
+    first = " ".join(message.split())
+    return first if len(first) <= chars else first[: chars - 1].rstrip() + "…"
 
 
 class Hangup(Protocol):
@@ -223,7 +255,7 @@ async def _ask(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) 
             session_id=sent.session_id,
             short_id=sent.short_id,
         )
-    question = Question(sent.session_id, sent.short_id, key)
+    question = Question(sent.session_id, sent.short_id, key, outgoing.project_name, preview(outgoing.message))
     caller.memory.remember(question)
     return caller, question
 
@@ -241,6 +273,14 @@ def _begin(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) -> t
     return caller, outgoing.model_copy(update=defaults)
 
 
+def call_limit(ctx: Context, settings: ToolSettings) -> float:
+    """The longest this call may take: `max_call`, unless the client named itself in `initialize` as one known to
+    wait longer (clientInfo.name). An unknown client must not be cut by its own time limit."""
+    params = getattr(ctx.request_context.session, "client_params", None)
+    name = params.client_info.name if params is not None else None
+    return settings.timeout if name in settings.long_call_clients else settings.max_call
+
+
 async def _wait(
     caller: Caller,
     ctx: Context,
@@ -248,16 +288,20 @@ async def _wait(
     timeout: float,
     on_poll: Callable[[Polled], object] | None = None,
 ) -> WaitResult:
-    """Wait on long-polls until a reply, a final state, or `timeout`; progress notifications in between.
+    """Wait on long-polls until a reply, a final state, or `timeout`; progress notifications in between. A call
+    longer than the client allows ends first with "waiting": the question keeps waiting for wait_for_reply.
 
     A cancelled call or a cut stream is a cancelled wait: the server is told the agent stopped waiting, the question
     stays open and a later answer is kept for wait_for_reply."""
     backend, settings = caller.backend, caller.settings
+    limit = call_limit(ctx, settings)
+    cut_short = limit < timeout
+    timeout = min(timeout, limit)
     start = time.monotonic()
     deadline = start + timeout
     progress = 0.0
 
-    def result(status: Literal["success", "timeout", "error"], message: str, polled: Polled | None = None):
+    def result(status: Status, message: str, polled: Polled | None = None) -> WaitResult:
         return WaitResult(
             status=status,
             replies=polled.replies if polled else [],
@@ -325,6 +369,14 @@ async def _wait(
     if cut.cancelled_caught:
         # The client's stream was cut (the cancellation above already told the server): nobody reads this.
         return result("timeout", "The call was cut; the question stays open.")
+    if cut_short:
+        # Not a timeout: the question still waits for the person, this call only ends before the client cuts it.
+        return result(
+            "waiting",
+            f"No reply yet after {int(timeout)} s (the longest single call for this client); the question "
+            f"(#{question.short_id}) is still waiting for the person. Call "
+            f'wait_for_reply(session_id="{question.session_id}") to keep waiting, or continue without an answer.',
+        )
     await _stop_waiting(backend, question)
     return result(
         "timeout",
@@ -339,8 +391,13 @@ def _answered(polled: Polled) -> str:
         verdict = "approved" if polled.approval.approved else "rejected"
         comment = f" ({polled.approval.comment})" if polled.approval.comment else ""
         return f"The request was {verdict} by {', '.join(polled.approval.decided_by)}{comment}."
-    chose = f' They chose "{polled.choice.label}" (option {polled.choice.index + 1}).' if polled.choice else ""
-    return f"The person replied: {_reply_text(polled.replies)}{chose}"
+    said = _reply_text(polled.replies).strip()
+    parts = [f"The person replied: {said}" if said else "The person answered."]
+    if polled.choice is not None:
+        label = polled.choice.label.strip()
+        option = f"option {polled.choice.index + 1}"
+        parts.append(f'They chose "{label}" ({option}).' if label else f"They chose {option}.")
+    return " ".join(parts)
 
 
 def _approval(result: WaitResult, approval: Approval | None) -> ApprovalResult:
@@ -357,13 +414,49 @@ async def _stop_waiting(backend: Backend, question: Question) -> None:
         await backend.mark_timeout(question.session_id)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def tool(server: MCPServer[Any]) -> Callable[[_F], _F]:
+    """`server.tool()` with the docstring dedented, so tools/list shows the description without its indentation."""
+
+    def register(fn: _F) -> _F:
+        return server.tool(description=inspect.cleandoc(fn.__doc__ or ""))(fn)
+
+    return register
+
+
+def _question(ref: QuestionRef) -> Question:
+    return Question(ref.session_id, ref.short_id, project_name=ref.project_name, preview=preview(ref.message or ""))
+
+
+def _lane_result(questions: list[Question]) -> WaitResult:
+    """wait_for_reply without an id when not exactly one question of this caller is open: ask for an id."""
+    if not questions:
+        return WaitResult(
+            status="error",
+            message="No open question asked here to wait for (a restart or a new session forgets them). If you "
+            'have its id (session_id, or #short_id as shown in the chat), call wait_for_reply(session_id="…").',
+        )
+    listed = "; ".join(
+        f"#{q.short_id or q.session_id}" + (f" [{q.project_name}]" if q.project_name else "") + f" {q.preview!r}"
+        for q in questions
+    )
+    return WaitResult(
+        status="error",
+        message=f'{len(questions)} questions are open; say which one: call wait_for_reply(session_id="…") with '
+        f"one of {listed}.",
+        open_questions=[q.listed() for q in questions],
+    )
+
+
 def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncContextManager[Any]]) -> MCPServer[Any]:
     """The MCP server with the tools; `lifespan` yields the `ToolHost`."""
     server: MCPServer[Any] = MCPServer(
         name="wecom-hil", version=__version__, instructions=INSTRUCTIONS, lifespan=lifespan
     )
 
-    @server.tool()
+    @tool(server)
     async def send_and_wait_reply(
         message: str,
         ctx: Context,
@@ -398,7 +491,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         caller, question = asked
         return await _wait(caller, ctx, question, caller.settings.timeout)
 
-    @server.tool()
+    @tool(server)
     async def request_approval(
         summary: str,
         ctx: Context,
@@ -440,7 +533,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         result = await _wait(caller, ctx, question, caller.settings.timeout, on_poll=final.append)
         return _approval(result, final[-1].approval if final else None)
 
-    @server.tool()
+    @tool(server)
     async def send_message_only(
         message: str,
         ctx: Context,
@@ -466,13 +559,14 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             return SendResult(status="error", message=f"Not delivered: {sent.error or sent.message}")
         return SendResult(status="success", message="Message delivered to WeCom.")
 
-    @server.tool()
+    @tool(server)
     async def wait_for_reply(ctx: Context, session_id: str | None = None, timeout: float | None = None) -> WaitResult:
-        """Keep waiting for the answer to a question asked earlier (after a timeout or a cut call).
+        """Keep waiting for the answer to a question asked earlier (after "waiting", a timeout or a cut call).
 
         Args:
             session_id: the session_id from an earlier result, or the 8-character id shown in the chat
-                (#1a2b3c4d); leave it out for your newest open question.
+                (#1a2b3c4d). Leave it out only when you asked exactly one question that is still open here;
+                with several (or none) you get the list and must pass an id.
             timeout: seconds to wait at most (default: the configured timeout).
         """
         if timeout is not None and not math.isfinite(timeout):
@@ -484,28 +578,37 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
                 ref = session_ref(session_id)
             except ValueError as exc:
                 raise ToolError(str(exc)) from None
-            question = memory.resolve(ref) or Question(ref, ref if len(ref) == 8 else None)
-        else:
-            question = memory.newest()
+            question = memory.resolve(ref)
             if question is None:
-                # Nothing in this process's memory (a restart, or another process asked): ask the server.
-                try:
-                    found = await caller.backend.newest_open()
-                except BackendError as exc:
-                    return WaitResult(status="error", message=str(exc))
-                if found is None or found.session_id in memory.settled:
-                    return WaitResult(status="error", message="No open question to wait for.")
-                question = Question(found.session_id, found.short_id)
+                # Named by the caller: from now on it is the caller's (a later call without an id may resume it).
+                question = Question(ref, ref if len(ref) == 8 else None)
+                memory.remember(question)
+        else:
+            # Only a question this caller asked, never a guess: another agent may share the token.
+            try:
+                lane = await caller.backend.open_questions()
+            except BackendError as exc:
+                return WaitResult(status="error", message=str(exc))
+            # What this caller asked and has not had the answer of (answered meanwhile included), plus what the
+            # server knows of its lane and is still open (after a restart of the server, memory is empty).
+            candidates = list(memory.open)
+            known = {q.session_id for q in candidates} | set(memory.settled)
+            candidates += [_question(ref) for ref in lane or () if ref.session_id not in known]
+            if len(candidates) != 1:
+                return _lane_result(candidates)
+            question = candidates[0]
         most = caller.settings.timeout
         limit = most if timeout is None else max(1.0, min(timeout, most))
         return await _wait(caller, ctx, question, limit)
 
+    # More tools: define them in their own module as `def register(server)` using `tool(server)`, and call it here.
     return server
 
 
 __all__ = [
     "ApprovalResult",
     "Caller",
+    "OpenQuestion",
     "OpenQuestions",
     "Question",
     "SendResult",
@@ -513,4 +616,6 @@ __all__ = [
     "ToolSettings",
     "WaitResult",
     "build_server",
+    "call_limit",
+    "tool",
 ]

@@ -38,7 +38,7 @@ async def session(
     stack: Stack, tmp_path: Path, *, reply_timeout: float = 30, env: dict[str, str] | None = None
 ) -> AsyncIterator[tuple[Client, FakeChat]]:
     cwd = tmp_path / "mcp"
-    cwd.mkdir(exist_ok=True)
+    cwd.mkdir(parents=True, exist_ok=True)
     async with (
         Client(mcp_params(stack, cwd, timeout=reply_timeout, env=env)) as client,
         httpx.AsyncClient(base_url=stack.fake_url, trust_env=False, timeout=30) as http,
@@ -171,20 +171,49 @@ async def test_progress_keeps_a_long_wait_alive(stack: Stack, tmp_path: Path) ->
     assert all(m and "等待回复中" in m for m in messages), messages
 
 
-async def test_a_new_hil_mcp_asks_the_server_for_the_open_question(stack: Stack, tmp_path: Path) -> None:
-    """wait_for_reply() without an id in a fresh hil-mcp process (the editor restarted it): the server knows."""
+async def test_a_new_hil_mcp_asks_for_the_id_and_the_answer_comes_with_it(stack: Stack, tmp_path: Path) -> None:
+    """wait_for_reply() without an id in a fresh hil-mcp process (the editor restarted it): it asked nothing yet, and
+    the server cannot tell its questions from another agent's, so it asks for the id the timeout result gave."""
     async with session(stack, tmp_path, reply_timeout=1) as (client, chat):
-        result = structured(await client.call_tool("send_and_wait_reply", {"message": "重启前的问题"}))
-        assert result["status"] == "timeout", result
+        asked = structured(await client.call_tool("send_and_wait_reply", {"message": "重启前的问题"}))
+        assert asked["status"] == "timeout", asked
+        assert f'wait_for_reply(session_id="{asked["session_id"]}")' in asked["message"]
         question, _ = await chat.question("重启前的问题")
         await chat.quote_reply(question, "重启后才回答")
     async with session(stack, tmp_path) as (client, _):
-        result = structured(await client.call_tool("wait_for_reply", {}))
-        assert result["status"] == "success", result
-        assert [r["content"] for r in result["replies"]] == ["重启后才回答"]
-        # Delivered once: asking again for "the newest open question" does not hand the same answer out again.
-        again = structured(await client.call_tool("wait_for_reply", {}))
-        assert again["status"] == "error" and "No open question" in again["message"], again
+        blind = structured(await client.call_tool("wait_for_reply", {}))
+        assert blind["status"] == "error" and blind["replies"] == [] and "session_id" in blind["message"], blind
+        result = structured(await client.call_tool("wait_for_reply", {"session_id": asked["session_id"]}))
+    assert result["status"] == "success", result
+    assert [r["content"] for r in result["replies"]] == ["重启后才回答"]
+
+
+@pytest.mark.parametrize("stack", ["direct"], indirect=True)
+async def test_two_hil_mcp_processes_sharing_a_token_never_receive_each_others_answers(
+    stack: Stack, tmp_path: Path
+) -> None:
+    """Issue 18's hole over stdio: two agents of one person (one token, even the same chat and project). X's wait
+    ends, Y asks later; each wait_for_reply() without an id gets its own answer, whichever came first."""
+    async with (
+        session(stack, tmp_path / "x", reply_timeout=1) as (x, chat),
+        session(stack, tmp_path / "y", reply_timeout=1) as (y, _),
+    ):
+        mine = structured(await x.call_tool("send_and_wait_reply", {"message": "X 的问题"}))
+        theirs = structured(await y.call_tool("send_and_wait_reply", {"message": "Y 的问题"}))
+        assert mine["status"] == theirs["status"] == "timeout"
+        y_question, _ = await chat.question("Y 的问题")
+        x_question, _ = await chat.question("X 的问题")
+        await chat.quote_reply(y_question, "给 Y 的回答")
+        # Only Y's answer is in: X keeps waiting on X's own question (and gives up after its 1 s).
+        early = structured(await x.call_tool("wait_for_reply", {}))
+        assert early["status"] == "timeout" and early["session_id"] == mine["session_id"], early
+        assert early["replies"] == [] and "给 Y" not in json.dumps(early, ensure_ascii=False)
+        await chat.quote_reply(x_question, "给 X 的回答")
+        got_x = structured(await x.call_tool("wait_for_reply", {}))
+        got_y = structured(await y.call_tool("wait_for_reply", {}))
+    assert got_x["session_id"] == mine["session_id"], got_x
+    assert [r["content"] for r in got_x["replies"]] == ["给 X 的回答"], got_x
+    assert [r["content"] for r in got_y["replies"]] == ["给 Y 的回答"], got_y
 
 
 def test_hil_mcp_exits_quietly_when_its_client_goes_away(tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ HEARTBEAT = 0.2
 ORIGIN_OK = "https://ide.example.com"
 # tokA may write to chatA (its default: the first listed) and chatB; the others are unrestricted. Each test that
 # relies on "the newest open question of this token" has a token of its own, as engineers do.
-TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow"
+TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow,tokLane,tokProj"
 LEGACY_VERSION = "2025-11-25"
 
 pytestmark = pytest.mark.e2e
@@ -61,13 +61,15 @@ async def mcp_client(
     mode: str = "auto",
     query: str = "",
     headers: dict[str, str] | None = None,
+    read_timeout: float | None = None,
 ) -> AsyncIterator[Client]:
     """The SDK's client, configured as an editor is: the URL (of the stack's server, or a base URL) and a token."""
     sent = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     timeout = httpx2.Timeout(30, read=300)
     async with httpx2.AsyncClient(headers=sent, timeout=timeout, trust_env=False) as http:
         url = f"{server.server_url if isinstance(server, Stack) else server}/mcp{query}"
-        async with Client(streamable_http_client(url, http_client=http), mode=mode) as client:  # type: ignore[arg-type]
+        transport = streamable_http_client(url, http_client=http)
+        async with Client(transport, mode=mode, read_timeout_seconds=read_timeout) as client:  # type: ignore[arg-type]
             yield client
 
 
@@ -303,14 +305,30 @@ async def test_a_cut_stream_is_a_cancelled_wait_and_wait_for_reply_gets_the_answ
         # The server noticed: the agent is no longer waiting, the question stays open.
         assert await settled_status(remote.server_url, short_id, "tokCut") == "timeout"
         await chat.quote_reply(question, "断线后才回答")
-    # The agent comes back (another connection, the 2026 protocol): the newest open question of its token.
-    async with mcp_client(remote, "tokCut") as client:
-        result = structured(await client.call_tool("wait_for_reply", {}))
+        # The agent comes back on a new connection of the same MCP session: its one open question, without an id.
+        result = await raw_call(http, url, headers, "wait_for_reply", {})
         assert result["status"] == "success", result
         assert [r["content"] for r in result["replies"]] == ["断线后才回答"]
         assert result["short_id"] == short_id
-        again = structured(await client.call_tool("wait_for_reply", {}))
+        again = await raw_call(http, url, headers, "wait_for_reply", {})
     assert again["status"] == "error" and "No open question" in again["message"], again
+    # Another conversation of the same token (no session) does not take it without an id either.
+    async with mcp_client(remote, "tokCut") as client:
+        other = structured(await client.call_tool("wait_for_reply", {}))
+    assert other["status"] == "error" and other["replies"] == [], other
+
+
+async def raw_call(
+    http: httpx.AsyncClient, url: str, headers: dict[str, str], tool: str, arguments: dict[str, Any]
+) -> dict[str, Any]:
+    """tools/call on a handshake-era session by hand; the structured result."""
+    call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": {"name": tool, "arguments": arguments}}
+    response = await http.post(url, headers=headers, json=call)
+    assert response.status_code == 200, response.text
+    for line in response.text.splitlines():
+        if line.startswith("data:") and '"id":9' in line.replace(" ", ""):
+            return json.loads(line[5:])["result"]["structuredContent"]
+    raise AssertionError(response.text)
 
 
 async def test_a_cancelled_call_then_wait_for_reply_by_id(remote: Stack, mode: str) -> None:
@@ -325,7 +343,8 @@ async def test_a_cancelled_call_then_wait_for_reply_by_id(remote: Stack, mode: s
 
 
 async def test_wait_for_reply_times_out_and_says_how_to_continue(remote: Stack) -> None:
-    async with mcp_client(remote, "tokSlow") as client:
+    # A client without sessions: its lane is its token with the chat and project of its URL.
+    async with mcp_client(remote, "tokSlow", query="?chat_id=chat-slow") as client:
         sent = await anyio.to_thread.run_sync(
             lambda: httpx.post(
                 f"{remote.server_url}/api/send",
@@ -339,6 +358,93 @@ async def test_wait_for_reply_times_out_and_says_how_to_continue(remote: Stack) 
     assert 1 <= time.monotonic() - started < 5
     assert result["status"] == "timeout" and result["session_id"] == sent["session_id"]
     assert "wait_for_reply" in result["message"]
+
+
+# --- two agents sharing one token: each in its own lane ---
+
+
+async def test_two_mcp_sessions_sharing_a_token_never_receive_each_others_answers(remote: Stack) -> None:
+    """The hole of issue 18: X's wait ends, X calls wait_for_reply() without an id while Y (same token) has a newer
+    question; X must get X's answer, never Y's."""
+    async with (
+        mcp_client(remote, "tokLane", mode="legacy") as x,
+        mcp_client(remote, "tokLane", mode="legacy") as y,
+        person(remote, "chat-lane") as chat,
+    ):
+        x_question, _ = await ask_then_cancel(x, chat, {"message": "X 的问题", "chat_id": "chat-lane"})
+        y_question, _ = await ask_then_cancel(y, chat, {"message": "Y 的问题", "chat_id": "chat-lane"})
+        await chat.quote_reply(y_question, "给 Y 的回答")
+        await chat.quote_reply(x_question, "给 X 的回答")
+        got_x = structured(await x.call_tool("wait_for_reply", {}))
+        got_y = structured(await y.call_tool("wait_for_reply", {}))
+        # A third conversation of the token (no session, same chat) takes neither without an id.
+        async with mcp_client(remote, "tokLane", query="?chat_id=chat-lane") as z:
+            got_z = structured(await z.call_tool("wait_for_reply", {}))
+    assert [r["content"] for r in got_x["replies"]] == ["给 X 的回答"], got_x
+    assert [r["content"] for r in got_y["replies"]] == ["给 Y 的回答"], got_y
+    assert got_z["status"] == "error" and got_z["replies"] == [], got_z
+
+
+async def test_two_clients_without_sessions_keep_to_their_project(remote: Stack) -> None:
+    async with (
+        mcp_client(remote, "tokProj", query="?chat_id=chat-proj&project_name=projX") as x,
+        mcp_client(remote, "tokProj", query="?chat_id=chat-proj&project_name=projY") as y,
+        person(remote, "chat-proj") as chat,
+    ):
+        x_question, _ = await ask_then_cancel(x, chat, {"message": "X 项目的问题"})
+        y_question, _ = await ask_then_cancel(y, chat, {"message": "Y 项目的问题"})
+        await chat.quote_reply(y_question, "Y 项目的回答")
+        await chat.quote_reply(x_question, "X 项目的回答")
+        got_x = structured(await x.call_tool("wait_for_reply", {}))
+        got_y = structured(await y.call_tool("wait_for_reply", {}))
+        again = structured(await x.call_tool("wait_for_reply", {}))
+    assert [r["content"] for r in got_x["replies"]] == ["X 项目的回答"], got_x
+    assert [r["content"] for r in got_y["replies"]] == ["Y 项目的回答"], got_y
+    assert again["status"] == "error" and again["replies"] == [], again
+
+
+async def test_several_open_questions_are_listed_not_guessed(remote: Stack) -> None:
+    async with mcp_client(remote, "tokProj", query="?chat_id=chat-list&project_name=listed") as client:
+        async with person(remote, "chat-list") as chat:
+            for text in ("第一个问题", "第二个问题"):
+                await ask_then_cancel(client, chat, {"message": text})
+            listed = structured(await client.call_tool("wait_for_reply", {}))
+    assert listed["status"] == "error" and listed["replies"] == [], listed
+    assert [q["preview"] for q in listed["open_questions"]] == ["第一个问题", "第二个问题"]
+    assert all(q["project_name"] == "listed" for q in listed["open_questions"])
+    assert "wait_for_reply(session_id=" in listed["message"]
+
+
+def test_the_newest_route_of_old_clients_never_guesses(remote: Stack) -> None:
+    """GET /api/session/newest (hil-mcp 0.3 after a restart): one question → it; several → 409 with the list."""
+    headers = {"Authorization": "Bearer tokProj"}
+    url = remote.server_url
+
+    def send(text: str, project: str) -> dict[str, Any]:
+        body = {"message": text, "chat_id": "chat-old", "project_name": project}
+        return httpx.post(f"{url}/api/send", json=body, headers=headers, trust_env=False, timeout=30).json()
+
+    def newest(**params: str) -> httpx.Response:
+        return httpx.get(f"{url}/api/session/newest", params=params, headers=headers, trust_env=False)
+
+    first = send("旧客户端的问题", "old1")
+    one = newest(chat_id="chat-old", project_name="old1")
+    assert one.status_code == 200 and one.json()["session_id"] == first["session_id"]
+    second = send("另一个旧客户端的问题", "old2")
+    # A chat without a project names the questions asked without one: none here.
+    assert newest(chat_id="chat-old").status_code == 404
+    unfiltered = newest()
+    assert unfiltered.status_code == 409, unfiltered.text
+    assert {q["project_name"] for q in unfiltered.json()["open"]} >= {"old1", "old2"}
+    assert newest(chat_id="chat-old", project_name="old2").json()["session_id"] == second["session_id"]
+    # Another token's filters find nothing of this token's.
+    other = httpx.get(
+        f"{url}/api/session/newest",
+        params={"chat_id": "chat-old", "project_name": "old2"},
+        headers={"Authorization": "Bearer tokFree"},
+        trust_env=False,
+    )
+    assert other.status_code == 404 and second["session_id"] not in other.text
 
 
 # --- another token's questions ---------------------------------------------------------------------------------------
@@ -416,7 +522,10 @@ def test_missing_or_wrong_token_is_401_before_any_mcp(remote: Stack, authorizati
         response = httpx.request(method, f"{remote.server_url}/mcp", headers=headers, json=body, trust_env=False)
         assert response.status_code == 401, response.text
         assert response.headers["www-authenticate"] == "Bearer"
-        assert "Authorization: Bearer" in response.json()["error"] or "API token" in response.json()["error"]
+        error = response.json()["error"]
+        assert "Authorization: Bearer" in error or "API token" in error
+        # A remote client is told about its header, not about hil-mcp's stdio flag.
+        assert "--api-token" not in error and "header" in error, error
 
 
 async def test_the_sdk_client_with_a_wrong_token_fails(remote: Stack) -> None:
@@ -578,3 +687,109 @@ async def test_accepted_connections_have_nagle_off() -> None:
         nodelay = await asyncio.wait_for(accepted, 5)
         writer.close()
     assert nodelay == 1
+
+
+# --- sessions: one token cannot lock the others out --------------------------------------------------------------
+
+CAP_TOKENS = "tokHog,tokOther,tokThird,tokLate,tokMax"
+
+
+@pytest.fixture(scope="module")
+def capped(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Small limits: 2 sessions per token, 5 in all, and 1 s for the longest single tool call."""
+    env = {
+        "HIL_API_TOKENS": CAP_TOKENS,
+        "HIL_MCP_SESSIONS_PER_TOKEN": "2",
+        "HIL_MCP_MAX_SESSIONS": "5",
+        "HIL_MCP_MAX_CALL": "1",
+        "HIL_MCP_HEARTBEAT": "0.2",
+    }
+    stack = Stack("direct", tmp_path_factory.mktemp("mcp-capped"), server_env=env)
+    try:
+        yield stack.start()
+    finally:
+        stack.stop()
+
+
+async def alive(http: httpx.AsyncClient, url: str, headers: dict[str, str]) -> int:
+    list_tools = {"jsonrpc": "2.0", "id": 3, "method": "tools/list"}
+    return (await http.post(url, headers=headers, json=list_tools)).status_code
+
+
+async def test_a_token_past_its_cap_closes_its_own_oldest_session_and_locks_nobody_out(capped: Stack) -> None:
+    url = f"{capped.server_url}/mcp"
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        hog = [await legacy_session(http, url, "tokHog") for _ in range(8)]
+        # Only its two most recent sessions are left; the others answer 404 (the spec's "open a new session").
+        assert [await alive(http, url, h) for h in hog] == [404] * 6 + [200] * 2
+        other = [await legacy_session(http, url, "tokOther") for _ in range(2)]
+        assert [await alive(http, url, h) for h in other] == [200, 200]
+        assert (await http.get(f"{capped.server_url}/health")).status_code == 200
+        # The hog's use of a session keeps it: the one it used last survives its next opening.
+        assert await alive(http, url, hog[-2]) == 200
+        hog.append(await legacy_session(http, url, "tokHog"))
+        assert [await alive(http, url, h) for h in hog[-3:]] == [200, 404, 200]
+        # Requests that open nothing close nothing: a stray POST without a session, a client without sessions.
+        stray = {"jsonrpc": "2.0", "id": 4, "method": "tools/list"}
+        no_session = ACCEPT | {"Authorization": "Bearer tokHog"}
+        assert (await http.post(url, headers=no_session, json=stray)).status_code >= 400
+        async with mcp_client(capped, "tokHog") as modern:
+            await modern.list_tools()
+        assert [await alive(http, url, h) for h in (hog[-3], hog[-1])] == [200, 200]
+        for headers in (*hog[-3:], *other):
+            await http.delete(url, headers=headers)
+
+
+async def test_a_full_server_says_so_with_503_and_health_recovers(capped: Stack) -> None:
+    url = f"{capped.server_url}/mcp"
+    health = f"{capped.server_url}/health"
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http:
+        opened: list[dict[str, str]] = []
+        try:
+            await fill_and_recover(http, url, health, opened)
+        finally:
+            for headers in opened:  # the next tests need room
+                await http.delete(url, headers=headers)
+
+
+async def fill_and_recover(http: httpx.AsyncClient, url: str, health: str, opened: list[dict[str, str]]) -> None:
+    """Fill /mcp to its total (5), see 503 and /health 503, then recover; `opened` collects what to close."""
+    for token in ("tokHog", "tokHog", "tokOther", "tokOther", "tokThird"):
+        opened.append(await legacy_session(http, url, token))
+    refused = await http.post(url, headers=ACCEPT | {"Authorization": "Bearer tokLate"}, json=INIT)
+    assert refused.status_code == 503, refused.text
+    assert "/mcp is full" in refused.json()["error"] and "HIL_MCP_MAX_SESSIONS" in refused.json()["error"]
+    down = await http.get(health)
+    assert down.status_code == 503 and down.json()["status"] == "degraded"
+    assert "/mcp is full" in down.json()["reason"]
+    # A token at its own cap still gets a session: it gives up its own oldest, nobody else's.
+    opened.append(await legacy_session(http, url, "tokOther"))
+    assert await alive(http, url, opened[2]) == 404 and await alive(http, url, opened[4]) == 200
+    # One session ends: the server takes new ones again and says it is healthy.
+    assert (await http.delete(url, headers=opened[4])).status_code in (200, 204)
+    assert (await http.get(health)).status_code == 200
+    opened.append(await legacy_session(http, url, "tokLate"))
+
+
+# --- the longest single call --------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_cuts_calls_gets_waiting_first_then_the_answer(capped: Stack, mode: str) -> None:
+    """A client that cuts a call after 4 s (as TypeScript-SDK clients do at 60 s, progress or not), against a server
+    whose longest single call is 1 s: the call returns "waiting" in time, and wait_for_reply then gets the answer."""
+    text = f"慢慢想 ({mode})"
+    async with (
+        mcp_client(capped, "tokMax", mode=mode, read_timeout=4) as client,
+        person(capped, "chat-max") as chat,
+    ):
+        first = structured(await client.call_tool("send_and_wait_reply", {"message": text, "chat_id": "chat-max"}))
+        assert first["status"] == "waiting", first
+        assert f'wait_for_reply(session_id="{first["session_id"]}")' in first["message"]
+        question, _ = await chat.question(text)
+        # Still waiting for the person: not marked as abandoned.
+        assert (await poll(capped, "tokMax", first["session_id"]))["status"] == "waiting"
+        await chat.quote_reply(question, "想好了")
+        assert await settled_status(capped.server_url, first["session_id"], "tokMax") == "replied"
+        # Answered between two calls: the caller's one open question, so no id is needed.
+        done = structured(await client.call_tool("wait_for_reply", {}))
+    assert done["status"] == "success" and [r["content"] for r in done["replies"]] == ["想好了"], done

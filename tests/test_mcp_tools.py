@@ -17,6 +17,7 @@ import httpx
 import pytest
 import respx
 from mcp import Client
+from mcp.types import Implementation
 
 from mcp_server.__main__ import main, parse_args
 from mcp_server.backend import BackendError
@@ -179,8 +180,9 @@ def hil(router: respx.MockRouter) -> FakeHil:
 
 
 @asynccontextmanager
-async def connect(**overrides: Any) -> AsyncIterator[Client]:
-    async with Client(create_server(settings(**overrides))) as client:
+async def connect(*, client_name: str | None = None, **overrides: Any) -> AsyncIterator[Client]:
+    info = Implementation(name=client_name, version="1") if client_name else None
+    async with Client(create_server(settings(**overrides)), client_info=info) as client:
         yield client
 
 
@@ -232,6 +234,28 @@ async def test_list_tools_has_the_four_tools_with_their_parameters(hil: FakeHil)
     assert not schema.get("required")
     # The timeout is the server's configuration, not the model's argument.
     assert "timeout" not in tools["send_and_wait_reply"].input_schema["properties"]
+    # Descriptions as written, without the docstring's indentation.
+    for tool in tools.values():
+        text, _, args = (tool.description or "").partition("\nArgs:\n")
+        assert text and args, tool.description
+        assert not any(line.startswith(" ") for line in text.splitlines()), text
+        assert all(line.startswith("    ") and not line.startswith("     ") for line in args.splitlines()[:1]), args
+
+
+async def test_a_chosen_option_reads_as_one_sentence(hil: FakeHil, router: respx.MockRouter) -> None:
+    # A button click carries no text: no double space, no empty quote, just the choice.
+    async def choose(request: httpx.Request, ref: str) -> httpx.Response:
+        session = hil.find(ref)
+        assert session is not None
+        body = {"session_id": session.session_id, "short_id": session.short_id, "status": "replied"}
+        click = {"msg_type": "text", "content": "", "from_user": {"userid": "u1"}}
+        return httpx.Response(200, json=body | {"replies": [click], "choice": {"index": 1, "label": "不合并"}})
+
+    router.get(path__regex=r"^/api/poll/(?P<ref>[^/]+)$").mock(side_effect=choose)
+    async with connect() as client:
+        result = await call(client, "send_and_wait_reply", message="合并吗", options=["合并", "不合并"])
+    assert result["message"] == 'The person answered. They chose "不合并" (option 2).'
+    assert result["choice"] == {"index": 1, "label": "不合并"}
 
 
 # --- send_and_wait_reply ---
@@ -416,17 +440,32 @@ async def test_401_names_the_api_token_setting(router: respx.MockRouter) -> None
 # --- wait_for_reply and reuse of open questions ---
 
 
-async def test_wait_for_reply_without_arguments_waits_on_the_newest_open_question(hil: FakeHil) -> None:
-    async with connect(timeout=0.3, heartbeat_interval=0.1) as client:
-        first = await call(client, "send_and_wait_reply", message="first")
+async def test_wait_for_reply_without_arguments_never_guesses_between_open_questions(hil: FakeHil) -> None:
+    async with connect(timeout=0.3, heartbeat_interval=0.1, project_name="proj") as client:
+        first = await call(client, "send_and_wait_reply", message="first question, with several words")
         second = await call(client, "send_and_wait_reply", message="second")
         assert first["status"] == second["status"] == "timeout"
+        assert f'wait_for_reply(session_id="{second["session_id"]}")' in second["message"]
         hil.answer(second["session_id"], "answer to second")
-        result = await call(client, "wait_for_reply")
-    assert result["status"] == "success"
-    assert result["session_id"] == second["session_id"]
-    assert result["replies"][0]["content"] == "answer to second"
-    assert hil.poll.calls.last.request.url.path == f"/api/poll/{second['session_id']}"
+        polls = hil.poll.call_count
+        listed = await call(client, "wait_for_reply")
+        assert listed["status"] == "error" and hil.poll.call_count == polls, listed
+        assert [q["short_id"] for q in listed["open_questions"]] == [first["short_id"], second["short_id"]]
+        assert listed["open_questions"][0] == {
+            "session_id": first["session_id"],
+            "short_id": first["short_id"],
+            "project_name": "proj",
+            "preview": "first question, with several…",
+        }
+        assert f"#{first['short_id']} [proj] 'first question" in listed["message"]
+        assert "wait_for_reply(session_id=" in listed["message"]
+        # With its id, the answer; then the one question left is this caller's only open one: no id needed.
+        result = await call(client, "wait_for_reply", session_id=second["short_id"])
+        assert result["status"] == "success" and result["replies"][0]["content"] == "answer to second"
+        hil.answer(first["session_id"], "answer to first")
+        only = await call(client, "wait_for_reply")
+    assert only["status"] == "success" and only["session_id"] == first["session_id"]
+    assert hil.poll.calls.last.request.url.path == f"/api/poll/{first['session_id']}"
 
 
 async def test_wait_for_reply_with_nothing_open_says_so(hil: FakeHil) -> None:
@@ -528,28 +567,40 @@ async def test_the_http_client_never_puts_unchecked_text_in_a_url() -> None:
     assert requests == []
 
 
-async def test_wait_for_reply_without_id_asks_the_server_when_this_process_knows_none(hil: FakeHil) -> None:
-    # Asked before hil-mcp restarted: the question is the server's newest open one for this token.
+async def test_wait_for_reply_without_id_after_a_restart_asks_for_the_id(hil: FakeHil) -> None:
+    # Asked before hil-mcp restarted, or by another agent with the same token: not this process's question, so
+    # it is not taken without an id (the server cannot tell two processes of one token apart).
     session = Session(secrets.token_hex(16), secrets.token_hex(4), {"message": "q"}, status="timeout")
     hil.sessions[session.session_id] = session
-    async with connect() as client:
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(answer_later, hil, session.session_id, "after the restart", 0.05)
-            result = await call(client, "wait_for_reply")
-        assert result["status"] == "success"
-        assert result["session_id"] == session.session_id and result["short_id"] == session.short_id
-        assert hil.newest.call_count == 1
-        # The answer reached the agent: the same question is not "open" again.
-        session.status = "timeout"
-        again = await call(client, "wait_for_reply")
-    assert again["status"] == "error" and "No open question" in again["message"]
-
-
-async def test_a_server_without_the_newest_route_means_no_open_question(router: respx.MockRouter) -> None:
-    router.get("/api/session/newest").respond(404, json={"detail": "Not Found"})
+    hil.answer(session, "someone else's answer")
     async with connect() as client:
         result = await call(client, "wait_for_reply")
-    assert result["status"] == "error" and "No open question" in result["message"]
+        assert result["status"] == "error" and "No open question" in result["message"]
+        assert 'wait_for_reply(session_id="' in result["message"] and result["replies"] == []
+        assert not hil.poll.called and not hil.newest.called
+        # With the id it has (from the earlier result, or #short_id in the chat), the answer.
+        by_id = await call(client, "wait_for_reply", session_id=f"#{session.short_id}")
+        assert by_id["status"] == "success" and by_id["replies"][0]["content"] == "someone else's answer"
+        # A question named by its id becomes this caller's: still waiting, a later call needs no id.
+        later = Session(secrets.token_hex(16), secrets.token_hex(4), {"message": "q2"})
+        hil.sessions[later.session_id] = later
+        first = await call(client, "wait_for_reply", session_id=later.short_id, timeout=1)
+        assert first["status"] == "timeout" and first["session_id"] == later.session_id
+        hil.answer(later, "second answer")
+        again = await call(client, "wait_for_reply")
+    assert again["status"] == "success" and again["replies"][0]["content"] == "second answer"
+
+
+async def test_two_processes_sharing_a_token_keep_their_own_questions(hil: FakeHil) -> None:
+    async with connect(timeout=0.3, heartbeat_interval=0.1) as x, connect(timeout=0.3, heartbeat_interval=0.1) as y:
+        mine = await call(x, "send_and_wait_reply", message="X asks")
+        theirs = await call(y, "send_and_wait_reply", message="Y asks")
+        hil.answer(theirs["session_id"], "for Y only")
+        hil.answer(mine["session_id"], "for X")
+        got_x = await call(x, "wait_for_reply")
+        got_y = await call(y, "wait_for_reply")
+    assert got_x["session_id"] == mine["session_id"] and got_x["replies"][0]["content"] == "for X"
+    assert got_y["session_id"] == theirs["session_id"] and got_y["replies"][0]["content"] == "for Y only"
 
 
 async def test_results_are_typed_with_output_schemas(hil: FakeHil) -> None:
@@ -560,6 +611,43 @@ async def test_results_are_typed_with_output_schemas(hil: FakeHil) -> None:
         assert schema is not None
         assert {"status", "replies", "message", "session_id", "short_id"} <= set(schema["properties"])
     assert set(tools["send_message_only"].output_schema["properties"]) == {"status", "message"}
+
+
+# --- the longest single call (clients that cut calls at 60 s) ---
+
+
+async def test_a_call_longer_than_the_client_allows_returns_waiting_and_the_question_keeps_waiting(
+    hil: FakeHil,
+) -> None:
+    async with connect(timeout=30, heartbeat_interval=0.1, max_call_seconds=0.3) as client:
+        started = time.monotonic()
+        first = await call(client, "send_and_wait_reply", message="slow answer")
+        assert time.monotonic() - started < 3
+        assert first["status"] == "waiting", first
+        assert f'wait_for_reply(session_id="{first["session_id"]}")' in first["message"]
+        # Not a timeout: the server was not told the agent stopped waiting.
+        assert not hil.timeout.called and hil.sessions[first["session_id"]].status == "waiting"
+        again = await call(client, "wait_for_reply")
+        assert again["status"] == "waiting" and again["session_id"] == first["session_id"]
+        hil.answer(first["session_id"], "here it is")
+        done = await call(client, "wait_for_reply")
+    assert done["status"] == "success" and done["replies"][0]["content"] == "here it is"
+
+
+async def test_request_approval_also_returns_waiting(hil: FakeHil) -> None:
+    async with connect(timeout=30, heartbeat_interval=0.1, max_call_seconds=0.2) as client:
+        result = await call(client, "request_approval", summary="部署")
+    assert result["status"] == "waiting" and result["approved"] is None and result["session_id"]
+
+
+async def test_a_client_known_to_wait_long_gets_the_whole_timeout(hil: FakeHil) -> None:
+    # Claude Code names itself "claude-code" in initialize and waits for tools/call as long as MCP_TOOL_TIMEOUT.
+    async with connect(client_name="claude-code", timeout=0.6, heartbeat_interval=0.1, max_call_seconds=0.1) as c:
+        result = await call(c, "send_and_wait_reply", message="q")
+    assert result["status"] == "timeout", result
+    async with connect(client_name="some-editor", timeout=0.6, heartbeat_interval=0.1, max_call_seconds=0.1) as c:
+        result = await call(c, "send_and_wait_reply", message="q2")
+    assert result["status"] == "waiting", result
 
 
 # --- progress ---
@@ -602,6 +690,14 @@ async def test_progress_strictly_increases_against_a_fast_polled_seed_server(rou
 
 def from_cli(*argv: str) -> McpSettings:
     return McpSettings(**parse_args(list(argv)))
+
+
+def test_max_call_seconds_flag_and_env(clean_env: pytest.MonkeyPatch) -> None:
+    assert from_cli().max_call_seconds == 50
+    assert from_cli("--max-call-seconds", "25").max_call_seconds == 25
+    clean_env.setenv("HIL_MAX_CALL", "40")
+    assert from_cli().max_call_seconds == 40
+    assert from_cli("--max-call-seconds", "10").max_call_seconds == 10
 
 
 def test_defaults(clean_env: pytest.MonkeyPatch) -> None:
