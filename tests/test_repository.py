@@ -458,13 +458,17 @@ async def test_open_repository_picks_the_backend_by_url(tmp_path: Path) -> None:
 async def test_sqlite_errors_become_repository_errors(tmp_path: Path) -> None:
     repo = await SqliteRepository.open(tmp_path / "hil.db")
     try:
-        # a file the writer cannot take writes in (as a full or failing disk would): the driver's error is not seen
-        def broken(tx: Any) -> None:
-            raise sqlite3.OperationalError("database or disk is full")
-
-        with pytest.raises(RepositoryUnavailable, match="disk is full"):
-            await repo._write(broken)
-        await repo.ping()  # the next operation works
+        # a database that takes no writes (read-only, as a full or failing disk refuses them): no sqlite3.Error
+        # reaches the caller, and nothing is half-written
+        await repo._write(lambda tx: tx.conn.execute("PRAGMA query_only = ON"))
+        with pytest.raises(RepositoryUnavailable, match="readonly"):
+            await repo.create_question(question())
+        with pytest.raises(RepositoryUnavailable):
+            await repo.ping()
+        # (the writer itself cannot undo it: every batch it starts is refused; it is idle now)
+        await asyncio.to_thread(repo._conn.execute, "PRAGMA query_only = OFF")
+        await repo.ping()  # writable again: the next operation works
+        assert await repo.questions() == []
     finally:
         await repo.close()
 
@@ -558,7 +562,7 @@ async def test_pg_idle_connections_killed_the_next_operation_works(pg: Backend) 
 
 async def test_pg_restart_fails_cleanly_then_recovers(pg: Backend) -> None:
     assert pg.server is not None
-    repo, notifier = await pg.open(timeout=1.0)
+    repo, notifier = await pg.open(timeout=0.5)
     q = await repo.create_question(question())
     await asyncio.to_thread(pg.server.stop)
     try:

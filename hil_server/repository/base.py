@@ -94,6 +94,15 @@ def answer_data(answer: Reply | Refused) -> str:
     return answer.model_dump_json()
 
 
+def with_answer(question: StoredQuestion, kind: str, answer: Reply | Refused) -> StoredQuestion:
+    """`question` as it is once `answer` is added (what a re-read would give, without one)."""
+    if kind == "reply":
+        update: dict[str, Any] = {"replies": [*question.replies, answer]}
+    else:
+        update = {"refused": [*question.refused, answer]}
+    return question.model_copy(update={**update, "answers": question.answers + 1})
+
+
 @dataclass(frozen=True)
 class OutboxItem:
     """Something the robot must say (a question, a notice, a hint, a card update), as the channel will send it.

@@ -45,6 +45,7 @@ from .base import (
     outbox_key,
     question_from,
     question_row,
+    with_answer,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
@@ -159,14 +160,21 @@ class PostgresRepository:
 
     # --- plumbing ----------------------------------------------------------------------------------------------
 
-    async def _tx(self, fn: Callable[[_Tx], Awaitable[T]]) -> T:
+    async def _tx(self, fn: Callable[[_Tx], Awaitable[T]], *, write: bool = True) -> T:
+        """Run `fn` in a transaction (a read: one statement in autocommit, no BEGIN/COMMIT round trips), then send
+        the keys it rang with `pg_notify` in the same transaction, so they are heard at its commit."""
         try:
             async with self._pool.connection(timeout=self._timeout) as conn:
+                if not write:
+                    return await fn(_Tx(conn))
                 async with conn.transaction():
                     tx = _Tx(conn)
                     result = await fn(tx)
-                    for key in dict.fromkeys(tx.keys):
-                        await conn.execute("SELECT pg_notify(%s, %s)", [self.channel, key])
+                    if tx.keys:
+                        await conn.execute(
+                            "SELECT pg_notify(%s, key) FROM unnest(%s::text[]) AS key",
+                            [self.channel, list(dict.fromkeys(tx.keys))],
+                        )
                 return result
         except psycopg.errors.IntegrityError as exc:
             raise Conflict(f"the database refused the change: {exc}") from exc
@@ -179,13 +187,11 @@ class PostgresRepository:
         async def op(tx: _Tx) -> list[dict[str, Any]]:
             return await (await tx.execute(sql, args)).fetchall()
 
-        return await self._tx(op)
+        return await self._tx(op, write=False)
 
-    async def _questions(self, sql: str, args: Sequence[Any] = ()) -> list[StoredQuestion]:
-        async def op(tx: _Tx) -> list[StoredQuestion]:
-            return await _with_answers(tx, await (await tx.execute(sql, args)).fetchall())
-
-        return await self._tx(op)
+    async def _questions(self, where: str, args: Sequence[Any] = ()) -> list[StoredQuestion]:
+        """Questions with their answers: `where` follows `SELECT … FROM questions q`."""
+        return await self._tx(lambda tx: _fetch_questions(tx, f"{_SELECT} {where}", args), write=False)
 
     # --- questions ---------------------------------------------------------------------------------------------
 
@@ -215,13 +221,12 @@ class PostgresRepository:
         return await self._tx(op)
 
     async def get(self, question_id: str) -> StoredQuestion | None:
-        found = await self._questions("SELECT * FROM questions WHERE id = %s", [question_id])
+        found = await self._questions("WHERE id = %s", [question_id])
         return found[0] if found else None
 
     async def find(self, ref: str) -> StoredQuestion | None:
         found = await self._questions(
-            "SELECT * FROM questions WHERE id = %s OR short_id = %s "
-            "ORDER BY id = %s DESC, status = ANY(%s) DESC, created_at DESC LIMIT 1",
+            "WHERE id = %s OR short_id = %s ORDER BY id = %s DESC, status = ANY(%s) DESC, created_at DESC LIMIT 1",
             [ref, ref, ref, _list(OPEN)],
         )
         return found[0] if found else None
@@ -331,30 +336,29 @@ class PostgresRepository:
 
     async def open_in_chat(self, chat_id: str | None) -> list[StoredQuestion]:
         return await self._questions(
-            "SELECT * FROM questions WHERE status = ANY(%s) AND (chat_id = %s OR chat_id IS NULL) ORDER BY created_at",
+            "WHERE status = ANY(%s) AND (chat_id = %s OR chat_id IS NULL) ORDER BY created_at",
             [_list(MATCHABLE), chat_id],
         )
 
     async def due(self, now: float, timer: Timer = Timer.DEADLINE, limit: int = 100) -> list[StoredQuestion]:
         column = Timer(timer).value  # a column name from the enum, never from a caller's string
         return await self._questions(
-            f"SELECT * FROM questions WHERE status = ANY(%s) AND {column} <= %s ORDER BY {column} LIMIT %s",
+            f"WHERE status = ANY(%s) AND {column} <= %s ORDER BY {column} LIMIT %s",
             [_list(TIMED), now, limit],
         )
 
     async def newest_open(self, owner: str | None) -> StoredQuestion | None:
         found = await self._questions(
-            "SELECT * FROM questions WHERE owner IS NOT DISTINCT FROM %s::text AND status = ANY(%s) "
-            "ORDER BY created_at DESC LIMIT 1",
+            "WHERE owner IS NOT DISTINCT FROM %s::text AND status = ANY(%s) ORDER BY created_at DESC LIMIT 1",
             [owner, _list(AWAITABLE)],
         )
         return found[0] if found else None
 
     async def questions(self, *, statuses: Sequence[Status] | None = None, limit: int = 200) -> list[StoredQuestion]:
         if statuses is None:
-            return await self._questions("SELECT * FROM questions ORDER BY created_at DESC LIMIT %s", [limit])
+            return await self._questions("ORDER BY created_at DESC LIMIT %s", [limit])
         return await self._questions(
-            "SELECT * FROM questions WHERE status = ANY(%s) ORDER BY created_at DESC LIMIT %s",
+            "WHERE status = ANY(%s) ORDER BY created_at DESC LIMIT %s",
             [_list(statuses), limit],
         )
 
@@ -535,25 +539,23 @@ class PostgresRepository:
 # --- the operations' SQL ----------------------------------------------------------------------------------------
 
 
+# A question with its answers in one statement (one round trip, one snapshot).
+_SELECT = (
+    "SELECT q.*, (SELECT coalesce(json_agg(json_build_array(a.kind, a.data) ORDER BY a.id), '[]'::json) "
+    "FROM answers a WHERE a.question_id = q.id) AS answer_rows FROM questions q"
+)
+
+
 async def _load(tx: _Tx, question_id: str) -> StoredQuestion:
-    found = await _with_answers(
-        tx, await (await tx.execute("SELECT * FROM questions WHERE id = %s", [question_id])).fetchall()
-    )
+    found = await _fetch_questions(tx, f"{_SELECT} WHERE id = %s", [question_id])
     if not found:
         raise NotFound(f"no question {question_id}")
     return found[0]
 
 
-async def _with_answers(tx: _Tx, rows: list[dict[str, Any]]) -> list[StoredQuestion]:
-    if not rows:
-        return []
-    answers: dict[str, list[tuple[str, str]]] = {}
-    cur = await tx.execute(
-        "SELECT question_id, kind, data FROM answers WHERE question_id = ANY(%s) ORDER BY id", [[r["id"] for r in rows]]
-    )
-    for r in await cur.fetchall():
-        answers.setdefault(r["question_id"], []).append((r["kind"], r["data"]))
-    return [question_from(r, answers.get(r["id"], ())) for r in rows]
+async def _fetch_questions(tx: _Tx, sql: str, args: Sequence[Any]) -> list[StoredQuestion]:
+    rows = await (await tx.execute(sql, args)).fetchall()
+    return [question_from(r, [(kind, data) for kind, data in r["answer_rows"]]) for r in rows]
 
 
 async def _seen(tx: _Tx, msgid: str | None, now: float) -> bool:
@@ -580,22 +582,24 @@ async def _record(
 ) -> ReplyResult:
     if not await _seen(tx, msgid, now):
         return ReplyResult(new=False)
-    # The row lock serializes answers to one question: the close rule below sees every reply committed before.
-    locked = await (await tx.execute("SELECT status FROM questions WHERE id = %s FOR UPDATE", [question_id])).fetchone()
-    if locked is None:
+    # The row lock serializes answers to one question. The read comes after it, in a statement of its own: in READ
+    # COMMITTED each statement sees what was committed when it began, so the close rule below sees every reply
+    # committed before the lock was granted (a SELECT … FOR UPDATE that waited would show its older snapshot).
+    if await (await tx.execute("SELECT 1 FROM questions WHERE id = %s FOR UPDATE", [question_id])).fetchone() is None:
         raise NotFound(f"no question {question_id}")
+    found = await _fetch_questions(tx, f"{_SELECT} WHERE id = %s", [question_id])
     await tx.execute(
         "INSERT INTO answers (question_id, kind, msgid, at, data) VALUES (%s, %s, %s, %s, %s)",
         [question_id, kind, msgid, now, answer_data(answer)],
     )
-    question = await _load(tx, question_id)
+    question = with_answer(found[0], kind, answer)
     closed = False
     if close is not None and question.status in sources(Status.REPLIED) and close(question):
         await tx.execute(
             "UPDATE questions SET status = %s, closed_at = %s WHERE id = %s",
             [Status.REPLIED.value, now, question_id],
         )
-        question = await _load(tx, question_id)
+        question = question.model_copy(update={"status": Status.REPLIED, "closed_at": now})
         closed = True
     await _enqueue(tx, outbox, now, default_question=question_id)
     await _audit(tx, audit, now, question)

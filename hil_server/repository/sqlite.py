@@ -44,6 +44,7 @@ from .base import (
     outbox_key,
     question_from,
     question_row,
+    with_answer,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
@@ -238,11 +239,21 @@ class SqliteRepository:
                 pass
             error = _translate(exc)
             done = [(item, None, error if err is None else err, []) for item, _, err, _ in done]
-        for item, result, err, keys in done:
-            if self._notify is not None:
-                for key in keys:
-                    item[2].call_soon_threadsafe(self._notify, key)
-            self._settle(item, result, err)
+        # One wake-up of each event loop per batch, not one per operation.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, BaseException | None]]] = {}
+        keys_by_loop: dict[asyncio.AbstractEventLoop, list[str]] = {}
+        for (_, future, loop), result, err, keys in done:
+            by_loop.setdefault(loop, []).append((future, result, err))
+            keys_by_loop.setdefault(loop, []).extend(keys)
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(self._deliver, settled, keys_by_loop[loop])
+
+    def _deliver(self, settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]], keys: list[str]) -> None:
+        if self._notify is not None:
+            for key in dict.fromkeys(keys):
+                self._notify(key)
+        for future, result, error in settled:
+            _set(future, result, error)
 
     @staticmethod
     def _settle(item: _Item, result: Any, error: BaseException | None) -> None:
@@ -683,21 +694,18 @@ def _record(
 ) -> ReplyResult:
     if not _seen(tx, msgid, now):
         return ReplyResult(new=False)
-    if tx.conn.execute("SELECT 1 FROM questions WHERE id = ?", [question_id]).fetchone() is None:
-        raise NotFound(f"no question {question_id}")
+    question = _load(tx.conn, question_id)
     tx.conn.execute(
         "INSERT INTO answers (question_id, kind, msgid, at, data) VALUES (?, ?, ?, ?, ?)",
         [question_id, kind, msgid, now, answer_data(answer)],
     )
-    question = _load(tx.conn, question_id)
+    question = with_answer(question, kind, answer)
     closed = False
     if close is not None and question.status in sources(Status.REPLIED) and close(question):
-        guard = list(sources(Status.REPLIED))
         tx.conn.execute(
-            f"UPDATE questions SET status = ?, closed_at = ? WHERE id = ? AND status IN ({_marks(guard)})",
-            [Status.REPLIED.value, now, question_id, *guard],
+            "UPDATE questions SET status = ?, closed_at = ? WHERE id = ?", [Status.REPLIED.value, now, question_id]
         )
-        question = _load(tx.conn, question_id)
+        question = question.model_copy(update={"status": Status.REPLIED, "closed_at": now})
         closed = True
     _enqueue(tx, outbox, now, default_question=question_id)
     _audit(tx, audit, now, question)
