@@ -20,10 +20,10 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import psycopg
-from psycopg import sql
+if TYPE_CHECKING:
+    import psycopg
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,10 @@ class PgNotifier(_Waiters):
         return True
 
     async def _listen(self) -> None:
+        # psycopg is imported where PostgreSQL is used: an embedded (SQLite) server never loads it.
+        import psycopg
+        from psycopg import sql
+
         delay = self.backoff_min
         while True:
             try:
@@ -189,6 +193,8 @@ class PgNotifier(_Waiters):
     async def publish(self, key: str) -> None:
         """NOTIFY outside a change (the repository notifies inside its transactions; this is for everything else).
         Best effort: a database that is down loses the wake-up, and waiters' re-reads cover it."""
+        import psycopg
+
         async with self._pub_lock:
             for _ in range(2):  # one retry on a fresh connection: the last one may have been dropped while idle
                 try:

@@ -37,14 +37,18 @@ class PgServer:
         assert self.bindir is not None and self.datadir is not None
         return _run(self.user, [str(self.bindir / "pg_ctl"), "-D", str(self.datadir), *args], check=check)
 
-    def restart(self) -> None:
+    def _ours(self) -> None:
         if self.datadir is None:
-            pytest.skip("HIL_TEST_DATABASE_URL names a server these tests may not restart")
+            pytest.skip("HIL_TEST_DATABASE_URL names a server these tests may not stop or restart")
+
+    def restart(self) -> None:
+        self._ours()
         assert self.datadir is not None
         # -l: the server's output goes to a file, not to our pipes (which it would hold open, so run() never returns)
         self.pg_ctl("restart", "-m", "fast", "-w", "-t", str(PG_START_TIMEOUT), "-l", str(self.datadir.parent / "log"))
 
     def stop(self) -> None:
+        self._ours()
         self.pg_ctl("stop", "-m", "fast", "-w", "-t", str(PG_START_TIMEOUT))
 
     def start(self) -> None:

@@ -31,6 +31,7 @@ from hil_server.repository import (
     ShortIdExhausted,
     StoredQuestion,
     open_repository,
+    open_with_notifier,
     outbox_key,
 )
 from hil_server.repository import schema as repo_schema
@@ -200,6 +201,16 @@ async def test_record_reply_and_duplicate_msgid(repo: Repository) -> None:
         await repo.record_reply("e" * 32, reply("m3"), now=T0)
     # the msgid of a reply to a missing question was not kept
     assert await repo.record_msgid("m3", now=T0)
+
+
+async def test_the_same_msgid_at_once_is_recorded_once(repo: Repository) -> None:
+    q = await repo.create_question(question())
+    results = await asyncio.gather(
+        *(repo.record_reply(q.session_id, reply("retried", f"第{i}次"), now=T0) for i in range(4))
+    )
+    assert sorted(r.new for r in results) == [False, False, False, True]
+    got = await repo.get(q.session_id)
+    assert got is not None and len(got.replies) == 1
 
 
 async def test_reply_without_close_rule_leaves_it_open(repo: Repository) -> None:
@@ -453,6 +464,17 @@ async def test_open_repository_picks_the_backend_by_url(tmp_path: Path) -> None:
         assert isinstance(repo, SqliteRepository) and (tmp_path / "x.db").exists()
     finally:
         await repo.close()
+
+
+async def test_open_with_notifier_wires_the_wake_ups(backend: Backend, tmp_path: Path) -> None:
+    url = backend.url if backend.kind == "postgres" else str(tmp_path / "y.db")
+    assert url is not None
+    repo, notifier = await open_with_notifier(url)
+    backend.opened += [repo, notifier]
+    q = await repo.create_question(question())
+    async with notifier.subscribe(q.session_id) as sub:
+        await repo.transition(q.session_id, Status.CANCELLED, now=T0)
+        assert await sub.wait(10)
 
 
 async def test_sqlite_errors_become_repository_errors(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from ..notifier import LocalNotifier, Notifier, PgNotifier
 from .base import (
     OUTBOX_KEY,
     AuditItem,
@@ -43,6 +44,19 @@ async def open_repository(url: str, *, notify: Callable[[str], None] | None = No
     return await SqliteRepository.open(Path(path), notify=notify)
 
 
+async def open_with_notifier(url: str) -> tuple[Repository, Notifier]:
+    """The repository at `url` and the notifier that hears its changes, wired together (what a lifespan opens;
+    close the notifier, then the repository)."""
+    if is_postgres_url(url):
+        from .postgres import PostgresRepository
+
+        repo = await PostgresRepository.open(url)
+        notifier = await PgNotifier(url, repo.channel).start(wait=5.0)
+        return repo, notifier
+    local = LocalNotifier()
+    return await open_repository(url, notify=local.wake), local
+
+
 __all__ = [
     "OUTBOX_KEY",
     "AuditItem",
@@ -62,5 +76,6 @@ __all__ = [
     "StoredQuestion",
     "is_postgres_url",
     "open_repository",
+    "open_with_notifier",
     "outbox_key",
 ]
