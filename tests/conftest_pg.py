@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 
@@ -149,13 +150,14 @@ def pg_server() -> Iterator[PgServer]:
 def pg_url(pg_server: PgServer) -> Iterator[str]:
     """A fresh schema per test (cheaper than a database): the URL sets search_path to it."""
     import psycopg
-    from psycopg.conninfo import make_conninfo
 
     schema = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(pg_server.url, autocommit=True) as conn:
         conn.execute(f'CREATE SCHEMA "{schema}"')
     try:
-        yield make_conninfo(pg_server.url, options=f"-c search_path={schema}")
+        # a URL (not key=value): open_repository() tells the backend by the URL's scheme
+        joiner = "&" if "?" in pg_server.url else "?"
+        yield f"{pg_server.url}{joiner}options={quote(f'-c search_path={schema}')}"
     finally:
         with contextlib.suppress(psycopg.OperationalError), psycopg.connect(pg_server.url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')

@@ -464,13 +464,17 @@ async def test_open_repository_picks_the_backend_by_url(tmp_path: Path) -> None:
         assert isinstance(repo, SqliteRepository) and (tmp_path / "x.db").exists()
     finally:
         await repo.close()
+    with pytest.raises(ValueError, match="postgresql://"):
+        await open_repository("host=127.0.0.1 dbname=hil")
 
 
 async def test_open_with_notifier_wires_the_wake_ups(backend: Backend, tmp_path: Path) -> None:
-    url = backend.url if backend.kind == "postgres" else str(tmp_path / "y.db")
+    url = backend.url if backend.kind == "postgres" else f"sqlite:///{tmp_path}/y.db"
     assert url is not None
     repo, notifier = await open_with_notifier(url)
     backend.opened += [repo, notifier]
+    assert type(repo).__name__ == ("PostgresRepository" if backend.kind == "postgres" else "SqliteRepository")
+    assert type(notifier).__name__ == ("PgNotifier" if backend.kind == "postgres" else "LocalNotifier")
     q = await repo.create_question(question())
     async with notifier.subscribe(q.session_id) as sub:
         await repo.transition(q.session_id, Status.CANCELLED, now=T0)

@@ -40,6 +40,9 @@ async def open_repository(url: str, *, notify: Callable[[str], None] | None = No
         return await PostgresRepository.open(url)
     from .sqlite import SqliteRepository
 
+    if any(key in url for key in ("host=", "dbname=", "user=")):
+        # a libpq key=value string would otherwise become a SQLite file named after it
+        raise ValueError("give PostgreSQL as a URL: postgresql://user:password@host:port/dbname")
     path = url.removeprefix("sqlite:///")
     return await SqliteRepository.open(Path(path), notify=notify)
 
