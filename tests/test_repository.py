@@ -497,6 +497,8 @@ async def test_sqlite_errors_become_repository_errors(tmp_path: Path) -> None:
         assert await repo.questions() == []
     finally:
         await repo.close()
+    with pytest.raises(RepositoryUnavailable, match="closed"):
+        await repo.ping()
 
 
 # --- PostgreSQL faults -------------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ class SqliteRepository:
         except BaseException:
             self._conn.close()
             raise
+        self._closed = False
         self._reader_conn: sqlite3.Connection | None = None
         self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hil-sqlite-reader")
         self._thread = threading.Thread(target=self._run, name="hil-sqlite-writer", daemon=True)
@@ -146,6 +147,9 @@ class SqliteRepository:
             raise
 
     async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join, 10)
         await asyncio.to_thread(self._conn.close)
@@ -166,6 +170,8 @@ class SqliteRepository:
     # --- plumbing ----------------------------------------------------------------------------------------------
 
     async def _write(self, fn: Callable[[_Tx], T]) -> T:
+        if self._closed:  # the writer has stopped: a queued operation would wait forever
+            raise RepositoryUnavailable("the SQLite repository is closed")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put((fn, future, loop))
