@@ -7,7 +7,7 @@ import pytest
 
 from tests.procs import Stack
 
-pytest_plugins = ["tests.server_fixtures"]
+pytest_plugins = ["tests.server_fixtures", "tests.conftest_pg"]
 
 
 @pytest.fixture(params=["direct", "relay"])
