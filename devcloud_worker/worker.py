@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -70,6 +71,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                     max_crashes=settings.hil_link_max_crashes,
                     on_fatal=on_fatal,
                 )
+                warn_about(settings, open_callbacks=not intake.authenticated)
                 logger.info(
                     "worker %s starting: HIL Server %s, %d spooled callbacks to replay",
                     settings.worker_id,
@@ -128,6 +130,29 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
     )
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a listener on `host` (a name other than localhost may resolve anywhere)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_about(settings: WorkerSettings, *, open_callbacks: bool) -> None:
+    """What an operator must hear at start: a /callback anyone on the network can post answers to."""
+    if open_callbacks and not is_loopback(settings.callback_host):
+        logger.warning(
+            "CALLBACKS ARE UNAUTHENTICATED: /callback listens on %s:%d and anyone who can reach it can answer "
+            "questions in any name. Set CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE (fly-pigeon) or "
+            "WECOM_CALLBACK_TOKEN/WECOM_CALLBACK_AES_KEY (WeCom's signed callback), or CALLBACK_HOST=127.0.0.1 "
+            "behind a proxy that checks them",
+            settings.callback_host,
+            settings.callback_port,
+        )
 
 
 def main() -> None:
