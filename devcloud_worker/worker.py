@@ -47,11 +47,12 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
         metrics.bind(lambda: spool.depth, lambda: spool.dead)
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
+                sender = settings.robot_sender(http)
                 client = RelayClient(
                     hil_url=settings.hil_url,
                     worker_id=settings.worker_id,
                     token=secret_value(settings.hil_token),
-                    sender=settings.robot_sender(http),
+                    sender=sender,
                     spool=spool,
                     metrics=metrics,
                     options=LinkOptions.of(settings),
@@ -67,6 +68,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                     client=client,
                     spool=spool,
                     supervisor=supervisor,
+                    key=sender.key,
                     link_down_grace=settings.hil_link_down_grace,
                     max_crashes=settings.hil_link_max_crashes,
                     on_fatal=on_fatal,
@@ -81,6 +83,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                 async with asyncio.TaskGroup() as tasks:
                     supervisor.start(tasks, "link", client.run)
                     supervisor.start(tasks, "watchdog", health.run)
+                    supervisor.start(tasks, "key-check", sender.watch_key)
                     try:
                         yield {"client": client, "spool": spool, "health": health}
                     finally:
@@ -103,6 +106,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
             "spooled_callbacks": spool.depth,
             "dead_callbacks": spool.dead,
             "link_down_seconds": round(client.down_for(), 1),
+            "bot_key_ok": request.state.health.key.refused is None,
         }
         if problems:
             body["reason"] = "; ".join(problems)
