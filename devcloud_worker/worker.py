@@ -106,8 +106,9 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
             "spooled_callbacks": spool.depth,
             "dead_callbacks": spool.dead,
             "link_down_seconds": round(client.down_for(), 1),
-            "bot_key_ok": request.state.health.key.refused is None,
         }
+        if request.state.health.key.refused is not None:
+            body["bot_key_ok"] = False  # only while false, like the server's
         if problems:
             body["reason"] = "; ".join(problems)
         return JSONResponse(body, status_code=503 if problems else 200)

@@ -42,4 +42,6 @@ class WebhookChannel:
 
     def health(self) -> ChannelHealth:
         problem = self.sender.key.problem()
-        return ChannelHealth(ok=problem is None, reason=problem, fields={"bot_key_ok": problem is None})
+        if problem is None:
+            return ChannelHealth()
+        return ChannelHealth(ok=False, reason=problem, fields={"bot_key_ok": False})

@@ -222,7 +222,9 @@ class RelayChannel:
         return ChannelHealth(
             ok=not refused,
             reason="; ".join(refused) or None,
-            fields={"worker_connected": self.hub.count > 0, "worker_count": self.hub.count, "bot_key_ok": not refused},
+            # bot_key_ok appears only while false, so the seed's body is unchanged while all is well
+            fields={"worker_connected": self.hub.count > 0, "worker_count": self.hub.count}
+            | ({"bot_key_ok": False} if refused else {}),
         )
 
 
