@@ -26,6 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
@@ -38,7 +39,7 @@ logger = logging.getLogger(__name__)
 SCHEMA_VERSION = 2
 # the SQLite store's file in HIL_DATA_DIR
 STORE_FILE = "hil-server.sqlite3"
-# rows one audit query returns at most
+# rows one audit query returns at most, and the rows a store without persistence (HIL_STORE=memory) keeps
 AUDIT_LIMIT_MAX = 100_000
 
 Snapshot = tuple[list[Session], dict[str, float]]
@@ -86,7 +87,8 @@ class SessionStore:
         self._by_short: dict[str, str] = {}
         self._waiting_by_chat: dict[str | None, dict[str, None]] = {}  # insertion-ordered sets
         self._msgids: dict[str, float] = {}
-        self._audit: list[AuditEvent] = []  # only without a persistence; with one the trail lives on disk
+        # only without a persistence (the newest rows, bounded); with one the trail lives on disk
+        self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_LIMIT_MAX)
         self._audit_seq = 0
         self.broken: str | None = None  # why writes are refused, while they are
 
@@ -172,7 +174,7 @@ class SessionStore:
         """Forget audit rows older than `before` (HIL_AUDIT_RETENTION); returns how many."""
         self._check_writable()
         if self._persistence is None:
-            kept = [e for e in self._audit if e.at >= before]
+            kept = deque((e for e in self._audit if e.at >= before), maxlen=AUDIT_LIMIT_MAX)
             dropped, self._audit = len(self._audit) - len(kept), kept
             return dropped
         try:
