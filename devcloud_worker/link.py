@@ -329,7 +329,7 @@ class RelayClient:
             return
         key = self._sender.key
         while True:
-            await self._send_text(dump_frame(WorkerStatus(bot_key_refused=key.problem())))
+            await self._send_text(dump_frame(WorkerStatus(bot_key_refused=key.reason())))
             await key.wait_change()
 
     # --- requests -----------------------------------------------------------------------------------------------

@@ -565,16 +565,21 @@ class KeyHealth:
             self.refused = None
             self._changed()
 
-    def problem(self) -> str | None:
-        """A sentence for /health while the key is refused; None while it works (or nothing has said otherwise)."""
+    def reason(self) -> str | None:
+        """Why the key does not work, while it does not (what the worker tells the server); None while it works (or
+        nothing has said otherwise)."""
         error = self.refused
         if error is None:
             return None
         return (
-            f"WeCom refuses BOT_KEY (errcode {error.errcode}: {printable(error.errmsg, 80)}) for "
-            f"{self._clock() - self.since:.0f}s: every send fails; check BOT_KEY and that the robot is still in its "
-            "group and enabled"
+            f"WeCom refuses BOT_KEY (errcode {error.errcode}: {printable(error.errmsg, 80)}): every send fails; "
+            "check BOT_KEY and that the robot is still in its group and enabled"
         )
+
+    def problem(self) -> str | None:
+        """`reason()` with how long it has lasted, for this process's /health."""
+        reason = self.reason()
+        return None if reason is None else f"{reason} (for {self._clock() - self.since:.0f}s)"
 
     async def wait_change(self) -> None:
         event = asyncio.Event()

@@ -180,7 +180,6 @@ class WorkerHub:
                 "connected_at": link.connected_at,
                 "last_seen_seconds_ago": round(now - link.last_seen, 1),
                 "in_flight": len(link.pending),
-                "bot_key_refused": link.key_problem,
             }
             for link in self.links.values()
         ]
