@@ -220,7 +220,16 @@ def test_a_token_sees_only_its_own_rows_and_the_query_string_cannot_widen_it(tmp
         assert lines(client.get("/api/audit", params={"chat_id": "chat1"}, headers=b)) == []
         assert len(lines(client.get("/api/audit", params={"chat_id": "chat1"}, headers=a))) == 1
         assert lines(client.get("/api/audit", params={"since": "2999-01-01"}, headers=a)) == []
-        for params in ({"since": "garbage"}, {"since": "nan"}, {"limit": "0"}, {"limit": "x"}, {"chat_id": "c" * 129}):
+        for chat in ("' OR 1=1 --", "%", "chat1' --"):  # bound as a parameter, never SQL
+            assert lines(client.get("/api/audit", params={"chat_id": chat}, headers=b)) == []
+        for params in (
+            {"since": "garbage"},
+            {"since": "nan"},
+            {"limit": "0"},
+            {"limit": "100001"},
+            {"limit": "x"},
+            {"chat_id": "c" * 129},
+        ):
             response = client.get("/api/audit", params=params, headers=a)
             assert response.status_code == 422, (params, response.text)
         # Parameters the route does not know change nothing (owner= is not a way in).
