@@ -5,6 +5,8 @@ mode — and recovers by itself after a later send or key check succeeds."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,12 +15,16 @@ import httpx
 import pytest
 import respx
 from fastapi.testclient import TestClient
+from websockets.asyncio.server import ServerConnection, serve
 
+from devcloud_worker.link import LinkOptions, RelayClient
+from devcloud_worker.metrics import WorkerMetrics
+from devcloud_worker.spool import Spool
 from hil_protocol.relay_frames import Request, Response, WorkerStatus, dump_frame, parse_frame
 from hil_protocol.wecom_robot import KEY_CHECK_FILE, RetryPolicy, RobotSender, WebhookBackend, WeComError
 from hil_server.app import create_app
 from hil_server.channels.workers import RelayChannel, WorkerHub, WorkerLink
-from tests.helpers import eventually
+from tests.helpers import eventually, until
 from tests.procs import BOT_KEY, Stack
 from tests.server_fixtures import WeCom, settings
 
@@ -202,3 +208,74 @@ def test_a_later_send_clears_the_refusal_without_waiting_for_the_check(tmp_path:
         wecom.errcode = 0
         assert client.post("/api/send", json={"message": "two", "wait_reply": False}).json()["success"]
         assert client.get("/health").json() == {"status": "healthy", "mode": "direct", "channel": "webhook"}
+
+
+# --- the relay link: the worker reports to a server that asks, and only to one ---------------------------------
+
+
+class RefusingBackend:
+    """A robot backend whose key WeCom refuses until `fixed`."""
+
+    name = "test"
+    host = "wecom.test"
+
+    def __init__(self) -> None:
+        self.fixed = False
+
+    async def send(self, payload: dict[str, Any], timeout: float) -> None:
+        if not self.fixed:
+            raise WeComError(93000, "invalid webhook url")
+
+    async def upload_file(self, filename: str, data: bytes, timeout: float = 10.0) -> str:
+        raise WeComError(-3, "no uploads here")
+
+
+@pytest.mark.parametrize("asks", [True, False])
+async def test_the_worker_reports_its_key_to_a_server_that_asks_and_only_to_one(tmp_path: Path, asks: bool) -> None:
+    frames: list[dict[str, Any]] = []
+    sockets: list[ServerConnection] = []
+
+    async def handler(ws: ServerConnection) -> None:
+        sockets.append(ws)
+        features = ["callback_ack", "worker_status"] if asks else ["callback_ack"]
+        await ws.send(json.dumps({"type": "hello", "features": features}))
+        async for text in ws:
+            frames.append(json.loads(text))
+
+    backend = RefusingBackend()
+    sender = RobotSender(backend, FAST)
+    spool = await Spool.open(tmp_path / "spool.sqlite3")
+    async with serve(handler, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        client = RelayClient(
+            hil_url=f"ws://127.0.0.1:{port}/ws",
+            worker_id="w1",
+            token=None,
+            sender=sender,
+            spool=spool,
+            metrics=WorkerMetrics(),
+            options=LinkOptions(min_delay=0.02, max_delay=0.05, hello_timeout=0.2),
+        )
+        task = asyncio.create_task(client.run())
+        try:
+            await until(lambda: sockets and client.connected)
+            request = {"type": "request", "id": "r1", "action": "send_hint", "payload": {"message": "x"}}
+            await sockets[0].send(json.dumps(request))
+            await until(lambda: any(f["type"] == "response" for f in frames))
+            backend.fixed = True
+            await sockets[0].send(json.dumps({**request, "id": "r2"}))
+            await until(lambda: sum(f["type"] == "response" for f in frames) == 2)
+            await asyncio.sleep(0.1)  # a status frame would have followed the recovery by now
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await spool.close()
+    statuses = [f.get("bot_key_refused") for f in frames if f["type"] == "worker_status"]
+    if asks:  # on connect, on the refusal, on the recovery
+        assert len(statuses) == 3 and statuses[0] is None and statuses[2] is None
+        assert "BOT_KEY" in statuses[1] and "93000" in statuses[1]
+    else:
+        assert statuses == []
+    responses = [f for f in frames if f["type"] == "response"]
+    assert responses[0]["errcode"] == 93000 and responses[1]["success"]
