@@ -70,7 +70,7 @@ def export_audit(args: argparse.Namespace, settings: ServerSettings) -> None:
         fail(PROG, f"no session store at {path}: point --data-dir (HIL_DATA_DIR) at the server's data directory")
 
     async def read() -> str:
-        persistence = await SqlitePersistence.open(path)
+        persistence = await SqlitePersistence.open(path, migrate=False)
         try:
             return json_lines(await persistence.audit_rows(since, args.chat_id, None, args.limit))
         finally:

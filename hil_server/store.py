@@ -286,14 +286,18 @@ class SqlitePersistence:
     commit), so many concurrent saves cost one commit and the event loop never touches the disk. Open it with
     `await SqlitePersistence.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
         # Blocking: call through open(), which runs this in a thread.
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._queue: queue.Queue[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            self._migrate()
+            if migrate:
+                self._migrate()
+            else:
+                self._check_version()
         except BaseException:
             self._conn.close()
             raise
@@ -301,8 +305,22 @@ class SqlitePersistence:
         self._thread.start()
 
     @classmethod
-    async def open(cls, path: Path) -> SqlitePersistence:
-        return await asyncio.to_thread(cls, path)
+    async def open(cls, path: Path, *, migrate: bool = True) -> SqlitePersistence:
+        """`migrate=False`: a reader beside the running server (`hil-server audit export`): it changes nothing on disk
+        and refuses a store of another schema version."""
+        return await asyncio.to_thread(cls, path, migrate)
+
+    def _check_version(self) -> None:
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: not a store this server wrote
+            row = None
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, this hil-server reads {SCHEMA_VERSION}; "
+                "start this hil-server once on it to upgrade it (or use the hil-server that wrote it)"
+            )
 
     def _migrate(self) -> None:
         conn = self._conn

@@ -152,8 +152,9 @@ async def test_purge_keeps_rows_for_the_audit_retention_not_the_session_retentio
         await store.close()
 
 
-async def test_the_trail_survives_a_reopen_and_a_version_1_store_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / STORE_FILE
+def version_1_store(path: Path) -> None:
+    """A store as hil-server 0.3.0 left it (schema 1: no audit table)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
     conn.executescript(
         """
@@ -165,6 +166,19 @@ async def test_the_trail_survives_a_reopen_and_a_version_1_store_is_migrated(tmp
         """
     )
     conn.close()
+
+
+def schema_version(path: Path) -> str:
+    conn = sqlite3.connect(path)
+    try:
+        return conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+async def test_the_trail_survives_a_reopen_and_a_version_1_store_is_migrated(tmp_path: Path) -> None:
+    path = tmp_path / STORE_FILE
+    version_1_store(path)
     store = await SessionStore.open(await SqlitePersistence.open(path))
     service, _ = make(store)
     await two_of_two(service)
@@ -177,9 +191,7 @@ async def test_the_trail_survives_a_reopen_and_a_version_1_store_is_migrated(tmp
         assert [r.kind for r in await store.audit_rows(since=rows[0].at, limit=2)] == ["asked", "reply"]
     finally:
         await store.close()
-    conn = sqlite3.connect(path)
-    assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
-    conn.close()
+    assert schema_version(path) == str(SCHEMA_VERSION)
 
 
 @pytest.mark.parametrize(
@@ -312,3 +324,17 @@ def test_the_trail_of_a_real_round_trip_survives_a_restart_and_exports(
     code, _, err = export_here(capsys, tmp_path / "nowhere")
     assert code == 1 and "no session store" in err
     assert not (tmp_path / "nowhere").exists()
+
+
+def test_the_export_changes_nothing_on_disk_and_refuses_a_store_it_cannot_read(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "data"
+    version_1_store(data_dir / STORE_FILE)
+    code, out, err = export_here(capsys, data_dir)
+    assert code == 1 and out == "" and "schema version 1" in err and "upgrade" in err
+    assert schema_version(data_dir / STORE_FILE) == "1"  # the running (older) server's store is left alone
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / STORE_FILE).write_bytes(b"not a database at all" * 100)
+    code, _, err = export_here(capsys, tmp_path / "junk")
+    assert code == 1 and "cannot read the audit trail" in err
