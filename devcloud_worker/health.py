@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 
 from hil_protocol.supervise import Supervisor
+from hil_protocol.wecom_robot import KeyHealth
 
 from .link import RelayClient
 from .spool import Spool
@@ -26,6 +27,7 @@ class Health:
     client: RelayClient
     spool: Spool
     supervisor: Supervisor
+    key: KeyHealth  # whether WeCom takes BOT_KEY
     link_down_grace: float  # seconds the link may be down before /health says so
     max_crashes: int  # crashes of one task within CRASH_WINDOW that stop the process
     on_fatal: Callable[[str], None] | None = None
@@ -37,6 +39,9 @@ class Health:
         found = list(self.supervisor.problems())
         if self.fatal:
             found.append(self.fatal)
+        key = self.key.problem()
+        if key is not None:
+            found.append(key)
         if self.spool.error is not None:
             found.append(f"callback spool cannot be written ({self.spool.error}); callbacks are refused with 503")
         down = self.client.down_for()

@@ -30,6 +30,7 @@ from hil_protocol.relay_frames import (
     ACTION_SEND_MESSAGE,
     ACTION_UPLOAD_IMAGE,
     FEATURE_CALLBACK_ACK,
+    FEATURE_WORKER_STATUS,
     CallbackAck,
     FrameError,
     Hello,
@@ -40,6 +41,7 @@ from hil_protocol.relay_frames import (
     SendHintPayload,
     SendMessagePayload,
     UploadImagePayload,
+    WorkerStatus,
     dump_frame,
     parse_frame,
 )
@@ -266,6 +268,7 @@ class RelayClient:
         features: set[str] = set()
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(self._replay(hello, features), name="spool-replay")
+            tasks.create_task(self._report_key(hello, features), name="key-report")
             async for text in ws:
                 try:
                     frame = parse_frame(text)
@@ -314,6 +317,20 @@ class RelayClient:
             max_attempts=o.max_attempts,
         )
         await self._replayer.run()
+
+    async def _report_key(self, hello: asyncio.Event, features: set[str]) -> None:
+        """Tell a server that understands `worker_status` whether WeCom takes our BOT_KEY: once on connect, then on
+        every change, so its /health shows this worker's state."""
+        try:
+            await asyncio.wait_for(hello.wait(), self._options.hello_timeout)
+        except TimeoutError:
+            return  # a seed server: it learns of a refused key from our answers' errcode alone
+        if FEATURE_WORKER_STATUS not in features:
+            return
+        key = self._sender.key
+        while True:
+            await self._send_text(dump_frame(WorkerStatus(bot_key_refused=key.reason())))
+            await key.wait_change()
 
     # --- requests -----------------------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -46,11 +47,12 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
         metrics.bind(lambda: spool.depth, lambda: spool.dead)
         try:
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
+                sender = settings.robot_sender(http)
                 client = RelayClient(
                     hil_url=settings.hil_url,
                     worker_id=settings.worker_id,
                     token=secret_value(settings.hil_token),
-                    sender=settings.robot_sender(http),
+                    sender=sender,
                     spool=spool,
                     metrics=metrics,
                     options=LinkOptions.of(settings),
@@ -66,10 +68,12 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                     client=client,
                     spool=spool,
                     supervisor=supervisor,
+                    key=sender.key,
                     link_down_grace=settings.hil_link_down_grace,
                     max_crashes=settings.hil_link_max_crashes,
                     on_fatal=on_fatal,
                 )
+                warn_about(settings, open_callbacks=not intake.authenticated)
                 logger.info(
                     "worker %s starting: HIL Server %s, %d spooled callbacks to replay",
                     settings.worker_id,
@@ -79,6 +83,7 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
                 async with asyncio.TaskGroup() as tasks:
                     supervisor.start(tasks, "link", client.run)
                     supervisor.start(tasks, "watchdog", health.run)
+                    supervisor.start(tasks, "key-check", sender.watch_key)
                     try:
                         yield {"client": client, "spool": spool, "health": health}
                     finally:
@@ -102,6 +107,8 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
             "dead_callbacks": spool.dead,
             "link_down_seconds": round(client.down_for(), 1),
         }
+        if request.state.health.key.refused is not None:
+            body["bot_key_ok"] = False  # only while false, like the server's
         if problems:
             body["reason"] = "; ".join(problems)
         return JSONResponse(body, status_code=503 if problems else 200)
@@ -128,6 +135,29 @@ def create_app(settings: WorkerSettings, *, on_fatal: Callable[[str], None] | No
     )
 
     return app
+
+
+def is_loopback(host: str) -> bool:
+    """Whether only this machine can reach a listener on `host` (a name other than localhost may resolve anywhere)."""
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def warn_about(settings: WorkerSettings, *, open_callbacks: bool) -> None:
+    """What an operator must hear at start: a /callback anyone on the network can post answers to."""
+    if open_callbacks and not is_loopback(settings.callback_host):
+        logger.warning(
+            "CALLBACKS ARE UNAUTHENTICATED: /callback listens on %s:%d and anyone who can reach it can answer "
+            "questions in any name. Set CALLBACK_AUTH_KEY/CALLBACK_AUTH_VALUE (fly-pigeon) or "
+            "WECOM_CALLBACK_TOKEN/WECOM_CALLBACK_AES_KEY (WeCom's signed callback), or CALLBACK_HOST=127.0.0.1 "
+            "behind a proxy that checks them",
+            settings.callback_host,
+            settings.callback_port,
+        )
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Frames on the relay WebSocket between the HIL Server and the DevCloud Worker (JSON text frames).
 
 The seed's frames are kept as they are, so a seed worker or server on the other end still works. New frames
-(`hello`, `callback_ack`) are only sent to a peer that announced it understands them.
+(`hello`, `callback_ack`, `worker_status`) are only sent to a peer that announced it understands them.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from .outbound import Notice, Question
 
 # Features a peer may announce in `hello`.
 FEATURE_CALLBACK_ACK = "callback_ack"
+FEATURE_WORKER_STATUS = "worker_status"
 
 
 class _Frame(BaseModel):
@@ -71,7 +72,17 @@ class CallbackAck(_Frame):
     id: str
 
 
-Frame = Annotated[Ping | Pong | Hello | Request | Response | Callback | CallbackAck, Field(discriminator="type")]
+class WorkerStatus(_Frame):
+    """Worker -> server, after a hello listing `worker_status` and whenever it changes: whether WeCom takes the
+    worker's BOT_KEY (`bot_key_refused`: why not, or None), so the server's /health can say so (new)."""
+
+    type: Literal["worker_status"] = "worker_status"
+    bot_key_refused: str | None = None
+
+
+Frame = Annotated[
+    Ping | Pong | Hello | Request | Response | Callback | CallbackAck | WorkerStatus, Field(discriminator="type")
+]
 _frame_adapter: TypeAdapter[Frame] = TypeAdapter(Frame)
 
 

@@ -63,6 +63,8 @@ class RobotSettings(CommonSettings):
     hil_body_timeout: float = Field(default=30.0, gt=0)
     # Fetch image URLs from private and loopback addresses too (intranet image hosts); off: public addresses only.
     hil_image_allow_private: bool = False
+    # seconds between checks of a BOT_KEY WeCom refused (errcode 93000/93004), until it works again
+    hil_key_check_interval: float = Field(default=60.0, gt=0)
 
     def robot_sender(self, http: httpx.AsyncClient, on_attempt: Callable[[int], None] | None = None) -> RobotSender:
         """The one client every message to this robot goes through; `on_attempt` sees each attempt's errcode."""
@@ -75,7 +77,9 @@ class RobotSettings(CommonSettings):
         backend = make_backend(self.wecom_sender, http, self.wecom_api_base, key)
         policy = RetryPolicy(deadline=self.wecom_retry_deadline, max_per_minute=self.wecom_max_per_minute)
         images = ImageFetcher(allow_private=self.hil_image_allow_private)
-        return RobotSender(backend, policy, images=images, on_attempt=on_attempt)
+        return RobotSender(
+            backend, policy, images=images, on_attempt=on_attempt, key_check_interval=self.hil_key_check_interval
+        )
 
     def callback_intake(self) -> CallbackIntake:
         """How this process reads the robot's callback requests."""

@@ -38,11 +38,20 @@ logger = logging.getLogger(__name__)
 
 ERR_RATE_LIMITED = 45009
 ERR_INVALID_KEY = 93000
+ERR_ROBOT_DISABLED = 93004
 ERR_TOO_LONG = 40058
 ERR_NETWORK = -1
 ERR_BAD_RESPONSE = -2
 ERR_UNSUPPORTED = -3
 ERR_INVALID_MESSAGE = -4
+# Errcodes that mean "this robot cannot send at all", whatever the message or chat: 93000 invalid webhook url (the
+# key is wrong or revoked, or the robot was removed from its group) and 93004 (the robot is disabled, per WeCom's
+# global error code list). Not here: 93005/93006/93008 (one user or chat the robot may not reach; another chat still
+# works), 40008/40058/44004 (one bad message), 45009 (rate limit, retried).
+KEY_REFUSED_ERRCODES = frozenset({ERR_INVALID_KEY, ERR_ROBOT_DISABLED})
+# What the key check uploads (upload_media, type=file): it proves the key works and posts nothing in the chat;
+# WeCom keeps the file for three days, unused.
+KEY_CHECK_FILE = ("hil-key-check.txt", b"hil-mcp BOT_KEY check\n")
 
 ATTEMPT_TIMEOUT = 10.0
 # WeCom's answers are a few dozen bytes; anything near this is not WeCom talking.
@@ -135,6 +144,8 @@ def error_for(errcode: int, errmsg: str) -> WeComError:
         return WeComRateLimited(errcode, errmsg, "发送过于频繁，已按企业微信的频率限制重试")
     if errcode == ERR_INVALID_KEY:
         return WeComInvalidKey(errcode, errmsg, "机器人 Key 无效或机器人已被移出群聊，请检查 BOT_KEY")
+    if errcode == ERR_ROBOT_DISABLED:
+        return WeComInvalidKey(errcode, errmsg, "机器人已被停用，请在群设置中启用它或更换 BOT_KEY")
     if errcode == ERR_TOO_LONG:
         return WeComContentTooLong(errcode, errmsg, "消息超过企业微信的长度限制")
     return WeComError(errcode, errmsg)
@@ -531,9 +542,62 @@ class _Pacer:
             self._throttled = False
 
 
+class KeyHealth:
+    """Whether WeCom takes this robot's key. Refused (an errcode of KEY_REFUSED_ERRCODES) from the attempt that got
+    one until a later send or key check succeeds; `/health` reports it (503, naming BOT_KEY) while it lasts."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.refused: WeComError | None = None
+        self.since = 0.0  # monotonic, while refused
+        self._clock = clock
+        self._waiters: list[asyncio.Event] = []
+
+    def note(self, errcode: int, error: WeComError | None = None) -> None:
+        """What one request with the key got back: 0 for success."""
+        if errcode in KEY_REFUSED_ERRCODES and error is not None:
+            if self.refused is None:
+                self.since = self._clock()
+                logger.error("WeCom refuses BOT_KEY (errcode %d): every send fails until it is fixed", errcode)
+                self._changed()
+            self.refused = error
+        elif errcode == 0 and self.refused is not None:
+            logger.warning("WeCom takes BOT_KEY again after %.0fs", self._clock() - self.since)
+            self.refused = None
+            self._changed()
+
+    def reason(self) -> str | None:
+        """Why the key does not work, while it does not (what the worker tells the server); None while it works (or
+        nothing has said otherwise)."""
+        error = self.refused
+        if error is None:
+            return None
+        return (
+            f"WeCom refuses BOT_KEY (errcode {error.errcode}: {printable(error.errmsg, 80)}): every send fails; "
+            "check BOT_KEY and that the robot is still in its group and enabled"
+        )
+
+    def problem(self) -> str | None:
+        """`reason()` with how long it has lasted, for this process's /health."""
+        reason = self.reason()
+        return None if reason is None else f"{reason} (for {self._clock() - self.since:.0f}s)"
+
+    async def wait_change(self) -> None:
+        event = asyncio.Event()
+        self._waiters.append(event)
+        try:
+            await event.wait()
+        finally:
+            self._waiters.remove(event)
+
+    def _changed(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+
 class RobotSender:
     """One per robot (BOT_KEY): everything that goes to WeCom goes through here. `images` fetches image URLs
-    (default: public hosts only)."""
+    (default: public hosts only). `key` tracks whether WeCom takes the key; `watch_key()` re-checks it every
+    `key_check_interval` seconds while it is refused."""
 
     def __init__(
         self,
@@ -544,10 +608,13 @@ class RobotSender:
         on_attempt: Callable[[int], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        key_check_interval: float = 60.0,
     ) -> None:
         self.backend = backend
         self.images = images or ImageFetcher()
         self.policy = policy or RetryPolicy()
+        self.key = KeyHealth(clock)
+        self.key_check_interval = key_check_interval
         self._clock = clock
         self._pacer = _Pacer(self.policy, clock, sleep)
         # An observer (metrics) sees every attempt's errcode.
@@ -593,11 +660,35 @@ class RobotSender:
         try:
             await self.backend.send(payload, bound)
         except WeComError as exc:
+            self.key.note(exc.errcode, exc)
             if self.on_attempt:
                 self.on_attempt(exc.errcode)
             raise
+        self.key.note(0)
         if self.on_attempt:
             self.on_attempt(0)
+
+    async def check_key(self) -> None:
+        """Ask WeCom whether it takes the key, without posting anything: an upload_media of a tiny file. A refusal
+        keeps (or marks) it refused, success clears it; a network error or a backend that cannot upload (fly-pigeon)
+        says nothing, and only the next successful send clears a refusal."""
+        filename, data = KEY_CHECK_FILE
+        try:
+            await self.backend.upload_file(filename, data, self.policy.attempt_timeout)
+        except WeComError as exc:
+            if exc.errcode in KEY_REFUSED_ERRCODES:
+                self.key.note(exc.errcode, exc)
+            else:
+                logger.info("BOT_KEY check inconclusive: %s", printable(str(exc)))
+            return
+        self.key.note(0)
+
+    async def watch_key(self) -> None:
+        """Background task: while the key is refused, check it every `key_check_interval` seconds."""
+        while True:
+            await asyncio.sleep(self.key_check_interval)
+            if self.key.refused is not None:
+                await self.check_key()
 
     async def send_text(self, chat_id: str | None, content: str, mentioned_list: list[str] | None = None) -> int:
         with _valid_unicode():

@@ -21,10 +21,12 @@ from hil_protocol.http_errors import error_response
 from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__, errors
+from .audit import json_lines, parse_since
 from .auth import can_see, grant_of
 from .errors import InvalidRequest
 from .models import PollResponse, SendRequest, SendResponse, Session, is_session_ref
 from .state import ServerState, server_state
+from .store import AUDIT_LIMIT_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -197,3 +199,34 @@ async def upload_image(file: Annotated[UploadFile, File()]) -> dict[str, Any]:
     except ImageError as exc:
         raise HTTPException(400, str(exc)) from exc
     return {"success": True, "image_url": to_data_url(data)}
+
+
+@router.get(
+    "/api/audit",
+    response_class=Response,
+    responses={
+        200: {"content": {"application/x-ndjson": {}}, "description": "one audit event per line, oldest first"},
+        401: {"description": "API token missing or wrong"},
+        422: {"description": "since, chat_id or limit not understood"},
+    },
+)
+async def audit_export(
+    request: Request,
+    since: Annotated[
+        str | None,
+        Query(description="only events at or after this time: epoch seconds or ISO 8601", examples=["2026-01-31"]),
+    ] = None,
+    chat_id: Annotated[str | None, Query(max_length=128, description="only events in this chat")] = None,
+    limit: Annotated[int, Query(ge=1, le=AUDIT_LIMIT_MAX, description="at most this many events")] = 10_000,
+) -> Response:
+    """The audit trail as JSON lines. With API tokens, a token sees only the events of its own questions (whatever
+    `chat_id` it names: another token's chat gives no lines, and says nothing about whether that chat has any)."""
+    try:
+        start = parse_since(since)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    grant = grant_of(request)
+    rows = await server_state(request)["service"].store.audit_rows(
+        since=start, chat_id=chat_id, owner=grant.owner if grant else None, limit=limit
+    )
+    return Response(json_lines(rows), media_type="application/x-ndjson")

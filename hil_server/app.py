@@ -28,7 +28,7 @@ from .events import RecentEvents
 from .metrics import Metrics, RequestTimer
 from .service import HilService
 from .state import ServerState, server_state
-from .store import SessionStore, SqlitePersistence, StoreUnavailable
+from .store import STORE_FILE, SessionStore, SqlitePersistence, StoreUnavailable
 
 logger = logging.getLogger("hil_server")
 
@@ -60,7 +60,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
         persistence = None
         if settings.hil_store == "sqlite":
-            persistence = await SqlitePersistence.open(settings.hil_data_dir / "hil-server.sqlite3")
+            persistence = await SqlitePersistence.open(settings.hil_data_dir / STORE_FILE)
         store = await SessionStore.open(persistence)
         hub = WorkerHub(
             grace=settings.worker_grace,
@@ -91,6 +91,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                     msgid_memory=settings.hil_callback_max_age * 2,
                     default_chat_id=settings.hil_default_chat_id,
                     default_responders=settings.default_responders,
+                    audit_retention=settings.hil_audit_retention,
                 )
                 meters.bind(store)
                 await service.resolve_interrupted()

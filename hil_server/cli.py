@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import sqlite3
+import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from hil_protocol.cli import console_parser, load_settings, run_process
+from hil_protocol.cli import console_parser, fail, load_settings, run_process
 
 from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
@@ -26,6 +30,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mode", choices=["auto", "relay", "direct"], help="auto: direct when BOT_KEY is set (HIL_MODE)"
     )
+    commands = parser.add_subparsers(dest="command", metavar="{audit}", help="without a command: run the server")
+    audit = commands.add_parser("audit", help="the audit trail of questions, answers and decisions")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="{export}")
+    export = audit_commands.add_parser(
+        "export",
+        help="print the audit trail as JSON lines, oldest first (reads the store in HIL_DATA_DIR; "
+        "safe while the server runs)",
+    )
+    # SUPPRESS: an unset flag here must not overwrite the same flag given before the command
+    export.add_argument("--data-dir", default=argparse.SUPPRESS, help="the server's HIL_DATA_DIR (default ./data)")
+    export.add_argument("--since", help="only events at or after this time: epoch seconds or ISO 8601")
+    export.add_argument("--chat-id", help="only events in this chat")
+    export.add_argument("--limit", type=int, default=100_000, help="at most this many events (default 100000)")
     return parser.parse_args(argv)
 
 
@@ -35,8 +52,42 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
     return load_settings(ServerSettings, PROG, overrides)
 
 
+def export_audit(args: argparse.Namespace, settings: ServerSettings) -> None:
+    """`hil-server audit export`: the operator's view of the whole trail (every token's rows)."""
+    from .audit import json_lines, parse_since
+    from .store import AUDIT_LIMIT_MAX, STORE_FILE, SqlitePersistence
+
+    try:
+        since = parse_since(args.since)
+    except ValueError as exc:
+        fail(PROG, str(exc), 2)
+    if not 1 <= args.limit <= AUDIT_LIMIT_MAX:
+        fail(PROG, f"--limit: give 1 to {AUDIT_LIMIT_MAX}", 2)
+    if settings.hil_store != "sqlite":
+        fail(PROG, "HIL_STORE=memory keeps no audit trail on disk: nothing to export")
+    path = Path(settings.hil_data_dir) / STORE_FILE
+    if not path.is_file():
+        fail(PROG, f"no session store at {path}: point --data-dir (HIL_DATA_DIR) at the server's data directory")
+
+    async def read() -> str:
+        persistence = await SqlitePersistence.open(path, migrate=False)
+        try:
+            return json_lines(await persistence.audit_rows(since, args.chat_id, None, args.limit))
+        finally:
+            await persistence.close()
+
+    try:
+        sys.stdout.write(asyncio.run(read()))
+    except (sqlite3.Error, OSError, RuntimeError, ValueError) as exc:
+        fail(PROG, f"cannot read the audit trail from {path}: {exc}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    settings = settings_from_args(parse_args(argv))
+    args = parse_args(argv)
+    settings = settings_from_args(args)
+    if args.command == "audit":
+        export_audit(args, settings)
+        return
 
     def build() -> Any:
         from .app import create_app

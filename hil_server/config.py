@@ -43,6 +43,9 @@ class ServerSettings(RobotSettings):
     hil_relay_callbacks: bool = False
     # seconds between attempts to write again after the store failed (a full or failing disk)
     hil_store_retry_interval: float = Field(default=2.0, gt=0)
+    # how long the audit trail (every question, answer, refusal and decision) is kept, seconds; independent of
+    # SESSION_RETENTION (default 180 days)
+    hil_audit_retention: float = Field(default=180 * 86400.0, gt=0)
 
     # The WeCom AI bot (智能机器人) over its long connection: auto picks it when WECOM_AIBOT_ID is set.
     hil_channel: Literal["auto", "webhook", "aibot"] = "auto"

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from hil_protocol.callback import IncomingMessage
 from hil_protocol.messages import new_short_id
 from hil_protocol.outbound import CardUpdate, Notice, Question
 
-from . import hints
+from . import audit, hints
 from .approvals import answered, tally
 from .channels import Channel, ChannelError
 from .choices import APPROVAL_OPTIONS, Pick
@@ -48,6 +49,8 @@ POLL_WAIT_MAX = 60.0
 # A question the agent waits on again (wait_for_reply after a timeout) stays open this long past the held poll,
 # so the next poll of the same wait finds it still waiting.
 REOPEN_GRACE = 5.0
+# The audit trail is purged of rows past HIL_AUDIT_RETENTION at most this often (seconds).
+AUDIT_PURGE_INTERVAL = 3600.0
 
 
 class ServiceMetrics(Protocol):
@@ -85,7 +88,10 @@ class HilService:
         default_chat_id: str | None = None,
         default_responders: tuple[str, ...] = (),
         clock: Callable[[], float] = time.time,
+        audit_retention: float = 180 * 86400.0,
     ) -> None:
+        self.audit_retention = audit_retention
+        self._audit_purged_at = -math.inf
         self.store = store
         self.channel = channel
         self.metrics: ServiceMetrics = metrics or NoMetrics()
@@ -132,6 +138,16 @@ class HilService:
             try:
                 await self.channel.send_question(question)
             except ChannelError as exc:
+                await self.store.append_audit(
+                    audit.AuditEvent(
+                        at=self._clock(),
+                        kind="send_failed",
+                        owner=owner,
+                        chat_id=chat_id,
+                        via="agent",
+                        detail={"wait_reply": False, "error": str(exc), "errcode": exc.errcode},
+                    )
+                )
                 return SendResponse(success=False, message=f"发送失败：{exc}", error=str(exc), errcode=exc.errcode)
             return SendResponse(success=True, message="消息已发送")
 
@@ -158,7 +174,7 @@ class HilService:
         )
         # Stored before it is sent, so a quote-reply to its first part that comes back before the last part is
         # sent still finds it; `sending` keeps it out of plain-reply matching and hints until a person saw it.
-        await self.store.save(session)
+        await self.store.save(session, audit=[audit.asked(session, now)])
         try:
             await self.channel.send_question(
                 dataclasses.replace(question, short_id=short_id, card_id=session.session_id)
@@ -204,7 +220,7 @@ class HilService:
         session.status = "waiting"
         session.deadline = max(session.deadline, self._clock() + wait + REOPEN_GRACE)
         session.closed_at = None
-        await self.store.save(session)
+        await self.store.save(session, audit=[audit.question_event("reopened", session, self._clock(), via="agent")])
         logger.info("waiting again session_id=%s short_id=%s", session.session_id, session.short_id)
 
     def _poll_response(self, session: Session) -> PollResponse:
@@ -232,15 +248,24 @@ class HilService:
 
     async def mark_timeout(self, session: Session) -> None:
         if session.status in ("sending", "waiting"):
-            await self._close(session, "timeout")
+            await self._close(session, "timeout", kind="cancelled")
             logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
 
-    async def _close(self, session: Session, status: Literal["replied", "timeout", "failed"], error: str | None = None):
+    async def _close(
+        self,
+        session: Session,
+        status: Literal["replied", "timeout", "failed"],
+        error: str | None = None,
+        kind: audit.AuditKind | None = None,
+    ):
         session.status = status
         session.closed_at = self._clock()
         if error:
             session.error = error
-        await self.store.save(session)
+        kind = kind or {"replied": "decided", "timeout": "timeout", "failed": "send_failed"}[status]
+        via = "agent" if kind == "cancelled" else "server"
+        row = audit.question_event(kind, session, session.closed_at, via=via, error=error)
+        await self.store.save(session, audit=[row])
         self.events.add(session, status)
         self._wake(session.session_id)
 
@@ -293,7 +318,8 @@ class HilService:
             session.refused.append(
                 Refused(userid=msg.from_user.userid, name=msg.from_user.name, at=self._clock(), text=msg.answer[:200])
             )
-            await self.store.save(session, msgid=msg.msgid)
+            refusal = audit.person_event("refused", session, msg, self._clock(), reason="not a responder")
+            await self.store.save(session, msgid=msg.msgid, audit=[refusal])
             self.events.add(session, "refused (not a responder)", by=_who(msg), chat_id=msg.chat_id)
             logger.info(
                 "answer refused session_id=%s short_id=%s userid=%s: not a responder",
@@ -301,8 +327,10 @@ class HilService:
                 session.short_id,
                 msg.from_user.userid,
             )
-        elif msg.msgid:
-            await self.store.save(msgid=msg.msgid)
+        else:
+            not_taken = self._not_taken(decision, msg)
+            if msg.msgid or not_taken:
+                await self.store.save(msgid=msg.msgid, audit=not_taken)
         if decision.notice is not None:
             self._notify(decision.notice)
         if session is not None and msg.card is not None and msg.reply_to:
@@ -310,14 +338,41 @@ class HilService:
             title = hints.card_title(session)
             self._notify(CardUpdate(session.session_id, msg.reply_to, title, hints.card_result(session)))
 
+    def _not_taken(self, decision: Decision, msg: IncomingMessage) -> list[audit.AuditEvent]:
+        """The audit row of a message about a question that was not taken as its answer: quoted in another chat,
+        a reply that decides nothing, a click on a decided question. Messages about no question are not recorded."""
+        session = decision.session
+        if session is None and decision.outcome == "hint_other_chat" and msg.quoted_short_id:
+            session = self.store.get_by_short_id(msg.quoted_short_id)
+        if session is None:
+            return []
+        return [audit.person_event("refused", session, msg, self._clock(), reason=decision.outcome)]
+
     async def _take(self, session: Session, decision: Decision, msg: IncomingMessage) -> None:
         pick = decision.pick
         session.replies.append(_reply(msg, decision.matched_by or "quote", pick))
         decided = answered(session)
+        now = self._clock()
+        rows = [
+            audit.person_event(
+                "reply", session, msg, now, matched_by=decision.matched_by, choice=pick.label if pick else None
+            )
+        ]
         if decided and session.status in ("sending", "waiting"):
             session.status = "replied"
-            session.closed_at = self._clock()
-        await self.store.save(session, msgid=msg.msgid)
+            session.closed_at = now
+            approval = tally(session) if session.approvals_required else None
+            rows.append(
+                audit.question_event(
+                    "decided",
+                    session,
+                    now,
+                    choice=pick.label if pick else None,
+                    approved=approval.approved if approval else None,
+                    decided_by=approval.decided_by if approval else [msg.from_user.userid],
+                )
+            )
+        await self.store.save(session, msgid=msg.msgid, audit=rows)
         label = f" choice={pick.label}" if pick else ""
         self.events.add(session, f"replied ({decision.matched_by}){label}", by=_who(msg), chat_id=msg.chat_id)
         if decided:
@@ -361,7 +416,8 @@ class HilService:
         """At start: questions the last run was still sending may never have reached the chat. They fail (the
         agent's poll says why) and the chat is told not to answer them."""
         for session in [s for s in self.store.all() if s.status == "sending"]:
-            await self._close(session, "failed", error="服务在发送这个问题时重启，问题可能没有完整发出；请重新提问")
+            error = "服务在发送这个问题时重启，问题可能没有完整发出；请重新提问"
+            await self._close(session, "failed", error=error, kind="interrupted")
             notice = Notice(chat_id=session.chat_id, text=hints.abandoned(session), markdown=False, kind="abandoned")
             self._notify(notice)
             logger.warning(
@@ -385,6 +441,11 @@ class HilService:
             await self.store.delete(expired)
             logger.info("purged %d closed sessions", len(expired))
         await self.store.forget_msgids(now - self.msgid_memory)
+        if now - self._audit_purged_at >= AUDIT_PURGE_INTERVAL:
+            self._audit_purged_at = now
+            purged = await self.store.purge_audit(now - self.audit_retention)
+            if purged:
+                logger.info("purged %d audit rows older than HIL_AUDIT_RETENTION", purged)
 
     async def run_sweeper(self, interval: float) -> None:
         while True:

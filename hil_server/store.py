@@ -10,6 +10,9 @@ later write is refused with `StoreUnavailable` (callbacks answer 503 and are sen
 until `recover()` finds the disk writable again and reloads memory from it. Nothing is acknowledged that is not
 durable, and nothing durable is forgotten.
 
+The audit trail (`audit.AuditEvent`) lives here too: appended with the session change it records (one
+transaction), read with `audit_rows()`, purged with `purge_audit()`; without a persistence it is kept in memory.
+
 `SqlitePersistence` is the embedded default; a networked store can implement `Persistence` (or replace
 `SessionStore`) without touching the handlers.
 """
@@ -23,15 +26,21 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
+from .audit import AuditEvent
 from .models import Session
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# the SQLite store's file in HIL_DATA_DIR
+STORE_FILE = "hil-server.sqlite3"
+# rows one audit query returns at most, and the rows a store without persistence (HIL_STORE=memory) keeps
+AUDIT_LIMIT_MAX = 100_000
 
 Snapshot = tuple[list[Session], dict[str, float]]
 
@@ -44,10 +53,24 @@ class Persistence(Protocol):
     async def load(self) -> Snapshot: ...
 
     async def write(
-        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+        self,
+        sessions: Iterable[Session] = (),
+        msgids: Iterable[tuple[str, float]] = (),
+        delete: Iterable[str] = (),
+        audit: Iterable[AuditEvent] = (),
     ) -> None: ...
 
     async def purge_msgids(self, before: float) -> None: ...
+
+    async def audit_rows(
+        self, since: float | None, chat_id: str | None, owner: str | None, limit: int
+    ) -> list[AuditEvent]:
+        """Audit rows in the order they were written, oldest first; `owner` None: every owner."""
+        ...
+
+    async def purge_audit(self, before: float) -> int:
+        """Drop the audit rows older than `before`; returns how many."""
+        ...
 
     async def probe(self) -> None:
         """Raise unless a write would succeed now."""
@@ -64,6 +87,9 @@ class SessionStore:
         self._by_short: dict[str, str] = {}
         self._waiting_by_chat: dict[str | None, dict[str, None]] = {}  # insertion-ordered sets
         self._msgids: dict[str, float] = {}
+        # only without a persistence (the newest rows, bounded); with one the trail lives on disk
+        self._audit: deque[AuditEvent] = deque(maxlen=AUDIT_LIMIT_MAX)
+        self._audit_seq = 0
         self.broken: str | None = None  # why writes are refused, while they are
 
     @classmethod
@@ -106,14 +132,56 @@ class SessionStore:
         return len(self._sessions)
 
     # --- writes: memory now, durable when awaited ---
-    async def save(self, *sessions: Session, msgid: str | None = None) -> None:
+    async def save(self, *sessions: Session, msgid: str | None = None, audit: Iterable[AuditEvent] = ()) -> None:
+        """Make the sessions, the msgid and the audit rows that record the change durable, in one transaction."""
         self._check_writable()
         now = self._clock()
         for session in sessions:
             self._index(session)
         if msgid:
             self._msgids[msgid] = now
-        await self._write(sessions, [(msgid, now)] if msgid else ())
+        audit = list(audit)
+        if self._persistence is None:
+            for event in audit:
+                self._audit_seq += 1
+                self._audit.append(event.model_copy(update={"seq": self._audit_seq}))
+        await self._write(sessions, [(msgid, now)] if msgid else (), audit=audit)
+
+    async def append_audit(self, *events: AuditEvent) -> None:
+        """Audit rows that record no session change (a refusal, a send that failed before a session existed)."""
+        await self.save(audit=events)
+
+    async def audit_rows(
+        self, since: float | None = None, chat_id: str | None = None, owner: str | None = None, limit: int = 10_000
+    ) -> list[AuditEvent]:
+        """The audit trail, oldest first: rows at or after `since`, in `chat_id`, of `owner` (None: anyone's)."""
+        limit = max(1, min(limit, AUDIT_LIMIT_MAX))
+        if self._persistence is not None:
+            try:
+                return await self._persistence.audit_rows(since, chat_id, owner, limit)
+            except (sqlite3.Error, OSError, ValueError) as exc:
+                raise StoreUnavailable(f"the audit trail cannot be read ({type(exc).__name__}: {exc})") from exc
+        rows = (
+            e
+            for e in self._audit
+            if (since is None or e.at >= since)
+            and (chat_id is None or e.chat_id == chat_id)
+            and (owner is None or e.owner == owner)
+        )
+        return list(itertools.islice(rows, limit))
+
+    async def purge_audit(self, before: float) -> int:
+        """Forget audit rows older than `before` (HIL_AUDIT_RETENTION); returns how many."""
+        self._check_writable()
+        if self._persistence is None:
+            kept = deque((e for e in self._audit if e.at >= before), maxlen=AUDIT_LIMIT_MAX)
+            dropped, self._audit = len(self._audit) - len(kept), kept
+            return dropped
+        try:
+            return await self._persistence.purge_audit(before)
+        except (sqlite3.Error, OSError, ValueError) as exc:
+            self._break(exc)
+            raise StoreUnavailable(self.broken) from exc
 
     async def delete(self, session_ids: Iterable[str]) -> None:
         self._check_writable()
@@ -170,12 +238,16 @@ class SessionStore:
             raise StoreUnavailable(self.broken)
 
     async def _write(
-        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+        self,
+        sessions: Iterable[Session] = (),
+        msgids: Iterable[tuple[str, float]] = (),
+        delete: Iterable[str] = (),
+        audit: Iterable[AuditEvent] = (),
     ) -> None:
         if self._persistence is None:
             return
         try:
-            await self._persistence.write(sessions, msgids, delete)
+            await self._persistence.write(sessions, msgids, delete, audit=audit)
         except (sqlite3.Error, OSError, ValueError) as exc:
             self._break(exc)
             raise StoreUnavailable(self.broken) from exc
@@ -214,14 +286,18 @@ class SqlitePersistence:
     commit), so many concurrent saves cost one commit and the event loop never touches the disk. Open it with
     `await SqlitePersistence.open(path)`."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, migrate: bool = True) -> None:
         # Blocking: call through open(), which runs this in a thread.
-        path.parent.mkdir(parents=True, exist_ok=True)
+        if migrate:
+            path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self._queue: queue.Queue[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop] | None] = queue.Queue()
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         try:
-            self._migrate()
+            if migrate:
+                self._migrate()
+            else:
+                self._check_version()
         except BaseException:
             self._conn.close()
             raise
@@ -229,8 +305,22 @@ class SqlitePersistence:
         self._thread.start()
 
     @classmethod
-    async def open(cls, path: Path) -> SqlitePersistence:
-        return await asyncio.to_thread(cls, path)
+    async def open(cls, path: Path, *, migrate: bool = True) -> SqlitePersistence:
+        """`migrate=False`: a reader beside the running server (`hil-server audit export`): it changes nothing on disk
+        and refuses a store of another schema version."""
+        return await asyncio.to_thread(cls, path, migrate)
+
+    def _check_version(self) -> None:
+        try:
+            row = self._conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+        except sqlite3.OperationalError:  # no meta table: not a store this server wrote
+            row = None
+        version = int(row[0]) if row else 0
+        if version != SCHEMA_VERSION:
+            raise RuntimeError(
+                f"{self.path} has schema version {version}, this hil-server reads {SCHEMA_VERSION}; "
+                "start this hil-server once on it to upgrade it (or use the hil-server that wrote it)"
+            )
 
     def _migrate(self) -> None:
         conn = self._conn
@@ -263,15 +353,50 @@ class SqlitePersistence:
                 COMMIT;
                 """
             )
+        if version < 2:
+            # 2: the audit trail. Append-only; seq is the order rows were written (AUTOINCREMENT: never reused,
+            # even after a purge, so an exporter can resume after the last seq it saw).
+            conn.executescript(
+                """
+                BEGIN;
+                CREATE TABLE audit (
+                    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+                    at REAL NOT NULL,
+                    kind TEXT NOT NULL,
+                    owner TEXT,
+                    chat_id TEXT,
+                    session_id TEXT,
+                    data TEXT NOT NULL
+                );
+                CREATE INDEX audit_at ON audit (at);
+                INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', '2');
+                COMMIT;
+                """
+            )
 
     async def load(self) -> Snapshot:
         return await self._submit("load", None)
 
     async def write(
-        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+        self,
+        sessions: Iterable[Session] = (),
+        msgids: Iterable[tuple[str, float]] = (),
+        delete: Iterable[str] = (),
+        audit: Iterable[AuditEvent] = (),
     ) -> None:
         rows = [(s.session_id, s.short_id, s.chat_id, s.status, s.created_at, s.model_dump_json()) for s in sessions]
-        await self._submit("write", (rows, list(msgids), list(delete)))
+        audit_rows = [
+            (e.at, e.kind, e.owner, e.chat_id, e.session_id, e.model_dump_json(exclude={"seq", "time"})) for e in audit
+        ]
+        await self._submit("write", (rows, list(msgids), list(delete), audit_rows))
+
+    async def audit_rows(
+        self, since: float | None, chat_id: str | None, owner: str | None, limit: int
+    ) -> list[AuditEvent]:
+        return await self._submit("audit", (since, chat_id, owner, limit))
+
+    async def purge_audit(self, before: float) -> int:
+        return await self._submit("purge_audit", (before,))
 
     async def purge_msgids(self, before: float) -> None:
         await self._submit("purge", (before,))
@@ -312,14 +437,14 @@ class SqlitePersistence:
         # Consecutive writes share one transaction; loads and probes run on their own, in queue order.
         group: list[tuple[str, Any, asyncio.Future[Any], asyncio.AbstractEventLoop]] = []
         for item in batch:
-            if item[0] in ("write", "purge"):
+            if item[0] in ("write", "purge", "purge_audit"):
                 group.append(item)
                 continue
             self._commit(group)
             group = []
-            op, _, future, loop = item
+            op, args, future, loop = item
             try:
-                result = self._load() if op == "load" else self._probe()
+                result = self._load() if op == "load" else self._audit(*args) if op == "audit" else self._probe()
             except (sqlite3.Error, OSError, ValueError) as exc:
                 logger.error("sqlite %s failed: %s", op, exc)
                 loop.call_soon_threadsafe(_settle, future, None, exc)
@@ -337,6 +462,25 @@ class SqlitePersistence:
         msgids = dict(self._conn.execute("SELECT msgid, seen_at FROM msgids ORDER BY seen_at").fetchall())
         return sessions, msgids
 
+    def _audit(self, since: float | None, chat_id: str | None, owner: str | None, limit: int) -> list[AuditEvent]:
+        query = "SELECT seq, data FROM audit WHERE at >= ?"
+        params: list[Any] = [since if since is not None else float("-inf")]
+        if chat_id is not None:
+            query += " AND chat_id = ?"
+            params.append(chat_id)
+        if owner is not None:
+            query += " AND owner = ?"
+            params.append(owner)
+        query += " ORDER BY seq LIMIT ?"
+        params.append(limit)
+        events: list[AuditEvent] = []
+        for seq, data in self._conn.execute(query, params):
+            try:
+                events.append(AuditEvent.model_validate_json(data).model_copy(update={"seq": seq}))
+            except ValueError:
+                logger.warning("skipping an unreadable audit row seq=%d in %s", seq, self.path)
+        return events
+
     def _probe(self) -> None:
         self._conn.execute("BEGIN IMMEDIATE")
         try:
@@ -350,11 +494,13 @@ class SqlitePersistence:
         if not group:
             return
         error: Exception | None = None
+        results: list[Any] = []
         try:
             self._conn.execute("BEGIN")
             for op, args, _, _ in group:
+                result = None
                 if op == "write":
-                    rows, msgids, delete = args
+                    rows, msgids, delete, audit = args
                     self._conn.executemany(
                         "INSERT OR REPLACE INTO sessions (session_id, short_id, chat_id, status, created_at, data)"
                         " VALUES (?, ?, ?, ?, ?, ?)",
@@ -362,16 +508,24 @@ class SqlitePersistence:
                     )
                     self._conn.executemany("INSERT OR IGNORE INTO msgids (msgid, seen_at) VALUES (?, ?)", msgids)
                     self._conn.executemany("DELETE FROM sessions WHERE session_id = ?", [(i,) for i in delete])
+                    self._conn.executemany(
+                        "INSERT INTO audit (at, kind, owner, chat_id, session_id, data) VALUES (?, ?, ?, ?, ?, ?)",
+                        audit,
+                    )
                 elif op == "purge":
                     self._conn.execute("DELETE FROM msgids WHERE seen_at < ?", args)
+                elif op == "purge_audit":
+                    result = self._conn.execute("DELETE FROM audit WHERE at < ?", args).rowcount
+                results.append(result)
             self._conn.execute("COMMIT")
         except (sqlite3.Error, ValueError) as exc:  # ValueError: e.g. UnicodeEncodeError from a lone surrogate
             # Failing the group's futures, never the thread: a dead writer would leave every later save hanging.
             error = exc
             logger.error("sqlite write failed: %s", exc)
             self._rollback()
-        for _, _, future, loop in group:
-            loop.call_soon_threadsafe(_settle, future, None, error)
+        for index, (_, _, future, loop) in enumerate(group):
+            result = results[index] if error is None else None
+            loop.call_soon_threadsafe(_settle, future, result, error)
 
     def _rollback(self) -> None:
         try:

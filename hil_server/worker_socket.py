@@ -10,6 +10,7 @@ from fastapi import APIRouter, WebSocket, WebSocketDisconnect
 from hil_protocol.callback import CallbackError, parse_callback
 from hil_protocol.relay_frames import (
     FEATURE_CALLBACK_ACK,
+    FEATURE_WORKER_STATUS,
     Callback,
     CallbackAck,
     FrameError,
@@ -17,6 +18,7 @@ from hil_protocol.relay_frames import (
     Ping,
     Pong,
     Response,
+    WorkerStatus,
     parse_frame,
 )
 from hil_protocol.settings import secret_value
@@ -57,7 +59,7 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
 
     link = WorkerLink(worker_id=(worker_id or uuid.uuid4().hex[:8])[:64], send_text=send_text, close=close)
     try:
-        await link.send(Hello(features=[FEATURE_CALLBACK_ACK]))
+        await link.send(Hello(features=[FEATURE_CALLBACK_ACK, FEATURE_WORKER_STATUS]))
     except ConnectionError:
         logger.info("worker left before its hello worker_id=%s", link.worker_id)
         return
@@ -93,6 +95,11 @@ async def worker_socket(websocket: WebSocket, worker_id: str | None = None, toke
                     await link.send(CallbackAck(id=frame.id))
             elif isinstance(frame, Ping):
                 await link.send(Pong())
+            elif isinstance(frame, WorkerStatus):
+                problem = (frame.bot_key_refused or "")[:300] or None
+                if problem != link.key_problem:
+                    logger.warning("worker_id=%s BOT_KEY %s", link.worker_id, problem or "works again")
+                link.key_problem = problem
     except (WebSocketDisconnect, ConnectionError):  # gone while we read, acknowledged or answered a ping
         pass
     finally:

@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from hil_protocol.callback import parse_callback
 from hil_protocol.outbound import Notice, Question, SendReceipt
 from hil_server.app import create_app
+from hil_server.audit import AuditEvent
 from hil_server.models import SendRequest, Session
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence, StoreUnavailable
@@ -28,11 +29,15 @@ class FlakyDisk(SqlitePersistence):
     full = False
 
     async def write(
-        self, sessions: Iterable[Session] = (), msgids: Iterable[tuple[str, float]] = (), delete: Iterable[str] = ()
+        self,
+        sessions: Iterable[Session] = (),
+        msgids: Iterable[tuple[str, float]] = (),
+        delete: Iterable[str] = (),
+        audit: Iterable[AuditEvent] = (),
     ) -> None:
         if self.full:
             raise sqlite3.OperationalError("database or disk is full")
-        await super().write(sessions, msgids, delete)
+        await super().write(sessions, msgids, delete, audit)
 
     async def probe(self) -> None:
         if self.full:

@@ -508,7 +508,7 @@ async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
 
     conn = sqlite3.connect(path)
     try:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("1",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
     finally:
         conn.close()
 

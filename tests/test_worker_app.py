@@ -172,3 +172,29 @@ async def test_a_spool_that_cannot_be_opened_is_a_spool_error(tmp_path: Path) ->
     (tmp_path / SPOOL_FILE).mkdir()  # a directory where the file should be
     with pytest.raises(SpoolError, match="cannot open"):
         await Spool.open(tmp_path / SPOOL_FILE)
+
+
+@pytest.mark.parametrize(
+    ("host", "auth", "warned"),
+    [
+        ("0.0.0.0", {}, True),
+        ("::", {}, True),
+        ("10.1.2.3", {}, True),
+        ("worker.example", {}, True),
+        ("127.0.0.1", {}, False),
+        ("::1", {}, False),
+        ("localhost", {}, False),
+        ("0.0.0.0", {"callback_auth_key": "X-Hil-Auth", "callback_auth_value": "v"}, False),
+        ("0.0.0.0", {"wecom_callback_token": "t", "wecom_callback_aes_key": "a" * 43}, False),
+    ],
+)
+def test_an_unauthenticated_callback_on_the_network_is_warned_about_loudly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, host: str, auth: dict[str, str], warned: bool
+) -> None:
+    with caplog.at_level("WARNING", logger="devcloud_worker"):
+        with TestClient(create_app(worker_settings(tmp_path, callback_host=host, **auth))):
+            pass
+    found = [r.getMessage() for r in caplog.records if "CALLBACKS ARE UNAUTHENTICATED" in r.getMessage()]
+    assert bool(found) == warned
+    if warned:
+        assert host in found[0] and "CALLBACK_AUTH_KEY" in found[0]

@@ -3,7 +3,6 @@ callback (`POST /api/callback`), outside this channel."""
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 
 from hil_protocol.images import ImageError
@@ -38,7 +37,11 @@ class WebhookChannel:
         pass  # no cards in a text chat: the question's options are numbered lines
 
     async def run(self, inbox: Inbox) -> None:
-        await asyncio.Event().wait()  # nothing to keep alive: the callback route feeds the inbox
+        # The callback route feeds the inbox; what runs here is the check of a key WeCom refused.
+        await self.sender.watch_key()
 
     def health(self) -> ChannelHealth:
-        return ChannelHealth()
+        problem = self.sender.key.problem()
+        if problem is None:
+            return ChannelHealth()
+        return ChannelHealth(ok=False, reason=problem, fields={"bot_key_ok": False})

@@ -23,6 +23,7 @@ from hil_protocol.relay_frames import (
     SendMessagePayload,
     dump_frame,
 )
+from hil_protocol.wecom_robot import KEY_REFUSED_ERRCODES
 
 from ..choices import as_text
 from . import ChannelError, ChannelHealth, Inbox
@@ -42,6 +43,9 @@ class WorkerLink:
     last_seen: float = field(default_factory=time.monotonic)
     pending: dict[str, asyncio.Future[Response]] = field(default_factory=dict)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # why WeCom refuses this worker's BOT_KEY, while it does: from its `worker_status` frames, or (a seed worker)
+    # from its answers to our requests
+    key_problem: str | None = None
 
     async def send(self, frame: Any) -> None:
         async with self.lock:
@@ -145,7 +149,10 @@ class WorkerHub:
         finally:
             link.pending.pop(request_id, None)
         if not response.success:
+            if response.errcode in KEY_REFUSED_ERRCODES:
+                link.key_problem = link.key_problem or f"WeCom refuses its BOT_KEY (errcode {response.errcode})"
             raise ChannelError(response.error or "worker 发送失败", response.errcode)
+        link.key_problem = None
         return response.data or {}
 
     async def heartbeat(self, interval: float, timeout: float) -> None:
@@ -207,7 +214,17 @@ class RelayChannel:
         await self.hub.heartbeat(self._interval, self._timeout)
 
     def health(self) -> ChannelHealth:
-        return ChannelHealth(fields={"worker_connected": self.hub.count > 0, "worker_count": self.hub.count})
+        # One worker whose key is refused fails the sends routed to it (WeCom's refusal is not retried elsewhere).
+        refused = [
+            f"worker {link.worker_id}: {link.key_problem}" for link in self.hub.links.values() if link.key_problem
+        ]
+        return ChannelHealth(
+            ok=not refused,
+            reason="; ".join(refused) or None,
+            # bot_key_ok appears only while false, so the seed's body is unchanged while all is well
+            fields={"worker_connected": self.hub.count > 0, "worker_count": self.hub.count}
+            | ({"bot_key_ok": False} if refused else {}),
+        )
 
 
 def _int(value: Any, default: int) -> int:
