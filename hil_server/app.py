@@ -28,7 +28,7 @@ from .events import RecentEvents
 from .metrics import Metrics, RequestTimer
 from .service import HilService
 from .state import ServerState, server_state
-from .store import STORE_FILE, SessionStore, SqlitePersistence, StoreUnavailable
+from .store import StoreUnavailable, open_server_store
 
 logger = logging.getLogger("hil_server")
 
@@ -58,10 +58,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
-        persistence = None
-        if settings.hil_store == "sqlite":
-            persistence = await SqlitePersistence.open(settings.hil_data_dir / STORE_FILE)
-        store = await SessionStore.open(persistence)
+        store = await open_server_store(settings)
         hub = WorkerHub(
             grace=settings.worker_grace,
             request_timeout=settings.relay_request_timeout,
@@ -72,7 +69,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
                 if aibot_options is not None:
-                    channel = AibotChannel(aibot_options, http, sessions=store.get, on_attempt=meters.wecom_attempt)
+                    channel = AibotChannel(
+                        aibot_options, http, sessions=store.get_question, on_attempt=meters.wecom_attempt
+                    )
                 elif mode == "direct":
                     channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:
@@ -82,8 +81,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                         heartbeat_timeout=settings.heartbeat_timeout,
                     )
                 service = HilService(
-                    store,
+                    store.repo,
                     channel,
+                    notifier=store.notifier,
                     metrics=meters,
                     events=RecentEvents(),
                     default_timeout=settings.hil_default_timeout,
@@ -93,27 +93,26 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                     default_responders=settings.default_responders,
                     audit_retention=settings.hil_audit_retention,
                 )
-                meters.bind(store)
+                meters.bind(service)
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
                 warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
                 if aibot_options is not None and secret_value(settings.bot_key):
                     logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(
-                    "hil-server %s mode=%s channel=%s store=%s sessions=%d waiting=%d",
+                    "hil-server %s mode=%s channel=%s store=%s waiting=%d",
                     __version__,
                     mode,
                     channel.name,
-                    settings.hil_store,
-                    len(store),
-                    len(store.waiting()),
+                    store.name,
+                    service.waiting_count,
                 )
                 async with asyncio.TaskGroup() as tasks, mcp.run(service):
                     supervisor.start(tasks, "notices", service.run_notices)
                     supervisor.start(tasks, "sweeper", lambda: service.run_sweeper(settings.hil_sweep_interval))
                     supervisor.start(tasks, f"channel-{channel.name}", lambda: channel.run(service.handle_message))
                     supervisor.start(
-                        tasks, "store-recovery", lambda: store.run_recovery(settings.hil_store_retry_interval)
+                        tasks, "store-recovery", lambda: service.run_recovery(settings.hil_store_retry_interval)
                     )
                     try:
                         yield {

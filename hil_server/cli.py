@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any
 
 from hil_protocol.cli import console_parser, fail, load_settings, run_process
+from hil_protocol.settings import secret_value
 
 from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
+from .repository.errors import RepositoryError
 
 PROG = "hil-server"
 DESCRIPTION = (
@@ -54,8 +56,9 @@ def settings_from_args(args: argparse.Namespace) -> ServerSettings:
 
 def export_audit(args: argparse.Namespace, settings: ServerSettings) -> None:
     """`hil-server audit export`: the operator's view of the whole trail (every token's rows)."""
-    from .audit import json_lines, parse_since
-    from .store import AUDIT_LIMIT_MAX, STORE_FILE, SqlitePersistence
+    from .audit import AUDIT_LIMIT_MAX, from_row, json_lines, parse_since
+    from .repository import open_repository
+    from .store import REPOSITORY_FILE, STORE_FILE, SqlitePersistence
 
     try:
         since = parse_since(args.since)
@@ -63,23 +66,34 @@ def export_audit(args: argparse.Namespace, settings: ServerSettings) -> None:
         fail(PROG, str(exc), 2)
     if not 1 <= args.limit <= AUDIT_LIMIT_MAX:
         fail(PROG, f"--limit: give 1 to {AUDIT_LIMIT_MAX}", 2)
-    if settings.hil_store != "sqlite":
+    url = secret_value(settings.hil_database_url)
+    if not url and settings.hil_store != "sqlite":
         fail(PROG, "HIL_STORE=memory keeps no audit trail on disk: nothing to export")
-    path = Path(settings.hil_data_dir) / STORE_FILE
-    if not path.is_file():
+    path = Path(settings.hil_data_dir) / REPOSITORY_FILE
+    old = Path(settings.hil_data_dir) / STORE_FILE
+    if not url and not path.is_file() and not old.is_file():
         fail(PROG, f"no session store at {path}: point --data-dir (HIL_DATA_DIR) at the server's data directory")
 
     async def read() -> str:
-        persistence = await SqlitePersistence.open(path, migrate=False)
+        if url or path.is_file():
+            repo = await open_repository(url or str(path))
+            try:
+                rows = await repo.audit(since=since, chat_id=args.chat_id, limit=args.limit)
+            finally:
+                await repo.close()
+            return json_lines([from_row(row) for row in rows])
+        # a data directory the old store wrote, not yet upgraded (an older server runs on it): read, change nothing
+        persistence = await SqlitePersistence.open(old, migrate=False)
         try:
             return json_lines(await persistence.audit_rows(since, args.chat_id, None, args.limit))
         finally:
             await persistence.close()
 
+    where = "the database" if url else (path if path.is_file() else old)
     try:
         sys.stdout.write(asyncio.run(read()))
-    except (sqlite3.Error, OSError, RuntimeError, ValueError) as exc:
-        fail(PROG, f"cannot read the audit trail from {path}: {exc}")
+    except (sqlite3.Error, OSError, RuntimeError, ValueError, RepositoryError) as exc:
+        fail(PROG, f"cannot read the audit trail from {where}: {exc}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -98,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         PROG,
         settings,
         build,
-        lock="hil-server" if settings.hil_store == "sqlite" else None,
+        # one writer per SQLite data directory; PostgreSQL takes several servers
+        lock="hil-server" if settings.hil_store == "sqlite" and not secret_value(settings.hil_database_url) else None,
         data_dir=settings.hil_data_dir,
         host=settings.hil_host,
         port=settings.hil_port,

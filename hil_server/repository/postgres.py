@@ -46,6 +46,7 @@ from .base import (
     question_from,
     question_row,
     with_answer,
+    with_unclear,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
@@ -294,6 +295,26 @@ class PostgresRepository:
         audit: Sequence[AuditItem] = (),
     ) -> ReplyResult:
         return await self._tx(lambda tx: _record(tx, question_id, "refused", refused, msgid, now, None, outbox, audit))
+
+    async def record_unclear(
+        self, question_id: str, reply: Reply, *, now: float, keep: int, audit: Sequence[AuditItem] = ()
+    ) -> ReplyResult:
+        async def op(tx: _Tx) -> ReplyResult:
+            if not await _seen(tx, reply.msgid, now):
+                return ReplyResult(new=False)
+            cur = await tx.execute("SELECT data FROM questions WHERE id = %s FOR UPDATE", [question_id])
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no question {question_id}")
+            await tx.execute(
+                "UPDATE questions SET data = %s WHERE id = %s", [with_unclear(row["data"], reply, keep), question_id]
+            )
+            (question,) = await _fetch_questions(tx, f"{_SELECT} WHERE id = %s", [question_id])
+            await _audit(tx, audit, now, question)
+            tx.notify(question_id)
+            return ReplyResult(new=True, question=question)
+
+        return await self._tx(op)
 
     async def record_msgid(
         self, msgid: str, *, now: float, outbox: Sequence[OutboxItem] = (), audit: Sequence[AuditItem] = ()

@@ -45,6 +45,7 @@ from .base import (
     question_from,
     question_row,
     with_answer,
+    with_unclear,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
@@ -266,6 +267,48 @@ class SqliteRepository:
         _, future, loop = item
         loop.call_soon_threadsafe(_set, future, result, error)
 
+    # --- copying the whole store (the upgrade from the old store, `hil-server store migrate`) -----------------
+
+    async def table_counts(self) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in schema.TABLES}
+
+        return await self._read(read)
+
+    async def export_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row of every table (`schema.TABLES`), in insertion order."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
+            return {
+                t: [dict(r) for r in conn.execute(f"SELECT {', '.join(cols)} FROM {t} ORDER BY rowid")]
+                for t, cols in schema.TABLES.items()
+            }
+
+        return await self._read(read)
+
+    async def import_tables(self, tables: dict[str, list[dict[str, Any]]], *, force: bool = False) -> dict[str, int]:
+        """Insert these rows (columns of `schema.TABLES`; `id` may be left out) in one transaction. Raises Conflict
+        when the repository holds any row, unless `force` (then everything it held is deleted first)."""
+
+        def op(tx: _Tx) -> dict[str, int]:
+            held = {t for t in schema.TABLES if tx.conn.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()}
+            if held and not force:
+                raise Conflict(f"the target is not empty (it holds {', '.join(sorted(held))})")
+            for table in reversed(schema.TABLES):
+                tx.conn.execute(f"DELETE FROM {table}")
+            counts = {}
+            for table, allowed in schema.TABLES.items():
+                rows = tables.get(table, [])
+                for row in rows:
+                    cols = [c for c in allowed if c in row]
+                    tx.conn.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({_marks(cols)})", [row[c] for c in cols]
+                    )
+                counts[table] = len(rows)
+            return counts
+
+        return await self._write(op)
+
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def create_question(
@@ -368,6 +411,25 @@ class SqliteRepository:
         return await self._write(
             lambda tx: _record(tx, question_id, "refused", refused, msgid, now, None, outbox, audit)
         )
+
+    async def record_unclear(
+        self, question_id: str, reply: Reply, *, now: float, keep: int, audit: Sequence[AuditItem] = ()
+    ) -> ReplyResult:
+        def op(tx: _Tx) -> ReplyResult:
+            if not _seen(tx, reply.msgid, now):
+                return ReplyResult(new=False)
+            row = tx.conn.execute("SELECT data FROM questions WHERE id = ?", [question_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no question {question_id}")
+            tx.conn.execute(
+                "UPDATE questions SET data = ? WHERE id = ?", [with_unclear(row["data"], reply, keep), question_id]
+            )
+            question = _load(tx.conn, question_id)
+            _audit(tx, audit, now, question)
+            tx.notify(question_id)
+            return ReplyResult(new=True, question=question)
+
+        return await self._write(op)
 
     async def record_msgid(
         self, msgid: str, *, now: float, outbox: Sequence[OutboxItem] = (), audit: Sequence[AuditItem] = ()

@@ -1,0 +1,34 @@
+"""A HilService on a real repository for unit tests: SQLite in a scratch directory (removed when the tests end)."""
+
+from __future__ import annotations
+
+import atexit
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from hil_server.channels import Channel
+from hil_server.notifier import Notifier
+from hil_server.repository import Repository, open_with_notifier
+from hil_server.service import HilService
+
+_ROOT = Path(tempfile.mkdtemp(prefix="hil-test-repos-"))
+atexit.register(shutil.rmtree, _ROOT, True)
+
+
+async def open_repo(path: Path | None = None) -> tuple[Repository, Notifier]:
+    """The repository at `path` (a new scratch one when None) and its notifier."""
+    if path is None:
+        path = Path(tempfile.mkdtemp(dir=_ROOT)) / "hil.db"
+    return await open_with_notifier(str(path))
+
+
+async def new_service(channel: Channel | Any, path: Path | None = None, **kw: Any) -> HilService:
+    repo, notifier = await open_repo(path)
+    return HilService(repo, channel, notifier=notifier, **kw)
+
+
+async def close_service(service: HilService) -> None:
+    await service.notifier.close()
+    await service.repo.close()
