@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import shutil
 import tempfile
@@ -12,15 +13,25 @@ from hil_server.channels import Channel
 from hil_server.notifier import Notifier
 from hil_server.repository import Repository, open_with_notifier
 from hil_server.service import HilService
+from tests.conftest_pg import fresh_database_url, on_postgres
 
 _ROOT = Path(tempfile.mkdtemp(prefix="hil-test-repos-"))
 atexit.register(shutil.rmtree, _ROOT, True)
 
 
+# HIL_TEST_BACKEND=postgres: the database standing in for each SQLite path (a reopen finds the same one)
+_DATABASES: dict[Path, str] = {}
+
+
 async def open_repo(path: Path | None = None) -> tuple[Repository, Notifier]:
-    """The repository at `path` (a new scratch one when None) and its notifier."""
+    """The repository at `path` (a new scratch one when None) and its notifier; with HIL_TEST_BACKEND=postgres, a
+    fresh database on the test cluster in its place."""
     if path is None:
         path = Path(tempfile.mkdtemp(dir=_ROOT)) / "hil.db"
+    if on_postgres():
+        if path not in _DATABASES:
+            _DATABASES[path] = await asyncio.to_thread(fresh_database_url)
+        return await open_with_notifier(_DATABASES[path])
     return await open_with_notifier(str(path))
 
 
