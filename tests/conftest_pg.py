@@ -13,7 +13,7 @@ import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +21,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.helpers import free_port
+from tests.pg_backend import MAINTENANCE_URL_ENV, on_postgres
 
 PG_START_TIMEOUT = 60
 
@@ -163,29 +164,7 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
 
 
-# --- the whole server on PostgreSQL: HIL_TEST_BACKEND=postgres ----------------------------------------------------
-# With it, every server process tests/procs.py starts gets HIL_DATABASE_URL of a fresh schema on this cluster, and
-# unit tests' services (tests/service_helpers.py) run on one too.
-BACKEND_ENV = "HIL_TEST_BACKEND"
-# where the session's cluster is announced to helpers that are not fixtures (procs.Stack, service_helpers)
-MAINTENANCE_URL_ENV = "HIL_TEST_PG_MAINTENANCE_URL"
-
-
-def on_postgres() -> bool:
-    return os.environ.get(BACKEND_ENV, "sqlite") == "postgres"
-
-
-def fresh_database_url(maintenance_url: str | None = None) -> str:
-    """A new empty schema on the test cluster, as a URL whose search_path is that schema (left for the cluster's
-    teardown: a server process may still hold it when the test ends)."""
-    import psycopg
-
-    base = maintenance_url or os.environ[MAINTENANCE_URL_ENV]
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(base, autocommit=True) as conn:
-        conn.execute(f'CREATE SCHEMA "{schema}"')
-    joiner = "&" if "?" in base else "?"
-    return f"{base}{joiner}options={quote(f'-c search_path={schema}')}"
+# --- the whole server on PostgreSQL: HIL_TEST_BACKEND=postgres (tests/pg_backend.py) --------------------------
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -199,3 +178,12 @@ def _test_backend(request: pytest.FixtureRequest) -> Iterator[None]:
         yield
     finally:
         os.environ.pop(MAINTENANCE_URL_ENV, None)
+
+
+@pytest.fixture(autouse=True)
+async def _close_test_repositories() -> AsyncIterator[None]:
+    """Close the repositories unit tests opened (tests/service_helpers.py): on PostgreSQL each holds connections."""
+    from tests import service_helpers
+
+    yield
+    await service_helpers.close_opened()

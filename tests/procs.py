@@ -14,8 +14,8 @@ from typing import Any
 
 import httpx
 
-from tests.conftest_pg import fresh_database_url, on_postgres
 from tests.helpers import ROBOT, child_env, free_port
+from tests.pg_backend import fresh_database_url, on_postgres
 
 BOT_KEY = "e2e-bot-key-0123456789"
 WORKER_TOKEN = "e2e-worker-token-abcdef"
