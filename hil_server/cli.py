@@ -15,7 +15,7 @@ from hil_protocol.settings import secret_value
 
 from . import __version__
 from .config import ServerSettings  # settings need only the base install: --help and bad values work without the extra
-from .repository.errors import RepositoryError
+from .repository.errors import Conflict, RepositoryError
 
 PROG = "hil-server"
 DESCRIPTION = (
@@ -32,7 +32,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--mode", choices=["auto", "relay", "direct"], help="auto: direct when BOT_KEY is set (HIL_MODE)"
     )
-    commands = parser.add_subparsers(dest="command", metavar="{audit}", help="without a command: run the server")
+    commands = parser.add_subparsers(dest="command", metavar="{audit,store}", help="without a command: run the server")
     audit = commands.add_parser("audit", help="the audit trail of questions, answers and decisions")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="{export}")
     export = audit_commands.add_parser(
@@ -45,7 +45,51 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     export.add_argument("--since", help="only events at or after this time: epoch seconds or ISO 8601")
     export.add_argument("--chat-id", help="only events in this chat")
     export.add_argument("--limit", type=int, default=100_000, help="at most this many events (default 100000)")
+    store = commands.add_parser("store", help="the server's database")
+    store_commands = store.add_subparsers(dest="store_command", required=True, metavar="{migrate}")
+    migrate = store_commands.add_parser(
+        "migrate",
+        help="copy every question, reply, msgid, audit row and outbox row from one store to another (stop the "
+        "server first), then compare the counts",
+    )
+    migrate.add_argument(
+        "--from", dest="source", required=True, help="sqlite:///path/to/hil.db (or a postgresql:// URL)"
+    )
+    migrate.add_argument("--to", dest="target", required=True, help="postgresql://user:password@host:port/dbname")
+    migrate.add_argument("--force", action="store_true", help="replace what the target holds (default: refuse)")
     return parser.parse_args(argv)
+
+
+def migrate_store(args: argparse.Namespace) -> None:
+    """`hil-server store migrate`: the whole store, in one transaction on the target, counts verified after."""
+    from .repository import open_repository
+
+    if args.source.startswith("sqlite:///") and not Path(args.source.removeprefix("sqlite:///")).is_file():
+        fail(PROG, f"no store at {args.source.removeprefix('sqlite:///')}: give --from sqlite:///path/to/hil.db")
+
+    async def copy() -> dict[str, int]:
+        source = await open_repository(args.source)
+        try:
+            target = await open_repository(args.target)
+            try:
+                tables = await source.export_tables()  # type: ignore[attr-defined]
+                copied = await target.import_tables(tables, force=args.force)  # type: ignore[attr-defined]
+                counts = await target.table_counts()  # type: ignore[attr-defined]
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+        if counts != copied:
+            raise RepositoryError(f"the target holds {counts} after copying {copied}")
+        return counts
+
+    try:
+        counts = asyncio.run(copy())
+    except Conflict as exc:
+        fail(PROG, f"{exc}: copy into an empty database, or add --force to replace what it holds")
+    except (RepositoryError, OSError, ValueError) as exc:
+        fail(PROG, f"cannot migrate the store: {exc}")
+    print(" ".join(f"{table}={n}" for table, n in counts.items()))
 
 
 def settings_from_args(args: argparse.Namespace) -> ServerSettings:
@@ -101,6 +145,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     settings = settings_from_args(args)
     if args.command == "audit":
         export_audit(args, settings)
+        return
+    if args.command == "store":
+        migrate_store(args)
         return
 
     def build() -> Any:

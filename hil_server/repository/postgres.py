@@ -194,6 +194,62 @@ class PostgresRepository:
         """Questions with their answers: `where` follows `SELECT … FROM questions q`."""
         return await self._tx(lambda tx: _fetch_questions(tx, f"{_SELECT} {where}", args), write=False)
 
+    # --- copying the whole store (`hil-server store migrate`) --------------------------------------------------
+
+    async def table_counts(self) -> dict[str, int]:
+        async def op(tx: _Tx) -> dict[str, int]:
+            counts = {}
+            for table in schema.TABLES:
+                row = await (await tx.execute(f"SELECT count(*) AS n FROM {table}")).fetchone()
+                counts[table] = row["n"] if row else 0
+            return counts
+
+        return await self._tx(op, write=False)
+
+    async def export_tables(self) -> dict[str, list[dict[str, Any]]]:
+        async def op(tx: _Tx) -> dict[str, list[dict[str, Any]]]:
+            out = {}
+            for table, cols in schema.TABLES.items():
+                order = "id" if "id" in cols and table != "questions" else "1"
+                out[table] = await (
+                    await tx.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {order}")
+                ).fetchall()
+            return out
+
+        return await self._tx(op, write=False)
+
+    async def import_tables(self, tables: dict[str, list[dict[str, Any]]], *, force: bool = False) -> dict[str, int]:
+        """As SqliteRepository.import_tables: one transaction; Conflict on a non-empty target unless `force`. Ids
+        are kept, and each identity moves past the highest copied."""
+
+        async def op(tx: _Tx) -> dict[str, int]:
+            held = []
+            for table in schema.TABLES:
+                if await (await tx.execute(f"SELECT 1 FROM {table} LIMIT 1")).fetchone() is not None:
+                    held.append(table)
+            if held and not force:
+                raise Conflict(f"the target is not empty (it holds {', '.join(sorted(held))})")
+            await tx.execute(f"TRUNCATE {', '.join(schema.TABLES)}")
+            counts = {}
+            for table, allowed in schema.TABLES.items():
+                rows = tables.get(table, [])
+                for row in rows:
+                    cols = [c for c in allowed if c in row]
+                    overriding = " OVERRIDING SYSTEM VALUE" if "id" in cols and table in schema.SERIAL_TABLES else ""
+                    marks = ", ".join("%s" for _ in cols)
+                    await tx.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}){overriding} VALUES ({marks})", [row[c] for c in cols]
+                    )
+                counts[table] = len(rows)
+            for table in schema.SERIAL_TABLES:
+                await tx.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false) "
+                    f"FROM {table}"
+                )
+            return counts
+
+        return await self._tx(op)
+
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def create_question(
