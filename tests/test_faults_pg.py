@@ -85,7 +85,8 @@ def test_postgres_restarted_with_questions_waiting(pg_server: PgServer, tmp_path
         pg_server.stop()
         try:
             refused = stack.reply(chats[0], "可以", quote=quotes[0])
-            assert refused["responses"][0]["status_code"] == 503  # not stored, so not acknowledged
+            # not stored, so not acknowledged: 503, or no answer within WeCom's time (the pool waits for a connection)
+            assert refused["responses"][0]["status_code"] in (503, None), refused
             eventually(lambda: server_health(stack).status_code == 503, 15, "/health did not say the store is down")
         finally:
             pg_server.start()
