@@ -4,6 +4,13 @@ A question is `sending` until its channel accepted it, then `waiting` until a pe
 stops waiting or its deadline passes (`timeout`), or it could not be delivered (`failed`). A question that is
 `sending` when the server dies is resolved at the next start (`failed`, with a notice in the chat), so no question
 waits that no person was shown.
+
+The repository is the truth: the service holds no session across an await as its truth. A message is matched on
+what `_view()` reads for it (the question a click or a quote names, the questions waiting in its chat), and the
+outcome is one repository operation whose conditional write says whether it won: a msgid recorded before means
+nothing happens ("duplicate"), a reply closes its question only if it is still open. Held polls wake through the
+notifier and re-read every `recheck` seconds. While the database cannot take writes (`broken`), callbacks and polls
+are refused with StoreUnavailable (503) until a ping succeeds (`run_recovery`).
 """
 
 from __future__ import annotations
