@@ -210,7 +210,7 @@ class PostgresRepository:
         async def op(tx: _Tx) -> dict[str, list[dict[str, Any]]]:
             out = {}
             for table, cols in schema.TABLES.items():
-                order = "id" if "id" in cols and table != "questions" else "1"
+                order = schema.EXPORT_ORDER[table]
                 out[table] = await (
                     await tx.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {order}")
                 ).fetchall()

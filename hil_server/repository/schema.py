@@ -200,5 +200,13 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "audit": ("id", "at", "kind", "question_id", "short_id", "chat_id", "owner", "actor", "data"),
 }
+# The order an export lists each table's rows in (the same on both backends).
+EXPORT_ORDER = {
+    "questions": "created_at, id",
+    "answers": "id",
+    "seen_msgids": "seen_at, msgid",
+    "outbox": "id",
+    "audit": "id",
+}
 # The tables whose `id` the database assigns (a copy keeps them, and moves the counter past them).
 SERIAL_TABLES = ("answers", "outbox", "audit")

@@ -280,7 +280,10 @@ class SqliteRepository:
 
         def read(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
             return {
-                t: [dict(r) for r in conn.execute(f"SELECT {', '.join(cols)} FROM {t} ORDER BY rowid")]
+                t: [
+                    dict(r)
+                    for r in conn.execute(f"SELECT {', '.join(cols)} FROM {t} ORDER BY {schema.EXPORT_ORDER[t]}")
+                ]
                 for t, cols in schema.TABLES.items()
             }
 
