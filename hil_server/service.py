@@ -50,7 +50,7 @@ from .models import (
     distinct_responders,
 )
 from .notifier import LocalNotifier, Notifier
-from .repository import Conflict, Repository, RepositoryUnavailable, StoredQuestion
+from .repository import AuditItem, Conflict, Repository, RepositoryUnavailable, StoredQuestion
 
 # The service's one "the database cannot take it now" (callbacks 503, /health degraded).
 StoreUnavailable = RepositoryUnavailable
@@ -478,24 +478,33 @@ class HilService:
             "reply", session, msg, now, matched_by=decision.matched_by, choice=pick.label if pick else None
         )
         reply = _reply(msg, decision.matched_by or "quote", pick)
-        result = await self._db(
-            self.repo.record_reply(session.session_id, reply, now=now, close=_decides, audit=[audit.to_item(row)])
-        )
-        if not result.new or result.question is None:
-            return None
-        taken = result.question
-        if result.closed:
-            approval = tally(taken) if taken.approvals_required else None
-            decided = audit.question_event(
+
+        def decided(question: StoredQuestion) -> list[AuditItem]:
+            # run inside the reply's transaction, with every reply the close rule saw
+            approval = tally(question) if question.approvals_required else None
+            event = audit.question_event(
                 "decided",
-                taken,
+                question,
                 now,
                 choice=pick.label if pick else None,
                 approved=approval.approved if approval else None,
                 decided_by=approval.decided_by if approval else [msg.from_user.userid],
             )
-            # the same time as the reply that decided it (a separate write: the close rule decides inside the reply's)
-            await self._db(self.repo.append_audit([audit.to_item(decided)], now=now))
+            return [audit.to_item(event)]
+
+        result = await self._db(
+            self.repo.record_reply(
+                session.session_id,
+                reply,
+                now=now,
+                close=_decides,
+                audit=[audit.to_item(row)],
+                closing_audit=decided,
+            )
+        )
+        if not result.new or result.question is None:
+            return None
+        taken = result.question
         label = f" choice={pick.label}" if pick else ""
         self.events.add(taken, f"replied ({decision.matched_by}){label}", by=_who(msg), chat_id=msg.chat_id)
         logger.info(

@@ -250,10 +250,12 @@ class Repository(Protocol):
         close: CloseRule | None = None,
         outbox: Sequence[OutboxItem] = (),
         audit: Sequence[AuditItem] = (),
+        closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
     ) -> ReplyResult:
         """Add a reply (kept whatever the status: a late answer too) and record its msgid, in one transaction. A msgid
         recorded before: nothing happens (`new=False`). With `close`, the question becomes `replied` when it is open
-        and `close(question with this reply)` says so. Raises NotFound."""
+        and `close(question with this reply)` says so; then `closing_audit(question)` rows are written too (the record
+        of the decision, with every reply the close rule saw). Raises NotFound."""
         ...
 
     async def record_refused(

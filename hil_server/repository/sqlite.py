@@ -396,9 +396,10 @@ class SqliteRepository:
         close: CloseRule | None = None,
         outbox: Sequence[OutboxItem] = (),
         audit: Sequence[AuditItem] = (),
+        closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
     ) -> ReplyResult:
         return await self._write(
-            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit)
+            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit, closing_audit)
         )
 
     async def record_refused(
@@ -762,6 +763,7 @@ def _record(
     close: CloseRule | None,
     outbox: Sequence[OutboxItem],
     audit: Sequence[AuditItem],
+    closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
 ) -> ReplyResult:
     if not _seen(tx, msgid, now):
         return ReplyResult(new=False)
@@ -778,6 +780,8 @@ def _record(
         )
         question = question.model_copy(update={"status": Status.REPLIED, "closed_at": now})
         closed = True
+        if closing_audit is not None:  # the record of the decision, in the transaction that made it
+            audit = [*audit, *closing_audit(question)]
     _enqueue(tx, outbox, now, default_question=question_id)
     _audit(tx, audit, now, question)
     tx.notify(question_id)
