@@ -52,6 +52,7 @@ from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+READER_THREADS = 3
 _Item = tuple[Callable[["_Tx"], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
@@ -102,8 +103,13 @@ class SqliteRepository:
             self._conn.close()
             raise
         self._closed = False
-        self._reader_conn: sqlite3.Connection | None = None
-        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hil-sqlite-reader")
+        # Readers: a few threads, each with its own connection (SQLite runs a query without the GIL, and WAL lets
+        # them read while the writer commits), so one callback's read does not queue behind another's.
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=READER_THREADS, thread_name_prefix="hil-sqlite-reader"
+        )
         self._thread = threading.Thread(target=self._run, name="hil-sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -154,9 +160,9 @@ class SqliteRepository:
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join, 10)
         await asyncio.to_thread(self._conn.close)
-        if self._reader_conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._reader, self._reader_conn.close)
         self._reader.shutdown(wait=True)
+        for conn in self._reader_conns:
+            await asyncio.to_thread(conn.close)
 
     async def ping(self) -> None:
         def probe(tx: _Tx) -> None:
@@ -180,10 +186,12 @@ class SqliteRepository:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
-            if self._reader_conn is None:
-                self._reader_conn = self._connect()
+            conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+            if conn is None:
+                conn = self._reader_local.conn = self._connect()
+                self._reader_conns.append(conn)
             try:
-                return fn(self._reader_conn)
+                return fn(conn)
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
 
