@@ -304,7 +304,8 @@ class HilService:
         elif session is not None and decision.kept_by is not None:
             # Decided nothing ("好的，先不要"): kept for the agent to read, not an answer; the question keeps waiting.
             session.unclear = [*session.unclear, _reply(msg, decision.kept_by)][-UNCLEAR_KEPT:]
-            await self.store.save(session, msgid=msg.msgid)
+            undecided = audit.person_event("refused", session, msg, self._clock(), reason=decision.outcome)
+            await self.store.save(session, msgid=msg.msgid, audit=[undecided])
             self.events.add(session, f"not a decision ({decision.outcome})", by=_who(msg), chat_id=msg.chat_id)
             logger.info(
                 "reply kept undecided session_id=%s short_id=%s msgid=%s userid=%s outcome=%s",
