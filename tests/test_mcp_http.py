@@ -32,7 +32,7 @@ HEARTBEAT = 0.2
 ORIGIN_OK = "https://ide.example.com"
 # tokA may write to chatA (its default: the first listed) and chatB; the others are unrestricted. Each test that
 # relies on "the newest open question of this token" has a token of its own, as engineers do.
-TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow,tokLane,tokProj"
+TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow,tokLane,tokProj,tokStray"
 LEGACY_VERSION = "2025-11-25"
 
 pytestmark = pytest.mark.e2e
@@ -383,6 +383,28 @@ async def test_two_mcp_sessions_sharing_a_token_never_receive_each_others_answer
     assert [r["content"] for r in got_x["replies"]] == ["给 X 的回答"], got_x
     assert [r["content"] for r in got_y["replies"]] == ["给 Y 的回答"], got_y
     assert got_z["status"] == "error" and got_z["replies"] == [], got_z
+
+
+async def test_a_session_id_on_a_request_without_sessions_claims_no_lane(remote: Stack) -> None:
+    """The 2026 protocol has no sessions: an Mcp-Session-Id sent with it is not checked by the SDK, so it must not
+    make the caller the owner of that session's questions."""
+    url = f"{remote.server_url}/mcp"
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http, person(remote, "chat-stray") as chat:
+        headers = await legacy_session(http, url, "tokStray")
+        arguments = {"message": "会话里的问题", "chat_id": "chat-stray"}
+        params = {"name": "send_and_wait_reply", "arguments": arguments, "_meta": {"progressToken": 2}}
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        async with http.stream("POST", url, headers=headers, json=call) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and "notifications/progress" in line:
+                    break  # asked and waiting: the agent of that session goes away for now
+        question, _ = await chat.question("会话里的问题")
+        await chat.quote_reply(question, "只给那个会话")
+    stray = {"Mcp-Session-Id": headers["Mcp-Session-Id"]}
+    async with mcp_client(remote, "tokStray", query="?chat_id=chat-stray", headers=stray) as client:
+        result = structured(await client.call_tool("wait_for_reply", {}))
+    assert result["status"] == "error" and result["replies"] == [] and result["open_questions"] == [], result
+    assert "只给那个会话" not in json.dumps(result, ensure_ascii=False)
 
 
 async def test_two_clients_without_sessions_keep_to_their_project(remote: Stack) -> None:
