@@ -56,6 +56,11 @@ def setting_names(loc: tuple[Any, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("gate", "notify", "setup"):  # Claude Code's hooks and their setup: gate_cli.py
+        from .gate_cli import main as hooks_main
+
+        raise SystemExit(hooks_main(words))
     overrides = parse_args(argv)
     try:
         settings = McpSettings(**overrides)

@@ -498,6 +498,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         limit = most if timeout is None else max(1.0, min(timeout, most))
         return await _wait(caller, ctx, question, limit)
 
+    from .gate_tool import register_permission_tool  # Claude Code's --permission-prompt-tool: gate_tool.py
+
+    register_permission_tool(server)
     return server
 
 
