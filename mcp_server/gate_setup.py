@@ -54,11 +54,12 @@ interval = 60                       # at most one notice of a kind per this many
 """
 
 
-def hil_command(service_url: str | None) -> list[str]:
-    """How Claude Code starts hil-mcp: the console script when it is on PATH, else this Python."""
+def hil_command(service_url: str | None, sub: str | None = None) -> list[str]:
+    """How Claude Code starts hil-mcp (`sub`: a subcommand): the console script when it is on PATH, else this
+    Python."""
     found = shutil.which("hil-mcp")
     base = [found] if found else [sys.executable, "-m", "mcp_server"]
-    return [*base, *(["--service-url", service_url] if service_url else [])]
+    return [*base, *([sub] if sub else []), *(["--service-url", service_url] if service_url else [])]
 
 
 def _is_ours(hook: Any, sub: str) -> bool:
@@ -105,13 +106,13 @@ def plan(project: Path | None, home: Path, service_url: str | None) -> list[tupl
             policy = load_policy(None, home)
         except PolicyError:
             policy = Policy()
-    base = " ".join(shlex.quote(word) for word in hil_command(service_url))
+    gate, notify = (" ".join(shlex.quote(word) for word in hil_command(service_url, sub)) for sub in ("gate", "notify"))
     settings_before = _read(settings_path)
     settings = _json(settings_before, settings_path)
-    merge_hook(settings, "PreToolUse", "*", f"{base} gate", int(policy.wait) + HOOK_MARGIN, "gate")
-    merge_hook(settings, "PermissionRequest", "*", f"{base} gate", int(policy.wait) + HOOK_MARGIN, "gate")
-    merge_hook(settings, "Notification", None, f"{base} notify", NOTIFY_TIMEOUT, "notify")
-    merge_hook(settings, "Stop", None, f"{base} notify", NOTIFY_TIMEOUT, "notify")
+    merge_hook(settings, "PreToolUse", "*", gate, int(policy.wait) + HOOK_MARGIN, "gate")
+    merge_hook(settings, "PermissionRequest", "*", gate, int(policy.wait) + HOOK_MARGIN, "gate")
+    merge_hook(settings, "Notification", None, notify, NOTIFY_TIMEOUT, "notify")
+    merge_hook(settings, "Stop", None, notify, NOTIFY_TIMEOUT, "notify")
     servers_before = _read(servers_path)
     servers = _json(servers_before, servers_path)
     command = hil_command(service_url)
