@@ -16,6 +16,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -26,7 +27,6 @@ from hil_protocol.gate import AGENT_SESSION_RE, ALLOW_SESSION, GATE_OPTIONS, all
 from hil_protocol.validation import problems
 
 from .backend import Backend, BackendError, Outgoing, Polled
-from .client import HilClient
 from .gate_policy import Policy, PolicyError, Verdict, check_call, load_policy
 from .gate_render import render_input
 
@@ -71,19 +71,6 @@ class MemoryAllowances:
 
     async def grant(self, question: str, session: str, keys: list[str]) -> None:
         self._keys.setdefault(session, set()).update(keys)
-
-
-class GateClient(HilClient):
-    """The HIL Server's HTTP API, with the gate's routes (`/api/gate/allow`)."""
-
-    async def allowed(self, session: str) -> list[str]:
-        body = await self._request("GET", "/api/gate/allow", params={"session": session}, timeout=5)
-        keys = body.get("keys")
-        return [k for k in keys if isinstance(k, str)] if isinstance(keys, list) else []
-
-    async def grant(self, question: str, session: str, keys: list[str]) -> None:
-        body = {"question": question, "session": session, "keys": keys}
-        await self._request("POST", "/api/gate/allow", json=body, timeout=5)
 
 
 # --- the decision ----------------------------------------------------------------------------------------------------
@@ -273,21 +260,11 @@ def hook_output(event: str, decision: Decision) -> dict[str, Any] | None:
     }
 
 
-async def run_hook(
-    hook: HookInput, policy: Policy, service_url: str, token: str | None, started: float
-) -> Decision | None:
-    import httpx
-
-    deadline = started + policy.wait
-    call = ToolCall(hook.tool_name, hook.tool_input, hook.cwd, hook.session_id)
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0)) as http:
-        client = GateClient(http, service_url, token)
-        return await decide(call, policy, client, client, deadline=deadline, local_files=True)
-
-
-def gate_main(raw: bytes, service_url: str, token: str | None, started: float) -> tuple[int, str]:
+def gate_main(raw: bytes, connection: Callable[[], tuple[str, str | None]], started: float) -> tuple[int, str]:
     """The hook's exit code and stdout for `raw` stdin. Input that cannot be read is refused with exit code 2 and the
-    reason on stderr, which blocks the call whatever the event was."""
+    reason on stderr, which blocks the call whatever the event was. `connection()` gives the HIL Server's URL and
+    token (ValueError: the configuration cannot be read); it and the HTTP client are loaded only when a person is
+    needed, so the calls that need nobody (most of them) start fast."""
     try:
         hook = read_hook_input(raw)
     except BadInput as exc:
@@ -298,8 +275,13 @@ def gate_main(raw: bytes, service_url: str, token: str | None, started: float) -
     except PolicyError as exc:
         output = hook_output(hook.hook_event_name, Decision("deny", f"Not run: {exc}. Fix the file or remove it."))
         return 0, json.dumps(output, ensure_ascii=False)
+    call = ToolCall(hook.tool_name, hook.tool_input, hook.cwd, hook.session_id)
+    if not check_call(call.tool_name, call.tool_input, call.cwd, policy).needs_person:
+        return 0, ""
     try:
-        decision = anyio.run(run_hook, hook, policy, service_url, token, started)
+        from .gate_http import ask_over_http
+
+        decision = anyio.run(ask_over_http, call, policy, connection, started + policy.wait)
     except Exception as exc:  # fail closed: whatever went wrong, the call does not run unasked
         logger.exception("gate failed")
         decision = Decision("deny", f"Not run: the gate failed ({type(exc).__name__}: {exc}).")
@@ -313,7 +295,6 @@ def gate_main(raw: bytes, service_url: str, token: str | None, started: float) -
 __all__ = [
     "Allowances",
     "Decision",
-    "GateClient",
     "HookInput",
     "MemoryAllowances",
     "ToolCall",

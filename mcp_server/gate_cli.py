@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from typing import Any
 
 SUBCOMMANDS = frozenset({"gate", "notify", "setup"})
 
@@ -58,46 +57,30 @@ def main(argv: list[str]) -> int:
         return run_setup(args.project, user=args.user, dry_run=args.dry_run, service_url=args.service_url)
 
     raw = sys.stdin.buffer.read(_stdin_limit() + 1)
-    try:
-        service_url, token, level = _connection(args)
-    except ValueError as exc:
-        service_url, token, level = "", None, "WARNING"
-        problem: str | None = str(exc)
-    else:
-        problem = None
-    _logging(level, token)
+    _logging(args)
+
+    def connection() -> tuple[str, str | None]:
+        service_url, token, _ = _connection(args)
+        return service_url, token
+
     if args.command == "notify":
         from .gate_notify import notify_main
 
-        if problem is None:
-            notify_main(raw, service_url, token)
+        try:
+            notify_main(raw, connection)
+        except ValueError as exc:
+            print(f"hil-mcp notify: {exc}", file=sys.stderr)
         return 0
 
-    from .gate import Decision, gate_main, hook_output, read_hook_input
+    from .gate import gate_main
 
-    if problem is not None:
-        # A configuration that cannot be read must not let the call through.
-        return _emit(*_refuse(raw, problem, read_hook_input, hook_output, Decision))
-    return _emit(*gate_main(raw, service_url, token, started))
+    return _emit(*gate_main(raw, connection, started))
 
 
 def _stdin_limit() -> int:
     from .gate import STDIN_MAX_BYTES
 
     return STDIN_MAX_BYTES
-
-
-def _refuse(raw: bytes, problem: str, read: Any, output: Any, decision: Any) -> tuple[int, str]:
-    import json
-
-    from .gate import BadInput
-
-    try:
-        event = read(raw).hook_event_name
-    except BadInput as exc:
-        print(f"hil-mcp gate: blocked: {exc}", file=sys.stderr)
-        return 2, ""
-    return 0, json.dumps(output(event, decision("deny", f"Not run: hil-mcp gate: {problem}")), ensure_ascii=False)
 
 
 def _emit(code: int, stdout: str) -> int:
@@ -107,10 +90,15 @@ def _emit(code: int, stdout: str) -> int:
     return code
 
 
-def _logging(level: str, token: str | None) -> None:
+def _logging(args: argparse.Namespace) -> None:
+    import os
+
     from hil_protocol.logs import setup_logging
 
-    setup_logging(level, "text", [token] if token else [])
+    # Before the settings are read (most calls never read them): the level and the tokens to redact from the
+    # environment and the flag.
+    secrets = [t for t in (getattr(args, "api_token", None), os.environ.get("HIL_API_TOKEN")) if t]
+    setup_logging(os.environ.get("HIL_LOG_LEVEL") or "WARNING", "text", secrets)
 
 
 __all__ = ["SUBCOMMANDS", "main"]

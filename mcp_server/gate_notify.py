@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -69,7 +70,9 @@ def notice_text(event: dict[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def notify_main(raw: bytes, service_url: str, token: str | None) -> None:
+def notify_main(raw: bytes, connection: Callable[[], tuple[str, str | None]]) -> None:
+    """Send the notice for the hook event in `raw`, if the policy turns it on. Raises ValueError when the
+    connection settings cannot be read."""
     try:
         event = json.loads(raw[:STDIN_MAX_BYTES].decode("utf-8")) if len(raw) <= STDIN_MAX_BYTES else None
     except (UnicodeDecodeError, ValueError, RecursionError):
@@ -89,6 +92,7 @@ def notify_main(raw: bytes, service_url: str, token: str | None) -> None:
     if not getattr(policy.notify, kind) or not take_turn(kind, policy.notify.interval, state_file(), time.time()):
         return
     outgoing = Outgoing(message=text, chat_id=policy.chat_id, project_name=policy.project_name, wait_reply=False)
+    service_url, token = connection()
     try:
         anyio.run(_send, outgoing, service_url, token)
     except BackendError as exc:

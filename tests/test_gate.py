@@ -25,7 +25,6 @@ from mcp_server.config import McpSettings
 from mcp_server.gate import (
     BadInput,
     Decision,
-    GateClient,
     MemoryAllowances,
     ToolCall,
     decide,
@@ -33,6 +32,7 @@ from mcp_server.gate import (
     hook_output,
     read_hook_input,
 )
+from mcp_server.gate_http import GateClient
 from mcp_server.gate_notify import notice_text, take_turn
 from mcp_server.gate_policy import Policy, PolicyError, check_call, check_command, load_policy, parse_policy
 from mcp_server.gate_render import BODY_MAX_BYTES, render_input
@@ -232,6 +232,11 @@ def test_files_outside_the_project_or_with_secrets_are_never_read(tmp_path: Path
 
 # --- the hook's stdin and stdout -----------------------------------------------------------------------------------
 
+
+def nowhere() -> tuple[str, str | None]:
+    return "http://127.0.0.1:1", None
+
+
 GOOD = {"hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_input": {"command": "ls"}, "cwd": "/tmp"}
 
 
@@ -257,13 +262,13 @@ GOOD = {"hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_input": {"co
 def test_bad_stdin_is_refused(raw: bytes) -> None:
     with pytest.raises(BadInput):
         read_hook_input(raw)
-    assert gate_main(raw, "http://127.0.0.1:1", None, 0.0) == (2, "")
+    assert gate_main(raw, nowhere, 0.0) == (2, "")
 
 
 def test_a_malformed_policy_denies_with_the_reason(tmp_path: Path) -> None:
     (tmp_path / ".hil").mkdir()
     (tmp_path / ".hil" / "gate.toml").write_text("wait = 'soon'")
-    code, out = gate_main(json.dumps({**GOOD, "cwd": str(tmp_path)}).encode(), "http://127.0.0.1:1", None, 0.0)
+    code, out = gate_main(json.dumps({**GOOD, "cwd": str(tmp_path)}).encode(), nowhere, 0.0)
     decision = json.loads(out)["hookSpecificOutput"]
     assert (
         code == 0 and decision["permissionDecision"] == "deny" and "gate.toml" in decision["permissionDecisionReason"]
