@@ -109,8 +109,9 @@ def plan(project: Path | None, home: Path, service_url: str | None) -> list[tupl
     gate, notify = (" ".join(shlex.quote(word) for word in hil_command(service_url, sub)) for sub in ("gate", "notify"))
     settings_before = _read(settings_path)
     settings = _json(settings_before, settings_path)
+    # PreToolUse fires in every mode, before Claude Code's own prompt; the gate also answers PermissionRequest, but
+    # wired to both it would ask the person twice when it hands a call back to the prompt (on_timeout = "ask").
     merge_hook(settings, "PreToolUse", "*", gate, int(policy.wait) + HOOK_MARGIN, "gate")
-    merge_hook(settings, "PermissionRequest", "*", gate, int(policy.wait) + HOOK_MARGIN, "gate")
     merge_hook(settings, "Notification", None, notify, NOTIFY_TIMEOUT, "notify")
     merge_hook(settings, "Stop", None, notify, NOTIFY_TIMEOUT, "notify")
     servers_before = _read(servers_path)
