@@ -115,7 +115,13 @@ async def ask_and_answer(
 async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
     async with mcp_client(remote, "tokFree", mode=mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"}
+    assert set(tools) == {
+        "send_and_wait_reply",
+        "request_approval",
+        "send_message_only",
+        "wait_for_reply",
+        "permission_prompt",  # Claude Code's --permission-prompt-tool (mcp_server/gate_tool.py)
+    }
     assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
     output = tools["send_and_wait_reply"].output_schema
     assert output is not None and {"status", "replies", "message", "session_id", "short_id"} <= set(
