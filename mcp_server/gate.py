@@ -130,41 +130,53 @@ async def decide(
     else:
         outgoing.options = list(GATE_OPTIONS if session_option else GATE_OPTIONS[:2])
         outgoing.allow_text = False
-    question: str | None = None
-    with anyio.move_on_after(max(0.0, deadline - MARGIN - time.monotonic())):
-        try:
-            sent = await backend.send(outgoing)
-        except BackendError as exc:
-            return _unreachable(policy, exc)
-        if not sent.success or not sent.session_id:
-            return _failed(policy, f"the question was not delivered: {sent.error or sent.message or 'unknown error'}")
-        question = sent.session_id
-        logger.info("asked session_id=%s short_id=%s tool=%s", question, sent.short_id, call.tool_name)
-        while True:
-            wait = min(30.0, deadline - MARGIN - time.monotonic())
-            if wait < 0.1:
-                await anyio.sleep(max(wait, 0.0) + 0.05)  # the scope ends the wait now
-                continue
+    asked: list[str] = []  # the question's session id, once it is out
+    try:
+        with anyio.move_on_after(max(0.0, deadline - MARGIN - time.monotonic())):
             try:
-                polled = await backend.poll(question, wait=wait)
+                sent = await backend.send(outgoing)
             except BackendError as exc:
-                if not exc.retryable:
-                    return _unreachable(policy, exc)
-                logger.warning("poll failed (%s); retrying", exc)
-                await anyio.sleep(0.2)
-                continue
-            if polled.status in ("replied",) or (polled.approval is not None and polled.approval.approved is not None):
-                return await _answered(polled, allowances, question, session, keys)
-            if polled.status in ("timeout", "failed", "not_found"):
-                return _failed(policy, f"the question ended without a decision ({polled.status}: {polled.message})")
+                return _unreachable(policy, exc)
+            if not sent.success or not sent.session_id:
+                why = sent.error or sent.message or "unknown error"
+                return _failed(policy, f"the question was not delivered: {why}")
+            question = sent.session_id
+            asked.append(question)
+            logger.info("asked session_id=%s short_id=%s tool=%s", question, sent.short_id, call.tool_name)
+            while True:
+                wait = min(30.0, deadline - MARGIN - time.monotonic())
+                if wait < 0.1:
+                    await anyio.sleep(max(wait, 0.0) + 0.05)  # the scope ends the wait now
+                    continue
+                try:
+                    polled = await backend.poll(question, wait=wait)
+                except BackendError as exc:
+                    if not exc.retryable:
+                        return _unreachable(policy, exc)
+                    logger.warning("poll failed (%s); retrying", exc)
+                    await anyio.sleep(0.2)
+                    continue
+                decided = polled.approval is not None and polled.approval.approved is not None
+                if polled.status == "replied" or decided:
+                    return await _answered(polled, allowances, question, session, keys)
+                if polled.status in ("timeout", "failed", "not_found"):
+                    return _failed(policy, f"the question ended without a decision ({polled.status}: {polled.message})")
+    except anyio.get_cancelled_exc_class():
+        # Claude Code gave up on us (the MCP call was cancelled, the hook was stopped): tell the server, then go.
+        await _stop_waiting(backend, asked)
+        raise
     # The wait is over and nobody decided: the question stays in the chat, marked as no longer waited for.
-    if question is not None:
+    await _stop_waiting(backend, asked)
+    return _failed(policy, f"nobody decided in WeCom within {policy.wait:g} s")
+
+
+async def _stop_waiting(backend: Backend, asked: list[str]) -> None:
+    for question in asked:
         with anyio.move_on_after(max(0.2, MARGIN / 2), shield=True):
             try:
                 await backend.mark_timeout(question)
             except BackendError as exc:
                 logger.warning("could not tell the server the gate stopped waiting: %s", exc)
-    return _failed(policy, f"nobody decided in WeCom within {policy.wait:g} s")
 
 
 async def _answered(

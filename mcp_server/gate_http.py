@@ -3,14 +3,18 @@ needs a person (every `hil-mcp gate` run is a new process, and most calls need n
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 
+import anyio
 import httpx
 
 from .backend import BackendError
 from .client import HilClient
 from .gate import Decision, ToolCall, decide
 from .gate_policy import Policy
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGINT", "SIGHUP") if hasattr(signal, name))
 
 
 class GateClient(HilClient):
@@ -34,12 +38,28 @@ async def ask_over_http(
     except ValueError as exc:
         return Decision("deny", f"Not run: hil-mcp gate cannot read its configuration: {exc}")
     # Connecting is bounded tightly: a server that is down denies at once, not after the wait.
-    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0)) as http:
+    stopped: list[int] = []
+    decision: Decision | None = None
+    async with httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=3.0)) as http, anyio.create_task_group() as tg:
         client = GateClient(http, service_url, token)
+
+        async def on_signal() -> None:
+            # Claude Code stops a hook with a signal (its timeout, the user's Esc): decide() tells the server.
+            with anyio.open_signal_receiver(*STOP_SIGNALS) as signals:
+                async for number in signals:
+                    stopped.append(number)
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(on_signal)
         try:
-            return await decide(call, policy, client, client, deadline=deadline, local_files=True)
+            decision = await decide(call, policy, client, client, deadline=deadline, local_files=True)
         except BackendError as exc:  # decide() turns these into decisions; this is the last guard
-            return Decision("deny", f"Not run: {exc}")
+            decision = Decision("deny", f"Not run: {exc}")
+        tg.cancel_scope.cancel()
+    if stopped:
+        return Decision("deny", f"Not run: the gate was stopped (signal {stopped[0]}) before anyone decided.")
+    return decision
 
 
 __all__ = ["GateClient", "ask_over_http"]

@@ -122,10 +122,16 @@ class Run:
         return result, list(self.api.results), took
 
 
-def question(stack: Stack, chat: str, since: int = 0, timeout: float = 30) -> tuple[dict[str, Any], str]:
-    """The gate's next question in `chat` (after seq `since`) and its short id."""
+def question(
+    stack: Stack, chat: str, since: int = 0, timeout: float = 60, run: Run | None = None
+) -> tuple[dict[str, Any], str]:
+    """The gate's next question in `chat` (after seq `since`) and its short id. With `run`: fails at once, with its
+    output, when that claude run ends first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if run is not None and run.popen.poll() is not None:
+            out, err = run.popen.communicate()
+            raise AssertionError(f"claude ended before the gate asked in {chat}:\n{out}\n{err}\n{stack.logs()}")
         for message in stack.messages(chat):
             content = message.get("content") or ""
             if message["seq"] > since and "Claude Code 请求批准" in content:
@@ -151,7 +157,7 @@ def test_approved_by_a_reply_runs(claude: str, stack: Stack, api: FakeAnthropic,
     chat = "gateApprove"
     api.reset(RISKY)
     run = Run(claude, project(tmp_path, chat), api, stack.server_url)
-    asked, _ = question(stack, chat)
+    asked, _ = question(stack, chat, run=run)
     content = asked["content"]
     assert RISKY in content and "目录：" in content and "原因：python3" in content
     assert "1. 批准" in content and "2. 拒绝" in content and "3. 本会话都允许" in content
@@ -164,7 +170,7 @@ def test_rejected_with_a_comment_does_not_run(claude: str, stack: Stack, api: Fa
     chat = "gateReject"
     api.reset(RISKY)
     run = Run(claude, project(tmp_path, chat), api, stack.server_url)
-    asked, _ = question(stack, chat)
+    asked, _ = question(stack, chat, run=run)
     answer(stack, chat, asked, "2 先跑测试")
     result, results, _ = run.finish()
     assert len(results) == 1 and results[0].is_error
@@ -179,9 +185,9 @@ def test_nobody_answers_denied_before_the_hook_timeout(
     api.reset(RISKY)
     folder = project(tmp_path, chat)
     policy = folder / ".hil" / "gate.toml"
-    policy.write_text(policy.read_text().replace("wait = 10", "wait = 2"))
+    policy.write_text(policy.read_text().replace("wait = 10", "wait = 5"))
     run = Run(claude, folder, api, stack.server_url)
-    _, short_id = question(stack, chat)
+    _, short_id = question(stack, chat, run=run)
     _, results, took = run.finish()
     assert len(results) == 1 and results[0].is_error and "nobody decided" in results[0].content
     assert took < HOOK_TIMEOUT
@@ -212,7 +218,7 @@ def test_allow_for_the_session_stops_the_second_ask_only_in_that_session(
     folder = project(tmp_path, chat)
     api.reset(RISKY, "python3 -c 'print(43)'")
     run = Run(claude, folder, api, stack.server_url)
-    asked, _ = question(stack, chat)
+    asked, _ = question(stack, chat, run=run)
     assert "「本会话都允许」：会话 " in asked["content"]
     answer(stack, chat, asked, "3")
     _, results, _ = run.finish()
@@ -221,7 +227,7 @@ def test_allow_for_the_session_stops_the_second_ask_only_in_that_session(
     # A new Claude Code session asks again.
     api.reset(RISKY)
     run = Run(claude, folder, api, stack.server_url)
-    asked, _ = question(stack, chat, since=asked["seq"])
+    asked, _ = question(stack, chat, since=asked["seq"], run=run)
     answer(stack, chat, asked, "拒绝")
     _, results, _ = run.finish()
     assert results[0].is_error and asked_count(stack, chat) == 2
@@ -232,7 +238,7 @@ def test_two_people_must_approve(claude: str, stack: Stack, api: FakeAnthropic, 
     api.reset(RISKY)
     folder = project(tmp_path, chat, policy='responders = ["zhangsan", "lisi"]\napprovals_required = 2')
     run = Run(claude, folder, api, stack.server_url)
-    asked, short_id = question(stack, chat)
+    asked, short_id = question(stack, chat, run=run)
     assert "需要 2 人批准" in asked["content"] and "本会话都允许" not in asked["content"]
     answer(stack, chat, asked, "批准", userid="zhangsan")
     time.sleep(0.3)  # the first approval alone decides nothing
@@ -267,7 +273,7 @@ def test_permission_prompt_tool(
     folder = project(tmp_path, chat, hook=False)
     api.reset(RISKY)
     run = Run(claude, folder, api, stack.server_url, *prompt_tool_args(folder, stack.server_url))
-    asked, _ = question(stack, chat)
+    asked, _ = question(stack, chat, run=run)
     assert RISKY in asked["content"]
     answer(stack, chat, asked, reply)
     _, results, _ = run.finish()
@@ -293,7 +299,7 @@ def test_permission_prompt_tool_session_allowance(
     folder = project(tmp_path, chat, hook=False)
     api.reset(RISKY, "python3 -c 'print(43)'")
     run = Run(claude, folder, api, stack.server_url, *prompt_tool_args(folder, stack.server_url))
-    asked, _ = question(stack, chat)
+    asked, _ = question(stack, chat, run=run)
     answer(stack, chat, asked, "本会话都允许")
     _, results, _ = run.finish()
     assert [(r.content.strip(), r.is_error) for r in results] == [("42", False), ("43", False)]
@@ -305,3 +311,63 @@ def test_the_fake_api_is_what_claude_calls(api: FakeAnthropic) -> None:
         f"{api.url}/v1/messages?beta=true", json={"messages": [], "tools": [{"name": "Bash"}], "stream": True}
     )
     assert response.status_code == 200 and "event: message_start" in response.text
+
+
+# --- the hook processes on their own, against the real server ------------------------------------------------------
+
+
+def gate_process(folder: Path, service_url: str, event: dict[str, Any], sub: str = "gate") -> subprocess.Popen[str]:
+    env = child_env(PYTHONPATH=str(REPO), HOME=str(folder.parent), SERVICE_URL=service_url)
+    env["XDG_CACHE_HOME"] = str(folder.parent / "cache")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mcp_server", sub],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=folder,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(json.dumps({"cwd": str(folder), **event}))
+    proc.stdin.close()
+    return proc
+
+
+def finished(proc: subprocess.Popen[str], timeout: float = 30) -> tuple[str, str]:
+    """The process's stdout and stderr once it exits (its stdin is already closed)."""
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.wait(timeout)
+    return proc.stdout.read(), proc.stderr.read()
+
+
+def test_a_stopped_hook_denies_and_tells_the_server(stack: Stack, tmp_path: Path) -> None:
+    import signal
+
+    chat = "gateStopped"
+    folder = project(tmp_path, chat, hook=False)
+    event = {"hook_event_name": "PreToolUse", "tool_name": "Bash", "tool_input": {"command": "git push"}}
+    proc = gate_process(folder, stack.server_url, {**event, "session_id": "s-stop"})
+    _, short_id = question(stack, chat)
+    time.sleep(0.3)  # the gate is waiting on its long-poll
+    proc.send_signal(signal.SIGTERM)
+    out, err = finished(proc)
+    decision = json.loads(out)["hookSpecificOutput"]
+    assert decision["permissionDecision"] == "deny" and "stopped" in decision["permissionDecisionReason"], err
+    assert stack.poll(short_id)["status"] == "timeout"
+
+
+def test_notify_sends_when_turned_on_and_is_rate_limited(stack: Stack, tmp_path: Path) -> None:
+    chat = "gateNotify"
+    folder = project(tmp_path, chat, hook=False, policy="[notify]\nstop = true\ninterval = 3600")
+    event = {"hook_event_name": "Stop", "last_assistant_message": "部署完成\n全部测试通过\n第三行"}
+    for _ in range(2):
+        proc = gate_process(folder, stack.server_url, event, sub="notify")
+        out, err = finished(proc)
+        assert (proc.returncode, out) == (0, ""), err
+    notices = [m["content"] for m in stack.messages(chat) if "Claude Code 已完成" in (m.get("content") or "")]
+    assert len(notices) == 1 and "部署完成" in notices[0] and "全部测试通过" in notices[0]
+    # Notification is still off in this policy.
+    proc = gate_process(folder, stack.server_url, {"hook_event_name": "Notification", "message": "等你"}, sub="notify")
+    assert finished(proc)[0] == ""
+    assert not [m for m in stack.messages(chat) if "等你" in (m.get("content") or "")]
