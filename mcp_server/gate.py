@@ -24,11 +24,12 @@ import anyio
 from pydantic import BaseModel, ConfigDict, Field, StrictStr, ValidationError
 
 from hil_protocol.gate import AGENT_SESSION_RE, ALLOW_SESSION, GATE_OPTIONS, allowance_line, check_keys
+from hil_protocol.messages import utf8_len
 from hil_protocol.validation import problems
 
 from .backend import Backend, BackendError, Outgoing, Polled
 from .gate_policy import Policy, PolicyError, Verdict, check_call, load_policy
-from .gate_render import render_input
+from .gate_render import BODY_MAX_BYTES, QUESTION_MAX_BYTES, fit, render_input
 
 logger = logging.getLogger("mcp_server.gate")
 
@@ -77,15 +78,18 @@ class MemoryAllowances:
 
 
 def question_text(call: ToolCall, verdict: Verdict, *, local_files: bool, session_option: bool) -> str:
-    lines = [
-        f"【Claude Code 请求批准】{call.tool_name}",
-        f"目录：{call.cwd or '（未知）'}",
-        f"原因：{'、'.join(verdict.rules)}",
-        render_input(call.tool_name, call.tool_input, call.cwd, local_files=local_files),
-    ]
-    if session_option and call.session:
-        lines += ["", allowance_line(call.session, verdict.keys)]
-    return "\n".join(lines)
+    head = "\n".join(
+        [
+            f"【Claude Code 请求批准】{call.tool_name}",
+            fit(f"目录：{call.cwd or '（未知）'}", 1024),
+            fit(f"原因：{'、'.join(verdict.rules)}", 1024),
+        ]
+    )
+    tail = f"\n\n{allowance_line(call.session, verdict.keys)}" if session_option and call.session else ""
+    # Whatever the folder and the rules take, the whole question stays within the server's limit.
+    room = min(BODY_MAX_BYTES, QUESTION_MAX_BYTES - utf8_len(head) - utf8_len(tail))
+    body = render_input(call.tool_name, call.tool_input, call.cwd, local_files=local_files, limit=room)
+    return f"{head}\n{body}{tail}"
 
 
 async def decide(

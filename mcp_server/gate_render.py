@@ -16,13 +16,16 @@ from hil_protocol.messages import utf8_len
 from .gate_policy import inside
 
 # The server takes 20 KB per question (hil_server.models.MESSAGE_MAX_BYTES); the header, the rules, the options and
-# the 本会话都允许 line need the rest.
+# the 本会话都允许 line need the rest (QUESTION_MAX_BYTES leaves room for the server's header and numbered options).
 BODY_MAX_BYTES = 16 * 1024
+QUESTION_MAX_BYTES = 19 * 1024
 FILE_READ_MAX_BYTES = 512 * 1024
 
 
-def render_input(tool_name: str, tool_input: dict[str, Any], cwd: str, *, local_files: bool) -> str:
-    """The call's input for a person, at most BODY_MAX_BYTES (with a note when cut)."""
+def render_input(
+    tool_name: str, tool_input: dict[str, Any], cwd: str, *, local_files: bool, limit: int = BODY_MAX_BYTES
+) -> str:
+    """The call's input for a person, at most `limit` bytes (with a note when cut)."""
     if tool_name == "Bash":
         body = _bash(tool_input)
     elif tool_name in ("Write", "Edit", "MultiEdit", "NotebookEdit"):
@@ -32,7 +35,7 @@ def render_input(tool_name: str, tool_input: dict[str, Any], cwd: str, *, local_
         body = f"MCP 服务：{server}\n工具：{tool or '?'}\n参数：\n{_json(tool_input)}"
     else:
         body = f"参数：\n{_json(tool_input)}"
-    return fit(body, BODY_MAX_BYTES)
+    return fit(body, limit)
 
 
 def fit(text: str, limit: int) -> str:
@@ -112,4 +115,4 @@ def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, indent=2, default=str)
 
 
-__all__ = ["BODY_MAX_BYTES", "fit", "render_input"]
+__all__ = ["BODY_MAX_BYTES", "QUESTION_MAX_BYTES", "fit", "render_input"]

@@ -604,3 +604,15 @@ def test_setup_for_the_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> 
     assert "hil" in json.loads((tmp_path / ".claude.json").read_text())["mcpServers"]
     assert (tmp_path / ".claude" / "settings.json").exists() and (tmp_path / ".config" / "hil" / "gate.toml").exists()
     assert os.environ["HOME"] == str(tmp_path)
+
+
+def test_the_question_fits_the_servers_limit_whatever_the_input() -> None:
+    from hil_server.models import MESSAGE_MAX_BYTES
+
+    call = ToolCall("Bash", {"command": "git push " + "参数" * 20000}, "/项目" * 1000, "sess-1")
+    backend = ScriptedBackend(replied("批准", "1"))
+    policy = Policy(wait=5)
+    anyio.run(lambda: decide(call, policy, backend, MemoryAllowances(), deadline=10**9, local_files=True))
+    message = backend.sent[0].message
+    assert len(message.encode()) <= MESSAGE_MAX_BYTES - 512 and message.count("其余未显示") == 2
+    assert allowance_line("sess-1", ["Bash: git push"]) in message
