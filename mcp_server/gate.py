@@ -118,7 +118,7 @@ async def decide(
             return Decision("allow", f"Allowed: the person chose {ALLOW_SESSION} for {', '.join(keys)} earlier.")
     try:
         check_keys(keys)
-        session_option = session is not None and policy.approvals_required == 1
+        session_option = session is not None and policy.approvals_required == 1 and verdict.session_allowable
     except ValueError:
         session_option = False
     ask_call = ToolCall(call.tool_name, call.tool_input, call.cwd, session)

@@ -102,6 +102,9 @@ COMMAND_MAX_CHARS = 64 * 1024
 DEPTH_MAX = 6
 DYNAMIC = "运行时才确定的命令"
 UNREADABLE = "无法解析的命令"
+GUARDED = "修改审批或权限设置"
+# Rules a person may approve once but not for a whole session: each would wave through calls nobody has seen.
+ONCE_ONLY = frozenset({DYNAMIC, UNREADABLE, GUARDED})
 
 
 class PolicyError(Exception):
@@ -207,6 +210,11 @@ class Verdict:
         return bool(self.rules)
 
     @property
+    def session_allowable(self) -> bool:
+        """Whether 本会话都允许 may be offered for these rules."""
+        return not ONCE_ONLY & set(self.rules)
+
+    @property
     def keys(self) -> list[str]:
         return [f"{self.tool}: {rule}" for rule in self.rules]
 
@@ -235,7 +243,7 @@ def check_call(tool_name: str, tool_input: dict[str, Any], cwd: str, policy: Pol
             verdict.add("没有文件路径")
         else:
             if _guarded(path):
-                verdict.add("修改审批或权限设置")
+                verdict.add(GUARDED)
             if policy.files.outside_project and not inside(path, cwd):
                 verdict.add("写项目目录之外的文件")
     return verdict
@@ -265,7 +273,7 @@ def check_command(command: str, cwd: str, policy: Policy) -> list[str]:
     if policy.bash.pipe_to_shell and scan.programs & DOWNLOADERS and scan.programs & INTERPRETERS:
         scan.found.append("下载后交给 shell 执行（curl | sh）")
     if _guarded(command):
-        scan.found.append("修改审批或权限设置")
+        scan.found.append(GUARDED)
     return list(dict.fromkeys(scan.found))
 
 

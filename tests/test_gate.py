@@ -616,3 +616,11 @@ def test_the_question_fits_the_servers_limit_whatever_the_input() -> None:
     message = backend.sent[0].message
     assert len(message.encode()) <= MESSAGE_MAX_BYTES - 512 and message.count("其余未显示") == 2
     assert allowance_line("sess-1", ["Bash: git push"]) in message
+
+
+@pytest.mark.parametrize("command", ["G=git; $G push", "vim .hil/gate.toml", "echo 'open"])
+def test_no_allowance_for_the_session_where_it_would_wave_through_unseen_calls(command: str) -> None:
+    call = ToolCall("Bash", {"command": command}, "/tmp", "sess-1")
+    backend = ScriptedBackend(replied("批准", "1"))
+    anyio.run(lambda: decide(call, Policy(), backend, MemoryAllowances(), deadline=10**9, local_files=True))
+    assert backend.sent[0].options == list(GATE_OPTIONS[:2]) and ALLOW_SESSION not in backend.sent[0].message
