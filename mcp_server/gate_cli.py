@@ -7,16 +7,14 @@ import argparse
 import sys
 import time
 
-SUBCOMMANDS = frozenset({"gate", "notify", "setup"})
-
 
 def _connection_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--service-url", help="HIL Server URL (env SERVICE_URL; default http://localhost:8081)")
     parser.add_argument("--api-token", help="API token for the HIL Server (env HIL_API_TOKEN)")
 
 
-def _connection(args: argparse.Namespace) -> tuple[str, str | None, str]:
-    """(service URL, token, log level) from flags > environment > .env > defaults; raises ValueError."""
+def _connection(args: argparse.Namespace) -> tuple[str, str | None]:
+    """(service URL, token) from flags > environment > .env > defaults; raises ValueError."""
     from pydantic import ValidationError
 
     from hil_protocol.validation import problems
@@ -29,7 +27,7 @@ def _connection(args: argparse.Namespace) -> tuple[str, str | None, str]:
     except ValidationError as exc:
         raise ValueError(f"invalid configuration: {problems(exc.errors())}") from None
     token = settings.api_token.get_secret_value() if settings.api_token else None
-    return settings.service_url, token, settings.log_level
+    return settings.service_url, token
 
 
 def main(argv: list[str]) -> int:
@@ -60,8 +58,7 @@ def main(argv: list[str]) -> int:
     _logging(args)
 
     def connection() -> tuple[str, str | None]:
-        service_url, token, _ = _connection(args)
-        return service_url, token
+        return _connection(args)
 
     if args.command == "notify":
         from .gate_notify import notify_main
@@ -72,9 +69,13 @@ def main(argv: list[str]) -> int:
             print(f"hil-mcp notify: {exc}", file=sys.stderr)
         return 0
 
-    from .gate import gate_main
+    try:
+        from .gate import gate_main
 
-    return _emit(*gate_main(raw, connection, started))
+        return _emit(*gate_main(raw, connection, started))
+    except Exception as exc:  # noqa: BLE001  # the last guard: a crashing gate must block (exit 2), not let it pass
+        print(f"hil-mcp gate: blocked: the gate failed ({type(exc).__name__}: {exc})", file=sys.stderr)
+        return 2
 
 
 def _stdin_limit() -> int:
@@ -101,4 +102,4 @@ def _logging(args: argparse.Namespace) -> None:
     setup_logging(os.environ.get("HIL_LOG_LEVEL") or "WARNING", "text", secrets)
 
 
-__all__ = ["SUBCOMMANDS", "main"]
+__all__ = ["main"]
