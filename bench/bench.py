@@ -11,6 +11,7 @@ P4  callbacks matched per second, POSTed straight to /api/callback (direct mode)
 P1A P1 on the AI-bot channel: the quote-reply comes over the AI bot's long connection
 P5  a click on a question's card (AI bot) -> the held long-poll returns the choice
 P6  a click on 批准 (AI bot) -> request_approval over a real stdio MCP client returns approved
+P7  a click on 批准 (AI bot) -> the Claude Code gate hook (`hil-mcp gate`) prints allow; its start-up separately
 M1  P1 over /mcp (the SDK's streamable-HTTP client)
 M2  server RSS with 2,000 tool calls waiting at /mcp at once
 M3  server RSS per open, idle /mcp session (the 2025 protocol's Mcp-Session-Id; what HIL_MCP_MAX_SESSIONS bounds)
@@ -910,11 +911,95 @@ async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
     )
 
 
+# --- P7: the Claude Code gate ------------------------------------------------------------------------------------
+
+
+async def p7(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
+    """`hil-mcp gate` as Claude Code runs it (a new process per tool call, the hook event on stdin): a risky Bash
+    call; one click on 批准 in the AI bot's card -> the process prints allow. Its start-up (a call that needs nobody)
+    is measured on its own."""
+    chat = "bench-p7"
+    project = workdir / "p7-project"
+    (project / ".hil").mkdir(parents=True, exist_ok=True)
+    (project / ".hil" / "gate.toml").write_text(f'chat_id = "{chat}"\nwait = 30\n')
+    env = {**os.environ, "SERVICE_URL": stack.server_url, "PYTHONPATH": str(ROOT), "NO_PROXY": "127.0.0.1"}
+
+    def event(command: str, i: int) -> bytes:
+        return json.dumps(
+            {
+                "hook_event_name": "PreToolUse",
+                "session_id": f"bench-{i}",
+                "cwd": str(project),
+                "tool_name": "Bash",
+                "tool_input": {"command": command},
+            }
+        ).encode()
+
+    async def gate(stdin: bytes) -> asyncio.subprocess.Process:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "mcp_server", "gate", env=env, cwd=project,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        assert proc.stdin is not None
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+        return proc
+
+    startups: list[float] = []
+    for i in range(max(5, rounds // 2)):
+        t0 = time.perf_counter()
+        proc = await gate(event("ls", i))
+        out, _ = await proc.communicate()
+        startups.append((time.perf_counter() - t0) * 1000)
+        if out.strip():
+            raise RuntimeError(f"a safe call printed a decision: {out!r}")
+    latencies: list[float] = []
+    async with client(30) as http:
+        since = await last_seq(http, stack)
+        for i in range(rounds + 1):  # round 0 warms up and is not counted
+            command = f"git push origin bench-p7-{i}"
+            proc = await gate(event(command, i))
+            card = None
+            deadline = time.monotonic() + 20
+            while card is None and time.monotonic() < deadline:  # the question's text comes first, then its card
+                cards = await fake_messages(http, stack, chat, since, wait=1, timeout=5)
+                card = next((m for m in cards if m.get("task_id")), None)
+                since = max([since, *(m["seq"] for m in cards)])
+            if card is None:
+                proc.kill()
+                raise RuntimeError(f"the gate's card {i} did not reach the fake WeCom")
+            await asyncio.sleep(0.2)  # the gate's long-poll is parked
+            click = {"userid": "lisi", "task_id": card["task_id"], "event_key": "0"}
+            assert proc.stdout is not None
+            t0 = time.perf_counter()
+            post = asyncio.create_task(http.post(f"{stack.fake_url}/_fake/aibot/click", json=click))
+            line = await asyncio.wait_for(proc.stdout.readline(), 30)
+            t1 = time.perf_counter()
+            (await post).raise_for_status()
+            await proc.wait()
+            decision = json.loads(line or b"{}").get("hookSpecificOutput", {}).get("permissionDecision")
+            if decision != "allow":
+                raise RuntimeError(f"round {i}: the gate printed {line!r}")
+            if i:
+                latencies.append((t1 - t0) * 1000)
+    median = statistics.median(latencies)
+    res.add(
+        f"P7 click on 批准 → Claude Code's gate hook (hil-mcp gate) prints allow (AI bot), median of {len(latencies)}",
+        f"{median:.1f} ms (max {max(latencies):.1f})",
+        "≤ 50 ms",
+        median <= 50,
+    )
+    res.add(
+        f"P7 gate hook process start-up to exit, a call that needs no person, median of {len(startups)}",
+        f"{statistics.median(startups):.0f} ms (max {max(startups):.0f})",
+    )
+
+
 # --- main -------------------------------------------------------------------------------------------------------
 
 
 async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
-    figures = {"P1", "P2", "P3", "P4", "M1", "M2", "M3", "P1A", "P5", "P6"}
+    figures = {"P1", "P2", "P3", "P4", "M1", "M2", "M3", "P1A", "P5", "P6", "P7"}
     only = {x.strip().upper() for x in args.only.split(",")} if args.only else figures
     # SIGTERM (timeout, CI) cancels like Ctrl-C, so the stacks below are stopped instead of left running.
     main_task = asyncio.current_task()
@@ -958,7 +1043,7 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
             caps = {"HIL_MCP_SESSIONS_PER_TOKEN": room, "HIL_MCP_MAX_SESSIONS": room}
             with running_stack("relay", workdir, "relay-m3", server_env=env | caps) as stack:
                 await measure("M3", lambda: m3(stack, args.mcp_sessions, res))
-    if only & {"P1A", "P5", "P6"}:
+    if only & {"P1A", "P5", "P6", "P7"}:
         with running_stack("direct", workdir, "aibot-p1a-p5", make=aibot_bench_stack) as stack:
             if "P1A" in only:
                 await measure(
@@ -978,6 +1063,8 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
                 await measure("P5", lambda: p5(stack, args.rounds, res))
             if "P6" in only:
                 await measure("P6", lambda: p6(stack, workdir, args.rounds, res))
+            if "P7" in only:
+                await measure("P7", lambda: p7(stack, workdir, args.rounds, res))
 
 
 def main(argv: list[str] | None = None) -> int:

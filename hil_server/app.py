@@ -17,7 +17,7 @@ from hil_protocol.http_limits import RequestLimits
 from hil_protocol.settings import secret_value
 from hil_protocol.supervise import Supervisor
 
-from . import __version__, api, errors, mcp_endpoint, metrics, status, worker_socket
+from . import __version__, api, errors, gate_api, mcp_endpoint, metrics, status, worker_socket
 from .auth import ApiAuth, AuthMiddleware
 from .channels import Channel
 from .channels.aibot import AibotChannel
@@ -140,6 +140,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.include_router(api.router)
+    app.include_router(gate_api.create_router())  # the Claude Code gate's 本会话都允许
     if mode == "relay":
         # Only relay mode has workers: anywhere else a "worker" connecting to /ws could only forge answers.
         app.include_router(worker_socket.router)

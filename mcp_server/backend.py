@@ -56,6 +56,7 @@ class Outgoing(BaseModel):
     wait_reply: bool = True
     timeout: float | None = None
     options: list[str] | None = None
+    allow_text: bool | None = None
     responders: list[str] | None = None
     approvals_required: int | None = None
 

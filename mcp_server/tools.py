@@ -602,6 +602,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         return await _wait(caller, ctx, question, limit)
 
     # More tools: define them in their own module as `def register(server)` using `tool(server)`, and call it here.
+    from .gate_tool import register_permission_tool  # Claude Code's --permission-prompt-tool: gate_tool.py
+
+    register_permission_tool(server)
     return server
 
 

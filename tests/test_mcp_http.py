@@ -117,7 +117,13 @@ async def ask_and_answer(
 async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
     async with mcp_client(remote, "tokFree", mode=mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"}
+    assert set(tools) == {
+        "send_and_wait_reply",
+        "request_approval",
+        "send_message_only",
+        "wait_for_reply",
+        "permission_prompt",  # Claude Code's --permission-prompt-tool (mcp_server/gate_tool.py)
+    }
     assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
     output = tools["send_and_wait_reply"].output_schema
     assert output is not None and {"status", "replies", "message", "session_id", "short_id"} <= set(
@@ -815,3 +821,35 @@ async def test_a_client_that_cuts_calls_gets_waiting_first_then_the_answer(cappe
         # Answered between two calls: the caller's one open question, so no id is needed.
         done = structured(await client.call_tool("wait_for_reply", {}))
     assert done["status"] == "success" and [r["content"] for r in done["replies"]] == ["想好了"], done
+
+
+# --- Claude Code's --permission-prompt-tool over /mcp -------------------------------------------------------------
+
+
+async def test_permission_prompt_over_mcp(remote: Stack) -> None:
+    """The gate's tool at /mcp: one text block; a risky call asks in the token's chat, 本会话都允许 covers the rest of
+    the MCP session; the server's own files are never read for a diff."""
+    import json
+
+    import anyio
+
+    risky = {"tool_name": "Bash", "input": {"command": "git push origin main"}, "tool_use_id": "t1"}
+    async with mcp_client(remote, "tokA") as client, person(remote, "chatA") as chat:
+        safe = await client.call_tool("permission_prompt", {"tool_name": "Read", "input": {"file_path": "/etc/hosts"}})
+        assert safe.structured_content is None and len(safe.content) == 1
+        assert json.loads(safe.content[0].text) == {"behavior": "allow", "updatedInput": {"file_path": "/etc/hosts"}}
+        outcome: dict[str, Any] = {}
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    outcome["first"] = await client.call_tool("permission_prompt", risky)
+
+                tg.start_soon(ask)
+                question, _ = await chat.question("git push origin main")
+                assert "3. 本会话都允许" in question["content"]
+                await chat.quote_reply(question, "3")
+        assert json.loads(outcome["first"].content[0].text)["behavior"] == "allow"
+        again = await client.call_tool("permission_prompt", {**risky, "tool_use_id": "t2"})
+        assert json.loads(again.content[0].text) == {"behavior": "allow", "updatedInput": risky["input"]}
+        assert await chat.count("git push origin main") == 1
