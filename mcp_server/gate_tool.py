@@ -9,6 +9,7 @@ content is refused by Claude Code, so the tool is registered without structured 
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -40,7 +41,13 @@ def register_permission_tool(server: MCPServer[Any]) -> None:
         tool_name: str, input: dict[str, Any], ctx: Context, tool_use_id: str | None = None
     ) -> str:
         """Claude Code's --permission-prompt-tool: asks a person in WeCom whether a tool call may run, by the gate's
-        policy (.hil/gate.toml). Not for the model to call."""
+        policy (.hil/gate.toml). Not for the model to call.
+
+        Args:
+            tool_name: the tool Claude Code is about to run (Bash, Write, mcp__server__tool, ...)
+            input: that tool's input, returned unchanged as updatedInput when the call is allowed
+            tool_use_id: Claude Code's id of the call
+        """
         caller = ctx.request_context.lifespan_context.caller(ctx)
         local = caller.settings.local_files
         cwd = os.getcwd() if local else ""
@@ -65,7 +72,12 @@ def register_permission_tool(server: MCPServer[Any]) -> None:
         decision = await decide(call, policy, caller.backend, allowances, deadline=deadline, local_files=local)
         return prompt_result(decision, input)
 
-    server.add_tool(permission_prompt, name=TOOL_NAME, structured_output=False)
+    server.add_tool(
+        permission_prompt,
+        name=TOOL_NAME,
+        description=inspect.cleandoc(permission_prompt.__doc__ or ""),
+        structured_output=False,
+    )
 
 
 __all__ = ["TOOL_NAME", "prompt_result", "register_permission_tool"]
