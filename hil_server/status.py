@@ -63,6 +63,8 @@ def status_data(request: Request) -> dict[str, Any]:
         "version": __version__,
         "mode": state["mode"],
         "channel": state["channel"].name,
+        # AI-bot mode: messages waiting for WeCom's pace
+        "send_queue": getattr(state["channel"], "queued", None),
         "health": health_body["status"],
         "problems": health_body.get("reason"),
         "callbacks": callback_auth(state),
