@@ -202,7 +202,7 @@ def read_several(text: str, options: tuple[str, ...] | list[str]) -> list[Pick] 
         if number:
             end = pos + number.end()
             if end < len(said) and said[end] not in _LIST_SEPARATORS:
-                return _unclear_or_none(said, by_length, len(options), "a number run into other text")
+                return Unclear("a number run into other text")  # "1.3", "2x": not a list of options
             value = int(number.group())
             if not 1 <= value <= len(options):
                 return Unclear(f"there is no option {value}")
