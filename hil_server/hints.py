@@ -96,7 +96,8 @@ def card_result(session: Session) -> str:
     chosen = [r for r in session.replies if r.choice is not None]
     if chosen:
         first = chosen[0]
-        return f"✅ {first.from_user.name or first.answered_by} 选择了「{first.choice.label}」"  # type: ignore[union-attr]
+        labels = "」「".join(c.label for c in first.choices) if first.choices else first.choice.label  # type: ignore[union-attr]
+        return f"✅ {first.from_user.name or first.answered_by} 选择了「{labels}」"
     if session.replies:
         first = session.replies[0]
         return f"✅ {first.from_user.name or first.answered_by} 已用文字回答"
