@@ -56,6 +56,7 @@ class Outgoing(BaseModel):
     wait_reply: bool = True
     timeout: float | None = None
     options: list[str] | None = None
+    multi_select: bool | None = None
     responders: list[str] | None = None
     approvals_required: int | None = None
 
@@ -77,6 +78,7 @@ class Polled(BaseModel):
     message: str = ""
     short_id: str | None = None
     choice: Choice | None = None
+    choices: list[Choice] = Field(default_factory=list)
     approval: Approval | None = None
 
 

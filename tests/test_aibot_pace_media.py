@@ -12,7 +12,7 @@ from typing import Any, cast
 import pytest
 
 from hil_protocol.aibot import read_callback
-from hil_protocol.callback import CardClick, IncomingMessage
+from hil_protocol.callback import CallbackError, CardClick, IncomingMessage
 from hil_protocol.outbound import Question
 from hil_server import matching
 from hil_server.channels import ChannelError
@@ -69,7 +69,20 @@ def test_the_text_form_says_how_to_pick_several() -> None:
 def test_multi_select_needs_options() -> None:
     with pytest.raises(ValueError, match="multi_select needs options"):
         SendRequest(message="选哪些？", multi_select=True)
+    with pytest.raises(ValueError, match="multi_select needs options"):  # an approval has no options of its own
+        SendRequest(message="删库？", multi_select=True, approvals_required=1)
+    for odd in ("maybe", [1], {"a": 1}, 2):
+        with pytest.raises(ValueError, match="multi_select"):
+            SendRequest.model_validate({"message": "选哪些？", "options": list(OPTIONS), "multi_select": odd})
     assert SendRequest(message="选哪些？", options=list(OPTIONS), multi_select=True).multi_select
+
+
+def test_a_forged_submit_with_too_many_ticks_is_not_read() -> None:
+    ids = {"option_id": [str(i) for i in range(21)]}
+    event = {"event_key": "submit", "task_id": "a" * 32, "selected_items": {"selected_item": [{"option_ids": ids}]}}
+    body = {**msg_body("event"), "event": {"eventtype": "template_card_event", "template_card_event": event}}
+    with pytest.raises(CallbackError):
+        read_callback(callback(body, "aibot_event_callback"), BOT)
 
 
 # --- deciding --------------------------------------------------------------------------------------------------------
