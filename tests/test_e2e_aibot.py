@@ -480,6 +480,19 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 assert answer["replies"][0]["answered_by"] == "lisi"
                 await expect(card).to_contain_text("✅ lisi 选择了「不合并」")
                 await expect(card.get_by_test_id("card-button")).to_have_count(0)
+
+                # A pick-several question is a vote card: tick two options, submit.
+                several = {"message": "发布哪些？", "chat_id": "sandbox-chat", "options": ["前端", "后端", "文档"]}
+                asked = (await http.post(send, json={**several, "multi_select": True})).json()
+                vote = page.get_by_test_id("card").filter(has=page.get_by_test_id("card-submit"))
+                await expect(vote.get_by_test_id("card-option")).to_have_count(3)
+                await vote.get_by_test_id("card-option").nth(0).check()
+                await vote.get_by_test_id("card-option").nth(2).check()
+                await vote.get_by_test_id("card-submit").click()
+                poll = f"{sandbox.server_url}/api/poll/{asked['session_id']}"
+                answer = (await http.get(poll, params={"wait": 10})).json()
+                assert [c["label"] for c in answer["choices"]] == ["前端", "文档"]
+                await expect(page.get_by_test_id("card").last).to_contain_text("✅ lisi 选择了「前端」「文档」")
             assert not chat.errors, chat.errors
     finally:
         proc.stop()
