@@ -248,7 +248,7 @@ async def test_pick_several_by_vote_card_and_by_numbers_in_text(shared: Stack) -
         await w.messages("group-vote-text", 2)
         await w.person("message", userid="lisi", chat_id="group-vote-text", text="1 5")
         hint = (await w.messages("group-vote-text", 3))[-1]
-        assert hint["reply_to"] is not None
+        assert hint["reply_to"] is not None and "可多选，如 1 3" in hint["content"]
         polled = await w.poll(asked["session_id"])
         assert polled["status"] == "waiting" and polled["choices"] == [] and len(polled["unclear"]) == 1
         await w.person("message", userid="lisi", chat_id="group-vote-text", text="1,3")

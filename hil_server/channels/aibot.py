@@ -581,7 +581,8 @@ class AibotChannel:
         else:
             card = closed_card(update.card_id, update.title, update.text, session.message if session else "")
         body = {"response_type": "update_template_card", "template_card": card}
-        await self._send(CMD_UPDATE, body, req_id=update.reply_to, urgent=True)
+        # Past WeCom's window the update would be refused anyway: better said here than queued in vain.
+        await self._send(CMD_UPDATE, body, req_id=update.reply_to, urgent=True, deadline=self._clock() + REPLY_WINDOW)
 
     # --- sending -----------------------------------------------------------------------------------------------
 
