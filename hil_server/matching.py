@@ -12,9 +12,10 @@ Rules, in order:
 5. Once the question is known: someone not among its responders is not taken (told once per question; userids
    compare case-insensitively, as WeCom's do); a question with options takes an option (by number, label or button)
    or, when it allows text, free text; an approval takes a decision (批准 / 拒绝, with a comment after it). A text is
-   read by `choices.read_reply`: when it does not decide (unclear, or names nothing) on a question that takes no
-   free text, it is kept on the question (`Session.unclear`) without deciding anything, the chat is asked for a
-   clear answer, and the question keeps waiting. With free text allowed, such a reply is a text answer (no choice).
+   read by `choices.read_reply` (a pick-several question: `choices.read_several`): when it does not decide (unclear,
+   or names nothing) on a question that takes no free text, it is kept on the question (`Session.unclear`) without
+   deciding anything, the chat is asked for a clear answer, and the question keeps waiting. With free text allowed,
+   such a reply is a text answer (no choice) — except an unclear pick-several reply, which is always asked again.
 
 A question sent without a chat_id went to the robot's default delivery (its group chats), so it belongs to every
 group chat of the robot and to no single chat.
@@ -149,7 +150,9 @@ def _answer(
             pick = picks[0]
         elif isinstance(reading, Pick):
             pick = reading
-        elif not session.allow_text:  # an approval takes no free text: kept, asked again, still waiting
+        elif not session.allow_text or (session.multi_select and isinstance(reading, Unclear)):
+            # An approval takes no free text; a pick-several reply that names options unclearly ("1 5") is never
+            # free text either, nor a part of what it names: kept, asked again, still waiting.
             if isinstance(reading, Unclear):
                 notice = _notice(msg, hints.unclear(session), "unclear", markdown=False)
                 return Decision("hint_unclear", session, notice=notice, kept_by=how)

@@ -138,6 +138,11 @@ def test_a_text_picks_several_and_an_unclear_one_is_kept_and_asked_again() -> No
     )
     unclear = decide(text("1 5"), store)
     assert unclear.outcome == "hint_unclear" and unclear.picks == () and unclear.notice is not None
+    # With free text allowed an unclear pick is still asked again; a reply naming no option is the text answer.
+    free = OneSession(session(allow_text=True))
+    assert decide(text("1 5"), free).outcome == "hint_unclear"
+    said = decide(text("都不要，先等等"), free)
+    assert said.outcome == "matched_only" and said.pick is None and said.picks == ()
 
 
 def test_a_vote_card_submit_picks_what_was_ticked() -> None:
