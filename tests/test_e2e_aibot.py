@@ -288,8 +288,9 @@ async def test_a_burst_of_100_questions_keeps_wecom_pace_in_order_with_no_errcod
             messages = await w.messages("group-burst", 100)
             attempts = (await w.http.get(f"{stack.fake_url}/_fake/attempts")).json()
             status = (await w.http.get(f"{stack.server_url}/status.json")).json()
+            page = (await w.http.get(f"{stack.server_url}/status")).text
             metrics = (await w.http.get(f"{stack.server_url}/metrics")).text
-        assert status["send_queue"] == 0 and "hil_aibot_send_queue 0.0" in metrics
+        assert status["send_queue"] == 0 and "hil_aibot_send_queue 0.0" in metrics and "发送排队 Send queue" in page
         assert all(s["success"] for s in sent)
         assert [a["errcode"] for a in attempts["attempts"]] == [0] * 100
         assert elapsed >= 4 * 0.25 - 0.05  # 100 at 20 per window: four windows waited
