@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 
 from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router, wecom_error
 from hil_protocol.http_limits import RequestLimits
+from hil_protocol.images import ImageFetcher
 from hil_protocol.settings import secret_value
 from hil_protocol.supervise import Supervisor
 
@@ -72,7 +73,15 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
                 if aibot_options is not None:
-                    channel = AibotChannel(aibot_options, http, sessions=store.get, on_attempt=meters.wecom_attempt)
+                    aibot = AibotChannel(
+                        aibot_options,
+                        http,
+                        sessions=store.get,
+                        on_attempt=meters.wecom_attempt,
+                        images=ImageFetcher(allow_private=settings.hil_image_allow_private),
+                    )
+                    meters.bind_send_queue(lambda: aibot.queued)
+                    channel = aibot
                 elif mode == "direct":
                     channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:

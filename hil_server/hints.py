@@ -77,6 +77,8 @@ def pick_one(session: Session) -> str:
     if session.approvals_required:
         return f"`#{session.short_id}` 需要一个决定：回复 **1** 批准 或 **2** 拒绝（可在后面附上说明）。"
     options = "、".join(f"**{i}** {label}" for i, label in enumerate(session.options, start=1))
+    if session.multi_select:
+        return f"`#{session.short_id}` 请从选项中选择（可多选）：{options}（回复编号，如 1 3）。"
     return f"`#{session.short_id}` 请从选项中选择：{options}（回复数字或选项文字）。"
 
 
@@ -85,6 +87,8 @@ def unclear(session: Session) -> str:
     if session.approvals_required:
         return f"#{session.short_id} 没看懂，请回复 1 批准 或 2 拒绝（可在后面附上说明）。"
     numbers = "、".join(f"{i} {label}" for i, label in enumerate(session.options, start=1))
+    if session.multi_select:
+        return f"#{session.short_id} 没看懂，请只回复选项的编号，可多选，如 1 3（没有的编号不算）：{numbers}。"
     return f"#{session.short_id} 没看懂，请只回复一个选项的数字：{numbers}。"
 
 
@@ -96,7 +100,8 @@ def card_result(session: Session) -> str:
     chosen = [r for r in session.replies if r.choice is not None]
     if chosen:
         first = chosen[0]
-        return f"✅ {first.from_user.name or first.answered_by} 选择了「{first.choice.label}」"  # type: ignore[union-attr]
+        labels = "」「".join(c.label for c in first.choices) if first.choices else first.choice.label  # type: ignore[union-attr]
+        return f"✅ {first.from_user.name or first.answered_by} 选择了「{labels}」"
     if session.replies:
         first = session.replies[0]
         return f"✅ {first.from_user.name or first.answered_by} 已用文字回答"

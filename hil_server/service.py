@@ -131,6 +131,7 @@ class HilService:
             mention_list=tuple(dict.fromkeys([*(request.mention_list or ()), *responders])),
             options=APPROVAL_OPTIONS if approval else tuple(request.options or ()),
             allow_text=False if approval else request.allow_text,
+            multi_select=request.multi_select and not approval,
             responders=responders,
             approvals_required=approval,
         )
@@ -169,6 +170,7 @@ class HilService:
             mcp_session=mcp_session,
             options=list(question.options),
             allow_text=question.allow_text,
+            multi_select=question.multi_select,
             responders=list(responders),
             approvals_required=approval,
         )
@@ -177,7 +179,9 @@ class HilService:
         await self.store.save(session, audit=[audit.asked(session, now)])
         try:
             await self.channel.send_question(
-                dataclasses.replace(question, short_id=short_id, card_id=session.session_id)
+                dataclasses.replace(
+                    question, short_id=short_id, card_id=session.session_id, expires_at=session.deadline
+                )
             )
         except ChannelError as exc:
             await self._close(session, "failed", error=str(exc))
@@ -242,6 +246,7 @@ class HilService:
             replies=session.replies,
             message=messages[status],
             choice=next((r.choice for r in session.replies if r.choice is not None), None),
+            choices=next((r.choices for r in session.replies if r.choices), []),
             approval=approval,
             unclear=session.unclear,
         )
@@ -351,7 +356,7 @@ class HilService:
 
     async def _take(self, session: Session, decision: Decision, msg: IncomingMessage) -> None:
         pick = decision.pick
-        session.replies.append(_reply(msg, decision.matched_by or "quote", pick))
+        session.replies.append(_reply(msg, decision.matched_by or "quote", pick, decision.picks))
         decided = answered(session)
         now = self._clock()
         rows = [
@@ -481,7 +486,9 @@ class HilService:
         return sorted(found, key=lambda s: s.created_at)
 
 
-def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None) -> Reply:
+def _reply(
+    msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None, picks: tuple[Pick, ...] = ()
+) -> Reply:
     return Reply(
         msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
         content=msg.answer,
@@ -493,6 +500,7 @@ def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None
         chat_id=msg.chat_id,
         chat_type=msg.chat_type,
         choice=Choice(index=pick.index, label=pick.label) if pick else None,
+        choices=[Choice(index=p.index, label=p.label) for p in picks or ((pick,) if pick else ())],
         via="text" if msg.card is None else "button",  # a late click is a click too
     )
 
