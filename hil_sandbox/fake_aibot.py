@@ -291,6 +291,15 @@ class TemplateCard(_Wire):
             raise ValueError("a multiple_interaction card needs select_list and submit_button")
         return self
 
+    def button_text(self, key: str) -> str | None:
+        """The text people see on the button that sends `key`."""
+        for button in self.button_list or []:
+            if button.key == key:
+                return button.text
+        if self.submit_button is not None and self.submit_button.key == key:
+            return self.submit_button.text
+        return None
+
     def event_keys(self) -> list[str]:
         """The keys a click on this card can send back."""
         if self.card_type == "button_interaction":
@@ -359,6 +368,7 @@ class AibotEvent(BaseModel):
     frame: dict[str, Any] | None = None
     image_ids: list[str] = Field(default_factory=list)  # GET /_fake/images/{id}: the pictures in plain
     file_name: str | None = None
+    button_text: str | None = None  # a click: the text on the button, as the person saw it
     # update
     message_seq: int | None = None
     card: dict[str, Any] | None = None
@@ -1332,6 +1342,7 @@ class AibotHub:
             if found is None:
                 raise AibotNotFoundError(f"no template card with task_id {task_id!r} was sent by bot {bot!r}")
             keys = found.model.event_keys()
+            button_text = found.model.button_text(event_key)
             chat = found.state.chat_id
             card_type = found.model.card_type
             kind = chat_type or self._chat_types.get(chat, "group")
@@ -1350,7 +1361,16 @@ class AibotHub:
             }
         body["event"] = {"eventtype": "template_card_event", "template_card_event": event}
         return await self._push(
-            bot, CMD_EVENT_CALLBACK, "template_card_event", body, chat, kind, userid, name, task_id=task_id
+            bot,
+            CMD_EVENT_CALLBACK,
+            "template_card_event",
+            body,
+            chat,
+            kind,
+            userid,
+            name,
+            task_id=task_id,
+            button_text=button_text,
         )
 
     async def _push(
@@ -1367,6 +1387,7 @@ class AibotHub:
         image_ids: Sequence[str] = (),
         file_name: str | None = None,
         task_id: str | None = None,
+        button_text: str | None = None,
     ) -> AibotEvent:
         req_id = self._req_id()
         frame = {"cmd": cmd, "headers": {"req_id": req_id}, "body": body}
@@ -1406,6 +1427,7 @@ class AibotHub:
             frame=frame,
             image_ids=list(image_ids),
             file_name=file_name,
+            button_text=button_text,
         )
 
 

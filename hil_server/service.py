@@ -210,16 +210,24 @@ class HilService:
 
     async def mark_timeout(self, session: Session) -> None:
         if session.status in ("sending", "waiting"):
-            await self._close(session, "timeout")
+            # Recorded as "stopped", not "timeout": the agent gave up before the question's own deadline.
+            await self._close(session, "timeout", outcome="stopped (agent)")
             logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
 
-    async def _close(self, session: Session, status: Literal["replied", "timeout", "failed"], error: str | None = None):
+    async def _close(
+        self,
+        session: Session,
+        status: Literal["replied", "timeout", "failed"],
+        error: str | None = None,
+        *,
+        outcome: str | None = None,
+    ) -> None:
         session.status = status
         session.closed_at = self._clock()
         if error:
             session.error = error
         await self.store.save(session)
-        self.events.add(session, status)
+        self.events.add(session, outcome or status)
         self._wake(session.session_id)
 
     def _wake(self, session_id: str) -> None:
