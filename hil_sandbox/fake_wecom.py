@@ -1201,10 +1201,38 @@ def create_fake_wecom_app(
 
     @app.post("/_fake/reply", response_model=None)
     async def control_reply(body: ReplyRequest, request: Request) -> dict[str, Any] | JSONResponse:
+        base_url = fake.config.public_url or str(request.base_url)
+        if fake.config.callback_url is None and fake.config.aibots:
+            # An AI bot and no callback (the sandbox's --aibot): the person speaks over the bot's long connection.
+            return await reply_over_aibot(body, base_url)
         try:
-            return await fake.reply(**body.model_dump(), base_url=fake.config.public_url or str(request.base_url))
+            return await fake.reply(**body.model_dump(), base_url=base_url)
         except CallbackNotConfiguredError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    async def reply_over_aibot(body: ReplyRequest, base_url: str) -> dict[str, Any] | JSONResponse:
+        robot_only = {"repeat": body.repeat > 1, "wecom_retries": body.wecom_retries, "event_type": body.event_type}
+        if any(robot_only.values()) or body.msgtype not in (None, "text", "mixed", "image"):
+            unsupported = [name for name, given in robot_only.items() if given] or [f"msgtype={body.msgtype}"]
+            detail = (
+                f"{', '.join(unsupported)}: robot callbacks only; over the AI bot's long connection use "
+                "/_fake/aibot/message, /_fake/aibot/event or /_fake/aibot/click"
+            )
+            return JSONResponse({"detail": detail}, status_code=422)
+        person = body.from_user or FromUser()
+        pushed = await fake.aibot.reply_as_person(
+            chat_id=body.chat_id,
+            text=body.text,
+            quote=body.quote,
+            image_url=body.image_url,
+            chat_type=body.chat_type,
+            userid=person.userid,
+            name=person.name,
+            msgid=body.msgid,
+            at_robot=body.at_robot,
+            base_url=base_url,
+        )
+        return {"via": "aibot", **pushed.model_dump()}
 
     return app
 
