@@ -1036,8 +1036,10 @@ def create_fake_wecom_app(
     control API ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``,
     ``GET /_fake/callbacks?since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET|POST /_fake/config``,
     ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``, ``POST /_fake/images`` (multipart ``file``
-    -> ``{"url"}``) and ``GET /_fake/images/{id}`` (attached images and images the robot sent). The AI bot's long
-    connection is ``WS /`` with its control API under ``/_fake/aibot/`` (see ``fake_aibot.add_aibot_routes``).
+    -> ``{"url"}``), ``GET /_fake/images/{id}`` (attached images and images the robot sent) and
+    ``GET /_fake/hil-status?since=&wait=&timeout=`` (the HIL Server's outcomes, for the chat page). The AI bot's long
+    connection is ``WS /`` with its control API under ``/_fake/aibot/`` (see ``fake_aibot.add_aibot_routes``); with an
+    AI bot and no callback URL, ``POST /_fake/reply`` speaks over that connection.
     """
     from hil_sandbox.fake_aibot import add_aibot_routes  # fake_aibot builds on this module
 

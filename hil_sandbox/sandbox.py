@@ -7,8 +7,8 @@ connection instead (HIL_CHANNEL=aibot); the chat page sees the AI bot and switch
 the server runs in relay mode and a DevCloud Worker beside it holds the link: the fake's callbacks (the chat page's
 replies) go to the worker's /callback, which relays them, as in a deployment with a worker in the robot's network.
 
-Both ports are bound before anything else happens (a taken port is one line that names it and the flag to change it),
-and the banner with the MCP config is printed only once both servers answer.
+Every port is bound before anything else happens (a taken port is one line that names it and the flag to change it),
+and the banner with the MCP config is printed only once every server answers.
 """
 
 from __future__ import annotations
@@ -27,18 +27,16 @@ import sysconfig
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import httpx
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
+from devcloud_worker.config import WorkerSettings
 from hil_protocol import __version__
 from hil_protocol.cli import bind, console_parser, data_dir_lock, exit_without_server_extra, fail
 from hil_protocol.logs import setup_logging
 from hil_server.config import ServerSettings
-
-if TYPE_CHECKING:
-    from devcloud_worker.config import WorkerSettings
 
 PROG = "hil-sandbox"
 DESCRIPTION = (
@@ -143,8 +141,8 @@ def banner(wecom_url: str, server_url: str, data_dir: Path, aibot: bool = False,
     )
 
 
-class SandboxSettings(ServerSettings):
-    """The HIL Server's settings, from the arguments only: no environment, no `.env`."""
+class ArgumentsOnly:
+    """Settings from the arguments only: no environment, no `.env` (a deployment's settings must not leak in)."""
 
     @classmethod
     def settings_customise_sources(
@@ -158,23 +156,12 @@ class SandboxSettings(ServerSettings):
         return (init_settings,)
 
 
-def sandbox_worker_settings(**values: Any) -> WorkerSettings:
-    """The worker's settings, from the arguments only (like SandboxSettings)."""
-    from devcloud_worker.config import WorkerSettings
+class SandboxSettings(ArgumentsOnly, ServerSettings):
+    """The HIL Server's settings, from the arguments only."""
 
-    class SandboxWorkerSettings(WorkerSettings):
-        @classmethod
-        def settings_customise_sources(
-            cls,
-            settings_cls: type[BaseSettings],
-            init_settings: PydanticBaseSettingsSource,
-            env_settings: PydanticBaseSettingsSource,
-            dotenv_settings: PydanticBaseSettingsSource,
-            file_secret_settings: PydanticBaseSettingsSource,
-        ) -> tuple[PydanticBaseSettingsSource, ...]:
-            return (init_settings,)
 
-    return SandboxWorkerSettings(**values)
+class SandboxWorkerSettings(ArgumentsOnly, WorkerSettings):
+    """The worker's settings (--relay), from the arguments only."""
 
 
 def ws_url(http_url: str) -> str:
@@ -254,7 +241,7 @@ def build(
     if relay:
         from devcloud_worker.worker import create_app as create_worker_app
 
-        worker = sandbox_worker_settings(
+        worker = SandboxWorkerSettings(
             hil_url=f"{ws_url(server_url)}/ws",
             hil_token=worker_token,
             bot_key=SANDBOX_BOT_KEY,
