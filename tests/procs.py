@@ -41,7 +41,11 @@ class Proc:
             [sys.executable, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
         )
         if self.health_url:
-            self.wait_healthy(wait)
+            try:
+                self.wait_healthy(wait)
+            except BaseException:
+                self.kill()  # nobody holds it to stop it later: a process that never got healthy would be orphaned
+                raise
         return self
 
     def wait_healthy(self, wait: float = START_DEADLINE) -> None:
