@@ -112,6 +112,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import quote as url_quote
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request, WebSocket
@@ -146,6 +147,8 @@ from hil_sandbox.fake_wecom import (
 if TYPE_CHECKING:
     from hil_sandbox.fake_wecom import FakeWeCom
 
+# Where the fake serves the images people attach (fake_wecom's GET /_fake/images/{id}).
+IMAGES_PATH = "/_fake/images/"
 log = logging.getLogger(__name__)
 
 # The events a bot answers with a frame of their own within the reply window (a welcome, a card update): what the
@@ -332,6 +335,15 @@ class TemplateCard(_Wire):
             raise ValueError("a multiple_interaction card needs select_list and submit_button")
         return self
 
+    def button_text(self, key: str) -> str | None:
+        """The text people see on the button that sends `key`."""
+        for button in self.button_list or []:
+            if button.key == key:
+                return button.text
+        if self.submit_button is not None and self.submit_button.key == key:
+            return self.submit_button.text
+        return None
+
     def event_keys(self) -> list[str]:
         """The keys a click on this card can send back."""
         if self.card_type == "button_interaction":
@@ -414,6 +426,7 @@ class AibotEvent(BaseModel):
     frame: dict[str, Any] | None = None
     image_ids: list[str] = Field(default_factory=list)  # GET /_fake/images/{id}: the pictures in plain
     file_name: str | None = None
+    button_text: str | None = None  # a click: the text on the button, as the person saw it
     # update
     message_seq: int | None = None
     card: dict[str, Any] | None = None
@@ -1497,6 +1510,42 @@ class AibotHub:
             bot, CMD_MSG_CALLBACK, kind, body, chat, chat_type, userid, name, image_ids=kept_ids, file_name=file_name
         )
 
+    async def reply_as_person(
+        self,
+        *,
+        chat_id: str,
+        text: str | None,
+        quote: str | None,
+        image_url: str | None,
+        chat_type: ChatType,
+        userid: str,
+        name: str | None,
+        msgid: str | None,
+        at_robot: bool,
+        base_url: str | None = None,
+    ) -> AibotEvent:
+        """POST /_fake/reply when the fake has an AI bot and no callback URL (the sandbox's --aibot): the same person's
+        message, but over the bot's long connection, as the chat page sends it. ``quote`` is the quoted text (its
+        header names the question); ``image_url`` one of the fake's own images (POST /_fake/images)."""
+        image_ids = []
+        if image_url is not None:
+            path = urlsplit(image_url).path
+            if not path.startswith(IMAGES_PATH) or len(path) == len(IMAGES_PATH):
+                raise AibotError(f"over the AI bot an image_url must be one of the fake's {IMAGES_PATH}<id> URLs")
+            image_ids.append(path.removeprefix(IMAGES_PATH))
+        return await self.push_message(
+            userid=userid,
+            name=name,
+            text=text,
+            chat_id=chat_id,
+            chat_type=chat_type,
+            quote_text=quote,
+            image_ids=image_ids,
+            at_robot=at_robot,
+            msgid=msgid,
+            base_url=base_url,
+        )
+
     async def push_event(
         self,
         *,
@@ -1525,8 +1574,10 @@ class AibotHub:
         self,
         *,
         userid: str,
-        task_id: str,
-        event_key: str,
+        task_id: str | None = None,
+        event_key: str | None = None,
+        button: str | None = None,
+        chat_id: str | None = None,
         selected_items: Sequence[Mapping[str, Any]] | None = None,
         name: str | None = None,
         chat_type: ChatType | None = None,
@@ -1536,13 +1587,27 @@ class AibotHub:
 
         The card is looked up by task_id among the cards the bot sent, as people see it now: a button an update took
         away cannot be clicked (AibotConflictError). ``selected_items``: ``[{"question_key", "option_ids": [...]}]``.
+        As a person sees it: ``button`` (its text) instead of ``event_key``, and ``chat_id`` instead of ``task_id``
+        for the newest card in that chat that shows the button.
         """
+        if (event_key is None) == (button is None):
+            raise AibotError("name the button: event_key (its key) or button (its text), one of them")
         bot = self._bot(bot_id)
         with self._lock:
+            if task_id is None:
+                if chat_id is None:
+                    raise AibotError("name the card: task_id, or chat_id for the newest card there")
+                task_id = self._newest_card_showing(bot, chat_id, event_key, button)
             found = self._cards.get((bot, task_id))
             if found is None:
                 raise AibotNotFoundError(f"no template card with task_id {task_id!r} was sent by bot {bot!r}")
             keys = found.model.event_keys()
+            if event_key is None:
+                event_key = next((k for k in keys if found.model.button_text(k) == button), None)
+                if event_key is None:
+                    shown = "、".join(filter(None, (found.model.button_text(k) for k in keys))) or "none"
+                    raise AibotConflictError(f"the card shows no button {button!r} (buttons now: {shown})")
+            button_text = found.model.button_text(event_key)
             chat = found.state.chat_id
             card_type = found.model.card_type
             kind = chat_type or self._chat_types.get(chat, "group")
@@ -1561,8 +1626,28 @@ class AibotHub:
             }
         body["event"] = {"eventtype": "template_card_event", "template_card_event": event}
         return await self._push(
-            bot, CMD_EVENT_CALLBACK, "template_card_event", body, chat, kind, userid, name, task_id=task_id
+            bot,
+            CMD_EVENT_CALLBACK,
+            "template_card_event",
+            body,
+            chat,
+            kind,
+            userid,
+            name,
+            task_id=task_id,
+            button_text=button_text,
         )
+
+    def _newest_card_showing(self, bot: str, chat_id: str, event_key: str | None, button: str | None) -> str:
+        """The task_id of the newest card `bot` sent to `chat_id` that shows this button now (under the lock)."""
+        for (owner, task_id), card in reversed(self._cards.items()):
+            if owner != bot or card.state.chat_id != chat_id:
+                continue
+            keys = card.model.event_keys()
+            if (event_key in keys) if event_key is not None else any(card.model.button_text(k) == button for k in keys):
+                return task_id
+        shown = repr(event_key if event_key is not None else button)
+        raise AibotNotFoundError(f"no card from bot {bot!r} in chat {chat_id!r} shows a button {shown} now")
 
     async def _push(
         self,
@@ -1578,6 +1663,7 @@ class AibotHub:
         image_ids: Sequence[str] = (),
         file_name: str | None = None,
         task_id: str | None = None,
+        button_text: str | None = None,
     ) -> AibotEvent:
         req_id = self._req_id()
         frame = {"cmd": cmd, "headers": {"req_id": req_id}, "body": body}
@@ -1617,6 +1703,7 @@ class AibotHub:
             frame=frame,
             image_ids=list(image_ids),
             file_name=file_name,
+            button_text=button_text,
         )
 
 
@@ -1668,10 +1755,12 @@ class SelectedItem(BaseModel):
 
 
 class CardClick(_Person):
-    """POST /_fake/aibot/click: AibotHub.click's keywords."""
+    """POST /_fake/aibot/click: AibotHub.click's keywords (task_id or chat_id; event_key or button)."""
 
-    task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_BYTES)
-    event_key: str = Field(min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    task_id: str | None = Field(default=None, min_length=1, max_length=TASK_ID_MAX_BYTES)
+    event_key: str | None = Field(default=None, min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    button: str | None = Field(default=None, min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     selected_items: list[SelectedItem] | None = Field(default=None, max_length=3)
     chat_type: ChatType | None = None
 

@@ -34,9 +34,10 @@ from .store import STORE_FILE, SessionStore, SqlitePersistence, StoreUnavailable
 logger = logging.getLogger("hil_server")
 
 
-def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> FastAPI:
+def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_open: bool = True) -> FastAPI:
     """The HIL Server. Raises ValueError for settings that cannot work together. `poll_fast_path=False` serves
-    long-polls through FastAPI's router instead (tests compare the two)."""
+    long-polls through FastAPI's router instead (tests compare the two). `warn_open=False`: no warnings about open
+    ways in (no API tokens, unauthenticated callbacks), for the loopback sandbox that leaves them open itself."""
     mode = settings.mode
     kind = settings.channel
     if kind == "aibot" and mode == "relay":
@@ -56,6 +57,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
         )
     meters = Metrics(version=__version__, mode=mode)
     mcp = mcp_endpoint.McpEndpoint(settings, auth)
+    mcp.warn_open = warn_open
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
@@ -105,7 +107,8 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                 meters.bind(store)
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
-                warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
+                if warn_open:
+                    warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
                 if aibot_options is not None and secret_value(settings.bot_key):
                     logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(

@@ -1,4 +1,7 @@
-"""What the robot says in the chat on its own: hints and notices (Chinese: the users are WeCom users)."""
+"""What the robot says in the chat on its own: hints and notices (Chinese: the users are WeCom users).
+
+Some go out as markdown (several_waiting, chat_id_hint, pick_one), the rest as plain text (see matching's
+`markdown=False`): those carry no markup, which a plain-text message would show as is (backticks, asterisks)."""
 
 from __future__ import annotations
 
@@ -46,11 +49,11 @@ def _about(session: Session, text: str) -> str:
 
 
 def unknown_quote(short_id: str) -> str:
-    return f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
+    return f"没有找到问题 #{short_id}：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
 
 
 def late_answer(session: Session) -> str:
-    return _about(session, "AI 已停止等待这个问题的回复，你的回答已保存：AI 可以用 `wait_for_reply` 取回它。")
+    return _about(session, "AI 已停止等待这个问题的回复，你的回答已保存：AI 可以用 wait_for_reply 取回它。")
 
 
 def empty_answer() -> str:
@@ -58,7 +61,7 @@ def empty_answer() -> str:
 
 
 def other_chat(short_id: str) -> str:
-    return f"问题 `#{short_id}` 不是在这个会话里提出的，这里的回答不会被采纳。请在提出该问题的会话里引用它回复。"
+    return f"问题 #{short_id} 不是在这个会话里提出的，这里的回答不会被采纳。请在提出该问题的会话里引用它回复。"
 
 
 def abandoned(session: Session) -> str:

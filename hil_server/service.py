@@ -253,7 +253,8 @@ class HilService:
 
     async def mark_timeout(self, session: Session) -> None:
         if session.status in ("sending", "waiting"):
-            await self._close(session, "timeout", kind="cancelled")
+            # Recorded as "stopped", not "timeout": the agent gave up before the question's own deadline.
+            await self._close(session, "timeout", kind="cancelled", outcome="stopped (agent)")
             logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
 
     async def _close(
@@ -262,7 +263,9 @@ class HilService:
         status: Literal["replied", "timeout", "failed"],
         error: str | None = None,
         kind: audit.AuditKind | None = None,
-    ):
+        *,
+        outcome: str | None = None,
+    ) -> None:
         session.status = status
         session.closed_at = self._clock()
         if error:
@@ -271,7 +274,7 @@ class HilService:
         via = "agent" if kind == "cancelled" else "server"
         row = audit.question_event(kind, session, session.closed_at, via=via, error=error)
         await self.store.save(session, audit=[row])
-        self.events.add(session, status)
+        self.events.add(session, outcome or status)
         self._wake(session.session_id)
 
     def _wake(self, session_id: str) -> None:

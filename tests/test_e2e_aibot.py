@@ -461,6 +461,39 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
             ).json()
             assert answer["status"] == "replied" and answer["replies"][0]["content"] == "能"
+            from tests.test_cli import assert_no_warnings_about_its_own_setup
+
+            assert_no_warnings_about_its_own_setup(proc.log())  # no BOT_KEY, tokens or callbacks it set itself
+
+            # The README's curl flow: /_fake/reply speaks over the long connection, and a click names the button by
+            # its text in the chat (no task_id to look up).
+            asked = (await http.post(send, json={"message": "curl 能答吗？", "chat_id": "sandbox-chat"})).json()
+            [question] = (
+                await http.get(f"{sandbox.wecom_url}/_fake/messages", params={**params, "since_seq": question["seq"]})
+            ).json()["messages"]
+            reply = {"chat_id": "sandbox-chat", "quote": question["content"], "text": "能答"}
+            pushed = (await http.post(f"{sandbox.wecom_url}/_fake/reply", json=reply)).json()
+            assert pushed["via"] == "aibot" and pushed["userid"] == "zhangsan", pushed
+            answer = (
+                await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            ).json()
+            assert answer["status"] == "replied" and answer["replies"][0]["content"] == "能答", answer
+            choice = {"message": "发布吗？", "chat_id": "sandbox-chat", "options": ["发布", "等等"]}
+            asked = (await http.post(send, json=choice)).json()
+            click = {"chat_id": "sandbox-chat", "button": "等等", "userid": "wangwu"}
+            clicked = await http.post(f"{sandbox.wecom_url}/_fake/aibot/click", json=click)
+            for _ in range(100):  # the card arrives just after /api/send answers
+                if clicked.status_code != 404:
+                    break
+                await asyncio.sleep(0.05)
+                clicked = await http.post(f"{sandbox.wecom_url}/_fake/aibot/click", json=click)
+            assert clicked.status_code == 200 and clicked.json()["button_text"] == "等等", clicked.text
+            answer = (
+                await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            ).json()
+            assert answer["choice"] == {"index": 1, "label": "等等"}, answer
+            wrong = await http.post(f"{sandbox.wecom_url}/_fake/reply", json={**reply, "wecom_retries": True})
+            assert wrong.status_code == 422 and "/_fake/aibot/message" in wrong.json()["detail"]
 
             chromium = shutil.which("chromium")
             async_api = pytest.importorskip("playwright.async_api")
@@ -472,7 +505,8 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 page = chat.page
                 choice = {"message": "要合并这个 PR 吗？", "chat_id": "sandbox-chat", "options": ["合并", "不合并"]}
                 asked = (await http.post(send, json=choice)).json()
-                card = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
+                cards = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
+                card = cards.filter(has_text="要合并这个 PR 吗？")
                 await expect(card).to_contain_text("要合并这个 PR 吗？")
                 await card.get_by_test_id("card-button").filter(has_text="不合并").click()
                 poll = f"{sandbox.server_url}/api/poll/{asked['session_id']}"
@@ -480,6 +514,9 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 assert answer["choice"] == {"index": 1, "label": "不合并"}
                 assert answer["replies"][0]["answered_by"] == "lisi"
                 await expect(card).to_contain_text("✅ lisi 选择了「不合并」")
+                # The click shows as the button's text, not its key ("1"); the tag names the AI bot's userid.
+                await expect(page.get_by_text("点击了卡片按钮「不合并」")).to_have_count(1)
+                await expect(card.get_by_test_id("answered")).to_have_text("✅ 已回答 · lisi：不合并")
                 await expect(card.get_by_test_id("card-button")).to_have_count(0)
 
                 # A pick-several question is a vote card: tick two options, submit.

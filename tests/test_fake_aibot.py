@@ -746,12 +746,13 @@ async def test_other_cards_pass_and_clicks_follow_them(served: Served) -> None:
     async with link(served) as bare:
         assert (await bare.send_card({"card_type": "text_notice", "main_title": {"title": "通知"}}))["errcode"] == 0
         assert (await bare.send_card(vote, chatid="lisi"))["errcode"] == 0
-        await served.fake.aibot.click(
+        clicked = await served.fake.aibot.click(
             userid="lisi",
             task_id="vote-1",
             event_key="submit",
             selected_items=[{"question_key": "q", "option_ids": ["b"]}],
         )
+        assert clicked.button_text == "提交"  # what the chat page shows: the button's text, not its key
         body = (await bare.push())["body"]
         assert body["event"]["template_card_event"]["selected_items"] == {
             "selected_item": [{"question_key": "q", "option_ids": {"option_id": ["b"]}}]
