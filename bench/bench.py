@@ -79,6 +79,16 @@ class Results:
         mark = {True: "ok", False: "MISSED", None: ""}[ok]
         print(f"  -> {figure}: {measured}  {('(target ' + target + ') ' + mark) if target else ''}", flush=True)
 
+    def latency(self, figure: str, ms: list[float], target_ms: float | None = None) -> None:
+        """A latency figure: the median (and max) of `ms`, met when the median is within `target_ms`."""
+        median = statistics.median(ms)
+        self.add(
+            f"{figure}, median of {len(ms)}",
+            f"{median:.1f} ms (max {max(ms):.1f})",
+            "" if target_ms is None else f"≤ {target_ms:g} ms",
+            None if target_ms is None else median <= target_ms,
+        )
+
     def note(self, text: str) -> None:
         self.notes.append(text)
         print(f"  note: {text}", flush=True)
@@ -404,12 +414,8 @@ async def p1(
     with (workdir / f"mcp-{figure}.log").open("w") as errlog:
         async with Client(stdio_client(params, errlog=errlog)) as mcp:
             latencies = await reply_rounds(mcp, stack, chat, rounds, figure, reply)
-    median = statistics.median(latencies)
-    res.add(
-        f"{figure} person's quote-reply → MCP tool call returns ({path}, stdio MCP client), median of {len(latencies)}",
-        f"{median:.1f} ms (max {max(latencies):.1f})",
-        f"≤ {target_ms:g} ms",
-        median <= target_ms,
+    res.latency(
+        f"{figure} person's quote-reply → MCP tool call returns ({path}, stdio MCP client)", latencies, target_ms
     )
 
 
@@ -432,14 +438,10 @@ async def m1(stack: Stack, rounds: int, res: Results) -> None:
             transport = streamable_http_client(f"{stack.server_url}/mcp", http_client=http)
             async with Client(transport, mode=mode) as mcp:  # type: ignore[arg-type]
                 latencies = await reply_rounds(mcp, stack, "bench-m1", rounds, f"M1 {mode}")
-        median = statistics.median(latencies)
-        first = mode == "auto"
-        res.add(
-            f"M1 person's quote-reply → tool call at /mcp returns (relay, SDK streamable-HTTP client, {era}), "
-            f"median of {len(latencies)}",
-            f"{median:.1f} ms (max {max(latencies):.1f})",
-            "≤ 10 ms" if first else "",
-            median <= 10 if first else None,
+        res.latency(
+            f"M1 person's quote-reply → tool call at /mcp returns (relay, SDK streamable-HTTP client, {era})",
+            latencies,
+            10 if mode == "auto" else None,
         )
 
 
@@ -868,13 +870,7 @@ async def p5(stack: Stack, rounds: int, res: Results) -> None:
                 raise RuntimeError(f"round {i}: unexpected poll result {answer}")
             if i:
                 latencies.append(ms)
-    median = statistics.median(latencies)
-    res.add(
-        f"P5 click on a card's button → held long-poll returns the choice (AI bot), median of {len(latencies)}",
-        f"{median:.1f} ms (max {max(latencies):.1f})",
-        "≤ 15 ms",
-        median <= 15,
-    )
+    res.latency("P5 click on a card's button → held long-poll returns the choice (AI bot)", latencies, 15)
 
 
 async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
@@ -908,14 +904,7 @@ async def p6(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
                     raise RuntimeError(f"round {i}: unexpected tool result {result}")
                 if i:
                     latencies.append(ms)
-    median = statistics.median(latencies)
-    res.add(
-        f"P6 one click on 批准 → request_approval returns approved (AI bot, stdio MCP client), median of "
-        f"{len(latencies)}",
-        f"{median:.1f} ms (max {max(latencies):.1f})",
-        "≤ 15 ms",
-        median <= 15,
-    )
+    res.latency("P6 one click on 批准 → request_approval returns approved (AI bot, stdio MCP client)", latencies, 15)
 
 
 # --- P7: the Claude Code gate ------------------------------------------------------------------------------------
@@ -985,13 +974,7 @@ async def p7(stack: Stack, workdir: Path, rounds: int, res: Results) -> None:
                 raise RuntimeError(f"round {i}: the gate printed {line!r}")
             if i:
                 latencies.append(ms)
-    median = statistics.median(latencies)
-    res.add(
-        f"P7 click on 批准 → Claude Code's gate hook (hil-mcp gate) prints allow (AI bot), median of {len(latencies)}",
-        f"{median:.1f} ms (max {max(latencies):.1f})",
-        "≤ 50 ms",
-        median <= 50,
-    )
+    res.latency("P7 click on 批准 → Claude Code's gate hook (hil-mcp gate) prints allow (AI bot)", latencies, 50)
     res.add(
         f"P7 gate hook process start-up to exit, a call that needs no person, median of {len(startups)}",
         f"{statistics.median(startups):.0f} ms (max {max(startups):.0f})",
