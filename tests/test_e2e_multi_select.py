@@ -7,12 +7,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
-from mcp import Client
 
-from tests.procs import FakeChat, Stack, mcp_stdio_params
-from tests.test_e2e_choices import asked, call, reply_as
+from tests.procs import Stack
+from tests.test_e2e_choices import agent, asked, call, reply_as
 
 pytestmark = pytest.mark.e2e
 
@@ -29,12 +27,7 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 async def test_pick_several_by_numbers_in_a_text_chat_over_stdio(direct: Stack, tmp_path: Path) -> None:
-    params = mcp_stdio_params(direct.server_url, tmp_path / "mcp", "--chat-id", CHAT, "--project-name", "multi")
-    async with (
-        Client(params) as client,
-        httpx.AsyncClient(base_url=direct.fake_url, trust_env=False, timeout=30) as http,
-    ):
-        chat = FakeChat(http, CHAT)
+    async with agent(direct, tmp_path, CHAT, "multi") as (client, chat):
 
         async def person() -> None:
             question, short_id = await asked(direct, chat, "这次发布哪些部分？")
@@ -44,7 +37,7 @@ async def test_pick_several_by_numbers_in_a_text_chat_over_stdio(direct: Stack, 
             await reply_as(chat, "zhangsan", "张三", "1 5")  # no option 5: a clarification, never a partial pick
             hints = [m for m in await chat.messages(question["seq"], wait=1) if "可多选" in (m["content"] or "")]
             assert hints and short_id in hints[0]["content"]
-            status = (await http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
+            status = (await chat.http.get(f"{direct.server_url}/api/poll/{short_id}")).json()
             assert status["status"] == "waiting" and status["choices"] == []
             await reply_as(chat, "zhangsan", "张三", "１，３")
 

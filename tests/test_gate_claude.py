@@ -49,14 +49,8 @@ def claude() -> str:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    stack = Stack(mode="direct", tmp=tmp_path_factory.mktemp("gate"))
-    try:
-        yield stack.start()
-    except BaseException:
-        print(stack.logs())
-        raise
-    finally:
-        stack.stop()
+    with Stack(mode="direct", tmp=tmp_path_factory.mktemp("gate")).running() as stack:
+        yield stack
 
 
 @pytest.fixture(scope="module")

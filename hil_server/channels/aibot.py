@@ -542,15 +542,15 @@ class AibotChannel:
         try:
             if kind == EVENT_ENTER_CHAT and self._clock() - at < REPLY_WINDOW:
                 welcome = {"msgtype": "text", "text": {"content": plain_text(text)}}
-                await self._request(CMD_WELCOME, welcome, req_id=notice.reply_to)
+                await self._send(CMD_WELCOME, welcome, req_id=notice.reply_to)
                 return
             if kind in MESSAGE_KINDS:
                 stream = {"id": uuid.uuid4().hex, "finish": True, "content": text}
-                await self._request(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
+                await self._send(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
                 return
-        except AibotError as exc:
+        except ChannelError as exc:
             if exc.errcode not in (ERR_INVALID_REQ_ID, ERR_STREAM_EXPIRED):
-                raise ChannelError(str(exc), exc.errcode) from exc
+                raise
             # Too late to answer the callback itself: say it in the chat instead.
             logger.info("aibot reply to req_id=%s refused (%s); sending it to the chat", notice.reply_to, exc.errcode)
         if not notice.chat_id:
@@ -595,21 +595,8 @@ class AibotChannel:
         urgent: bool = False,
         deadline: float | None = None,
     ) -> None:
-        try:
-            await self._request(cmd, body, req_id=req_id, urgent=urgent, deadline=deadline)
-        except AibotError as exc:
-            raise ChannelError(str(exc), exc.errcode) from exc
-
-    async def _request(
-        self,
-        cmd: str,
-        body: dict[str, Any],
-        *,
-        req_id: str | None = None,
-        urgent: bool = False,
-        deadline: float | None = None,
-    ) -> None:
-        """One message frame, in its turn within WeCom's pace (answers to a callback are urgent: 5 s windows)."""
+        """One message frame, in its turn within WeCom's pace (answers to a callback are urgent: 5 s windows).
+        WeCom's refusal is a ChannelError carrying its errcode."""
         try:
             await self.pacer.slot(urgent=urgent or req_id is not None, deadline=deadline)
         except PaceExceeded as exc:
@@ -624,7 +611,7 @@ class AibotChannel:
             await self.link.request(cmd, body, req_id=req_id)
         except AibotError as exc:
             self._on_attempt(exc.errcode)
-            raise
+            raise ChannelError(str(exc), exc.errcode) from exc
         self._on_attempt(0)
 
     # --- receiving ---------------------------------------------------------------------------------------------
