@@ -162,9 +162,22 @@ deploy_install() {
   deploy_say "installed hil-mcp $("$DEPLOY_PYTHON" -c 'import hil_protocol; print(hil_protocol.__version__)')"
 }
 
+# Whether git tracks this file (it is in a work tree and was added): a secrets file must never be.
+deploy_tracked_by_git() {
+  command -v git >/dev/null 2>&1 || return 1
+  git -C "$(dirname "$1")" ls-files --error-unmatch -- "$(basename "$1")" >/dev/null 2>&1
+}
+
 # What start needs, checked before anything is stopped or started.
 deploy_preflight() {
   [ -x "$DEPLOY_PYTHON" ] || deploy_die "no Python at $DEPLOY_PYTHON: run '$DEPLOY_SCRIPT install' (or set VENV)"
+  # The env file and .env hold secrets: one tracked by git is one `git push` away from being public.
+  local secrets
+  for secrets in ${DEPLOY_ENV_FILE:+"$DEPLOY_ENV_FILE"} .env; do
+    if [ -f "$secrets" ] && deploy_tracked_by_git "$secrets"; then
+      deploy_die "$secrets is tracked by git, and it holds secrets: untrack it (git rm --cached $secrets; it is in .gitignore), and change any secret that was ever committed"
+    fi
+  done
   # (the program also reads ./.env itself, so a value there counts too)
   if [ -n "${DEPLOY_REQUIRE:-}" ] && [ -z "${!DEPLOY_REQUIRE:-}" ] &&
     ! grep -Eiqs "^[[:space:]]*(export[[:space:]]+)?$DEPLOY_REQUIRE=[\"']?[^[:space:]\"'#]" .env; then
@@ -283,7 +296,7 @@ usage: $DEPLOY_SCRIPT [install|start|stop|restart|status|logs]
   stop           SIGTERM, then SIGKILL after STOP_TIMEOUT (${STOP_TIMEOUT}s)
   restart        stop, then start
   status         whether it runs, and its /health answer
-  logs           follow the log ($LOG_FILE)
+  logs           the last TAIL_LINES (100) lines of the log ($LOG_FILE), then follow it until Ctrl+C
 Settings come from the environment and from the env file $DEPLOY_ENV_VAR (default $DEPLOY_ENV_DEFAULT).
 Overrides: VENV (or HIL_VENV), PID_FILE (default $DEPLOY_PID_DEFAULT), LOG_FILE (default $DEPLOY_LOG_DEFAULT),
 START_TIMEOUT, STOP_TIMEOUT, HEALTH_URL, TAIL_LINES (logs), PYTHON (used by install).
@@ -311,6 +324,8 @@ deploy_main() {
     logs)
       mkdir -p "$(dirname "$LOG_FILE")"
       touch "$LOG_FILE"
+      # On stderr, so `logs > file` keeps the log alone.
+      deploy_say "following $LOG_FILE (last ${TAIL_LINES:-100} lines, then new ones as they come); Ctrl+C to stop" >&2
       exec tail -n "${TAIL_LINES:-100}" -F "$LOG_FILE"
       ;;
     -h | --help | help) deploy_usage ;;

@@ -302,8 +302,11 @@ class RelayClient:
 
     async def _replay(self, hello: asyncio.Event, features: set[str]) -> None:
         o = self._options
+        # asyncio.timeout, not wait_for: on Python 3.11 wait_for swallows a cancellation that meets the hello, and
+        # the replay then outlives the link's TaskGroup (a shutdown that hangs).
         try:
-            await asyncio.wait_for(hello.wait(), o.hello_timeout)
+            async with asyncio.timeout(o.hello_timeout):
+                await hello.wait()
         except TimeoutError:
             logger.info("HIL Server sent no hello: assuming a seed server without callback acknowledgements")
         self._replayer = Replayer(

@@ -13,6 +13,7 @@ With a seed server (no hello), a callback is deleted once it is written to the s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -153,10 +154,10 @@ class Replayer:
         if self.acks and self._in_flight:
             oldest = min(self._in_flight.values())
             timeout = max(0.0, oldest + self._ack_timeout - self._clock())
-        try:
-            await asyncio.wait_for(self._wake.wait(), timeout)
-        except TimeoutError:
-            pass
+        # Not wait_for: on Python 3.11 it swallows a cancellation that meets the wake-up (a shutdown that hangs).
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
 
     async def _bury(self, row: Spooled, reason: str) -> None:
         msgid = row.data.get("msgid") if row.data else None

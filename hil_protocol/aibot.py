@@ -36,6 +36,9 @@ CMD_SEND = "aibot_send_msg"
 CMD_RESPOND = "aibot_respond_msg"
 CMD_WELCOME = "aibot_respond_welcome_msg"
 CMD_UPDATE = "aibot_respond_update_msg"
+CMD_UPLOAD_INIT = "aibot_upload_media_init"
+CMD_UPLOAD_CHUNK = "aibot_upload_media_chunk"
+CMD_UPLOAD_FINISH = "aibot_upload_media_finish"
 CMD_MSG_CALLBACK = "aibot_msg_callback"
 CMD_EVENT_CALLBACK = "aibot_event_callback"
 
@@ -185,10 +188,33 @@ class AibotUser(_Wire):
     userid: str = Field(min_length=1, max_length=128)
 
 
+class AibotOptionIds(_Wire):
+    option_id: list[str] = Field(default_factory=list, max_length=20)
+
+
+class AibotSelectedItem(_Wire):
+    question_key: str = Field(default="", max_length=1024)
+    option_ids: AibotOptionIds = Field(default_factory=AibotOptionIds)
+
+
+class AibotSelectedItems(_Wire):
+    selected_item: list[AibotSelectedItem] = Field(default_factory=list, max_length=3)
+
+
 class AibotCardEvent(_Wire):
+    """A click: `event_key` is the button's key (a vote card's submit key); a vote card's ticks are in
+    `selected_items.selected_item[].option_ids.option_id[]` (the sources are in hil_sandbox/fake_aibot.py)."""
+
     task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_BYTES)
     event_key: str = Field(default="", max_length=1024)
     card_type: str | None = None
+    selected_items: AibotSelectedItems | None = None
+
+    def selected(self) -> list[str] | None:
+        """The option ids ticked on a vote card, or None for a click on a button."""
+        if self.selected_items is None:
+            return None
+        return [option for item in self.selected_items.selected_item for option in item.option_ids.option_id]
 
 
 class AibotEventPart(_Wire):
@@ -278,7 +304,7 @@ def _event(body: CallbackBody, base: dict[str, Any]) -> Inbound | None:
         card = event.template_card_event
         if card is None:
             raise CallbackError("template_card_event without its task_id and event_key")
-        click = CardClick(task_id=card.task_id, key=card.event_key)
+        click = CardClick(task_id=card.task_id, key=card.event_key, selected=card.selected())
         message = IncomingMessage(**base, msg_type="event", event_type=EVENT_CARD, card=click)
         return Inbound(message, kind=EVENT_CARD)
     if event.eventtype == EVENT_ENTER_CHAT:

@@ -66,6 +66,8 @@ class CardClick(BaseModel):
 
     task_id: str
     key: str
+    # a vote / multiple card's submit: the option ids ticked (a button card: None)
+    selected: list[str] | None = None
 
 
 class IncomingMessage(BaseModel):

@@ -97,11 +97,12 @@ def bind(host: str, port: int, prog: str, flag: str) -> socket.socket:
 
 
 @contextlib.contextmanager
-def data_dir_lock(directory: Path, name: str, prog: str) -> Iterator[None]:
-    """Hold this process's exclusive lock on its data directory, or exit with one line naming the holder."""
+def data_dir_lock(directory: Path, name: str, prog: str, setting: str | None = None) -> Iterator[None]:
+    """Hold this process's exclusive lock on its data directory, or exit with one line naming the holder.
+    `setting`: how this program chooses its directory, when not HIL_DATA_DIR (or --data-dir)."""
     from .datadir import DataDirError, DataDirLock
 
-    lock = DataDirLock(directory, name)
+    lock = DataDirLock(directory, name) if setting is None else DataDirLock(directory, name, setting)
     try:
         lock.acquire()
     except DataDirError as exc:

@@ -24,8 +24,9 @@ class DataDirError(RuntimeError):
 
 
 class DataDirLock:
-    def __init__(self, directory: Path, name: str) -> None:
+    def __init__(self, directory: Path, name: str, setting: str = "HIL_DATA_DIR (or --data-dir)") -> None:
         self.directory = directory
+        self.setting = setting  # what the person sets to choose another directory, named in the errors
         self.path = directory / f"{name}.lock"
         self._fd: int | None = None
 
@@ -36,7 +37,7 @@ class DataDirLock:
         except OSError as exc:
             raise DataDirError(
                 f"data directory {self.directory} is not writable ({exc.strerror or type(exc).__name__}); "
-                "set HIL_DATA_DIR (or --data-dir) to a directory this user can write"
+                f"set {self.setting} to a directory this user can write"
             ) from None
         if fcntl is not None:
             try:
@@ -46,7 +47,7 @@ class DataDirLock:
                 os.close(fd)
                 raise DataDirError(
                     f"data directory {self.directory} is in use by {holder}; one process per data directory: "
-                    "stop that one, or give this one its own HIL_DATA_DIR (--data-dir)"
+                    f"stop that one, or give this one its own {self.setting}"
                 ) from None
         try:
             os.ftruncate(fd, 0)

@@ -29,6 +29,10 @@ class Question:
     approvals_required: int = 0
     # A stable id for the question's card (the AI bot's task_id; the session id), so a click finds its question.
     card_id: str | None = None
+    # With options: the person may pick several (a vote card on the AI bot, "1 3" in text).
+    multi_select: bool = False
+    # When the question stops waiting (epoch seconds): a channel that queues must not deliver it later than this.
+    expires_at: float | None = None
 
     @property
     def header(self) -> str:

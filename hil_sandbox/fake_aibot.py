@@ -67,9 +67,30 @@ Protocol facts relied on, and where they come from. Sources:
   select_list ≤ 3 with ≤ 10 options each. [SDK-NODE api.ts] Requiring task_id on interactive cards and at least one
   button on button_interaction: the app API's rule, assumed here. An update may change card_type (e.g. to a
   text_notice without buttons): a guess.
+- Uploads (22.5): ``aibot_upload_media_init`` body ``{type: image|file|voice|video, filename, total_size,
+  total_chunks, md5?}`` answered with ``body: {upload_id}``; ``aibot_upload_media_chunk`` ``{upload_id, chunk_index,
+  base64_data}`` (≤ 512 KB before base64 each, ≤ 100 chunks, so about 50 MB per upload); ``aibot_upload_media_finish``
+  ``{upload_id}`` answered with ``body: {type, media_id, created_at}``; media_id valid 3 days. The answer to an
+  upload frame is the usual ``{headers, errcode, errmsg}`` plus ``body``. [SDK-NODE client.ts uploadMedia, api.ts
+  UploadMedia*] chunk_index: the Node SDK's client sends 0-based indexes while its api.ts comment says "从 1 开始";
+  the fake takes what the client sends (0-based). The Python SDK 1.0.2 has no upload method: its generic
+  ``WsConnectionManager.send_reply(req_id, body, cmd)`` sends the same frames (tests/test_fake_aibot.py uses it).
+  Size per type: image 10 MB (JPG/PNG), voice 2 MB, video 10 MB, file 20 MB, all more than 5 bytes [DOC-MEDIA:
+  developer.work.weixin.qq.com 96484 上传临时素材; SDK-NODE api.ts ReplyMsgItem "最大不能超过10M"] — so the AI bot
+  takes images up to 10 MB where the robot webhook takes 2 MB. Then ``aibot_send_msg`` ``{chatid, msgtype: image,
+  image: {media_id}}`` (also file / voice / video) [SDK-NODE client.ts sendMediaMessage, api.ts SendMediaMsgBody].
+  A media_id unknown, expired, of another bot or of another type: 40007 (the webhook's "invalid media_id", a guess).
+- Vote cards (22.4): ``vote_interaction`` with ``checkbox {question_key, mode: 0 single | 1 several, option_list:
+  [{id (≤ 128 bytes), text, is_checked?}] (1-20)}`` and ``submit_button {text, key}`` [SDK-NODE api.ts
+  TemplateCardCheckbox, TemplateCardSubmitButton]; the submit arrives as template_card_event with ``event_key`` = the
+  submit key and the ticks in ``selected_items`` (above) [DOC-EVT, PLUGIN].
+- Pace (22.6): with ``rate_limit`` / ``rate_window`` set, every message frame of a bot (send, reply, welcome, update;
+  not uploads) counts, and one past the limit is answered 45009 "api freq out of limit" — the robot webhook's code
+  for the same limit (WeCom's global error code list, WECOM.md); which code the AI bot answers is not published.
+  The limits themselves (about 30/min, 1000/h) come from secondary sources only.
 - Errcodes without a source, chosen by the fake: 40058 "invalid Request Parameter" (WeCom's general bad-parameter code,
   seen on the bot's credential check) for every malformed body, unknown cmd, a frame without req_id, a reused
-  task_id; 40008 unknown msgtype; 44004 empty content; 40007 media_id (the fake keeps no uploaded media). A frame before
+  task_id; 40008 unknown msgtype; 44004 empty content; 40007 media_id. A frame before
   subscribe is answered 40058 and the socket closed (1008); a frame that is not a JSON object (or nests deeper than
   32, see parse_wire_json) closes it (1007), a frame over the size limit too (1009). Close codes are guesses.
 """
@@ -79,6 +100,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
@@ -90,6 +112,7 @@ from collections.abc import Callable, Coroutine, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar
 from urllib.parse import quote as url_quote
+from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from fastapi import FastAPI, Request, WebSocket
@@ -124,6 +147,8 @@ from hil_sandbox.fake_wecom import (
 if TYPE_CHECKING:
     from hil_sandbox.fake_wecom import FakeWeCom
 
+# Where the fake serves the images people attach (fake_wecom's GET /_fake/images/{id}).
+IMAGES_PATH = "/_fake/images/"
 log = logging.getLogger(__name__)
 
 # The events a bot answers with a frame of their own within the reply window (a welcome, a card update): what the
@@ -143,6 +168,25 @@ CMD_SUBSCRIBE = "aibot_subscribe"
 CMD_PING = "ping"
 CMD_MSG_CALLBACK = "aibot_msg_callback"
 CMD_EVENT_CALLBACK = "aibot_event_callback"
+CMD_UPLOAD_INIT = "aibot_upload_media_init"
+CMD_UPLOAD_CHUNK = "aibot_upload_media_chunk"
+CMD_UPLOAD_FINISH = "aibot_upload_media_finish"
+UPLOAD_CMDS = frozenset({CMD_UPLOAD_INIT, CMD_UPLOAD_CHUNK, CMD_UPLOAD_FINISH})
+# Uploads: chunks of at most 512 KB before base64, at most 100 of them [SDK-NODE client.ts uploadMedia]; sizes per
+# type as WeCom's temporary media take them (image 10 MB, voice 2 MB, video 10 MB, file 20 MB, all > 5 bytes)
+# [DOC-MEDIA]; a media_id lives 3 days [SDK-NODE api.ts UploadMediaFinishResult].
+UPLOAD_CHUNK_MAX_BYTES = 512 * 1024
+UPLOAD_MAX_CHUNKS = 100
+MEDIA_MIN_UPLOAD = 6
+UPLOAD_LIMITS = {
+    "image": 10 * 1024 * 1024,
+    "voice": 2 * 1024 * 1024,
+    "video": 10 * 1024 * 1024,
+    "file": 20 * 1024 * 1024,
+}
+UPLOADED_MEDIA_TTL = 3 * 24 * 3600.0
+UPLOAD_IDLE_SECONDS = 600.0  # an upload never finished is forgotten (a guess)
+UPLOADS_PER_BOT = 50  # uploads in progress at once (a guess: the fake's own bound)
 
 CLOSE_NORMAL = 1000
 CLOSE_NOT_JSON = 1007
@@ -291,6 +335,15 @@ class TemplateCard(_Wire):
             raise ValueError("a multiple_interaction card needs select_list and submit_button")
         return self
 
+    def button_text(self, key: str) -> str | None:
+        """The text people see on the button that sends `key`."""
+        for button in self.button_list or []:
+            if button.key == key:
+                return button.text
+        if self.submit_button is not None and self.submit_button.key == key:
+            return self.submit_button.text
+        return None
+
     def event_keys(self) -> list[str]:
         """The keys a click on this card can send back."""
         if self.card_type == "button_interaction":
@@ -309,6 +362,20 @@ class StreamPart(_Wire):
     finish: bool = False
     content: str = ""
     msg_item: list[Any] | None = Field(default=None, max_length=10)
+
+
+class UploadInit(_Wire):
+    type: Literal["image", "file", "voice", "video"]
+    filename: str = Field(min_length=1, max_length=256)
+    total_size: int
+    total_chunks: int
+    md5: str | None = Field(default=None, pattern="^[0-9a-fA-F]{32}$")
+
+
+class UploadChunk(_Wire):
+    upload_id: str = Field(min_length=1, max_length=128)
+    chunk_index: int
+    base64_data: str = Field(min_length=1)
 
 
 class SendBody(_Wire):
@@ -359,6 +426,7 @@ class AibotEvent(BaseModel):
     frame: dict[str, Any] | None = None
     image_ids: list[str] = Field(default_factory=list)  # GET /_fake/images/{id}: the pictures in plain
     file_name: str | None = None
+    button_text: str | None = None  # a click: the text on the button, as the person saw it
     # update
     message_seq: int | None = None
     card: dict[str, Any] | None = None
@@ -451,6 +519,31 @@ class _Media:
 
 
 @dataclass
+class _Upload:
+    """An upload in progress (aibot_upload_media_init … finish)."""
+
+    bot_id: str
+    kind: str
+    filename: str
+    total_size: int
+    total_chunks: int
+    md5: str | None
+    chunks: dict[int, bytes]
+    started_at: float  # fake clock
+
+
+@dataclass
+class _Uploaded:
+    bot_id: str
+    kind: str
+    filename: str
+    image_id: str  # the bytes in the FakeWeCom's image store
+    md5: str
+    size: int
+    expires_at: float  # fake clock
+
+
+@dataclass
 class _Failure:
     errcode: int
     cmd: str | None
@@ -507,6 +600,8 @@ class AibotHub:
         self._blobs = ImageStore()
         self._failures: deque[_Failure] = deque()
         self._chat_types: dict[str, ChatType] = {}
+        self._uploads: dict[str, _Upload] = {}  # upload_id -> an upload in progress
+        self._uploaded: dict[str, _Uploaded] = {}  # media_id -> what a bot uploaded
 
     def reset(self) -> None:
         """Forget frames, events, cards, media, pending callbacks and failures; links stay connected."""
@@ -671,6 +766,8 @@ class AibotHub:
             await self._ping(link, frame)
         elif frame.cmd in self._message_frames:
             await self._message_frame(link, frame, self._message_frames[frame.cmd])
+        elif frame.cmd in UPLOAD_CMDS:
+            await self._upload_frame(link, frame)
         else:
             await self._answer(link, frame.headers.req_id, ERR_BAD_REQUEST, f"unknown cmd {frame.cmd!r}")
 
@@ -744,13 +841,16 @@ class AibotHub:
         raw_msgtype = body.get("msgtype")
         msgtype = raw_msgtype if isinstance(raw_msgtype, str) else None
         injected = self._take_failure(frame.cmd)
+        pace = f"aibot:{bot_id}"
         try:
             if injected is not None:
                 raise Rejected(injected)
             if not isinstance(frame.body, dict):
                 raise Rejected(ERR_BAD_REQUEST, "body must be a JSON object")
             with self._lock:
+                self._fake._check_rate(pace)  # every message frame counts against the bot's pace
                 message = make(link, req_id, frame.body)
+                self._fake._window(pace).append(self._clock())
         except Rejected as rejected:
             errmsg = self._errmsg(rejected.errcode, rejected.detail)
             with self._lock:
@@ -790,11 +890,130 @@ class AibotHub:
             outgoing = _Outgoing({"msgtype": "markdown", "content": content})
         elif send.msgtype == "template_card":
             outgoing = self._card_outgoing(bot_id, body)
-        elif send.msgtype in ("file", "image", "voice", "video"):
-            raise Rejected(ERR_INVALID_MEDIA_ID, "the fake keeps no uploaded media, so no media_id is valid")
+        elif send.msgtype in UPLOAD_LIMITS:
+            outgoing = self._media_outgoing(bot_id, send.msgtype, body)
         else:
             raise Rejected(ERR_INVALID_MSGTYPE, f"msgtype {send.msgtype!r}: use markdown or template_card")
         return self._record(bot_id, send.chatid, outgoing, reply_to=None)
+
+    def _media_outgoing(self, bot_id: str, kind: str, body: Mapping[str, Any]) -> _Outgoing:
+        part = body.get(kind)
+        media_id = part.get("media_id") if isinstance(part, dict) else None
+        if not isinstance(media_id, str) or not media_id:
+            raise Rejected(ERR_BAD_REQUEST, f"{kind}.media_id is required (upload first: aibot_upload_media_*)")
+        found = self._uploaded.get(media_id)
+        if found is not None and found.expires_at <= self._clock():
+            del self._uploaded[media_id]
+            found = None
+        if found is None or found.bot_id != bot_id:
+            raise Rejected(ERR_INVALID_MEDIA_ID, "media_id unknown, expired, or uploaded by another bot")
+        if found.kind != kind:
+            raise Rejected(ERR_INVALID_MEDIA_ID, f"media_id is a {found.kind}, not a {kind}")
+        fields: dict[str, Any] = {"msgtype": kind, "media_id": media_id, "file_name": found.filename}
+        fields |= {"image_id": found.image_id, "image_md5": found.md5, "image_size": found.size}
+        return _Outgoing(fields)
+
+    # ----- uploads (aibot_upload_media_init, _chunk, _finish) -----
+
+    async def _upload_frame(self, link: _Link, frame: InboundFrame) -> None:
+        bot_id = link.bot_id
+        assert bot_id is not None  # only subscribed links get here
+        req_id = frame.headers.req_id
+        injected = self._take_failure(frame.cmd)
+        body = frame.body if isinstance(frame.body, dict) else None
+        try:
+            if injected is not None:
+                raise Rejected(injected)
+            if body is None:
+                raise Rejected(ERR_BAD_REQUEST, "body must be a JSON object")
+            with self._lock:
+                if frame.cmd == CMD_UPLOAD_INIT:
+                    answer = self._upload_init(bot_id, body)
+                elif frame.cmd == CMD_UPLOAD_CHUNK:
+                    answer = self._upload_chunk(bot_id, body)
+                else:
+                    answer = self._upload_finish(bot_id, body)
+        except Rejected as rejected:
+            log.info("aibot upload refused cmd=%s bot_id=%s errcode=%d %s", frame.cmd, bot_id, rejected.errcode,
+                     rejected.detail)  # fmt: skip
+            await self._answer(link, req_id, rejected.errcode, rejected.detail)
+            return
+        await self._answer(link, req_id, 0, body=answer)
+
+    def _upload_init(self, bot_id: str, body: dict[str, Any]) -> dict[str, Any] | None:
+        try:
+            init = UploadInit.model_validate(body)
+        except ValidationError as exc:
+            raise Rejected(ERR_BAD_REQUEST, _explain(exc)) from exc
+        limit = UPLOAD_LIMITS[init.type]
+        if not MEDIA_MIN_UPLOAD <= init.total_size <= limit:
+            raise Rejected(ERR_BAD_REQUEST, f"a {init.type} is {MEDIA_MIN_UPLOAD} to {limit} bytes")
+        needed = -(-init.total_size // UPLOAD_CHUNK_MAX_BYTES)
+        if not needed <= init.total_chunks <= UPLOAD_MAX_CHUNKS:
+            raise Rejected(ERR_BAD_REQUEST, f"total_chunks must be {needed} to {UPLOAD_MAX_CHUNKS} for this size")
+        self._expire_uploads()
+        if sum(1 for u in self._uploads.values() if u.bot_id == bot_id) >= UPLOADS_PER_BOT:
+            raise Rejected(ERR_BAD_REQUEST, f"at most {UPLOADS_PER_BOT} uploads in progress per bot")
+        upload_id = uuid.uuid4().hex
+        self._uploads[upload_id] = _Upload(
+            bot_id, init.type, init.filename, init.total_size, init.total_chunks, init.md5, {}, self._clock()
+        )
+        return {"upload_id": upload_id}
+
+    def _upload_of(self, bot_id: str, upload_id: Any) -> _Upload:
+        found = self._uploads.get(upload_id) if isinstance(upload_id, str) else None
+        if found is None or found.bot_id != bot_id:
+            raise Rejected(ERR_BAD_REQUEST, "upload_id unknown, expired or of another bot")
+        return found
+
+    def _upload_chunk(self, bot_id: str, body: dict[str, Any]) -> None:
+        try:
+            chunk = UploadChunk.model_validate(body)
+        except ValidationError as exc:
+            raise Rejected(ERR_BAD_REQUEST, _explain(exc)) from exc
+        upload = self._upload_of(bot_id, chunk.upload_id)
+        if not 0 <= chunk.chunk_index < upload.total_chunks:
+            raise Rejected(ERR_BAD_REQUEST, f"chunk_index must be 0 to {upload.total_chunks - 1}")
+        try:
+            data = base64.b64decode(chunk.base64_data, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise Rejected(ERR_BAD_REQUEST, "base64_data is not base64") from exc
+        if not data or len(data) > UPLOAD_CHUNK_MAX_BYTES:
+            raise Rejected(ERR_BAD_REQUEST, f"a chunk is 1 to {UPLOAD_CHUNK_MAX_BYTES} bytes before base64")
+        upload.chunks[chunk.chunk_index] = data
+        return None
+
+    def _upload_finish(self, bot_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        upload = self._upload_of(bot_id, body.get("upload_id"))
+        missing = [i for i in range(upload.total_chunks) if i not in upload.chunks]
+        del self._uploads[body["upload_id"]]
+        if missing:
+            raise Rejected(ERR_BAD_REQUEST, f"chunks missing: {missing[:10]}")
+        data = b"".join(upload.chunks[i] for i in range(upload.total_chunks))
+        digest = hashlib.md5(data).hexdigest()
+        if len(data) != upload.total_size:
+            raise Rejected(ERR_BAD_REQUEST, f"{len(data)} bytes arrived, total_size said {upload.total_size}")
+        if upload.md5 is not None and upload.md5.lower() != digest:
+            raise Rejected(ERR_BAD_REQUEST, "md5 does not match the bytes uploaded")
+        if upload.kind == "image" and image_mime(data) is None:
+            raise Rejected(ERR_INVALID_MEDIA_ID, "an image must be JPG or PNG")
+        media_id = "aibot-media-" + secrets.token_urlsafe(24)
+        image_id = self._fake.images.add(data)
+        expires = self._clock() + UPLOADED_MEDIA_TTL
+        self._uploaded[media_id] = _Uploaded(bot_id, upload.kind, upload.filename, image_id, digest, len(data), expires)
+        return {"type": upload.kind, "media_id": media_id, "created_at": str(int(time.time()))}
+
+    def _expire_uploads(self) -> None:
+        horizon = self._clock() - UPLOAD_IDLE_SECONDS
+        for upload_id, upload in list(self._uploads.items()):
+            if upload.started_at < horizon:
+                del self._uploads[upload_id]
+
+    def uploaded(self, media_id: str) -> bytes | None:
+        """The bytes a bot uploaded under `media_id` (tests compare them with what the agent sent)."""
+        with self._lock:
+            found = self._uploaded.get(media_id)
+            return None if found is None else self._fake.images.get(found.image_id)
 
     def _answering(self, link: _Link, req_id: str) -> tuple[_Pending, float]:
         """The callback this connection was pushed with `req_id`, and its age in seconds."""
@@ -973,9 +1192,14 @@ class AibotHub:
 
     # ----- writing to links -----
 
-    async def _answer(self, link: _Link, req_id: str, errcode: int, detail: str = "") -> None:
+    async def _answer(
+        self, link: _Link, req_id: str, errcode: int, detail: str = "", body: dict[str, Any] | None = None
+    ) -> None:
         errmsg = "ok" if errcode == 0 else self._errmsg(errcode, detail)
-        await self._send(link, {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": errmsg})
+        frame: dict[str, Any] = {"headers": {"req_id": req_id}, "errcode": errcode, "errmsg": errmsg}
+        if body is not None:
+            frame["body"] = body
+        await self._send(link, frame)
 
     async def _send(self, link: _Link, frame: dict[str, Any]) -> bool:
         text = json.dumps(frame, ensure_ascii=False)
@@ -1286,6 +1510,42 @@ class AibotHub:
             bot, CMD_MSG_CALLBACK, kind, body, chat, chat_type, userid, name, image_ids=kept_ids, file_name=file_name
         )
 
+    async def reply_as_person(
+        self,
+        *,
+        chat_id: str,
+        text: str | None,
+        quote: str | None,
+        image_url: str | None,
+        chat_type: ChatType,
+        userid: str,
+        name: str | None,
+        msgid: str | None,
+        at_robot: bool,
+        base_url: str | None = None,
+    ) -> AibotEvent:
+        """POST /_fake/reply when the fake has an AI bot and no callback URL (the sandbox's --aibot): the same person's
+        message, but over the bot's long connection, as the chat page sends it. ``quote`` is the quoted text (its
+        header names the question); ``image_url`` one of the fake's own images (POST /_fake/images)."""
+        image_ids = []
+        if image_url is not None:
+            path = urlsplit(image_url).path
+            if not path.startswith(IMAGES_PATH) or len(path) == len(IMAGES_PATH):
+                raise AibotError(f"over the AI bot an image_url must be one of the fake's {IMAGES_PATH}<id> URLs")
+            image_ids.append(path.removeprefix(IMAGES_PATH))
+        return await self.push_message(
+            userid=userid,
+            name=name,
+            text=text,
+            chat_id=chat_id,
+            chat_type=chat_type,
+            quote_text=quote,
+            image_ids=image_ids,
+            at_robot=at_robot,
+            msgid=msgid,
+            base_url=base_url,
+        )
+
     async def push_event(
         self,
         *,
@@ -1314,8 +1574,10 @@ class AibotHub:
         self,
         *,
         userid: str,
-        task_id: str,
-        event_key: str,
+        task_id: str | None = None,
+        event_key: str | None = None,
+        button: str | None = None,
+        chat_id: str | None = None,
         selected_items: Sequence[Mapping[str, Any]] | None = None,
         name: str | None = None,
         chat_type: ChatType | None = None,
@@ -1325,13 +1587,27 @@ class AibotHub:
 
         The card is looked up by task_id among the cards the bot sent, as people see it now: a button an update took
         away cannot be clicked (AibotConflictError). ``selected_items``: ``[{"question_key", "option_ids": [...]}]``.
+        As a person sees it: ``button`` (its text) instead of ``event_key``, and ``chat_id`` instead of ``task_id``
+        for the newest card in that chat that shows the button.
         """
+        if (event_key is None) == (button is None):
+            raise AibotError("name the button: event_key (its key) or button (its text), one of them")
         bot = self._bot(bot_id)
         with self._lock:
+            if task_id is None:
+                if chat_id is None:
+                    raise AibotError("name the card: task_id, or chat_id for the newest card there")
+                task_id = self._newest_card_showing(bot, chat_id, event_key, button)
             found = self._cards.get((bot, task_id))
             if found is None:
                 raise AibotNotFoundError(f"no template card with task_id {task_id!r} was sent by bot {bot!r}")
             keys = found.model.event_keys()
+            if event_key is None:
+                event_key = next((k for k in keys if found.model.button_text(k) == button), None)
+                if event_key is None:
+                    shown = "、".join(filter(None, (found.model.button_text(k) for k in keys))) or "none"
+                    raise AibotConflictError(f"the card shows no button {button!r} (buttons now: {shown})")
+            button_text = found.model.button_text(event_key)
             chat = found.state.chat_id
             card_type = found.model.card_type
             kind = chat_type or self._chat_types.get(chat, "group")
@@ -1350,8 +1626,28 @@ class AibotHub:
             }
         body["event"] = {"eventtype": "template_card_event", "template_card_event": event}
         return await self._push(
-            bot, CMD_EVENT_CALLBACK, "template_card_event", body, chat, kind, userid, name, task_id=task_id
+            bot,
+            CMD_EVENT_CALLBACK,
+            "template_card_event",
+            body,
+            chat,
+            kind,
+            userid,
+            name,
+            task_id=task_id,
+            button_text=button_text,
         )
+
+    def _newest_card_showing(self, bot: str, chat_id: str, event_key: str | None, button: str | None) -> str:
+        """The task_id of the newest card `bot` sent to `chat_id` that shows this button now (under the lock)."""
+        for (owner, task_id), card in reversed(self._cards.items()):
+            if owner != bot or card.state.chat_id != chat_id:
+                continue
+            keys = card.model.event_keys()
+            if (event_key in keys) if event_key is not None else any(card.model.button_text(k) == button for k in keys):
+                return task_id
+        shown = repr(event_key if event_key is not None else button)
+        raise AibotNotFoundError(f"no card from bot {bot!r} in chat {chat_id!r} shows a button {shown} now")
 
     async def _push(
         self,
@@ -1367,6 +1663,7 @@ class AibotHub:
         image_ids: Sequence[str] = (),
         file_name: str | None = None,
         task_id: str | None = None,
+        button_text: str | None = None,
     ) -> AibotEvent:
         req_id = self._req_id()
         frame = {"cmd": cmd, "headers": {"req_id": req_id}, "body": body}
@@ -1406,6 +1703,7 @@ class AibotHub:
             frame=frame,
             image_ids=list(image_ids),
             file_name=file_name,
+            button_text=button_text,
         )
 
 
@@ -1457,10 +1755,12 @@ class SelectedItem(BaseModel):
 
 
 class CardClick(_Person):
-    """POST /_fake/aibot/click: AibotHub.click's keywords."""
+    """POST /_fake/aibot/click: AibotHub.click's keywords (task_id or chat_id; event_key or button)."""
 
-    task_id: str = Field(min_length=1, max_length=TASK_ID_MAX_BYTES)
-    event_key: str = Field(min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    task_id: str | None = Field(default=None, min_length=1, max_length=TASK_ID_MAX_BYTES)
+    event_key: str | None = Field(default=None, min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    button: str | None = Field(default=None, min_length=1, max_length=BUTTON_KEY_MAX_BYTES)
+    chat_id: str | None = Field(default=None, min_length=1, max_length=CHATID_MAX_BYTES)
     selected_items: list[SelectedItem] | None = Field(default=None, max_length=3)
     chat_type: ChatType | None = None
 

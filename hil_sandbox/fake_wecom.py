@@ -260,6 +260,8 @@ class FakeWeComConfig:
     aibot_max_frame_bytes: int = AIBOT_MAX_FRAME_BYTES
     # The HIL Server the sandbox runs beside (its /status.json), so the chat page can mark answered questions.
     hil_server_url: str | None = None
+    # How often a long poll of /_fake/hil-status reads the server's /status.json (it has no push of its own).
+    hil_status_interval: float = 1.0
 
 
 class SentMessage(BaseModel):
@@ -1034,8 +1036,10 @@ def create_fake_wecom_app(
     control API ``GET /_fake/messages?chat_id=&since_seq=&wait=&timeout=``,
     ``GET /_fake/callbacks?since_seq=&wait=&timeout=``, ``GET /_fake/attempts``, ``GET|POST /_fake/config``,
     ``POST /_fake/fail``, ``POST /_fake/reset``, ``POST /_fake/reply``, ``POST /_fake/images`` (multipart ``file``
-    -> ``{"url"}``) and ``GET /_fake/images/{id}`` (attached images and images the robot sent). The AI bot's long
-    connection is ``WS /`` with its control API under ``/_fake/aibot/`` (see ``fake_aibot.add_aibot_routes``).
+    -> ``{"url"}``), ``GET /_fake/images/{id}`` (attached images and images the robot sent) and
+    ``GET /_fake/hil-status?since=&wait=&timeout=`` (the HIL Server's outcomes, for the chat page). The AI bot's long
+    connection is ``WS /`` with its control API under ``/_fake/aibot/`` (see ``fake_aibot.add_aibot_routes``); with an
+    AI bot and no callback URL, ``POST /_fake/reply`` speaks over that connection.
     """
     from hil_sandbox.fake_aibot import add_aibot_routes  # fake_aibot builds on this module
 
@@ -1160,19 +1164,28 @@ def create_fake_wecom_app(
         return _config_view(fake.config)
 
     @app.get("/_fake/hil-status", response_model=None)
-    async def control_hil_status() -> dict[str, Any] | JSONResponse:
-        """The HIL Server's /status.json, fetched for the chat page (same origin), which marks answered questions."""
+    async def control_hil_status(
+        since: str = "", wait: int = 0, wait_timeout: PollTimeout = 10.0
+    ) -> dict[str, Any] | JSONResponse:
+        """The HIL Server's /status.json, fetched for the chat page (same origin), which marks questions with what
+        became of them. With wait=1 a long poll: answers once the outcomes differ from `since` (the `fingerprint`
+        of an earlier answer) or the timeout passes, so a page that watches sends no request while nothing happens."""
         url = fake.config.hil_server_url
         if not url or fake.http_client is None:
             return JSONResponse({"error": "no HIL Server configured (--hil-server-url)"}, status_code=404)
-        try:
-            response = await fake.http_client.get(f"{url.rstrip('/')}/status.json", timeout=2)
-            body = response.json()
-        except (httpx.HTTPError, ValueError) as exc:
-            return JSONResponse({"error": f"HIL Server not reachable: {type(exc).__name__}"}, status_code=502)
-        if response.status_code != 200 or not isinstance(body, dict):
-            return JSONResponse({"error": f"HIL Server answered HTTP {response.status_code}"}, status_code=502)
-        return body
+        deadline = time.monotonic() + wait_timeout
+        while True:
+            try:
+                response = await fake.http_client.get(f"{url.rstrip('/')}/status.json", timeout=2)
+                body = response.json()
+            except (httpx.HTTPError, ValueError) as exc:
+                return JSONResponse({"error": f"HIL Server not reachable: {type(exc).__name__}"}, status_code=502)
+            if response.status_code != 200 or not isinstance(body, dict):
+                return JSONResponse({"error": f"HIL Server answered HTTP {response.status_code}"}, status_code=502)
+            body["fingerprint"] = _status_fingerprint(body)
+            if wait <= 0 or body["fingerprint"] != since or time.monotonic() >= deadline:
+                return body
+            await asyncio.sleep(min(fake.config.hil_status_interval, max(0.0, deadline - time.monotonic())))
 
     @app.post("/_fake/config")
     async def control_config(update: ConfigUpdate) -> dict[str, Any]:
@@ -1190,12 +1203,49 @@ def create_fake_wecom_app(
 
     @app.post("/_fake/reply", response_model=None)
     async def control_reply(body: ReplyRequest, request: Request) -> dict[str, Any] | JSONResponse:
+        base_url = fake.config.public_url or str(request.base_url)
+        if fake.config.callback_url is None and fake.config.aibots:
+            # An AI bot and no callback (the sandbox's --aibot): the person speaks over the bot's long connection.
+            return await reply_over_aibot(body, base_url)
         try:
-            return await fake.reply(**body.model_dump(), base_url=fake.config.public_url or str(request.base_url))
+            return await fake.reply(**body.model_dump(), base_url=base_url)
         except CallbackNotConfiguredError as exc:
             return JSONResponse({"detail": str(exc)}, status_code=409)
 
+    async def reply_over_aibot(body: ReplyRequest, base_url: str) -> dict[str, Any] | JSONResponse:
+        robot_only = {"repeat": body.repeat > 1, "wecom_retries": body.wecom_retries, "event_type": body.event_type}
+        if any(robot_only.values()) or body.msgtype not in (None, "text", "mixed", "image"):
+            unsupported = [name for name, given in robot_only.items() if given] or [f"msgtype={body.msgtype}"]
+            detail = (
+                f"{', '.join(unsupported)}: robot callbacks only; over the AI bot's long connection use "
+                "/_fake/aibot/message, /_fake/aibot/event or /_fake/aibot/click"
+            )
+            return JSONResponse({"detail": detail}, status_code=422)
+        person = body.from_user or FromUser()
+        pushed = await fake.aibot.reply_as_person(
+            chat_id=body.chat_id,
+            text=body.text,
+            quote=body.quote,
+            image_url=body.image_url,
+            chat_type=body.chat_type,
+            userid=person.userid,
+            name=person.name,
+            msgid=body.msgid,
+            at_robot=body.at_robot,
+            base_url=base_url,
+        )
+        return {"via": "aibot", **pushed.model_dump()}
+
     return app
+
+
+def _status_fingerprint(status: Mapping[str, Any]) -> str:
+    """What the chat page shows of a /status.json (outcomes, who, approvals so far), without the ages that change
+    every second."""
+    recent = [(e.get("short_id"), e.get("outcome"), e.get("by"), e.get("at")) for e in status.get("recent") or []]
+    waiting = [(w.get("short_id"), w.get("approvals")) for w in status.get("waiting") or []]
+    text = json.dumps([recent, waiting], ensure_ascii=False, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _parse_header(raw: str) -> tuple[str, str]:

@@ -14,10 +14,11 @@ from fastapi.routing import APIRoute
 
 from hil_protocol.callback_endpoint import Accepted, NotStored, callback_router, wecom_error
 from hil_protocol.http_limits import RequestLimits
+from hil_protocol.images import ImageFetcher
 from hil_protocol.settings import secret_value
 from hil_protocol.supervise import Supervisor
 
-from . import __version__, api, errors, mcp_endpoint, metrics, status, worker_socket
+from . import __version__, api, errors, gate_api, mcp_endpoint, metrics, status, worker_socket
 from .auth import ApiAuth, AuthMiddleware
 from .channels import Channel
 from .channels.aibot import AibotChannel
@@ -33,9 +34,10 @@ from .store import StoreUnavailable, open_server_store
 logger = logging.getLogger("hil_server")
 
 
-def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> FastAPI:
+def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_open: bool = True) -> FastAPI:
     """The HIL Server. Raises ValueError for settings that cannot work together. `poll_fast_path=False` serves
-    long-polls through FastAPI's router instead (tests compare the two)."""
+    long-polls through FastAPI's router instead (tests compare the two). `warn_open=False`: no warnings about open
+    ways in (no API tokens, unauthenticated callbacks), for the loopback sandbox that leaves them open itself."""
     mode = settings.mode
     kind = settings.channel
     if kind == "aibot" and mode == "relay":
@@ -55,6 +57,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
         )
     meters = Metrics(version=__version__, mode=mode)
     mcp = mcp_endpoint.McpEndpoint(settings, auth)
+    mcp.warn_open = warn_open
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
@@ -69,9 +72,15 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
             async with httpx.AsyncClient(timeout=httpx.Timeout(15.0, connect=5.0)) as http:
                 channel: Channel
                 if aibot_options is not None:
-                    channel = AibotChannel(
-                        aibot_options, http, sessions=store.get_question, on_attempt=meters.wecom_attempt
+                    aibot = AibotChannel(
+                        aibot_options,
+                        http,
+                        sessions=store.get_question,
+                        on_attempt=meters.wecom_attempt,
+                        images=ImageFetcher(allow_private=settings.hil_image_allow_private),
                     )
+                    meters.bind_send_queue(lambda: aibot.queued)
+                    channel = aibot
                 elif mode == "direct":
                     channel = WebhookChannel(settings.robot_sender(http, on_attempt=meters.wecom_attempt))
                 else:
@@ -96,7 +105,8 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
                 meters.bind(service)
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
-                warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
+                if warn_open:
+                    warn_about(settings, mode, auth.enabled, take_callbacks and not intake.authenticated)
                 if aibot_options is not None and secret_value(settings.bot_key):
                     logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(
@@ -139,6 +149,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True) -> Fast
     app = FastAPI(title="hil-server", version=__version__, lifespan=lifespan)
     errors.install(app)
     app.include_router(api.router)
+    app.include_router(gate_api.create_router())  # the Claude Code gate's 本会话都允许
     if mode == "relay":
         # Only relay mode has workers: anywhere else a "worker" connecting to /ws could only forge answers.
         app.include_router(worker_socket.router)

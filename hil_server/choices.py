@@ -48,7 +48,9 @@ def as_text(question: Question) -> str:
         return question.message
     lines = [question.message.rstrip(), ""]
     lines += [f"{i}. {label}" for i, label in enumerate(question.options, start=1)]
-    if question.approvals_required:
+    if question.multi_select:
+        how = "回复编号，可多选，如 1 3" + ("；也可以直接回复文字" if question.allow_text else "")
+    elif question.approvals_required:
         how = (
             f"回复 1 批准、2 拒绝（可在后面附上说明，如「拒绝，先跑测试」）；需要 {question.approvals_required} 人批准"
         )
@@ -168,6 +170,61 @@ def read_reply(text: str, options: tuple[str, ...] | list[str], *, approval: boo
         return Unclear("a refusal with a comment that approves")
     start = where[pos] if pos < len(where) else len(text)
     return Pick(index, options[index], text[start:].strip("".join(_SEPARATORS) + "\u3000"))
+
+
+# --- reading a pick-several reply -------------------------------------------------------------------------------------
+#
+# A pick-several reply is a list of numbers or labels and nothing else: "1 3", "1,3", "1、3", "１，３", "合并 回滚".
+# Any number that is no option, a word that is neither a number nor a label, or a question makes it Unclear when it
+# names an option at all (never a partial pick); a text that names no option is None (free text).
+
+_LIST_SEPARATORS = frozenset(" \t\n\r,，、;；/|+&和及与")
+
+
+def read_several(text: str, options: tuple[str, ...] | list[str]) -> list[Pick] | Unclear | None:
+    """What a reply to a pick-several question picks: the options named, in the options' order (each once), Unclear, or
+    None (see the rule above)."""
+    if not options:
+        return None
+    said, _ = _fold(text)
+    labels = [_fold(o)[0] for o in options]
+    if said in labels:  # a label as it stands, separators and all
+        return [Pick(labels.index(said), options[labels.index(said)])]
+    by_length = sorted(((label, i) for i, label in enumerate(labels) if label), key=lambda w: -len(w[0]))
+    picked: list[int] = []
+    pos = 0
+    while True:
+        while pos < len(said) and (said[pos] in _LIST_SEPARATORS or said[pos] in _PARTICLES):
+            pos += 1
+        if pos >= len(said):
+            break
+        number = re.match(r"\d+", said[pos:])
+        if number:
+            end = pos + number.end()
+            if end < len(said) and said[end] not in _LIST_SEPARATORS:
+                return Unclear("a number run into other text")  # "1.3", "2x": not a list of options
+            value = int(number.group())
+            if not 1 <= value <= len(options):
+                return Unclear(f"there is no option {value}")
+            picked.append(value - 1)
+            pos = end
+            continue
+        for label, index in by_length:
+            end = pos + len(label)
+            if said.startswith(label, pos) and (end >= len(said) or said[end] in _LIST_SEPARATORS):
+                picked.append(index)
+                pos = end
+                break
+        else:
+            return _unclear_or_none(said, by_length, len(options), "words that are neither numbers nor options")
+    if not picked:
+        return None
+    return [Pick(i, options[i]) for i in sorted(set(picked))]
+
+
+def _unclear_or_none(said: str, labels: list[tuple[str, int]], count: int, why: str) -> Unclear | None:
+    words = [(label, index, True) for label, index in labels]
+    return Unclear(why) if _names_any(said, words, count) else None
 
 
 def pick_option(text: str, options: tuple[str, ...] | list[str]) -> Pick | None:

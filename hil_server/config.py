@@ -73,6 +73,14 @@ class ServerSettings(RobotSettings):
     hil_aibot_markdown_limit: int = Field(default=4096, ge=512, le=20480)
     # largest image a person sends that is passed on to the agent (as a data URL), bytes
     hil_aibot_image_max_bytes: int = Field(default=5 * 1024 * 1024, ge=1024)
+    # WeCom's pace for one AI bot (about 30/min and 1000/h by secondary sources; 0 = no limit), and the windows
+    # those counts are taken over (knobs for tests: 60 s and 3600 s in real life)
+    wecom_aibot_max_per_minute: int = Field(default=30, ge=0)
+    wecom_aibot_max_per_hour: int = Field(default=1000, ge=0)
+    hil_aibot_minute_window: float = Field(default=60.0, gt=0)
+    hil_aibot_hour_window: float = Field(default=3600.0, gt=0)
+    # seconds one image's upload over the long connection may take (init, chunks, finish)
+    hil_aibot_upload_timeout: float = Field(default=60.0, gt=0)
 
     @field_validator("wecom_aibot_url")
     @classmethod
@@ -109,6 +117,8 @@ class ServerSettings(RobotSettings):
             if name.startswith(AIBOT_PREFIX)
         }
         tuning["reconnect_max_delay"] = max(tuning["reconnect_max_delay"], tuning["reconnect_min_delay"])
+        tuning["max_per_minute"] = self.wecom_aibot_max_per_minute
+        tuning["max_per_hour"] = self.wecom_aibot_max_per_hour
         return AibotOptions(bot_id=self.wecom_aibot_id, secret=secret, url=self.wecom_aibot_url, **tuning)
 
     @property

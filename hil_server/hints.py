@@ -1,4 +1,7 @@
-"""What the robot says in the chat on its own: hints and notices (Chinese: the users are WeCom users)."""
+"""What the robot says in the chat on its own: hints and notices (Chinese: the users are WeCom users).
+
+Some go out as markdown (several_waiting, chat_id_hint, pick_one), the rest as plain text (see matching's
+`markdown=False`): those carry no markup, which a plain-text message would show as is (backticks, asterisks)."""
 
 from __future__ import annotations
 
@@ -46,11 +49,11 @@ def _about(session: Session, text: str) -> str:
 
 
 def unknown_quote(short_id: str) -> str:
-    return f"没有找到问题 `#{short_id}`：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
+    return f"没有找到问题 #{short_id}：它可能已过期或已被清理。如果 AI 还在等待别的问题，请引用那条问题消息回复。"
 
 
 def late_answer(session: Session) -> str:
-    return _about(session, "AI 已停止等待这个问题的回复，你的回答已保存：AI 可以用 `wait_for_reply` 取回它。")
+    return _about(session, "AI 已停止等待这个问题的回复，你的回答已保存：AI 可以用 wait_for_reply 取回它。")
 
 
 def empty_answer() -> str:
@@ -58,7 +61,7 @@ def empty_answer() -> str:
 
 
 def other_chat(short_id: str) -> str:
-    return f"问题 `#{short_id}` 不是在这个会话里提出的，这里的回答不会被采纳。请在提出该问题的会话里引用它回复。"
+    return f"问题 #{short_id} 不是在这个会话里提出的，这里的回答不会被采纳。请在提出该问题的会话里引用它回复。"
 
 
 def abandoned(session: Session) -> str:
@@ -77,6 +80,8 @@ def pick_one(session: Session) -> str:
     if session.approvals_required:
         return f"`#{session.short_id}` 需要一个决定：回复 **1** 批准 或 **2** 拒绝（可在后面附上说明）。"
     options = "、".join(f"**{i}** {label}" for i, label in enumerate(session.options, start=1))
+    if session.multi_select:
+        return f"`#{session.short_id}` 请从选项中选择（可多选）：{options}（回复编号，如 1 3）。"
     return f"`#{session.short_id}` 请从选项中选择：{options}（回复数字或选项文字）。"
 
 
@@ -85,6 +90,8 @@ def unclear(session: Session) -> str:
     if session.approvals_required:
         return f"#{session.short_id} 没看懂，请回复 1 批准 或 2 拒绝（可在后面附上说明）。"
     numbers = "、".join(f"{i} {label}" for i, label in enumerate(session.options, start=1))
+    if session.multi_select:
+        return f"#{session.short_id} 没看懂，请只回复选项的编号，可多选，如 1 3（没有的编号不算）：{numbers}。"
     return f"#{session.short_id} 没看懂，请只回复一个选项的数字：{numbers}。"
 
 
@@ -96,7 +103,8 @@ def card_result(session: Session) -> str:
     chosen = [r for r in session.replies if r.choice is not None]
     if chosen:
         first = chosen[0]
-        return f"✅ {first.from_user.name or first.answered_by} 选择了「{first.choice.label}」"  # type: ignore[union-attr]
+        labels = "」「".join(c.label for c in first.choices) if first.choices else first.choice.label  # type: ignore[union-attr]
+        return f"✅ {first.from_user.name or first.answered_by} 选择了「{labels}」"
     if session.replies:
         first = session.replies[0]
         return f"✅ {first.from_user.name or first.answered_by} 已用文字回答"

@@ -12,9 +12,10 @@ Rules, in order:
 5. Once the question is known: someone not among its responders is not taken (told once per question; userids
    compare case-insensitively, as WeCom's do); a question with options takes an option (by number, label or button)
    or, when it allows text, free text; an approval takes a decision (批准 / 拒绝, with a comment after it). A text is
-   read by `choices.read_reply`: when it does not decide (unclear, or names nothing) on a question that takes no
-   free text, it is kept on the question (`Session.unclear`) without deciding anything, the chat is asked for a
-   clear answer, and the question keeps waiting. With free text allowed, such a reply is a text answer (no choice).
+   read by `choices.read_reply` (a pick-several question: `choices.read_several`): when it does not decide (unclear,
+   or names nothing) on a question that takes no free text, it is kept on the question (`Session.unclear`) without
+   deciding anything, the chat is asked for a clear answer, and the question keeps waiting. With free text allowed,
+   such a reply is a text answer (no choice) — except an unclear pick-several reply, which is always asked again.
 
 A question sent without a chat_id went to the robot's default delivery (its group chats), so it belongs to every
 group chat of the robot and to no single chat.
@@ -29,7 +30,7 @@ from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import Notice
 
 from . import hints
-from .choices import Pick, Unclear, read_reply
+from .choices import Pick, Unclear, read_reply, read_several
 from .models import Session
 
 Outcome = Literal[
@@ -72,6 +73,7 @@ class Decision:
     pick: Pick | None = None  # the option (or decision) it chose
     notice: Notice | None = None  # what the robot says in the chat about it
     kept_by: MatchedBy | None = None  # set when the message is kept on the question without deciding (hint_*)
+    picks: tuple[Pick, ...] = ()  # a pick-several question: every option chosen (`pick` is the first)
 
 
 def in_conversation(session: Session, msg: IncomingMessage) -> bool:
@@ -117,13 +119,23 @@ def _click(msg: IncomingMessage, store: MatchReads) -> Decision:
     if session is None or not in_conversation(session, msg):
         return Decision("ignored")  # a card we did not send, or long purged: nothing to answer
     options = session.options  # an approval's are 批准 / 拒绝
+    if msg.card.selected is not None:  # a vote card's submit: the ticked option ids are the options' indexes
+        ids = msg.card.selected
+        if not ids or not all(i.isascii() and i.isdigit() and len(i) <= 2 and int(i) < len(options) for i in ids):
+            return Decision("ignored", session)
+        picks = tuple(Pick(i, options[i]) for i in sorted({int(i) for i in ids}))
+        if len(picks) > 1 and not session.multi_select:
+            return Decision("ignored", session)
+        return _answer(session, msg, "button", picks[0], picks)
     key = msg.card.key
     if not (key.isascii() and key.isdigit() and len(key) <= 2) or not 0 <= int(key) < len(options):
         return Decision("ignored", session)
     return _answer(session, msg, "button", Pick(int(key), options[int(key)]))
 
 
-def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick | None = None) -> Decision:
+def _answer(
+    session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick | None = None, picks: tuple[Pick, ...] = ()
+) -> Decision:
     """`msg` is about `session`: is it taken, and as what?"""
     userid = msg.from_user.userid.casefold()
     if session.responders and userid not in {r.casefold() for r in session.responders}:
@@ -132,15 +144,26 @@ def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick |
         return Decision("refused_responder", session, notice=notice)
     if session.status in ("timeout", "failed"):
         late = _notice(msg, hints.late_answer(session), "late", markdown=False)
-        return Decision("late", session, "late", _choose(session, msg) if pick is None else pick, late)
+        if pick is None and session.multi_select:
+            several = read_several(msg.answer, session.options)
+            picks = tuple(several) if isinstance(several, list) else ()
+            pick = picks[0] if picks else None
+        elif pick is None:
+            pick = _choose(session, msg)
+        return Decision("late", session, "late", pick, late, picks=picks)
     if session.status == "replied" and session.options:
         # A typed question is decided once; later clicks and replies change nothing (the card says so).
         return Decision("ignored", session)
     if pick is None and session.options:
         reading = _read(session, msg)
-        if isinstance(reading, Pick):
+        if isinstance(reading, list):  # pick-several: all the options named, never a part of them
+            picks = tuple(reading)
+            pick = picks[0]
+        elif isinstance(reading, Pick):
             pick = reading
-        elif not session.allow_text:  # an approval takes no free text: kept, asked again, still waiting
+        elif not session.allow_text or (session.multi_select and isinstance(reading, Unclear)):
+            # An approval takes no free text; a pick-several reply that names options unclearly ("1 5") is never
+            # free text either, nor a part of what it names: kept, asked again, still waiting.
             if isinstance(reading, Unclear):
                 notice = _notice(msg, hints.unclear(session), "unclear", markdown=False)
                 return Decision("hint_unclear", session, notice=notice, kept_by=how)
@@ -149,15 +172,17 @@ def _answer(session: Session, msg: IncomingMessage, how: MatchedBy, pick: Pick |
     outcome: Outcome = {"quote": "matched_quote", "only_waiting": "matched_only", "button": "matched_button"}.get(
         how, "matched_quote"
     )  # type: ignore[assignment]
-    return Decision(outcome, session, how, pick)
+    return Decision(outcome, session, how, pick, picks=picks or ((pick,) if pick else ()))
 
 
 def _choose(session: Session, msg: IncomingMessage) -> Pick | None:
-    reading = _read(session, msg)
+    reading = read_reply(msg.answer, session.options, approval=bool(session.approvals_required))
     return reading if isinstance(reading, Pick) else None
 
 
-def _read(session: Session, msg: IncomingMessage) -> Pick | Unclear | None:
+def _read(session: Session, msg: IncomingMessage) -> list[Pick] | Pick | Unclear | None:
+    if session.multi_select:
+        return read_several(msg.answer, session.options)
     return read_reply(msg.answer, session.options, approval=bool(session.approvals_required))
 
 

@@ -236,10 +236,11 @@ class McpEndpoint:
         self.server = build_server(lifespan)
         self._max_body_bytes = settings.max_body_bytes
         self._manager: StreamableHTTPSessionManager | None = None
+        self.warn_open = True  # False: the loopback sandbox, which leaves tokens unset itself
 
     @contextlib.asynccontextmanager
     async def run(self, service: HilService) -> AsyncIterator[None]:
-        if not self.auth.enabled:
+        if not self.auth.enabled and self.warn_open:
             logger.warning(
                 "HIL_API_TOKENS is not set: /mcp answers only clients on this machine (set tokens to serve others)"
             )

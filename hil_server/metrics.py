@@ -6,7 +6,7 @@ Every app gets its own `CollectorRegistry` (tests build several apps in one proc
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
@@ -61,7 +61,12 @@ class Metrics(AppMetrics):
             ["method", "route"],
             DURATION_BUCKETS,
         )
+        self.send_queue = self.gauge("hil_aibot_send_queue", "AI-bot messages waiting for WeCom's pace (AI-bot mode)")
         self._workers = 0
+
+    def bind_send_queue(self, depth: Callable[[], int]) -> None:
+        """The AI bot's queue depth, read at scrape time."""
+        self.send_queue.set_function(depth)
 
     def bind(self, service: HilService) -> None:
         """Attach to one lifespan's service."""

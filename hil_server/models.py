@@ -48,6 +48,8 @@ class Reply(BaseModel):
     chat_type: str | None = None
     # for a question with options: what they chose
     choice: Choice | None = None
+    # a pick-several question: every option chosen (`choice` is the first); else [choice] or []
+    choices: list[Choice] = Field(default_factory=list)
     via: Literal["text", "button"] = "text"
 
     # Derived, on the wire for clients (computed fields are dumped, and ignored when a stored session is read back).
@@ -92,6 +94,7 @@ class Session(BaseModel):
     # an approval is a question with the options 批准 / 拒绝 that takes no free text
     options: list[str] = Field(default_factory=list)
     allow_text: bool = True
+    multi_select: bool = False
     responders: list[str] = Field(default_factory=list)
     approvals_required: int = 0
     refused: list[Refused] = Field(default_factory=list)
@@ -171,6 +174,9 @@ class SendRequest(BaseModel):
         default=None, description="1–20 short labels the person picks from (buttons on the AI bot, numbers in text)"
     )
     allow_text: bool = Field(default=True, description="with options: whether a free-text answer is still taken")
+    multi_select: bool = Field(
+        default=False, description="with options: the person may pick several (a vote card, or 回复 1 3)"
+    )
     responders: list[str] | None = Field(
         default=None, description="WeCom userids allowed to answer (empty: anyone in the chat; HIL_DEFAULT_RESPONDERS)"
     )
@@ -249,6 +255,8 @@ class SendRequest(BaseModel):
             if self.options:
                 raise ValueError("an approval has its own options (批准 / 拒绝): leave options out")
             check_approvers(self.approvals_required, self.responders or [])
+        if self.multi_select and not self.options:
+            raise ValueError("multi_select needs options: the labels the person picks several of")
         return self
 
     @field_validator("timeout")
@@ -276,5 +284,6 @@ class PollResponse(BaseModel):
     message: str
     short_id: str | None = None
     choice: Choice | None = None  # with options: what the deciding reply chose
+    choices: list[Choice] = Field(default_factory=list)  # pick-several: every option the deciding reply chose
     approval: Approval | None = None  # for an approval: where it stands
     unclear: list[Reply] = Field(default_factory=list)  # replies that decided nothing (not answers)

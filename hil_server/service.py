@@ -218,6 +218,7 @@ class HilService:
             mention_list=tuple(dict.fromkeys([*(request.mention_list or ()), *responders])),
             options=APPROVAL_OPTIONS if approval else tuple(request.options or ()),
             allow_text=False if approval else request.allow_text,
+            multi_select=request.multi_select and not approval,
             responders=responders,
             approvals_required=approval,
         )
@@ -254,6 +255,7 @@ class HilService:
             mcp_session=mcp_session,
             options=list(question.options),
             allow_text=question.allow_text,
+            multi_select=question.multi_select,
             responders=list(responders),
             approvals_required=approval,
         )
@@ -264,7 +266,9 @@ class HilService:
         short_id = session.short_id
         try:
             await self.channel.send_question(
-                dataclasses.replace(question, short_id=short_id, card_id=session.session_id)
+                dataclasses.replace(
+                    question, short_id=short_id, card_id=session.session_id, expires_at=session.deadline
+                )
             )
         except ChannelError as exc:
             await self._close(session, Status.FAILED, error=str(exc))
@@ -342,13 +346,16 @@ class HilService:
             replies=session.replies,
             message=messages[status],
             choice=next((r.choice for r in session.replies if r.choice is not None), None),
+            choices=next((r.choices for r in session.replies if r.choices), []),
             approval=approval,
             unclear=session.unclear,
         )
 
     async def mark_timeout(self, session: Session) -> None:
         if session.status in ("sending", "waiting"):
-            if await self._close(session, Status.TIMEOUT, kind="cancelled") is not None:
+            # Recorded as "stopped", not "timeout": the agent gave up before the question's own deadline.
+            closed = await self._close(session, Status.TIMEOUT, kind="cancelled", outcome="stopped (agent)")
+            if closed is not None:
                 logger.info("agent stopped waiting session_id=%s short_id=%s", session.session_id, session.short_id)
 
     async def _close(
@@ -357,6 +364,8 @@ class HilService:
         status: Status,
         error: str | None = None,
         kind: audit.AuditKind | None = None,
+        *,
+        outcome: str | None = None,
     ) -> Session | None:
         """Close the question if it is still open (the database decides); the closed question, or None (lost)."""
         now = self._clock()
@@ -365,7 +374,7 @@ class HilService:
         row = audit.to_item(audit.question_event(kind, session, now, via=via, error=error))
         closed = await self._db(self.repo.transition(session.session_id, status, now=now, error=error, audit=[row]))
         if closed is not None:
-            self.events.add(closed, str(status))
+            self.events.add(closed, outcome or str(status))
         return closed
 
     # --- what people send --------------------------------------------------------------------------------------
@@ -412,7 +421,10 @@ class HilService:
         elif session is not None and decision.kept_by is not None:
             # Decided nothing ("好的，先不要"): kept for the agent to read, not an answer; the question keeps waiting.
             reply = _reply(msg, decision.kept_by)
-            kept = await self._db(self.repo.record_unclear(session.session_id, reply, now=now, keep=UNCLEAR_KEPT))
+            undecided = audit.to_item(audit.person_event("refused", session, msg, now, reason=decision.outcome))
+            kept = await self._db(
+                self.repo.record_unclear(session.session_id, reply, now=now, keep=UNCLEAR_KEPT, audit=[undecided])
+            )
             if not kept.new:
                 return "duplicate"
             changed = kept.question
@@ -477,7 +489,7 @@ class HilService:
         row = audit.person_event(
             "reply", session, msg, now, matched_by=decision.matched_by, choice=pick.label if pick else None
         )
-        reply = _reply(msg, decision.matched_by or "quote", pick)
+        reply = _reply(msg, decision.matched_by or "quote", pick, decision.picks)
 
         def decided(question: StoredQuestion) -> list[AuditItem]:
             # run inside the reply's transaction, with every reply the close rule saw
@@ -655,7 +667,9 @@ def _decides(question: StoredQuestion) -> bool:
     return answered(question)
 
 
-def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None) -> Reply:
+def _reply(
+    msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None, picks: tuple[Pick, ...] = ()
+) -> Reply:
     return Reply(
         msg_type="text" if msg.msg_type in ("text", "event") else msg.msg_type,  # type: ignore[arg-type]
         content=msg.answer,
@@ -667,6 +681,7 @@ def _reply(msg: IncomingMessage, matched_by: MatchedBy, pick: Pick | None = None
         chat_id=msg.chat_id,
         chat_type=msg.chat_type,
         choice=Choice(index=pick.index, label=pick.label) if pick else None,
+        choices=[Choice(index=p.index, label=p.label) for p in picks or ((pick,) if pick else ())],
         via="text" if msg.card is None else "button",  # a late click is a click too
     )
 

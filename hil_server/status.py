@@ -63,6 +63,8 @@ async def status_data(request: Request) -> dict[str, Any]:
         "version": __version__,
         "mode": state["mode"],
         "channel": state["channel"].name,
+        # AI-bot mode: messages waiting for WeCom's pace
+        "send_queue": getattr(state["channel"], "queued", None),
         "health": health_body["status"],
         "problems": health_body.get("reason"),
         "callbacks": callback_auth(state),
@@ -223,6 +225,8 @@ def render_html(data: dict[str, Any]) -> str:
     ]
     if data["mode"] == "relay":
         summary.append(("Worker 数 Workers", str(len(data["workers"]))))
+    if data.get("send_queue") is not None:
+        summary.append(("发送排队 Send queue", f"{data['send_queue']}（企业微信频率限制 / WeCom's pace）"))
     if data["scope"] == "own":
         summary.append(("范围 Scope", "仅本 token 的问题 / this token's questions only"))
     parts = [

@@ -166,7 +166,7 @@ class SessionStore:
         await self._write(sessions, [(msgid, now)] if msgid else (), audit=audit)
 
     async def append_audit(self, *events: AuditEvent) -> None:
-        """Audit rows that record no session change (a refusal, a send that failed before a session existed)."""
+        """Audit rows that record no session change (a send that failed before any session existed)."""
         await self.save(audit=events)
 
     async def audit_rows(

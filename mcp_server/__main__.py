@@ -13,7 +13,6 @@ from hil_protocol.logs import setup_logging
 from hil_protocol.validation import problems
 
 from . import __version__
-from .config import McpSettings
 
 
 def parse_args(argv: list[str] | None = None) -> dict[str, Any]:
@@ -54,6 +53,8 @@ FLAGS = frozenset(
 
 def setting_names(loc: tuple[Any, ...]) -> str:
     """How a person sets the field named in a validation error: its flag and environment variables."""
+    from .config import McpSettings  # imported here: `hil-mcp gate` runs per tool call and needs no settings class
+
     field = str(loc[0]) if loc else ""
     info = McpSettings.model_fields.get(field)
     choices = getattr(getattr(info, "validation_alias", None), "choices", ())
@@ -64,6 +65,13 @@ def setting_names(loc: tuple[Any, ...]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    words = sys.argv[1:] if argv is None else argv
+    if words and words[0] in ("gate", "notify", "setup"):  # Claude Code's hooks and their setup: gate_cli.py
+        from .gate_cli import main as hooks_main
+
+        raise SystemExit(hooks_main(words))
+    from .config import McpSettings
+
     overrides = parse_args(argv)
     try:
         settings = McpSettings(**overrides)

@@ -56,6 +56,8 @@ class Outgoing(BaseModel):
     wait_reply: bool = True
     timeout: float | None = None
     options: list[str] | None = None
+    allow_text: bool | None = None
+    multi_select: bool | None = None
     responders: list[str] | None = None
     approvals_required: int | None = None
 
@@ -77,6 +79,7 @@ class Polled(BaseModel):
     message: str = ""
     short_id: str | None = None
     choice: Choice | None = None
+    choices: list[Choice] = Field(default_factory=list)
     approval: Approval | None = None
 
 

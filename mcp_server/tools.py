@@ -74,6 +74,9 @@ class WaitResult(BaseModel):
     session_id: str | None = Field(default=None, description="the question's id, for wait_for_reply")
     short_id: str | None = Field(default=None, description="the 8-character id shown in the chat as [#short_id]")
     choice: Choice | None = Field(default=None, description="with options: the option the person chose, else null")
+    choices: list[Choice] = Field(
+        default_factory=list, description="with options and multi_select: every option the person chose"
+    )
     open_questions: list[OpenQuestion] = Field(
         default_factory=list, description="when wait_for_reply needs an id: the open questions to choose from"
     )
@@ -237,6 +240,7 @@ async def _ask(ctx: Context, outgoing: Outgoing, image_paths: list[str] | None) 
         outgoing.chat_id,
         outgoing.project_name,
         tuple(outgoing.options or ()),
+        bool(outgoing.multi_select),
         tuple(outgoing.responders or ()),
         outgoing.approvals_required,
     )
@@ -309,6 +313,7 @@ async def _wait(
             session_id=question.session_id,
             short_id=question.short_id,
             choice=polled.choice if polled else None,
+            choices=polled.choices if polled else [],
         )
 
     async def pause() -> None:
@@ -393,7 +398,10 @@ def _answered(polled: Polled) -> str:
         return f"The request was {verdict} by {', '.join(polled.approval.decided_by)}{comment}."
     said = _reply_text(polled.replies).strip()
     parts = [f"The person replied: {said}" if said else "The person answered."]
-    if polled.choice is not None:
+    if len(polled.choices) > 1:
+        picked = ", ".join(f'"{c.label.strip()}" (option {c.index + 1})' for c in polled.choices)
+        parts.append(f"They chose {picked}.")
+    elif polled.choice is not None:
         label = polled.choice.label.strip()
         option = f"option {polled.choice.index + 1}"
         parts.append(f'They chose "{label}" ({option}).' if label else f"They chose {option}.")
@@ -465,6 +473,7 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         project_name: str | None = None,
         options: list[str] | None = None,
         responders: list[str] | None = None,
+        multi_select: bool = False,
     ) -> WaitResult:
         """Ask a person in WeCom (企业微信) and wait for their answer: for information or a choice. (Before a risky
         action such as deploying, merging or deleting, use request_approval instead.)
@@ -481,9 +490,16 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
             project_name: shown in the header so the person knows which project asks.
             options: 1–20 short answers to choose from, e.g. ["合并", "不合并"].
             responders: WeCom userids who may answer; others are ignored (default: anyone in the chat).
+            multi_select: with options, the person may pick several (ticks on a card, or "1 3" in text); the
+                result's `choices` lists them all.
         """
         outgoing = Outgoing(
-            message=message, chat_id=chat_id, project_name=project_name, options=options, responders=responders
+            message=message,
+            chat_id=chat_id,
+            project_name=project_name,
+            options=options,
+            responders=responders,
+            multi_select=multi_select or None,
         )
         asked = await _ask(ctx, outgoing, image_paths)
         if isinstance(asked, WaitResult):
@@ -602,6 +618,9 @@ def build_server(lifespan: Callable[[MCPServer[Any]], contextlib.AbstractAsyncCo
         return await _wait(caller, ctx, question, limit)
 
     # More tools: define them in their own module as `def register(server)` using `tool(server)`, and call it here.
+    from .gate_tool import register_permission_tool  # Claude Code's --permission-prompt-tool: gate_tool.py
+
+    register_permission_tool(server)
     return server
 
 

@@ -147,7 +147,7 @@ def png(width: int = 4, height: int = 3, rgb: tuple[int, int, int] = (0x2F, 0x7C
 
 # The parameters of the seed's tools (CONTRACT.md), and of send_and_wait_reply with choices.
 SEED_TOOL_PARAMETERS = frozenset({"message", "chat_id", "image_paths", "project_name"})
-ASK_PARAMETERS = SEED_TOOL_PARAMETERS | {"options", "responders"}
+ASK_PARAMETERS = SEED_TOOL_PARAMETERS | {"options", "responders", "multi_select"}
 
 
 def parameters(tool: Any) -> set[str]:

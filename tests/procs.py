@@ -21,6 +21,11 @@ BOT_KEY = "e2e-bot-key-0123456789"
 WORKER_TOKEN = "e2e-worker-token-abcdef"
 
 
+# Deadlines for a state, not sleeps: a start that is quick returns at once. A Python process that imports FastAPI,
+# the MCP SDK and pydantic takes over 20 s to answer on a 2-core machine whose load is 8.
+START_DEADLINE = 60.0
+
+
 @dataclass
 class Proc:
     name: str
@@ -30,17 +35,21 @@ class Proc:
     health_url: str | None = None
     popen: subprocess.Popen[bytes] | None = None
 
-    def start(self, wait: float = 20.0) -> Proc:
+    def start(self, wait: float = START_DEADLINE) -> Proc:
         env = child_env(**{**self.env, "PYTHONUNBUFFERED": "1"})
         log = self.log_path.open("ab")
         self.popen = subprocess.Popen(
             [sys.executable, *self.args], env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.log_path.parent
         )
         if self.health_url:
-            self.wait_healthy(wait)
+            try:
+                self.wait_healthy(wait)
+            except BaseException:
+                self.kill()  # nobody holds it to stop it later: a process that never got healthy would be orphaned
+                raise
         return self
 
-    def wait_healthy(self, wait: float = 20.0) -> None:
+    def wait_healthy(self, wait: float = START_DEADLINE) -> None:
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if self.popen is not None and self.popen.poll() is not None:
@@ -182,7 +191,7 @@ class Stack:
             self.wait_worker()
         return self.procs["worker"]
 
-    def wait_worker(self, timeout: float = 10.0) -> float:
+    def wait_worker(self, timeout: float = 30.0) -> float:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             try:

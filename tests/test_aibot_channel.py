@@ -41,7 +41,7 @@ from hil_protocol.outbound import CardUpdate, Notice, Question
 from hil_protocol.wecom_robot import ERR_INVALID_MESSAGE
 from hil_sandbox.fake_aibot import encrypt_media
 from hil_server.channels import ChannelError
-from hil_server.channels.aibot import IMAGES_UNSUPPORTED, AibotChannel, AibotOptions, plain_text
+from hil_server.channels.aibot import AibotChannel, AibotOptions, plain_text
 from hil_server.models import Session
 from tests.helpers import png, until
 from tests.test_fake_aibot import BOT, ROBOT, SECRET, Served, config, serve_fake
@@ -389,17 +389,21 @@ async def test_a_choice_is_a_button_card(on: Running) -> None:
     assert approval.card["main_title"]["desc"].startswith("需要 2 人批准")
     assert [b["text"] for b in approval.card["button_list"]] == ["批准", "拒绝"]
 
-    # Seven options do not fit the card: numbered lines in the markdown.
+    # Seven options do not fit the buttons: the question as markdown, then a vote card (pick one) with a submit.
     seven = tuple(f"方案{i}" for i in range(7))
     await on.channel.send_question(question("选哪个？", card_id="e" * 32, options=seven))
-    [numbered] = on.fake.get_messages("group-1")[3:]
-    assert numbered.msgtype == "markdown" and "7. 方案6" in numbered.content
+    text, vote = on.fake.get_messages("group-1")[3:]
+    assert text.msgtype == "markdown" and text.content == "[#1a2b3c4d proj]\n选哪个？"
+    assert vote.card["card_type"] == "vote_interaction" and vote.card["checkbox"]["mode"] == 0
+    assert [(o["id"], o["text"]) for o in vote.card["checkbox"]["option_list"]] == [
+        (str(i), s) for i, s in enumerate(seven)
+    ]
+    assert vote.card["submit_button"]["key"] == "submit" and vote.card["main_title"]["title"] == "[#1a2b3c4d proj]"
 
 
 async def test_what_the_ai_bot_cannot_send_is_refused_in_words(on: Running) -> None:
-    with pytest.raises(ChannelError) as refused:
-        await on.channel.send_question(question(images=("data:image/png;base64,iVBORw0KGgo=",)))
-    assert str(refused.value) == IMAGES_UNSUPPORTED
+    with pytest.raises(ChannelError, match="只能发送 JPG 或 PNG"):  # not a picture: refused before anything is sent
+        await on.channel.send_question(question(images=("data:image/png;base64,aGVsbG8gd29ybGQ=",)))
     with pytest.raises(ChannelError, match="chat_id"):
         await on.channel.send_question(question(chat_id=None))
     on.fake.aibot.fail_next(93006)
@@ -703,10 +707,16 @@ def test_every_hil_aibot_setting_tunes_the_option_of_its_name(tmp_path: Any) -> 
         "hil_aibot_send_timeout": 14.0,
         "hil_aibot_markdown_limit": 2048,
         "hil_aibot_image_max_bytes": 4096,
+        "hil_aibot_minute_window": 0.5,
+        "hil_aibot_hour_window": 30.0,
+        "hil_aibot_upload_timeout": 15.0,
     }
     assert set(values) == {name for name in ServerSettings.model_fields if name.startswith("hil_aibot_")}
     options = aibot_settings(tmp_path, **values).aibot_options()
     assert {name: getattr(options, name.removeprefix("hil_aibot_")) for name in values} == values
+    # WeCom's pace is WECOM_AIBOT_MAX_PER_MINUTE / _PER_HOUR.
+    paced = aibot_settings(tmp_path, wecom_aibot_max_per_minute=3, wecom_aibot_max_per_hour=0).aibot_options()
+    assert (paced.max_per_minute, paced.max_per_hour) == (3, 0)
     # A maximum backoff below the minimum is raised to it.
     backwards = aibot_settings(tmp_path, hil_aibot_reconnect_min_delay=5.0, hil_aibot_reconnect_max_delay=1.0)
     assert backwards.aibot_options().reconnect_max_delay == 5.0

@@ -120,6 +120,15 @@ async def test_timeouts_cancellations_failures_other_chats_and_late_answers_are_
     assert [r.kind for r in await service.audit_rows(owner="tok-b")] == ["send_failed"]
 
 
+async def test_a_reply_that_decides_nothing_is_on_the_record_with_its_reason() -> None:
+    service, _ = await make()
+    sent = await service.send(SendRequest(message="上线？", chat_id=CHAT, approvals_required=1))
+    assert sent.short_id is not None
+    assert await handle(service, callback_body(quote(sent.short_id, "好的，先不要"), chat=CHAT)) == "hint_unclear"
+    rows = await service.audit_rows()
+    assert [(r.kind, r.userid, r.detail.get("reason")) for r in rows][1:] == [("refused", "zhangsan", "hint_unclear")]
+
+
 async def test_purge_keeps_rows_for_the_audit_retention_not_the_session_retention() -> None:
     clock = Clock()
     day = 86400.0

@@ -292,3 +292,33 @@ def test_question_from_hil_mcp_is_answered_in_the_page(sandbox: Sandbox, page: A
         result = call.result(timeout=60)
     assert result["status"] == "success", result
     assert [r["content"] for r in result["replies"]] == ["可以，先灰度"]
+
+
+def test_tags_follow_live_approvals_so_far_and_the_agent_stopping(sandbox: Sandbox, page: Any) -> None:
+    """The tags come without a reload: an approval shows 1/2 and who, then both names; a question the AI stopped
+    waiting for says so (not 已超时, which is the question's own deadline)."""
+    expect = sync_api.expect
+    open_chat(page, "browser-tags")
+    approval = sandbox.send("上线 v2 吗？", "browser-tags", approvals_required=2)
+    stopped = sandbox.send("还需要我等吗？", "browser-tags")
+    question = question_in_page(page, approval["short_id"])
+    other = question_in_page(page, stopped["short_id"])
+
+    def approve(userid: str, name: str) -> None:
+        body = {
+            "chat_id": "browser-tags",
+            "quote": f"[#{approval['short_id']}]\n上线 v2 吗？",
+            "text": "批准",
+            "from_user": {"userid": userid, "name": name, "alias": userid},
+        }
+        answer = sandbox.http.post(f"{sandbox.wecom_url}/_fake/reply", json=body).json()
+        assert answer["responses"][0]["status_code"] == 200, answer
+
+    approve("zhangsan", "张三")
+    expect(by(question, "answered")).to_have_text("⏳ 已批准 1/2 · 张三 (zhangsan)")
+    approve("lisi", "李四")
+    expect(by(question, "answered")).to_contain_text("✅ 已回答 · 张三 (zhangsan)、李四 (lisi)")
+
+    response = sandbox.http.post(f"{sandbox.server_url}/api/session/{stopped['session_id']}/timeout")
+    assert response.json()["success"] is True
+    expect(by(other, "answered")).to_have_text("⏹ AI 已停止等待")

@@ -172,6 +172,26 @@ def test_sandbox_bad_flag_is_argparse_usage(capsys: pytest.CaptureFixture[str]) 
     assert "--log-level" in capsys.readouterr().err
 
 
+def test_a_wrong_hil_channel_is_an_error_in_the_sandbox_and_the_server(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A typo must not quietly give the webhook channel.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HIL_CHANNEL", "bogus")
+    assert exit_code(lambda: sandbox.main(["--port", "0", "--wecom-port", "0"])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HIL_CHANNEL='bogus' is not a channel" in err and "aibot" in err, err
+    monkeypatch.setenv("BOT_KEY", "k")
+    assert exit_code(lambda: hil_server.cli.main([])) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "HIL_CHANNEL" in err and "aibot" in err, err
+
+
+def test_sandbox_aibot_and_relay_do_not_go_together(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_code(lambda: sandbox.main(["--aibot", "--relay"])) == 2
+    assert "--aibot and --relay do not go together" in capsys.readouterr().err
+
+
 # --- the sandbox's MCP config ---------------------------------------------------------------------------------
 
 
@@ -290,6 +310,41 @@ def test_sandbox_banner_comes_once_both_servers_answer(running_sandbox: Sandbox)
     assert health.status_code == 200 and health.json()["mode"] == "direct"
     assert httpx.get(f"{running_sandbox.wecom_url}/", timeout=5, trust_env=False).status_code == 200
     assert f"hil-mcp sandbox {__version__}" in running_sandbox.proc.log()
+    assert_no_warnings_about_its_own_setup(running_sandbox.proc.log())
+
+
+def assert_no_warnings_about_its_own_setup(log: str) -> None:
+    """On loopback the sandbox leaves tokens unset and callbacks open itself: nothing there for a person to act on."""
+    for warning in ("UNAUTHENTICATED", "is not set", "BOT_KEY is set", "unauthenticated"):
+        assert warning not in log, log
+
+
+def test_sandbox_in_relay_mode_takes_the_chat_pages_replies_through_its_worker(tmp_path: Path) -> None:
+    """./hil --relay: the fake's callbacks go to the worker's /callback, the worker relays them to the server."""
+    proc = start_sandbox(tmp_path, "--relay", "--port", "0", "--wecom-port", "0", "--worker-port", "0")
+    try:
+        running = wait_for_banner(proc)
+        log = proc.log()
+        assert "HIL Server (relay mode)" in log and "DevCloud Worker" in log
+        assert_no_warnings_about_its_own_setup(log)
+        with httpx.Client(timeout=20, trust_env=False) as http:
+            health = http.get(f"{running.server_url}/health").json()
+            assert (health["mode"], health["worker_connected"]) == ("relay", True), health
+            config = http.get(f"{running.wecom_url}/_fake/config").json()
+            worker_url = next(line.split(" : ")[1].split()[0] for line in log.splitlines() if "DevCloud Worker" in line)
+            assert config["callback_url"] == f"{worker_url}/callback"
+            asked = http.post(
+                f"{running.server_url}/api/send", json={"message": "中继能问吗？", "chat_id": "sandbox-chat"}
+            ).json()
+            params = {"chat_id": "sandbox-chat", "wait": 1, "timeout": 10}
+            [question] = http.get(f"{running.wecom_url}/_fake/messages", params=params).json()["messages"]
+            reply = {"chat_id": "sandbox-chat", "quote": question["content"], "text": "能"}
+            answered = http.post(f"{running.wecom_url}/_fake/reply", json=reply).json()
+            assert answered["responses"][0]["status_code"] == 200, answered
+            polled = http.get(f"{running.server_url}/api/poll/{asked['session_id']}", params={"wait": 10}).json()
+        assert polled["status"] == "replied" and polled["replies"][0]["content"] == "能", polled
+    finally:
+        proc.stop()
 
 
 async def test_sandbox_mcp_config_runs_as_printed(running_sandbox: Sandbox, tmp_path: Path) -> None:
@@ -341,6 +396,7 @@ def test_second_sandbox_on_the_same_data_dir_is_one_line(running_sandbox: Sandbo
     assert proc.popen.wait(30) == 1
     lines = proc.log().splitlines()
     assert len(lines) == 1 and lines[0].startswith("hil-sandbox: ") and "data" in lines[0], lines
+    assert "--data-dir" in lines[0] and "HIL_DATA_DIR" not in lines[0], lines  # its own flag: it reads no env
 
 
 def test_sandbox_on_an_address_not_on_this_host_is_one_line(tmp_path: Path) -> None:

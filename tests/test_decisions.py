@@ -3,6 +3,7 @@ with a reply that decides nothing (kept on the question, the chat asked again, t
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -171,24 +172,26 @@ def _reading(result: Pick | Unclear | None, yes_no: bool) -> int | str:
     return (YES if result.index == 0 else NO) if yes_no else result.index
 
 
+def _reads_as(text: str, options: Sequence[str], expected: int | str, comment: str, *, approval: bool = False) -> None:
+    """One row of a table: how `text` reads against `options`, and a pick's label and comment."""
+    result = read_reply(text, options, approval=approval)
+    assert _reading(result, yes_no=approval) == expected, result
+    if isinstance(result, Pick):
+        assert result.label == options[result.index] and result.comment == comment
+
+
 def test_the_table_is_large_enough() -> None:
     assert len(APPROVALS) + len(PICKS) >= 60 and len(APPROVALS) >= 60
 
 
 @pytest.mark.parametrize(("text", "expected", "comment"), APPROVALS)
 def test_approval_replies(text: str, expected: str, comment: str) -> None:
-    result = read_reply(text, APPROVAL_OPTIONS, approval=True)
-    assert _reading(result, yes_no=True) == expected, result
-    if isinstance(result, Pick):
-        assert result.label == APPROVAL_OPTIONS[result.index] and result.comment == comment
+    _reads_as(text, APPROVAL_OPTIONS, expected, comment, approval=True)
 
 
 @pytest.mark.parametrize(("text", "expected", "comment"), PICKS)
 def test_option_replies(text: str, expected: int | str, comment: str) -> None:
-    result = read_reply(text, OPTIONS)
-    assert _reading(result, yes_no=False) == expected, result
-    if isinstance(result, Pick):
-        assert result.label == OPTIONS[result.index] and result.comment == comment
+    _reads_as(text, OPTIONS, expected, comment)
 
 
 def test_a_label_that_refuses_or_holds_is_taken_whole() -> None:

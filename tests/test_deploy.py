@@ -615,3 +615,51 @@ def test_docs_point_at_the_repository_not_pypi() -> None:
     assert servers[0] is not None and servers[0]["url"].endswith("/mcp")
     launched = [s for s in servers if s and "command" in s]
     assert launched and all(s["args"][:3] == ["--from", "/path/to/hil-mcp", "hil-mcp"] for s in launched), launched
+
+
+# --- secrets out of git, and logs that say what they do ------------------------------------------------------------
+
+
+def test_secrets_files_and_data_are_git_ignored() -> None:
+    if shutil.which("git") is None or not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    paths = ["hil.env", "worker.env", "data/hil-store.sqlite3", "data/sandbox/x", ".env"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *paths], cwd=ROOT, capture_output=True, text=True, check=False
+    ).stdout.split()
+    assert ignored == paths
+    examples = ["deploy/hil.env.example", "deploy/worker.env.example"]
+    assert subprocess.run(["git", "check-ignore", "--no-index", *examples], cwd=ROOT, check=False).returncode == 1
+
+
+@pytest.mark.parametrize(("script", "env_file"), [(HIL, "hil.env"), (WORKER, "worker.env"), (HIL, ".env")])
+def test_refuses_to_start_with_a_secrets_file_tracked_by_git(tmp_path: Path, script: Path, env_file: str) -> None:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    secrets = tmp_path / env_file
+    secrets.write_text("BOT_KEY=not-a-real-key\n")
+    secrets.chmod(0o600)
+    subprocess.run(["git", "add", env_file], cwd=tmp_path, check=True)
+    result = run(script, "start", env=script_env(tmp_path, script.stem), cwd=tmp_path)
+    assert result.returncode == 1, result
+    assert f"{env_file} is tracked by git" in result.stderr and "git rm --cached" in result.stderr, result.stderr
+    assert "not-a-real-key" not in result.stdout + result.stderr
+    assert not Path(script_env(tmp_path, script.stem)["PID_FILE"]).exists()
+
+
+def test_logs_says_it_follows_and_how_to_stop(tmp_path: Path) -> None:
+    env = script_env(tmp_path, "hil")
+    Path(env["LOG_FILE"]).parent.mkdir(parents=True)
+    Path(env["LOG_FILE"]).write_text("a line\n")
+    follow = subprocess.Popen(
+        ["bash", str(HIL), "logs"], env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        assert follow.stderr is not None and follow.stdout is not None
+        said = follow.stderr.readline()
+        assert "following" in said and env["LOG_FILE"] in said and "Ctrl+C to stop" in said, said
+        assert follow.stdout.readline() == "a line\n"
+    finally:
+        follow.kill()
+        follow.wait(10)

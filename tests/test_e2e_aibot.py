@@ -20,7 +20,8 @@ import pytest
 from mcp import Client
 from websockets.asyncio.client import connect
 
-from tests.helpers import aibot_chat_page, free_port
+from hil_protocol.images import to_data_url
+from tests.helpers import aibot_chat_page, free_port, png
 from tests.procs import Proc, Stack, mcp_stdio_params
 
 pytestmark = pytest.mark.e2e
@@ -226,6 +227,81 @@ async def test_a_click_is_the_choice_and_the_card_says_so(shared: Stack) -> None
         assert 'hil_wecom_sends_total{errcode="0"}' in metrics  # every frame WeCom took, the card update too
 
 
+async def test_pick_several_by_vote_card_and_by_numbers_in_text(shared: Stack) -> None:
+    options = ["前端", "后端", "数据库", "文档"]
+    async with world(shared) as w:
+        # By card: a vote_interaction card (pick several); the submit carries the ticked option ids.
+        asked = await w.ask("这次发布哪些部分？", "group-vote", options=options, multi_select=True)
+        text, card = await w.messages("group-vote", 2)
+        assert text["msgtype"] == "markdown" and card["card"]["card_type"] == "vote_interaction"
+        assert card["card"]["checkbox"]["mode"] == 1 and card["task_id"] == asked["session_id"]
+        ticked = [{"question_key": "choice", "option_ids": ["0", "2"]}]
+        await w.person("click", userid="lisi", task_id=asked["session_id"], event_key="submit", selected_items=ticked)
+        answered = await w.poll(asked["session_id"], wait=10)
+        assert answered["status"] == "replied" and answered["choice"] == {"index": 0, "label": "前端"}
+        assert answered["choices"] == [{"index": 0, "label": "前端"}, {"index": 2, "label": "数据库"}]
+        state = await w.card(asked["session_id"])
+        assert state["card"]["main_title"]["desc"] == "✅ lisi 选择了「前端」「数据库」"
+
+        # By text: "1,3"; an out-of-range number first is a clarification, never a partial pick.
+        asked = await w.ask("发布哪些？", "group-vote-text", options=options, multi_select=True, allow_text=False)
+        await w.messages("group-vote-text", 2)
+        await w.person("message", userid="lisi", chat_id="group-vote-text", text="1 5")
+        hint = (await w.messages("group-vote-text", 3))[-1]
+        assert hint["reply_to"] is not None and "可多选，如 1 3" in hint["content"]
+        polled = await w.poll(asked["session_id"])
+        assert polled["status"] == "waiting" and polled["choices"] == [] and len(polled["unclear"]) == 1
+        await w.person("message", userid="lisi", chat_id="group-vote-text", text="1,3")
+        answered = await w.poll(asked["session_id"], wait=10)
+        assert answered["status"] == "replied"
+        assert [c["label"] for c in answered["choices"]] == ["前端", "数据库"]
+
+
+async def test_a_question_with_two_images_arrives_as_text_and_two_images(shared: Stack) -> None:
+    pictures = [png(), png(rgb=(200, 30, 30))]
+    async with world(shared) as w:
+        asked = await w.ask("这两张截图哪个对？", "group-images", images=[to_data_url(p) for p in pictures])
+        text, *images = await w.messages("group-images", 3)
+        assert text["msgtype"] == "markdown" and text["content"].startswith(f"[#{asked['short_id']}]")
+        assert [m["msgtype"] for m in images] == ["image", "image"]
+        for message, picture in zip(images, pictures, strict=True):
+            stored = await w.http.get(f"{shared.fake_url}/_fake/images/{message['image_id']}")
+            assert stored.content == picture
+
+
+async def test_a_burst_of_100_questions_keeps_wecom_pace_in_order_with_no_errcode(tmp_path: Path) -> None:
+    # The fake enforces 20 per 0.2 s; the server keeps 20 per 0.25 s (a margin for the link's jitter).
+    stack = aibot_stack(tmp_path, WECOM_AIBOT_MAX_PER_MINUTE="20", HIL_AIBOT_MINUTE_WINDOW="0.25")
+    stack.fake_args += ["--rate-limit", "20", "--rate-window", "0.2"]
+    try:
+        stack.start()
+        async with world(stack) as w:
+            started = time.monotonic()
+
+            async def ask(n: int) -> dict[str, Any]:
+                return await w.ask(f"第 {n} 个问题", "group-burst", wait_reply=False)
+
+            sent = []
+            for batch in range(0, 100, 20):  # in order per chat: each batch after the last was taken
+                sent += await asyncio.gather(*(ask(n) for n in range(batch, batch + 20)))
+            elapsed = time.monotonic() - started
+            messages = await w.messages("group-burst", 100)
+            attempts = (await w.http.get(f"{stack.fake_url}/_fake/attempts")).json()
+            status = (await w.http.get(f"{stack.server_url}/status.json")).json()
+            page = (await w.http.get(f"{stack.server_url}/status")).text
+            metrics = (await w.http.get(f"{stack.server_url}/metrics")).text
+        assert status["send_queue"] == 0 and "hil_aibot_send_queue 0.0" in metrics and "发送排队 Send queue" in page
+        assert all(s["success"] for s in sent)
+        assert [a["errcode"] for a in attempts["attempts"]] == [0] * 100
+        assert elapsed >= 4 * 0.25 - 0.05  # 100 at 20 per window: four windows waited
+        numbers = [int(m["content"].split("第 ")[1].split(" ")[0]) for m in messages]
+        assert sorted(numbers) == list(range(100))
+        for batch in range(0, 100, 20):  # batches in the order asked
+            assert set(numbers[batch : batch + 20]) == set(range(batch, batch + 20))
+    finally:
+        stack.stop()
+
+
 async def test_a_non_responders_click_is_refused_and_the_right_persons_taken(shared: Stack) -> None:
     chat = "group-responders"
     async with world(shared) as w:
@@ -385,6 +461,39 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
             ).json()
             assert answer["status"] == "replied" and answer["replies"][0]["content"] == "能"
+            from tests.test_cli import assert_no_warnings_about_its_own_setup
+
+            assert_no_warnings_about_its_own_setup(proc.log())  # no BOT_KEY, tokens or callbacks it set itself
+
+            # The README's curl flow: /_fake/reply speaks over the long connection, and a click names the button by
+            # its text in the chat (no task_id to look up).
+            asked = (await http.post(send, json={"message": "curl 能答吗？", "chat_id": "sandbox-chat"})).json()
+            [question] = (
+                await http.get(f"{sandbox.wecom_url}/_fake/messages", params={**params, "since_seq": question["seq"]})
+            ).json()["messages"]
+            reply = {"chat_id": "sandbox-chat", "quote": question["content"], "text": "能答"}
+            pushed = (await http.post(f"{sandbox.wecom_url}/_fake/reply", json=reply)).json()
+            assert pushed["via"] == "aibot" and pushed["userid"] == "zhangsan", pushed
+            answer = (
+                await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            ).json()
+            assert answer["status"] == "replied" and answer["replies"][0]["content"] == "能答", answer
+            choice = {"message": "发布吗？", "chat_id": "sandbox-chat", "options": ["发布", "等等"]}
+            asked = (await http.post(send, json=choice)).json()
+            click = {"chat_id": "sandbox-chat", "button": "等等", "userid": "wangwu"}
+            clicked = await http.post(f"{sandbox.wecom_url}/_fake/aibot/click", json=click)
+            for _ in range(100):  # the card arrives just after /api/send answers
+                if clicked.status_code != 404:
+                    break
+                await asyncio.sleep(0.05)
+                clicked = await http.post(f"{sandbox.wecom_url}/_fake/aibot/click", json=click)
+            assert clicked.status_code == 200 and clicked.json()["button_text"] == "等等", clicked.text
+            answer = (
+                await http.get(f"{sandbox.server_url}/api/poll/{asked['session_id']}", params={"wait": 10})
+            ).json()
+            assert answer["choice"] == {"index": 1, "label": "等等"}, answer
+            wrong = await http.post(f"{sandbox.wecom_url}/_fake/reply", json={**reply, "wecom_retries": True})
+            assert wrong.status_code == 422 and "/_fake/aibot/message" in wrong.json()["detail"]
 
             chromium = shutil.which("chromium")
             async_api = pytest.importorskip("playwright.async_api")
@@ -396,7 +505,8 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 page = chat.page
                 choice = {"message": "要合并这个 PR 吗？", "chat_id": "sandbox-chat", "options": ["合并", "不合并"]}
                 asked = (await http.post(send, json=choice)).json()
-                card = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
+                cards = page.get_by_test_id("message").filter(has=page.get_by_test_id("card"))
+                card = cards.filter(has_text="要合并这个 PR 吗？")
                 await expect(card).to_contain_text("要合并这个 PR 吗？")
                 await card.get_by_test_id("card-button").filter(has_text="不合并").click()
                 poll = f"{sandbox.server_url}/api/poll/{asked['session_id']}"
@@ -404,7 +514,23 @@ async def test_the_sandbox_in_ai_bot_mode_with_a_click_in_the_chat_page(tmp_path
                 assert answer["choice"] == {"index": 1, "label": "不合并"}
                 assert answer["replies"][0]["answered_by"] == "lisi"
                 await expect(card).to_contain_text("✅ lisi 选择了「不合并」")
+                # The click shows as the button's text, not its key ("1"); the tag names the AI bot's userid.
+                await expect(page.get_by_text("点击了卡片按钮「不合并」")).to_have_count(1)
+                await expect(card.get_by_test_id("answered")).to_have_text("✅ 已回答 · lisi：不合并")
                 await expect(card.get_by_test_id("card-button")).to_have_count(0)
+
+                # A pick-several question is a vote card: tick two options, submit.
+                several = {"message": "发布哪些？", "chat_id": "sandbox-chat", "options": ["前端", "后端", "文档"]}
+                asked = (await http.post(send, json={**several, "multi_select": True})).json()
+                vote = page.get_by_test_id("card").filter(has=page.get_by_test_id("card-submit"))
+                await expect(vote.get_by_test_id("card-option")).to_have_count(3)
+                await vote.get_by_test_id("card-option").nth(0).check()
+                await vote.get_by_test_id("card-option").nth(2).check()
+                await vote.get_by_test_id("card-submit").click()
+                poll = f"{sandbox.server_url}/api/poll/{asked['session_id']}"
+                answer = (await http.get(poll, params={"wait": 10})).json()
+                assert [c["label"] for c in answer["choices"]] == ["前端", "文档"]
+                await expect(page.get_by_test_id("card").last).to_contain_text("✅ lisi 选择了「前端」「文档」")
             assert not chat.errors, chat.errors
     finally:
         proc.stop()

@@ -33,13 +33,16 @@ def direct(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 @asynccontextmanager
-async def agent(stack: Stack, tmp_path: Path) -> AsyncIterator[tuple[Client, FakeChat]]:
-    params = mcp_stdio_params(stack.server_url, tmp_path / "mcp", "--chat-id", CHAT, "--project-name", "choices")
+async def agent(
+    stack: Stack, tmp_path: Path, chat_id: str = CHAT, project: str = "choices"
+) -> AsyncIterator[tuple[Client, FakeChat]]:
+    """A real MCP client over stdio asking in `chat_id`, and the fake WeCom's view of that chat."""
+    params = mcp_stdio_params(stack.server_url, tmp_path / "mcp", "--chat-id", chat_id, "--project-name", project)
     async with (
         Client(params) as client,
         httpx.AsyncClient(base_url=stack.fake_url, trust_env=False, timeout=30) as http,
     ):
-        yield client, FakeChat(http, CHAT)
+        yield client, FakeChat(http, chat_id)
 
 
 async def asked(stack: Stack, chat: FakeChat, text: str) -> tuple[dict[str, Any], str]:

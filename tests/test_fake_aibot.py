@@ -30,6 +30,7 @@ from tests.helpers import PNG_MAGIC, TlsFiles, aibot_chat_page, png, throwaway_t
 pytest.importorskip("aibot", reason="wecom-aibot-python-sdk is in the test extra: pip install -e '.[test]'")
 import aibot  # WeCom's official SDK; its api and ws modules hold the SSL contexts replaced below
 import aibot.api
+import aibot.utils
 import aibot.ws
 
 BOT = "aib-test-bot"
@@ -221,6 +222,85 @@ async def test_sdk_authenticates_receives_text_and_sends_markdown(
         [subscribe] = frames_of(fake, "aibot_subscribe")
         assert subscribe.frame["body"] == {"bot_id": BOT, "secret": "***"}
         assert SECRET not in json.dumps([f.model_dump() for f in fake.aibot.get_frames()])
+
+
+async def sdk_upload(bot: SdkBot, data: bytes, kind: str = "image", chunk: int = 512 * 1024) -> str:
+    """The three upload frames, sent by the official SDK's frame sender (1.0.2 has no upload method; the frames
+    are the Node SDK's `uploadMedia`): init, chunks (0-based), finish -> media_id."""
+    send = bot.client._ws_manager.send_reply
+    chunks = [data[i : i + chunk] for i in range(0, len(data), chunk)]
+    init_body = {"type": kind, "filename": f"shot.{kind}", "total_size": len(data), "total_chunks": len(chunks)}
+    init = await send(aibot.utils.generate_req_id("aibot_upload_media_init"), init_body, "aibot_upload_media_init")
+    upload_id = init["body"]["upload_id"]
+    for index, part in enumerate(chunks):
+        body = {"upload_id": upload_id, "chunk_index": index, "base64_data": base64.b64encode(part).decode()}
+        await send(aibot.utils.generate_req_id("aibot_upload_media_chunk"), body, "aibot_upload_media_chunk")
+    finish_id = aibot.utils.generate_req_id("aibot_upload_media_finish")
+    finish = await send(finish_id, {"upload_id": upload_id}, "aibot_upload_media_finish")
+    assert finish["errcode"] == 0 and finish["body"]["type"] == kind
+    return str(finish["body"]["media_id"])
+
+
+async def test_sdk_uploads_an_image_and_sends_it(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with serve_fake(config(), tls) as served, sdk_bot(served, monkeypatch, tls) as bot:
+        fake = served.fake
+        picture = png() + b"\0" * (600 * 1024)  # two chunks
+        media_id = await sdk_upload(bot, picture)
+        assert fake.aibot.uploaded(media_id) == picture
+        ack = await bot.client.send_message("group-1", {"msgtype": "image", "image": {"media_id": media_id}})
+        assert ack["errcode"] == 0
+        [sent] = fake.get_messages("group-1")
+        assert (sent.msgtype, sent.media_id, sent.image_size) == ("image", media_id, len(picture))
+        assert fake.get_image(sent.image_id or "") == picture
+        # What WeCom refuses: an unknown media_id, a chunk missing, bytes that are no picture, a chunk too large.
+        with pytest.raises(RuntimeError, match="errcode=40007"):
+            await bot.client.send_message("group-1", {"msgtype": "image", "image": {"media_id": "nope"}})
+        send = bot.client._ws_manager.send_reply
+        init = {"type": "image", "filename": "a.png", "total_size": 10, "total_chunks": 2}
+        started = await send(aibot.utils.generate_req_id("aibot_upload_media_init"), init, "aibot_upload_media_init")
+        with pytest.raises(RuntimeError, match="errcode=40058"):
+            body = {"upload_id": started["body"]["upload_id"]}
+            await send(aibot.utils.generate_req_id("aibot_upload_media_finish"), body, "aibot_upload_media_finish")
+        with pytest.raises(RuntimeError, match="errcode=40007"):
+            await sdk_upload(bot, b"not a picture at all")
+        with pytest.raises(RuntimeError, match="errcode=40058"):
+            await sdk_upload(bot, png() + b"\0" * (600 * 1024), chunk=600 * 1024 + 100)
+        with pytest.raises(RuntimeError, match="errcode=40058"):  # over WeCom's 10 MB for an image
+            await sdk_upload(bot, png() + b"\0" * (10 * 1024 * 1024))
+        assert len(fake.get_messages("group-1")) == 1
+
+
+async def test_sdk_vote_card_submit_and_rate_limit(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
+    async with (
+        serve_fake(config(rate_limit=2, rate_window=30), tls) as served,
+        sdk_bot(served, monkeypatch, tls) as bot,
+    ):
+        fake = served.fake
+        card = {
+            "card_type": "vote_interaction",
+            "main_title": {"title": "发布哪些？"},
+            "task_id": "vote-1",
+            "checkbox": {
+                "question_key": "q",
+                "mode": 1,
+                "option_list": [{"id": "0", "text": "a"}, {"id": "1", "text": "b"}],
+            },
+            "submit_button": {"text": "提交", "key": "submit"},
+        }
+        ack = await bot.client.send_message("group-1", {"msgtype": "template_card", "template_card": card})
+        assert ack["errcode"] == 0
+        ticked = [{"question_key": "q", "option_ids": ["0", "1"]}]
+        await fake.aibot.click(userid="lisi", task_id="vote-1", event_key="submit", selected_items=ticked)
+        frame = await bot.next("event.template_card_event")
+        event = frame["body"]["event"]["template_card_event"]
+        assert event["event_key"] == "submit" and event["card_type"] == "vote_interaction"
+        assert event["selected_items"] == {
+            "selected_item": [{"question_key": "q", "option_ids": {"option_id": ["0", "1"]}}]
+        }
+        # Past the bot's pace WeCom answers 45009, and the SDK raises it.
+        await bot.client.send_message("group-1", {"msgtype": "markdown", "markdown": {"content": "2"}})
+        with pytest.raises(RuntimeError, match="errcode=45009"):
+            await bot.client.send_message("group-1", {"msgtype": "markdown", "markdown": {"content": "3"}})
 
 
 async def test_sdk_card_click_and_update(tls: TlsFiles, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -666,12 +746,13 @@ async def test_other_cards_pass_and_clicks_follow_them(served: Served) -> None:
     async with link(served) as bare:
         assert (await bare.send_card({"card_type": "text_notice", "main_title": {"title": "通知"}}))["errcode"] == 0
         assert (await bare.send_card(vote, chatid="lisi"))["errcode"] == 0
-        await served.fake.aibot.click(
+        clicked = await served.fake.aibot.click(
             userid="lisi",
             task_id="vote-1",
             event_key="submit",
             selected_items=[{"question_key": "q", "option_ids": ["b"]}],
         )
+        assert clicked.button_text == "提交"  # what the chat page shows: the button's text, not its key
         body = (await bare.push())["body"]
         assert body["event"]["template_card_event"]["selected_items"] == {
             "selected_item": [{"question_key": "q", "option_ids": {"option_id": ["b"]}}]

@@ -689,3 +689,37 @@ def test_cli_runs_a_real_server(cli_server: str) -> None:
     assert [m["content"] for m in messages] == ["real"]
     reply = httpx.post(f"{cli_server}/_fake/reply", json={"chat_id": "c", "text": "x"})
     assert reply.status_code == 409
+
+
+async def test_hil_status_long_poll_answers_when_outcomes_change_not_when_ages_do() -> None:
+    """The chat page's tags follow the server's outcomes without polling from the browser: /_fake/hil-status?wait=1
+    holds until the outcomes differ from `since` (ages that grow every second do not count) or the timeout passes."""
+    outcomes: list[dict[str, Any]] = []
+    reads = 0
+
+    def hil_server(request: httpx.Request) -> httpx.Response:
+        nonlocal reads
+        reads += 1
+        assert request.url.path == "/status.json"
+        recent = [{**event, "seconds_ago": reads} for event in outcomes]
+        return httpx.Response(200, json={"recent": recent, "waiting": []})
+
+    server = httpx.AsyncClient(transport=httpx.MockTransport(hil_server))
+    config = FakeWeComConfig(hil_server_url="http://hil.test", hil_status_interval=0.01)
+    app = create_fake_wecom_app(config, http_client=server)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url=BASE) as client:
+        first = (await client.get("/_fake/hil-status")).json()
+        since = first["fingerprint"]
+        held = (await client.get("/_fake/hil-status", params={"since": since, "wait": 1, "timeout": 0.2})).json()
+        assert held["fingerprint"] == since and reads > 3  # read again and again, nothing to tell
+
+        async def answer_soon() -> None:
+            await asyncio.sleep(0.05)
+            outcomes.append({"short_id": "1a2b3c4d", "outcome": "replied (quote)", "by": "张三 (zhangsan)", "at": 1.0})
+
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(answer_soon())
+            params = {"since": since, "wait": 1, "timeout": 10}
+            changed = (await client.get("/_fake/hil-status", params=params)).json()
+        assert changed["fingerprint"] != since and changed["recent"][0]["by"] == "张三 (zhangsan)"
+    await server.aclose()

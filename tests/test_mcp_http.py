@@ -32,7 +32,7 @@ HEARTBEAT = 0.2
 ORIGIN_OK = "https://ide.example.com"
 # tokA may write to chatA (its default: the first listed) and chatB; the others are unrestricted. Each test that
 # relies on "the newest open question of this token" has a token of its own, as engineers do.
-TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow,tokLane,tokProj"
+TOKENS = "tokA=chatA|chatB,tokB=chatB,tokCut,tokCancel,tokFree,tokIds,tokSlow,tokLane,tokProj,tokStray"
 LEGACY_VERSION = "2025-11-25"
 
 pytestmark = pytest.mark.e2e
@@ -117,7 +117,13 @@ async def ask_and_answer(
 async def test_list_tools_with_output_schemas(remote: Stack, mode: str) -> None:
     async with mcp_client(remote, "tokFree", mode=mode) as client:
         tools = {tool.name: tool for tool in (await client.list_tools()).tools}
-    assert set(tools) == {"send_and_wait_reply", "request_approval", "send_message_only", "wait_for_reply"}
+    assert set(tools) == {
+        "send_and_wait_reply",
+        "request_approval",
+        "send_message_only",
+        "wait_for_reply",
+        "permission_prompt",  # Claude Code's --permission-prompt-tool (mcp_server/gate_tool.py)
+    }
     assert parameters(tools["send_and_wait_reply"]) == ASK_PARAMETERS
     output = tools["send_and_wait_reply"].output_schema
     assert output is not None and {"status", "replies", "message", "session_id", "short_id"} <= set(
@@ -383,6 +389,28 @@ async def test_two_mcp_sessions_sharing_a_token_never_receive_each_others_answer
     assert [r["content"] for r in got_x["replies"]] == ["给 X 的回答"], got_x
     assert [r["content"] for r in got_y["replies"]] == ["给 Y 的回答"], got_y
     assert got_z["status"] == "error" and got_z["replies"] == [], got_z
+
+
+async def test_a_session_id_on_a_request_without_sessions_claims_no_lane(remote: Stack) -> None:
+    """The 2026 protocol has no sessions: an Mcp-Session-Id sent with it is not checked by the SDK, so it must not
+    make the caller the owner of that session's questions."""
+    url = f"{remote.server_url}/mcp"
+    async with httpx.AsyncClient(trust_env=False, timeout=30) as http, person(remote, "chat-stray") as chat:
+        headers = await legacy_session(http, url, "tokStray")
+        arguments = {"message": "会话里的问题", "chat_id": "chat-stray"}
+        params = {"name": "send_and_wait_reply", "arguments": arguments, "_meta": {"progressToken": 2}}
+        call = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        async with http.stream("POST", url, headers=headers, json=call) as response:
+            async for line in response.aiter_lines():
+                if line.startswith("data:") and "notifications/progress" in line:
+                    break  # asked and waiting: the agent of that session goes away for now
+        question, _ = await chat.question("会话里的问题")
+        await chat.quote_reply(question, "只给那个会话")
+    stray = {"Mcp-Session-Id": headers["Mcp-Session-Id"]}
+    async with mcp_client(remote, "tokStray", query="?chat_id=chat-stray", headers=stray) as client:
+        result = structured(await client.call_tool("wait_for_reply", {}))
+    assert result["status"] == "error" and result["replies"] == [] and result["open_questions"] == [], result
+    assert "只给那个会话" not in json.dumps(result, ensure_ascii=False)
 
 
 async def test_two_clients_without_sessions_keep_to_their_project(remote: Stack) -> None:
@@ -793,3 +821,35 @@ async def test_a_client_that_cuts_calls_gets_waiting_first_then_the_answer(cappe
         # Answered between two calls: the caller's one open question, so no id is needed.
         done = structured(await client.call_tool("wait_for_reply", {}))
     assert done["status"] == "success" and [r["content"] for r in done["replies"]] == ["想好了"], done
+
+
+# --- Claude Code's --permission-prompt-tool over /mcp -------------------------------------------------------------
+
+
+async def test_permission_prompt_over_mcp(remote: Stack) -> None:
+    """The gate's tool at /mcp: one text block; a risky call asks in the token's chat, 本会话都允许 covers the rest of
+    the MCP session; the server's own files are never read for a diff."""
+    import json
+
+    import anyio
+
+    risky = {"tool_name": "Bash", "input": {"command": "git push origin main"}, "tool_use_id": "t1"}
+    async with mcp_client(remote, "tokA") as client, person(remote, "chatA") as chat:
+        safe = await client.call_tool("permission_prompt", {"tool_name": "Read", "input": {"file_path": "/etc/hosts"}})
+        assert safe.structured_content is None and len(safe.content) == 1
+        assert json.loads(safe.content[0].text) == {"behavior": "allow", "updatedInput": {"file_path": "/etc/hosts"}}
+        outcome: dict[str, Any] = {}
+        with anyio.fail_after(60):
+            async with anyio.create_task_group() as tg:
+
+                async def ask() -> None:
+                    outcome["first"] = await client.call_tool("permission_prompt", risky)
+
+                tg.start_soon(ask)
+                question, _ = await chat.question("git push origin main")
+                assert "3. 本会话都允许" in question["content"]
+                await chat.quote_reply(question, "3")
+        assert json.loads(outcome["first"].content[0].text)["behavior"] == "allow"
+        again = await client.call_tool("permission_prompt", {**risky, "tool_use_id": "t2"})
+        assert json.loads(again.content[0].text) == {"behavior": "allow", "updatedInput": risky["input"]}
+        assert await chat.count("git push origin main") == 1

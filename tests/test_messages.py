@@ -284,3 +284,23 @@ def test_strip_mention_variants() -> None:
     assert strip_mention("@HIL助手\n好的") == "好的"
     assert strip_mention("@HIL助手") == ""
     assert strip_mention("email me at a@b.c") == "email me at a@b.c"
+
+
+def test_plain_text_hints_carry_no_markdown() -> None:
+    """The notices sent with markdown=False show every character as is: no backticks, bold or colour tags."""
+    from hil_server import hints
+    from hil_server.models import Session
+
+    session = Session(
+        session_id="0" * 32, short_id="1a2b3c4d", message="q", deadline=0, project_name="p", responders=["lisi"]
+    )
+    plain = [
+        hints.empty_answer(),
+        hints.unknown_quote("1a2b3c4d"),
+        hints.other_chat("1a2b3c4d"),
+        hints.late_answer(session),
+        hints.abandoned(session),
+        hints.not_a_responder(session),
+    ]
+    for text in plain:
+        assert not any(mark in text for mark in ("`", "**", "<font", "\n>")), text

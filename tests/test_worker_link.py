@@ -364,6 +364,21 @@ async def test_a_shutdown_that_meets_a_dropping_link_still_stops_the_link(make_r
     assert rig.stand_in.connections == 1
 
 
+async def test_a_cancellation_that_meets_the_hello_stops_the_replay(make_rig) -> None:
+    # On Python 3.11 asyncio.wait_for returns the result when its awaitable finished in the step the cancellation
+    # came: the replay then ran on and its link's TaskGroup never ended (a worker test that hung in teardown on a
+    # busy machine). Here the hello and the cancellation meet on purpose.
+    rig = await make_rig()
+    hello = asyncio.Event()
+    replay = asyncio.create_task(rig.client._replay(hello, {"callback_ack"}))
+    await asyncio.sleep(0.01)
+    hello.set()
+    await asyncio.sleep(0)  # the hello's waiter is done, the replay not yet resumed
+    replay.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(replay, 2)
+
+
 # --- the spool: replay, window, acks, poison ------------------------------------------------------------------
 
 

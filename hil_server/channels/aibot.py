@@ -13,7 +13,9 @@ service. Callbacks are handled by a few worker tasks, so reading the link never 
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import hashlib
 import logging
 import time
 import uuid
@@ -34,6 +36,9 @@ from hil_protocol.aibot import (
     CMD_SEND,
     CMD_SUBSCRIBE,
     CMD_UPDATE,
+    CMD_UPLOAD_CHUNK,
+    CMD_UPLOAD_FINISH,
+    CMD_UPLOAD_INIT,
     CMD_WELCOME,
     ERR_INVALID_REQ_ID,
     ERR_NO_LINK,
@@ -54,14 +59,16 @@ from hil_protocol.aibot import (
     read_callback,
 )
 from hil_protocol.callback import CallbackError, IncomingMessage
+from hil_protocol.images import ImageError, ImageFetcher, image_kind, load_images
 from hil_protocol.messages import split_text, truncate_bytes
 from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
-from hil_protocol.wecom_robot import ERR_BAD_RESPONSE, ERR_INVALID_MESSAGE, ERR_UNSUPPORTED
+from hil_protocol.wecom_robot import ERR_BAD_RESPONSE, ERR_INVALID_MESSAGE
 
 from ..choices import APPROVAL_OPTIONS, as_text
 from ..models import Session
 from ..store import StoreUnavailable
 from . import ChannelError, ChannelHealth, Inbox
+from .pace import PaceExceeded, Pacer
 
 logger = logging.getLogger(__name__)
 
@@ -72,8 +79,15 @@ WS_MAX_SIZE = 8 * 1024 * 1024
 CLOSE_TIMEOUT = 1.0
 # WeCom takes a welcome or a card update within 5 s of the callback it answers.
 REPLY_WINDOW = 5.0
-# button_interaction takes at most 6 buttons; more options are numbered lines in the markdown.
+# button_interaction takes at most 6 buttons; more options (and pick-several questions) get a vote_interaction card,
+# whose checkbox takes at most 20.
 CARD_MAX_BUTTONS = 6
+VOTE_MAX_OPTIONS = 20
+VOTE_QUESTION_KEY = "choice"
+VOTE_SUBMIT_KEY = "submit"
+# Media go up over the link in chunks of at most 512 KB (before base64), at most 100 chunks (the official SDKs).
+UPLOAD_CHUNK_BYTES = 512 * 1024
+UPLOAD_MAX_CHUNKS = 100
 # A question this short fits the card itself (its sub_title_text; WeCom suggests at most 112 characters).
 CARD_TEXT_CHARS = 112
 CALLBACK_WORKERS = 8
@@ -84,11 +98,8 @@ MEDIA_PER_MESSAGE = 9
 REDELIVER_FOR = 600.0
 MESSAGE_KINDS = frozenset({"text", "image", "mixed", "voice", "file"})
 
-IMAGES_UNSUPPORTED = (
-    "智能机器人通道不能发送图片：企业微信的智能机器人主动发消息只支持 markdown 和模板卡片，"
-    "本服务还不支持它的长连接素材上传。"
-    "问题没有发出；请去掉图片重新提问（把图片内容写成文字），或改用群机器人 webhook 通道（BOT_KEY）"
-)
+# ours: a question WeCom's pace would deliver only after its own deadline
+ERR_PACE = -7
 NO_CHAT = (
     "智能机器人需要知道发到哪个会话：请在请求中给出 chat_id（群聊的 chatid，或单聊对方的 userid；"
     "在企业微信里 @机器人 发任意消息可以看到），或设置 HIL_DEFAULT_CHAT_ID"
@@ -117,6 +128,13 @@ class AibotOptions:
     markdown_limit: int = 4096
     image_max_bytes: int = 5 * 1024 * 1024
     media_timeout: float = 15.0
+    # WeCom's pace for one bot (WECOM_AIBOT_MAX_PER_MINUTE / _PER_HOUR; 0 = no limit); the windows are knobs so
+    # tests can pace in milliseconds.
+    max_per_minute: int = 30
+    max_per_hour: int = 1000
+    minute_window: float = 60.0
+    hour_window: float = 3600.0
+    upload_timeout: float = 60.0  # one image's upload (init, chunks, finish)
 
 
 class _LinkLost(Exception):
@@ -390,6 +408,7 @@ class AibotChannel:
         sessions: Callable[[str], Awaitable[Session | None]] | None = None,
         on_attempt: Callable[[int], None] | None = None,
         link: AibotLink | None = None,
+        images: ImageFetcher | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -400,8 +419,18 @@ class AibotChannel:
         self._clock = clock
         self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=CALLBACK_QUEUE)
         self._callbacks: OrderedDict[str, tuple[str, float]] = OrderedDict()  # req_id -> kind, when
+        self._images = images or ImageFetcher()
+        o = options
+        self.pacer = Pacer([(o.max_per_minute, o.minute_window), (o.max_per_hour, o.hour_window)], clock=clock)
+        # One question at a time per chat: its parts, card and images stay together and in the order asked.
+        self._chat_locks: dict[str, asyncio.Lock] = {}
         self.dropped = 0
         self.failed = 0
+
+    @property
+    def queued(self) -> int:
+        """Frames waiting for WeCom's pace now (/status, /metrics)."""
+        return self.pacer.depth
 
     # --- the Channel protocol ----------------------------------------------------------------------------------
 
@@ -416,32 +445,100 @@ class AibotChannel:
         return ChannelHealth(ok=ok, reason=reason, fields={"aibot_connected": self.link.connected})
 
     async def send_question(self, question: Question) -> SendReceipt:
-        if question.images:
-            raise ChannelError(IMAGES_UNSUPPORTED, ERR_UNSUPPORTED)
         chat_id = question.chat_id
         if not chat_id:
             raise ChannelError(NO_CHAT)
-        buttons = question.card_id is not None and 1 <= len(question.options) <= CARD_MAX_BUTTONS
+        # Every image is loaded before anything is sent: a bad image fails the question before the chat sees it.
+        try:
+            images = await load_images(question.images, self._images) if question.images else []
+        except ImageError as exc:
+            raise ChannelError(f"图片无法发送：{exc}。问题没有发出") from exc
+        vote = question.card_id is not None and _takes_vote(question)
+        buttons = question.card_id is not None and not vote and 1 <= len(question.options) <= CARD_MAX_BUTTONS
+        # A vote card has no room for the question itself (no sub_title_text): its text always goes above.
+        card_only = buttons and len(question.message) <= CARD_TEXT_CHARS and not images
         parts: list[str] = []
-        if not (buttons and len(question.message) <= CARD_TEXT_CHARS):
-            body = as_text(question) if question.options and not buttons else _with_people(question)
-            limit = self.options.markdown_limit
-            parts = split_text(body, question.header, limit)
-        for part in parts:
-            await self._send(CMD_SEND, {"chatid": chat_id, "msgtype": "markdown", "markdown": {"content": part}})
-        if buttons:
-            card = question_card(
-                question.card_id or "",
-                question.header,
-                question.message,
-                question.options,
-                approvals=question.approvals_required,
-                allow_text=question.allow_text,
-                responders=question.responders,
-                text_above=bool(parts),
-            )
-            await self._send(CMD_SEND, {"chatid": chat_id, "msgtype": "template_card", "template_card": card})
-        return SendReceipt(parts=len(parts) + int(buttons))
+        if not card_only:
+            body = as_text(question) if question.options and not (buttons or vote) else _with_people(question)
+            if images:
+                body = f"{body.rstrip()}\n\n（附图 {len(images)} 张，见下方）"
+            parts = split_text(body, question.header, self.options.markdown_limit)
+        deadline = self._deadline(question)
+        # Uploaded before anything is sent (a media_id lasts 3 days): a failed upload leaves nothing in the chat.
+        name = question.short_id or "image"
+        media_ids = [await self._upload_image(data, f"{name}-{i}") for i, data in enumerate(images, start=1)]
+        lock = self._chat_locks.setdefault(chat_id, asyncio.Lock())
+        async with lock:
+            for part in parts:
+                markdown = {"chatid": chat_id, "msgtype": "markdown", "markdown": {"content": part}}
+                await self._send(CMD_SEND, markdown, deadline=deadline)
+            for media_id in media_ids:
+                image = {"chatid": chat_id, "msgtype": "image", "image": {"media_id": media_id}}
+                await self._send(CMD_SEND, image, deadline=deadline)
+            if buttons or vote:
+                card = (vote_card if vote else question_card)(
+                    question.card_id or "",
+                    question.header,
+                    question.message,
+                    question.options,
+                    approvals=question.approvals_required,
+                    allow_text=question.allow_text,
+                    responders=question.responders,
+                    text_above=bool(parts),
+                    **({"multi": question.multi_select} if vote else {}),
+                )
+                body = {"chatid": chat_id, "msgtype": "template_card", "template_card": card}
+                await self._send(CMD_SEND, body, deadline=deadline)
+        if len(self._chat_locks) > 1000:
+            self._prune_locks()
+        return SendReceipt(parts=len(parts) + int(buttons or vote), images=len(images))
+
+    def _prune_locks(self) -> None:
+        for chat, lock in list(self._chat_locks.items()):
+            if not lock.locked():
+                del self._chat_locks[chat]
+
+    def _deadline(self, question: Question) -> float | None:
+        """The question's deadline on the pacer's clock: a question that cannot go out before it fails."""
+        if question.expires_at is None:
+            return None
+        return self._clock() + (question.expires_at - time.time())
+
+    async def _upload_image(self, data: bytes, name: str) -> str:
+        """Upload an image over the link (init, chunks, finish) -> its media_id (valid 3 days, this bot only)."""
+        chunks = [data[i : i + UPLOAD_CHUNK_BYTES] for i in range(0, len(data), UPLOAD_CHUNK_BYTES)]
+        if len(chunks) > UPLOAD_MAX_CHUNKS:
+            raise ChannelError(f"图片太大：超过 {UPLOAD_MAX_CHUNKS} 个 512 KB 分片，企业微信不接受")
+        filename = f"{name}.{image_kind(data) or 'png'}"
+        try:
+            async with asyncio.timeout(self.options.upload_timeout):
+                init = await self.link.request(
+                    CMD_UPLOAD_INIT,
+                    {
+                        "type": "image",
+                        "filename": filename,
+                        "total_size": len(data),
+                        "total_chunks": len(chunks),
+                        "md5": hashlib.md5(data).hexdigest(),
+                    },
+                )
+                upload_id = _answer_field(init, "upload_id")
+                for index, chunk in enumerate(chunks):
+                    body = {
+                        "upload_id": upload_id,
+                        "chunk_index": index,
+                        "base64_data": base64.b64encode(chunk).decode(),
+                    }
+                    await self.link.request(CMD_UPLOAD_CHUNK, body)
+                finish = await self.link.request(CMD_UPLOAD_FINISH, {"upload_id": upload_id})
+                return _answer_field(finish, "media_id")
+        except AibotError as exc:
+            self._on_attempt(exc.errcode)
+            raise ChannelError(f"图片上传失败：{exc}", exc.errcode) from exc
+        except TimeoutError:
+            raise ChannelError(
+                f"图片上传超时（{self.options.upload_timeout:.3g} 秒内没有完成），问题的图片没有发出", ERR_NO_LINK
+            ) from None
 
     async def send_notice(self, notice: Notice) -> None:
         text = truncate_bytes(notice.text, self.options.markdown_limit)
@@ -449,15 +546,15 @@ class AibotChannel:
         try:
             if kind == EVENT_ENTER_CHAT and self._clock() - at < REPLY_WINDOW:
                 welcome = {"msgtype": "text", "text": {"content": plain_text(text)}}
-                await self._request(CMD_WELCOME, welcome, req_id=notice.reply_to)
+                await self._send(CMD_WELCOME, welcome, req_id=notice.reply_to)
                 return
             if kind in MESSAGE_KINDS:
                 stream = {"id": uuid.uuid4().hex, "finish": True, "content": text}
-                await self._request(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
+                await self._send(CMD_RESPOND, {"msgtype": "stream", "stream": stream}, req_id=notice.reply_to)
                 return
-        except AibotError as exc:
+        except ChannelError as exc:
             if exc.errcode not in (ERR_INVALID_REQ_ID, ERR_STREAM_EXPIRED):
-                raise ChannelError(str(exc), exc.errcode) from exc
+                raise
             # Too late to answer the callback itself: say it in the chat instead.
             logger.info("aibot reply to req_id=%s refused (%s); sending it to the chat", notice.reply_to, exc.errcode)
         if not notice.chat_id:
@@ -467,7 +564,14 @@ class AibotChannel:
     async def update_card(self, update: CardUpdate) -> None:
         session = await self._sessions(update.card_id)
         if session is not None and session.status in ("sending", "waiting") and session.options:
-            card = question_card(
+            shown = Question(
+                message=session.message,
+                options=tuple(session.options),
+                approvals_required=session.approvals_required,
+                multi_select=session.multi_select,
+            )
+            render = vote_card if _takes_vote(shown) else question_card
+            card = render(
                 update.card_id,
                 update.title,
                 session.message,
@@ -476,26 +580,42 @@ class AibotChannel:
                 allow_text=session.allow_text,
                 responders=tuple(session.responders),
                 status=update.text,
+                **({"multi": session.multi_select} if render is vote_card else {}),
             )
         else:
             card = closed_card(update.card_id, update.title, update.text, session.message if session else "")
         body = {"response_type": "update_template_card", "template_card": card}
-        await self._send(CMD_UPDATE, body, req_id=update.reply_to)
+        # Past WeCom's window the update would be refused anyway: better said here than queued in vain.
+        await self._send(CMD_UPDATE, body, req_id=update.reply_to, urgent=True, deadline=self._clock() + REPLY_WINDOW)
 
     # --- sending -----------------------------------------------------------------------------------------------
 
-    async def _send(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
+    async def _send(
+        self,
+        cmd: str,
+        body: dict[str, Any],
+        *,
+        req_id: str | None = None,
+        urgent: bool = False,
+        deadline: float | None = None,
+    ) -> None:
+        """One message frame, in its turn within WeCom's pace (answers to a callback are urgent: 5 s windows).
+        WeCom's refusal is a ChannelError carrying its errcode."""
         try:
-            await self._request(cmd, body, req_id=req_id)
-        except AibotError as exc:
-            raise ChannelError(str(exc), exc.errcode) from exc
-
-    async def _request(self, cmd: str, body: dict[str, Any], *, req_id: str | None = None) -> None:
+            await self.pacer.slot(urgent=urgent or req_id is not None, deadline=deadline)
+        except PaceExceeded as exc:
+            raise ChannelError(
+                f"企业微信限制智能机器人每分钟 {self.options.max_per_minute} 条、"
+                f"每小时 {self.options.max_per_hour} 条消息，排队的消息太多："
+                f"这个问题要再等约 {exc.wait:.0f} 秒才能发出，已超过它的等待时限，没有发出。"
+                "请稍后再问，或给问题更长的 timeout",
+                ERR_PACE,
+            ) from exc
         try:
             await self.link.request(cmd, body, req_id=req_id)
         except AibotError as exc:
             self._on_attempt(exc.errcode)
-            raise
+            raise ChannelError(str(exc), exc.errcode) from exc
         self._on_attempt(0)
 
     # --- receiving ---------------------------------------------------------------------------------------------
@@ -586,6 +706,23 @@ class AibotChannel:
             delay = min(delay * 2, 5.0)
 
 
+def _answer_field(answer: Frame, name: str) -> str:
+    """A field of WeCom's answer body (upload_id, media_id); an answer without it is an unreadable answer."""
+    body = answer.body if isinstance(answer.body, dict) else {}
+    value = body.get(name)
+    if not isinstance(value, str) or not value:
+        raise AibotError(ERR_BAD_RESPONSE, f"企业微信的上传应答里没有 {name}")
+    return value
+
+
+def _takes_vote(question: Question) -> bool:
+    """A vote_interaction card: pick-several questions, and single picks with more options than buttons fit."""
+    count = len(question.options)
+    if not 1 <= count <= VOTE_MAX_OPTIONS or question.approvals_required:
+        return False
+    return question.multi_select or count > CARD_MAX_BUTTONS
+
+
 # --- rendering --------------------------------------------------------------------------------------------------------
 
 
@@ -634,6 +771,43 @@ def question_card(
             {"text": label, "style": 2 if approvals and label == APPROVAL_OPTIONS[1] else 1, "key": str(index)}
             for index, label in enumerate(options)
         ],
+    }
+    if responders:
+        card["horizontal_content_list"] = [{"keyname": "可回答", "value": "、".join(responders)}]
+    return card
+
+
+def vote_card(
+    task_id: str,
+    header: str,
+    message: str,
+    options: tuple[str, ...],
+    *,
+    multi: bool = False,
+    approvals: int = 0,
+    allow_text: bool = True,
+    responders: tuple[str, ...] = (),
+    status: str | None = None,
+    text_above: bool = True,
+) -> dict[str, Any]:
+    """A `vote_interaction` card: a checkbox of the options (id = the option's index; mode 1 picks several, 0 one)
+    and a submit button. The question's text is the markdown above it; the title is its header, as on every card."""
+    if multi:
+        how = "可多选，勾选后点「提交」"
+    else:
+        how = "请选择一项后点「提交」"
+    if allow_text:
+        how += "；也可以引用回复文字"
+    card: dict[str, Any] = {
+        "card_type": "vote_interaction",
+        "main_title": {"title": header, "desc": status or how},
+        "task_id": task_id,
+        "checkbox": {
+            "question_key": VOTE_QUESTION_KEY,
+            "mode": 1 if multi else 0,
+            "option_list": [{"id": str(index), "text": label} for index, label in enumerate(options)],
+        },
+        "submit_button": {"text": "提交", "key": VOTE_SUBMIT_KEY},
     }
     if responders:
         card["horizontal_content_list"] = [{"keyname": "可回答", "value": "、".join(responders)}]
