@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import os
 import pwd
 import shutil
@@ -180,10 +181,18 @@ def _test_backend(request: pytest.FixtureRequest) -> Iterator[None]:
         os.environ.pop(MAINTENANCE_URL_ENV, None)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 async def _close_test_repositories() -> AsyncIterator[None]:
     """Close the repositories unit tests opened (tests/service_helpers.py): on PostgreSQL each holds connections."""
     from tests import service_helpers
 
     yield
     await service_helpers.close_opened()
+
+
+@pytest.fixture(autouse=True)
+def _close_repositories_of_async_tests(request: pytest.FixtureRequest) -> None:
+    # Only coroutine tests open them (service_helpers is async); a sync test may run its own loop in this thread
+    # (Playwright's sync API), where an async fixture cannot run.
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("_close_test_repositories")
