@@ -21,12 +21,11 @@ from hil_protocol.http_errors import error_response
 from hil_protocol.images import IMAGE_MAX_BYTES, ImageError, check_image, to_data_url
 
 from . import __version__, errors
-from .audit import json_lines, parse_since
+from .audit import AUDIT_LIMIT_MAX, json_lines, parse_since
 from .auth import can_see, grant_of
 from .errors import InvalidRequest
 from .models import PollResponse, SendRequest, SendResponse, Session, is_session_ref
 from .state import ServerState, server_state
-from .store import AUDIT_LIMIT_MAX
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +40,8 @@ def health(state: ServerState) -> tuple[int, dict[str, Any]]:
     """Whether this server can do its job now: 200 healthy, or 503 degraded with the reason."""
     channel = state["channel"].health()
     problems = [] if channel.ok else [channel.reason or f"the {state['channel'].name} channel is down"]
-    if state["service"].store.broken is not None:
-        problems.append(state["service"].store.broken)
+    if state["service"].broken is not None:
+        problems.append(state["service"].broken)
     problems += state["supervisor"].problems()
     problems += state["mcp"].problems()
     body: dict[str, Any] = {
@@ -78,9 +77,9 @@ async def send(body: SendRequest, request: Request) -> SendResponse:
     return await state["service"].send(body, owner=grant.owner if grant else None)
 
 
-def visible_session(request: Request, ref: str) -> Session | None:
+async def visible_session(request: Request, ref: str) -> Session | None:
     """The session `ref` names, if it exists and the caller may see it (another token's question: None)."""
-    session = server_state(request)["service"].store.find(ref)
+    session = await server_state(request)["service"].find(ref)
     if session is None or not can_see(grant_of(request), session):
         return None
     return session
@@ -106,7 +105,7 @@ async def poll_response(request: Request, session_id: str, raw_wait: str | None)
         if not is_session_ref(session_id):
             result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message=NOT_AN_ID)
             return Response(result.model_dump_json(), status_code=404, media_type="application/json")
-        session = visible_session(request, session_id)
+        session = await visible_session(request, session_id)
         if session is None:
             result = PollResponse(session_id=session_id, status="not_found", has_reply=False, message=NOT_FOUND)
         else:
@@ -170,7 +169,7 @@ async def newest_open_session(request: Request, chat_id: str | None = None, proj
     409 with the list, so the agent asks for an id)."""
     grant = grant_of(request)
     lane = {"chat_id": chat_id, "project_name": project_name, "any_chat": chat_id is None and project_name is None}
-    found = server_state(request)["service"].open_questions(grant.owner if grant else None, **lane)
+    found = await server_state(request)["service"].open_questions(grant.owner if grant else None, **lane)
     if not found:
         return error_response(404, "no open question for this API token")
     if len(found) > 1:
@@ -184,7 +183,7 @@ async def newest_open_session(request: Request, chat_id: str | None = None, proj
 async def session_timeout(session_id: SessionId, request: Request) -> dict[str, Any]:
     if not is_session_ref(session_id):
         raise HTTPException(404, NOT_AN_ID)
-    session = visible_session(request, session_id)
+    session = await visible_session(request, session_id)
     if session is None:
         return {"success": False, "message": NOT_FOUND}
     await server_state(request)["service"].mark_timeout(session)
@@ -226,7 +225,7 @@ async def audit_export(
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from exc
     grant = grant_of(request)
-    rows = await server_state(request)["service"].store.audit_rows(
+    rows = await server_state(request)["service"].audit_rows(
         since=start, chat_id=chat_id, owner=grant.owner if grant else None, limit=limit
     )
     return Response(json_lines(rows), media_type="application/x-ndjson")

@@ -29,7 +29,7 @@ from .events import RecentEvents
 from .metrics import Metrics, RequestTimer
 from .service import HilService
 from .state import ServerState, server_state
-from .store import STORE_FILE, SessionStore, SqlitePersistence, StoreUnavailable
+from .store import StoreUnavailable, open_server_store
 
 logger = logging.getLogger("hil_server")
 
@@ -61,10 +61,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_op
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[ServerState]:
-        persistence = None
-        if settings.hil_store == "sqlite":
-            persistence = await SqlitePersistence.open(settings.hil_data_dir / STORE_FILE)
-        store = await SessionStore.open(persistence)
+        store = await open_server_store(settings)
         hub = WorkerHub(
             grace=settings.worker_grace,
             request_timeout=settings.relay_request_timeout,
@@ -78,7 +75,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_op
                     aibot = AibotChannel(
                         aibot_options,
                         http,
-                        sessions=store.get,
+                        sessions=store.get_question,
                         on_attempt=meters.wecom_attempt,
                         images=ImageFetcher(allow_private=settings.hil_image_allow_private),
                     )
@@ -93,8 +90,9 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_op
                         heartbeat_timeout=settings.heartbeat_timeout,
                     )
                 service = HilService(
-                    store,
+                    store.repo,
                     channel,
+                    notifier=store.notifier,
                     metrics=meters,
                     events=RecentEvents(),
                     default_timeout=settings.hil_default_timeout,
@@ -104,7 +102,7 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_op
                     default_responders=settings.default_responders,
                     audit_retention=settings.hil_audit_retention,
                 )
-                meters.bind(store)
+                meters.bind(service)
                 await service.resolve_interrupted()
                 await service.sweep()  # time out what expired while we were down
                 if warn_open:
@@ -112,20 +110,19 @@ def create_app(settings: ServerSettings, *, poll_fast_path: bool = True, warn_op
                 if aibot_options is not None and secret_value(settings.bot_key):
                     logger.warning("BOT_KEY is set but the AI bot is the channel (WECOM_AIBOT_ID): BOT_KEY is unused")
                 logger.info(
-                    "hil-server %s mode=%s channel=%s store=%s sessions=%d waiting=%d",
+                    "hil-server %s mode=%s channel=%s store=%s waiting=%d",
                     __version__,
                     mode,
                     channel.name,
-                    settings.hil_store,
-                    len(store),
-                    len(store.waiting()),
+                    store.name,
+                    service.waiting_count,
                 )
                 async with asyncio.TaskGroup() as tasks, mcp.run(service):
                     supervisor.start(tasks, "notices", service.run_notices)
                     supervisor.start(tasks, "sweeper", lambda: service.run_sweeper(settings.hil_sweep_interval))
                     supervisor.start(tasks, f"channel-{channel.name}", lambda: channel.run(service.handle_message))
                     supervisor.start(
-                        tasks, "store-recovery", lambda: store.run_recovery(settings.hil_store_retry_interval)
+                        tasks, "store-recovery", lambda: service.run_recovery(settings.hil_store_retry_interval)
                     )
                     try:
                         yield {

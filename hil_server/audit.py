@@ -4,10 +4,11 @@ One `AuditEvent` per step: a question asked (by which token, to which chat, with
 click taken (who, when, via), the decision, refused attempts (not a responder, another chat, a reply that decided
 nothing), timeouts, the agent giving up (cancelled), failed sends and questions a restart interrupted.
 
-Rows are written by the store (`SessionStore.save(..., audit=...)`) in the same transaction as the session change
-they record, so nothing acknowledged lacks its row; reading and purging are store operations too (`audit_rows`,
-`purge_audit`), so the trail moves with the store. Rows carry the question's `owner` (the API token's name):
-`GET /api/audit` shows a token only its own rows, as `/api/poll` shows it only its own questions.
+Rows are written by the repository (`audit=` of each operation, as `to_item()` rows) in the same transaction as the
+question change they record, so nothing acknowledged lacks its row; reading and purging are repository operations
+too (`HilService.audit_rows`, the sweeper's purge), so the trail moves with the store. Rows carry the question's
+`owner` (the API token's name): `GET /api/audit` shows a token only its own rows, as `/api/poll` shows it only its
+own questions.
 
 `RecentEvents` (/status) stays separate on purpose: it is a bounded, in-memory view for people watching the
 service, worded for them; this is the durable record, written at the same call sites.
@@ -24,6 +25,10 @@ from pydantic import BaseModel, Field, computed_field
 from hil_protocol.callback import IncomingMessage
 
 from .models import Session
+from .repository.base import AuditItem, AuditRow
+
+# rows one audit query returns at most
+AUDIT_LIMIT_MAX = 100_000
 
 AuditKind = Literal[
     "asked",  # a question was stored and is being sent
@@ -111,6 +116,36 @@ def person_event(kind: AuditKind, session: Session, msg: IncomingMessage, at: fl
     )
 
 
+def to_item(event: AuditEvent) -> AuditItem:
+    """The repository's row for an event (`at` is the operation's time, given with it)."""
+    data = {"name": event.name, "via": event.via, "detail": event.detail}
+    return AuditItem(
+        kind=event.kind,
+        question_id=event.session_id,
+        short_id=event.short_id,
+        chat_id=event.chat_id,
+        owner=event.owner,
+        actor=event.userid,
+        data={k: v for k, v in data.items() if v is not None},
+    )
+
+
+def from_row(row: AuditRow) -> AuditEvent:
+    return AuditEvent(
+        seq=row.id,
+        at=row.at,
+        kind=row.kind,  # type: ignore[arg-type]
+        session_id=row.question_id,
+        short_id=row.short_id,
+        owner=row.owner,
+        chat_id=row.chat_id,
+        userid=row.actor,
+        name=row.data.get("name"),
+        via=row.data.get("via"),
+        detail=row.data.get("detail") or {},
+    )
+
+
 def parse_since(raw: str | None) -> float | None:
     """`since` as the API and the CLI take it: seconds since the epoch, or an ISO 8601 date/time (UTC when it names
     no zone). Raises ValueError with a sentence for anything else."""
@@ -137,4 +172,15 @@ def json_lines(events: list[AuditEvent]) -> str:
     return "".join(event.model_dump_json() + "\n" for event in events)
 
 
-__all__ = ["AuditEvent", "AuditKind", "asked", "json_lines", "parse_since", "person_event", "question_event"]
+__all__ = [
+    "AUDIT_LIMIT_MAX",
+    "AuditEvent",
+    "AuditKind",
+    "asked",
+    "from_row",
+    "json_lines",
+    "parse_since",
+    "person_event",
+    "question_event",
+    "to_item",
+]

@@ -23,6 +23,9 @@ class ServerSettings(RobotSettings):
     heartbeat_interval: float = Field(default=30.0, gt=0)
     heartbeat_timeout: float = Field(default=90.0, gt=0)
     hil_store: Literal["sqlite", "memory"] = "sqlite"
+    # postgresql://user:password@host:port/dbname: the store is this PostgreSQL database (unset: SQLite in
+    # HIL_DATA_DIR, or memory with HIL_STORE=memory)
+    hil_database_url: SecretStr | None = None
     hil_api_tokens: SecretStr | None = None
     # seconds a send waits for a worker to (re)connect in relay mode before failing
     worker_grace: float = Field(default=10.0, ge=0)

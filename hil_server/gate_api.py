@@ -87,7 +87,7 @@ def create_router(allowances: Allowances | None = None) -> APIRouter:
     @router.post("/api/gate/allow")
     async def grant_allowance(body: GrantRequest, request: Request) -> dict[str, Any]:
         """Remember 本会话都允许 for the agent's session, from the question a person answered with it."""
-        question = visible_session(request, body.question) if is_session_ref(body.question) else None
+        question = await visible_session(request, body.question) if is_session_ref(body.question) else None
         if question is None:
             raise InvalidRequest("question: no such question for this API token")
         chose = next((r.choice for r in question.replies if r.choice is not None and r.matched_by != "late"), None)

@@ -24,7 +24,7 @@ group chat of the robot and to no single chat.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Protocol
 
 from hil_protocol.callback import IncomingMessage
 from hil_protocol.outbound import Notice
@@ -32,7 +32,6 @@ from hil_protocol.outbound import Notice
 from . import hints
 from .choices import Pick, Unclear, read_reply, read_several
 from .models import Session
-from .store import SessionStore
 
 Outcome = Literal[
     "matched_quote",
@@ -54,6 +53,18 @@ Outcome = Literal[
 MatchedBy = Literal["quote", "only_waiting", "late", "button"]
 
 
+class MatchReads(Protocol):
+    """What `decide()` reads: the service reads it from the repository before (`service.MatchView`)."""
+
+    def seen_msgid(self, msgid: str) -> bool: ...
+
+    def get(self, session_id: str) -> Session | None: ...
+
+    def get_by_short_id(self, short_id: str) -> Session | None: ...
+
+    def waiting_in_chat(self, chat_id: str) -> list[Session]: ...
+
+
 @dataclass(frozen=True)
 class Decision:
     outcome: Outcome
@@ -72,7 +83,7 @@ def in_conversation(session: Session, msg: IncomingMessage) -> bool:
     return session.chat_id == msg.chat_id
 
 
-def decide(msg: IncomingMessage, store: SessionStore) -> Decision:
+def decide(msg: IncomingMessage, store: MatchReads) -> Decision:
     if msg.msgid and store.seen_msgid(msg.msgid):
         return Decision("duplicate")
     if msg.card is not None:
@@ -102,7 +113,7 @@ def decide(msg: IncomingMessage, store: SessionStore) -> Decision:
     return Decision("hint_chat_id", notice=_notice(msg, hints.chat_id_hint(msg.chat_id, msg.chat_type), "chat_id"))
 
 
-def _click(msg: IncomingMessage, store: SessionStore) -> Decision:
+def _click(msg: IncomingMessage, store: MatchReads) -> Decision:
     assert msg.card is not None
     session = store.get(msg.card.task_id)
     if session is None or not in_conversation(session, msg):

@@ -80,9 +80,9 @@ class ServiceBackend:
         self.owner = grant.owner if grant else None
         self.lane = lane or Lane(None, None, None)
 
-    def _visible(self, ref: str) -> Session | None:
+    async def _visible(self, ref: str) -> Session | None:
         # The one visibility rule: another token's question does not exist for this caller.
-        session = self.service.store.find(ref)
+        session = await self.service.find(ref)
         return session if session is not None and can_see(self.grant, session) else None
 
     async def send(self, outgoing: Outgoing) -> Sent:
@@ -101,13 +101,13 @@ class ServiceBackend:
         return Sent.model_validate(sent.model_dump())
 
     async def poll(self, ref: str, wait: float) -> Polled:
-        session = self._visible(ref)
+        session = await self._visible(ref)
         if session is None:
             return Polled(session_id=ref, status="not_found", message=NOT_FOUND)
         return Polled.model_validate((await self.service.poll(session, wait)).model_dump())
 
     async def mark_timeout(self, ref: str) -> None:
-        session = self._visible(ref)
+        session = await self._visible(ref)
         if session is not None:
             await self.service.mark_timeout(session)
 
@@ -117,7 +117,7 @@ class ServiceBackend:
 
     async def open_questions(self) -> list[QuestionRef]:
         lane = self.lane
-        found = self.service.open_questions(
+        found = await self.service.open_questions(
             self.owner, mcp_session=lane.mcp_session, chat_id=lane.chat_id, project_name=lane.project_name
         )
         return [

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -18,7 +19,9 @@ from hil_protocol.metrics import CONTENT_TYPE, AppMetrics
 
 from .matching import MatchedBy, Outcome
 from .state import server_state
-from .store import SessionStore
+
+if TYPE_CHECKING:
+    from .service import HilService
 
 METRICS_PATH = "/metrics"
 # Long polls hold a request for up to 60 s, so the buckets reach that far.
@@ -65,9 +68,9 @@ class Metrics(AppMetrics):
         """The AI bot's queue depth, read at scrape time."""
         self.send_queue.set_function(depth)
 
-    def bind(self, store: SessionStore) -> None:
-        """Attach to one lifespan's store."""
-        self.waiting.set_function(lambda: len(store.waiting()))  # computed at scrape time
+    def bind(self, service: HilService) -> None:
+        """Attach to one lifespan's service."""
+        self.waiting.set_function(lambda: service.waiting_count)  # counted when scraped
 
     def callback(self, outcome: Outcome, matched_by: MatchedBy | None) -> None:
         self.callbacks.labels(outcome).inc()
@@ -149,7 +152,9 @@ router = APIRouter()
 @router.get(METRICS_PATH, include_in_schema=False)
 async def metrics_endpoint(request: Request) -> Response:
     """Prometheus text format. Needs an API token (any valid one) when HIL_API_TOKENS is set (AuthMiddleware)."""
-    return Response(server_state(request)["metrics"].render(), media_type=CONTENT_TYPE)
+    state = server_state(request)
+    await state["service"].count_waiting()  # the gauge is read at scrape time, from the repository
+    return Response(state["metrics"].render(), media_type=CONTENT_TYPE)
 
 
 __all__ = ["Metrics", "RequestTimer", "route_template", "router"]

@@ -25,15 +25,15 @@ router = APIRouter()
 PREVIEW_CHARS = 40
 
 
-def status_data(request: Request) -> dict[str, Any]:
+async def status_data(request: Request) -> dict[str, Any]:
     state = server_state(request)
     grant = grant_of(request)
     service = state["service"]
     now = time.time()
-    waiting = sorted((s for s in service.store.waiting() if can_see(grant, s)), key=lambda s: s.created_at)
+    waiting = [s for s in await service.waiting() if can_see(grant, s)]
     recent = []
     for event in service.events:
-        session = service.store.get(event.session_id)
+        session = await service.get(event.session_id)
         if grant is not None and (session is None or not can_see(grant, session)):
             continue
         recent.append(
@@ -111,12 +111,12 @@ def callback_auth(state: ServerState) -> str:
 
 @router.get("/status.json", include_in_schema=False)
 async def status_json(request: Request) -> dict[str, Any]:
-    return status_data(request)
+    return await status_data(request)
 
 
 @router.get("/status", include_in_schema=False)
 async def status_page(request: Request) -> HTMLResponse:
-    return HTMLResponse(render_html(status_data(request)))
+    return HTMLResponse(render_html(await status_data(request)))
 
 
 # --- HTML -----------------------------------------------------------------------------------------------------

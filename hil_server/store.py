@@ -1,4 +1,12 @@
-"""Where sessions live.
+"""Where sessions live: `open_server_store()` opens the server's store (the repository, `repository/`, with its
+notifier), upgrading a data directory the old store wrote.
+
+The rest of this module is the old store, kept to read (and upgrade) what it wrote: the file `hil-server.sqlite3`
+(schema v1 or v2: whole-session JSON rows, msgids, audit). At the first start on such a directory its content is
+copied into the repository (`hil.db`) in one transaction and the old file is renamed `hil-server.sqlite3.migrated`
+(kept as a backup); a start that died in between finds the repository filled and only renames.
+
+The old store:
 
 `SessionStore` keeps the working set in memory (every read is a dict lookup, so matching never waits on disk) and
 hands each change to a `Persistence`, awaiting it: when `save()` returns, the change is durable. Mutations of the
@@ -21,9 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import logging
 import queue
+import shutil
 import sqlite3
+import tempfile
 import threading
 import time
 from collections import deque
@@ -31,22 +42,29 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, Protocol
 
-from .audit import AuditEvent
+from hil_protocol.settings import secret_value
+
+from .audit import AUDIT_LIMIT_MAX, AuditEvent, to_item
+from .config import ServerSettings
 from .models import Session
+from .notifier import Notifier
+from .repository import Repository, is_postgres_url, open_with_notifier
+from .repository.base import answer_data, question_row
+from .repository.errors import RepositoryUnavailable
 
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 2
-# the SQLite store's file in HIL_DATA_DIR
+# the old store's file in HIL_DATA_DIR (read once, to upgrade)
 STORE_FILE = "hil-server.sqlite3"
-# rows one audit query returns at most, and the rows a store without persistence (HIL_STORE=memory) keeps
-AUDIT_LIMIT_MAX = 100_000
+# the repository's file in HIL_DATA_DIR (SQLite)
+REPOSITORY_FILE = "hil.db"
 
 Snapshot = tuple[list[Session], dict[str, float]]
 
 
-class StoreUnavailable(Exception):
-    """The store cannot make changes durable now; `str()` says why."""
+# The store cannot make changes durable now; `str()` says why (one exception for both stores).
+StoreUnavailable = RepositoryUnavailable
 
 
 class Persistence(Protocol):
@@ -541,3 +559,121 @@ def _settle(future: asyncio.Future[Any], result: Any, error: Exception | None) -
         future.set_result(result)
     else:
         future.set_exception(error)
+
+
+# --- the server's store ----------------------------------------------------------------------------------------
+
+
+class ServerStore:
+    """The repository and notifier one lifespan opens; `close()` closes both (and removes a memory store's file)."""
+
+    def __init__(self, repo: Repository, notifier: Notifier, name: str, scratch: Path | None = None) -> None:
+        self.repo = repo
+        self.notifier = notifier
+        self.name = name
+        self._scratch = scratch
+
+    async def get_question(self, session_id: str) -> Session | None:
+        return await self.repo.get(session_id)
+
+    async def close(self) -> None:
+        await self.notifier.close()
+        await self.repo.close()
+        if self._scratch is not None:
+            await asyncio.to_thread(shutil.rmtree, self._scratch, True)
+
+
+async def open_server_store(settings: ServerSettings) -> ServerStore:
+    """PostgreSQL with HIL_DATABASE_URL; else SQLite in HIL_DATA_DIR (upgrading the old store's file there), or a
+    scratch SQLite file with HIL_STORE=memory (nothing kept after the process)."""
+    url = secret_value(settings.hil_database_url)
+    if url:
+        if not is_postgres_url(url):
+            raise ValueError("HIL_DATABASE_URL: give postgresql://user:password@host:port/dbname")
+        repo, notifier = await open_with_notifier(url)
+        return ServerStore(repo, notifier, "postgresql")
+    if settings.hil_store == "memory":
+        scratch = Path(tempfile.mkdtemp(prefix="hil-memory-store-"))
+        repo, notifier = await open_with_notifier(str(scratch / REPOSITORY_FILE))
+        return ServerStore(repo, notifier, "memory", scratch)
+    data_dir = Path(settings.hil_data_dir)
+    repo, notifier = await open_with_notifier(str(data_dir / REPOSITORY_FILE))
+    try:
+        await upgrade_old_store(data_dir / STORE_FILE, repo)
+    except BaseException:
+        await notifier.close()
+        await repo.close()
+        raise
+    return ServerStore(repo, notifier, "sqlite")
+
+
+async def upgrade_old_store(path: Path, repo: Repository) -> dict[str, int] | None:
+    """Copy the old store at `path` (schema v1 or v2) into an empty repository, then rename it `*.migrated`.
+    None when there is no old store."""
+    if not await asyncio.to_thread(path.is_file):
+        return None
+    counts = await repo.table_counts()  # type: ignore[attr-defined]
+    copied = None
+    if not any(counts.values()):
+        old = await SqlitePersistence.open(path)  # upgrades v1 to v2 first (the audit table)
+        try:
+            sessions, msgids = await old.load()
+            events = await old.audit_rows(None, None, None, 1_000_000_000)
+        finally:
+            await old.close()
+        copied = await repo.import_tables(old_store_tables(sessions, msgids, events))  # type: ignore[attr-defined]
+        logger.warning("copied the old store %s into the repository: %s", path, copied)
+    moved = path.with_name(path.name + ".migrated")
+    for suffix in ("", "-wal", "-shm"):
+        part = path.with_name(path.name + suffix)
+        if part.exists():
+            part.rename(moved.with_name(moved.name + suffix))
+    logger.warning("the old store is kept as %s (a backup; remove it when you no longer need it)", moved)
+    return copied
+
+
+def old_store_tables(
+    sessions: list[Session], msgids: dict[str, float], events: list[AuditEvent]
+) -> dict[str, list[dict[str, Any]]]:
+    """The repository's rows for what the old store held."""
+    questions, answers = [], []
+    open_short_ids: set[str] = set()
+    for session in sorted(sessions, key=lambda s: s.created_at, reverse=True):
+        row = question_row(session)
+        if row["status"] in ("sending", "waiting"):
+            if row["short_id"] in open_short_ids:  # two open questions cannot share a short id any more
+                row["status"], row["closed_at"], row["error"] = "failed", session.created_at, "duplicate short id"
+            open_short_ids.add(row["short_id"])
+        questions.append(row)
+        for reply in session.replies:
+            answers.append(
+                {"question_id": session.session_id, "kind": "reply", "msgid": reply.msgid, "at": reply.timestamp}
+                | {"data": answer_data(reply)}
+            )
+        for refused in session.refused:
+            answers.append(
+                {"question_id": session.session_id, "kind": "refused", "msgid": None, "at": refused.at}
+                | {"data": answer_data(refused)}
+            )
+    audit = []
+    for event in events:
+        item = to_item(event)
+        audit.append(
+            {
+                "id": event.seq,
+                "at": event.at,
+                "kind": item.kind,
+                "question_id": item.question_id,
+                "short_id": item.short_id,
+                "chat_id": item.chat_id,
+                "owner": item.owner,
+                "actor": item.actor,
+                "data": json.dumps(dict(item.data), ensure_ascii=False),
+            }
+        )
+    return {
+        "questions": questions[::-1],
+        "answers": answers,
+        "seen_msgids": [{"msgid": m, "seen_at": at} for m, at in msgids.items()],
+        "audit": audit,
+    }

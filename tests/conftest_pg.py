@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import inspect
 import os
 import pwd
 import shutil
 import subprocess
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -21,6 +22,7 @@ from urllib.parse import quote
 import pytest
 
 from tests.helpers import free_port
+from tests.pg_backend import MAINTENANCE_URL_ENV, on_postgres
 
 PG_START_TIMEOUT = 60
 
@@ -161,3 +163,36 @@ def pg_url(pg_server: PgServer) -> Iterator[str]:
     finally:
         with contextlib.suppress(psycopg.OperationalError), psycopg.connect(pg_server.url, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+# --- the whole server on PostgreSQL: HIL_TEST_BACKEND=postgres (tests/pg_backend.py) --------------------------
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _test_backend(request: pytest.FixtureRequest) -> Iterator[None]:
+    if not on_postgres():
+        yield
+        return
+    server: PgServer = request.getfixturevalue("pg_server")
+    os.environ[MAINTENANCE_URL_ENV] = server.url
+    try:
+        yield
+    finally:
+        os.environ.pop(MAINTENANCE_URL_ENV, None)
+
+
+@pytest.fixture
+async def _close_test_repositories() -> AsyncIterator[None]:
+    """Close the repositories unit tests opened (tests/service_helpers.py): on PostgreSQL each holds connections."""
+    from tests import service_helpers
+
+    yield
+    await service_helpers.close_opened()
+
+
+@pytest.fixture(autouse=True)
+def _close_repositories_of_async_tests(request: pytest.FixtureRequest) -> None:
+    # Only coroutine tests open them (service_helpers is async); a sync test may run its own loop in this thread
+    # (Playwright's sync API), where an async fixture cannot run.
+    if inspect.iscoroutinefunction(request.function):
+        request.getfixturevalue("_close_test_repositories")

@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from tests.helpers import ROBOT, child_env, free_port
+from tests.pg_backend import fresh_database_url, on_postgres
 
 BOT_KEY = "e2e-bot-key-0123456789"
 WORKER_TOKEN = "e2e-worker-token-abcdef"
@@ -91,6 +92,7 @@ class Stack:
     server_port: int = field(default_factory=free_port)
     worker_port: int = field(default_factory=free_port)
     procs: dict[str, Proc] = field(default_factory=dict)
+    database_url: str | None = None  # the server's PostgreSQL (HIL_TEST_BACKEND=postgres)
 
     @property
     def fake_url(self) -> str:
@@ -150,6 +152,10 @@ class Stack:
             env["BOT_KEY"] = BOT_KEY
         else:
             env["HIL_WORKER_TOKEN"] = WORKER_TOKEN
+        if on_postgres():  # HIL_TEST_BACKEND=postgres: one fresh database per stack, kept across server restarts
+            if self.database_url is None:
+                self.database_url = fresh_database_url()
+            env["HIL_DATABASE_URL"] = self.database_url
         env.update(self.server_env)
         return env
 

@@ -311,7 +311,7 @@ async def channel_on(
     served: Served,
     *,
     inbox: Inbox | None = None,
-    sessions: Callable[[str], Session | None] | None = None,
+    sessions: Callable[[str], Awaitable[Session | None]] | None = None,
     connect: bool = True,
     **options: Any,
 ) -> AsyncIterator[Running]:
@@ -477,7 +477,11 @@ async def test_notices_answer_the_callback_they_are_about(on: Running) -> None:
 
 async def test_card_updates_keep_the_buttons_while_the_question_is_open(served: Served) -> None:
     sessions: dict[str, Session] = {}
-    async with channel_on(served, sessions=sessions.get) as on:
+
+    async def lookup(card_id: str) -> Session | None:
+        return sessions.get(card_id)
+
+    async with channel_on(served, sessions=lookup) as on:
         q = question(options=("批准", "拒绝"), approvals_required=2)
         await on.channel.send_question(q)
         sessions[q.card_id or ""] = Session(
@@ -776,8 +780,15 @@ async def test_another_chats_click_and_quote_change_nothing() -> None:
     """The channel with the real service: a click on a card from another chat, and a quote of a question from
     another chat (frames the fake cannot forge), leave the question waiting."""
     from hil_server.models import SendRequest
-    from hil_server.service import HilService
-    from hil_server.store import SessionStore
+    from hil_server.service import HilService, NoMetrics
+    from tests.service_helpers import close_service, open_repo
+
+    class Outcomes(NoMetrics):
+        def __init__(self) -> None:
+            self.seen: list[str] = []
+
+        def callback(self, outcome: Any, matched_by: Any) -> None:
+            self.seen.append(outcome)
 
     pushes: asyncio.Queue[str] = asyncio.Queue()
 
@@ -798,10 +809,11 @@ async def test_another_chats_click_and_quote_change_nothing() -> None:
             await ws.wait_closed()
             pusher.cancel()
 
-    store = SessionStore()
+    repo, notifier = await open_repo()
+    outcomes = Outcomes()
     async with stand_in(script) as url, httpx.AsyncClient() as http:
-        channel = AibotChannel(AibotOptions(bot_id=BOT, secret=SECRET, url=url, **FAST), http, sessions=store.get)
-        service = HilService(store, channel)
+        channel = AibotChannel(AibotOptions(bot_id=BOT, secret=SECRET, url=url, **FAST), http, sessions=repo.get)
+        service = HilService(repo, channel, notifier=notifier, metrics=outcomes)
         async with asyncio.TaskGroup() as tasks:
             running = [tasks.create_task(channel.run(service.handle_message)), tasks.create_task(service.run_notices())]
             await until(lambda: channel.link.connected, TIMEOUT)
@@ -814,8 +826,10 @@ async def test_another_chats_click_and_quote_change_nothing() -> None:
             quote = {"msgtype": "text", "text": {"content": f"[#{sent.short_id}]"}}
             text = {**msg_body(text={"content": f"@{ROBOT} 合并"}), "msgid": "m-quote", "chatid": "group-b"}
             await pushes.put(json.dumps(frame("aibot_msg_callback", {**text, "quote": quote}, "req-quote")))
-            await until(lambda: store.seen_msgid("m-click") and store.seen_msgid("m-quote"), TIMEOUT)
+            await until(lambda: len(outcomes.seen) == 2, TIMEOUT)
+            assert sorted(outcomes.seen) == ["hint_other_chat", "ignored"]
             for task in running:
                 task.cancel()
-    session = store.get(sent.session_id)
+    session = await service.get(sent.session_id)
+    await close_service(service)
     assert session is not None and session.status == "waiting" and session.replies == []

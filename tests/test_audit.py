@@ -20,10 +20,11 @@ from hil_server.audit import parse_since
 from hil_server.channels import ChannelError
 from hil_server.models import SendRequest
 from hil_server.service import HilService
-from hil_server.store import SCHEMA_VERSION, STORE_FILE, SessionStore, SqlitePersistence
+from hil_server.store import REPOSITORY_FILE, STORE_FILE
 from tests.helpers import callback_body, child_env, quote
 from tests.procs import BOT_KEY, Stack
 from tests.server_fixtures import WeCom, settings
+from tests.service_helpers import close_service
 from tests.test_service import CHAT, OTHER_CHAT, Clock, handle, make
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -54,9 +55,9 @@ def steps(rows: list[Any]) -> list[tuple[str, str | None]]:
 
 async def test_a_two_of_two_approval_lists_every_step_in_order() -> None:
     clock = Clock()
-    service, _ = make(clock=clock)
+    service, _ = await make(clock=clock)
     short_id = await two_of_two(service)
-    rows = await service.store.audit_rows()
+    rows = await service.audit_rows()
     assert steps(rows) == [
         ("asked", None),
         ("reply", "zhangsan"),
@@ -78,12 +79,12 @@ async def test_a_two_of_two_approval_lists_every_step_in_order() -> None:
 
 async def test_timeouts_cancellations_failures_other_chats_and_late_answers_are_recorded() -> None:
     clock = Clock()
-    service, channel = make(clock=clock)
+    service, channel = await make(clock=clock)
     timed = await service.send(SendRequest(message="a", chat_id=CHAT, timeout=10))
     cancelled = await service.send(SendRequest(message="b", chat_id=OTHER_CHAT))
     clock.now += 11
     await service.sweep()
-    session = service.store.find(cancelled.session_id or "")
+    session = await service.find(cancelled.session_id or "")
     assert session is not None
     await service.mark_timeout(session)
     assert timed.short_id is not None
@@ -95,7 +96,7 @@ async def test_timeouts_cancellations_failures_other_chats_and_late_answers_are_
     assert not failed.success
     await service.send(SendRequest(message="d", chat_id=CHAT, wait_reply=False), owner="tok-b")
 
-    rows = await service.store.audit_rows()
+    rows = await service.audit_rows()
     kinds = [(r.kind, r.short_id, r.detail.get("reason") or r.detail.get("matched_by")) for r in rows]
     assert kinds == [
         ("asked", timed.short_id, None),
@@ -115,35 +116,30 @@ async def test_timeouts_cancellations_failures_other_chats_and_late_answers_are_
         "error": "机器人 Key 无效",
         "errcode": 93000,
     }
-    assert [r.kind for r in await service.store.audit_rows(chat_id=OTHER_CHAT)] == ["asked", "cancelled", "refused"]
-    assert [r.kind for r in await service.store.audit_rows(owner="tok-b")] == ["send_failed"]
+    assert [r.kind for r in await service.audit_rows(chat_id=OTHER_CHAT)] == ["asked", "cancelled", "refused"]
+    assert [r.kind for r in await service.audit_rows(owner="tok-b")] == ["send_failed"]
 
 
 async def test_a_reply_that_decides_nothing_is_on_the_record_with_its_reason() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await service.send(SendRequest(message="上线？", chat_id=CHAT, approvals_required=1))
     assert sent.short_id is not None
     assert await handle(service, callback_body(quote(sent.short_id, "好的，先不要"), chat=CHAT)) == "hint_unclear"
-    rows = await service.store.audit_rows()
+    rows = await service.audit_rows()
     assert [(r.kind, r.userid, r.detail.get("reason")) for r in rows][1:] == [("refused", "zhangsan", "hint_unclear")]
 
 
-@pytest.mark.parametrize("persisted", [False, True])
-async def test_purge_keeps_rows_for_the_audit_retention_not_the_session_retention(
-    tmp_path: Path, persisted: bool
-) -> None:
+async def test_purge_keeps_rows_for_the_audit_retention_not_the_session_retention() -> None:
     clock = Clock()
-    persistence = await SqlitePersistence.open(tmp_path / STORE_FILE) if persisted else None
-    store = SessionStore(persistence, clock=clock)
     day = 86400.0
-    service, _ = make(store, clock=clock, retention=day, audit_retention=10 * day)
+    service, _ = await make(clock=clock, retention=day, audit_retention=10 * day)
     try:
         old = await service.send(SendRequest(message="old", chat_id=CHAT, timeout=60))
         clock.now += 5 * day
         new = await service.send(SendRequest(message="new", chat_id=CHAT, timeout=60))
         clock.now += 2 * day
         await service.sweep()  # both time out
-        assert [(r.kind, r.short_id) for r in await store.audit_rows()] == [
+        assert [(r.kind, r.short_id) for r in await service.audit_rows()] == [
             ("asked", old.short_id),
             ("asked", new.short_id),
             ("timeout", old.short_id),
@@ -151,14 +147,14 @@ async def test_purge_keeps_rows_for_the_audit_retention_not_the_session_retentio
         ]
         clock.now += 4 * day  # old's asked row is 11 days old, the rest at most 6 days
         await service.sweep()
-        assert len(store) == 0  # both sessions are past SESSION_RETENTION; their trail is not
-        assert [(r.kind, r.short_id) for r in await store.audit_rows()] == [
+        assert sum((await service.repo.counts()).values()) == 0  # past SESSION_RETENTION; their trail is not
+        assert [(r.kind, r.short_id) for r in await service.audit_rows()] == [
             ("asked", new.short_id),
             ("timeout", old.short_id),
             ("timeout", new.short_id),
         ]
     finally:
-        await store.close()
+        await close_service(service)
 
 
 def version_1_store(path: Path) -> None:
@@ -185,22 +181,19 @@ def schema_version(path: Path) -> str:
         conn.close()
 
 
-async def test_the_trail_survives_a_reopen_and_a_version_1_store_is_migrated(tmp_path: Path) -> None:
-    path = tmp_path / STORE_FILE
-    version_1_store(path)
-    store = await SessionStore.open(await SqlitePersistence.open(path))
-    service, _ = make(store)
+async def test_the_trail_survives_a_reopen(tmp_path: Path) -> None:
+    path = tmp_path / REPOSITORY_FILE
+    service, _ = await make(path)
     await two_of_two(service)
-    await store.close()
-    store = await SessionStore.open(await SqlitePersistence.open(path))
+    await close_service(service)
+    service, _ = await make(path)
     try:
-        rows = await store.audit_rows()
+        rows = await service.audit_rows()
         assert [r.kind for r in rows] == ["asked", "reply", "refused", "reply", "decided"]
         assert [r.seq for r in rows] == [1, 2, 3, 4, 5]
-        assert [r.kind for r in await store.audit_rows(since=rows[0].at, limit=2)] == ["asked", "reply"]
+        assert [r.kind for r in await service.audit_rows(since=rows[0].at, limit=2)] == ["asked", "reply"]
     finally:
-        await store.close()
-    assert schema_version(path) == str(SCHEMA_VERSION)
+        await close_service(service)
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from hil_protocol.outbound import CardUpdate, Notice, Question, SendReceipt
 from hil_server.choices import as_text, check_options, pick_decision, pick_option
 from hil_server.models import SendRequest
 from hil_server.service import HilService
-from hil_server.store import SessionStore
 from tests.helpers import callback_body
+from tests.service_helpers import new_service
 
 OPTIONS = ["合并", "不合并", "Rebase First"]
 
@@ -144,12 +144,12 @@ async def ask(service: HilService, **body: Any) -> str:
 
 
 async def state(service: HilService, session_id: str) -> Any:
-    return await service.poll(service.store.get(session_id))  # type: ignore[arg-type]
+    return await service.poll(await service.get(session_id))  # type: ignore[arg-type]
 
 
 @pytest.fixture
-def service() -> HilService:
-    return HilService(SessionStore(), Channel())
+async def service() -> HilService:
+    return await new_service(Channel())
 
 
 async def test_choice_by_number_label_and_free_text(service: HilService) -> None:
@@ -183,7 +183,7 @@ async def test_only_responders_are_taken_and_others_told_once(service: HilServic
     assert await service.handle_message(reply("1", userid="zhangsan")) == "refused_responder"
     told = [n for n in notices(service) if isinstance(n, Notice)]
     assert len(told) == 1 and "只有 @lisi 可以回答" in told[0].text
-    session = service.store.get(session_id)
+    session = await service.get(session_id)
     assert [r.userid for r in session.refused] == ["zhangsan", "zhangsan"]  # type: ignore[union-attr]
     assert await service.handle_message(click(session_id, "0", userid="wangwu")) == "refused_responder"
     assert (await state(service, session_id)).status == "waiting"
@@ -192,7 +192,7 @@ async def test_only_responders_are_taken_and_others_told_once(service: HilServic
 
 
 async def test_default_responders_apply_when_a_question_names_none() -> None:
-    service = HilService(SessionStore(), Channel(), default_responders=("boss",))
+    service = await new_service(Channel(), default_responders=("boss",))
     session_id = await ask(service)
     assert await service.handle_message(reply("ok", userid="intern")) == "refused_responder"
     assert await service.handle_message(reply("ok", userid="boss")) == "matched_only"
@@ -273,7 +273,7 @@ def test_api_validation_of_typed_questions() -> None:
 async def test_a_long_poll_holds_while_an_approval_is_undecided(service: HilService) -> None:
     session_id = await ask(service, approvals_required=2)
     await service.handle_message(reply("批准", userid="lisi"))
-    session = service.store.get(session_id)
+    session = await service.get(session_id)
     assert session is not None
     held = asyncio.create_task(service.poll(session, wait=5))
     await asyncio.sleep(0.05)
@@ -285,7 +285,7 @@ async def test_a_long_poll_holds_while_an_approval_is_undecided(service: HilServ
 
 async def test_a_late_click_is_recorded_as_a_click(service: HilService) -> None:
     session_id = await ask(service, options=OPTIONS)
-    await service.mark_timeout(service.store.get(session_id))  # type: ignore[arg-type]
+    await service.mark_timeout(await service.get(session_id))  # type: ignore[arg-type]
     assert await service.handle_message(click(session_id, "1")) == "late"
     (late,) = (await state(service, session_id)).replies
     assert late.matched_by == "late" and late.via == "button" and late.choice.label == "不合并"

@@ -13,7 +13,7 @@ from hil_server.approvals import answered, tally
 from hil_server.choices import APPROVAL_OPTIONS, Pick, Unclear, read_reply
 from hil_server.models import UNCLEAR_KEPT
 from hil_server.service import HilService
-from hil_server.store import SessionStore, SqlitePersistence
+from tests.service_helpers import close_service, new_service
 from tests.test_choices import Channel, ask, click, notices, reply, state
 
 YES, NO = "yes", "no"  # an approval's reading: 批准 / 拒绝
@@ -218,8 +218,8 @@ def test_the_comment_is_returned_as_written() -> None:
 
 
 @pytest.fixture
-def service() -> HilService:
-    return HilService(SessionStore(), Channel())
+async def service() -> HilService:
+    return await new_service(Channel())
 
 
 async def test_an_unclear_approval_is_kept_asked_again_and_still_waits(service: HilService) -> None:
@@ -233,7 +233,7 @@ async def test_an_unclear_approval_is_kept_asked_again_and_still_waits(service: 
     assert result.status == "waiting" and result.replies == [] and result.choice is None
     assert [r.content for r in result.unclear] == ["好的，先不要"] and result.unclear[0].choice is None
     assert result.approval is not None and result.approval.approved is None and result.approval.approvals == 0
-    session = service.store.get(session_id)
+    session = await service.get(session_id)
     assert session is not None and not answered(session) and tally(session).approved is None
     # The clear answer after it decides.
     assert await service.handle_message(reply("批准")) == "matched_only"
@@ -270,18 +270,17 @@ async def test_buttons_stay_exact_after_an_unclear_text(service: HilService) -> 
 
 
 async def test_unclear_replies_are_bounded_and_survive_a_reload(tmp_path: Path) -> None:
-    path = tmp_path / "s.sqlite3"
-    store = await SessionStore.open(await SqlitePersistence.open(path))
-    service = HilService(store, Channel())
+    path = tmp_path / "hil.db"
+    service = await new_service(Channel(), path)
     session_id = await ask(service, approvals_required=1)
     for n in range(UNCLEAR_KEPT + 3):
         assert await service.handle_message(reply(f"ok, reject #{n}")) == "hint_unclear"
-    kept = service.store.get(session_id).unclear  # type: ignore[union-attr]
+    kept = (await service.get(session_id)).unclear  # type: ignore[union-attr]
     assert len(kept) == UNCLEAR_KEPT and kept[-1].content.endswith(f"#{UNCLEAR_KEPT + 2}")
-    await store.close()
-    reloaded = await SessionStore.open(await SqlitePersistence.open(path))
-    assert len(reloaded.get(session_id).unclear) == UNCLEAR_KEPT  # type: ignore[union-attr]
-    await reloaded.close()
+    await close_service(service)
+    reloaded = await new_service(Channel(), path)
+    assert len((await reloaded.get(session_id)).unclear) == UNCLEAR_KEPT  # type: ignore[union-attr]
+    await close_service(reloaded)
 
 
 async def test_responders_compare_case_insensitively(service: HilService) -> None:

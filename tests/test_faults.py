@@ -411,11 +411,11 @@ def test_odd_answers_to_hints_leave_the_direct_server_working(answer: str, tmp_p
 
 def sending(stack: Stack) -> int:
     """Questions the server holds as `sending`, read from its store beside it (SQLite WAL allows a reader)."""
-    path = stack.tmp / "server-data" / "hil-server.sqlite3"
+    path = stack.tmp / "server-data" / "hil.db"
     if not path.exists():
         return 0
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5)) as conn:
-        return int(conn.execute("SELECT COUNT(*) FROM sessions WHERE status = 'sending'").fetchone()[0])
+        return int(conn.execute("SELECT COUNT(*) FROM questions WHERE status = 'sending'").fetchone()[0])
 
 
 def test_sigkill_with_30_sends_in_flight_leaves_no_phantom_question(tmp_path: Path) -> None:

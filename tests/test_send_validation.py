@@ -14,10 +14,9 @@ from hil_protocol.callback import parse_callback
 from hil_protocol.messages import HEADER_RE, format_header, parse_reply_text
 from hil_server.app import create_app
 from hil_server.models import SendRequest, project_name_problem
-from hil_server.service import HilService
-from hil_server.store import SessionStore
 from tests.helpers import callback_body
 from tests.server_fixtures import WeCom, settings
+from tests.service_helpers import new_service
 from tests.test_choices import Channel, ask
 
 pytestmark = pytest.mark.usefixtures("clean_env")
@@ -52,10 +51,10 @@ def test_approvals_with_no_responders_at_all_are_fine() -> None:
 async def test_the_default_responders_count_too() -> None:
     from hil_server.errors import InvalidRequest
 
-    service = HilService(SessionStore(), Channel(), default_responders=("boss", "BOSS"))
+    service = await new_service(Channel(), default_responders=("boss", "BOSS"))
     with pytest.raises(InvalidRequest, match="approvals_required is 2 but the server's default responders"):
         await ask(service, approvals_required=2)
-    assert service.store.all() == []  # nothing stored, nothing sent
+    assert (await service.repo.questions()) == []  # nothing stored, nothing sent
     assert service.channel.questions == []  # type: ignore[attr-defined]
     await ask(service, approvals_required=1)
     await ask(service, approvals_required=2, responders=["lisi", "wangwu"])  # the request's own responders rule
@@ -158,13 +157,13 @@ def test_the_header_round_trips_a_project_name(name: str) -> None:
 
 
 async def test_a_quote_reply_to_an_emoji_project_is_matched() -> None:
-    service = HilService(SessionStore(), Channel())
+    service = await new_service(Channel())
     await ask(service, project_name=DEV)
     second = await ask(service, project_name=DEV, approvals_required=1)  # two waiting: only a quote can say which
-    session = service.store.get(second)
+    session = await service.get(second)
     assert session is not None
     header = format_header(session.short_id, session.project_name)
     body: dict[str, Any] = callback_body(f"“机器人：\n{header}\n合并吗？”\n------\n@bot 批准", "c")
     assert await service.handle_message(parse_callback(body)) == "matched_quote"
-    result = await service.poll(session)
+    result = await service.poll(await service.get(second))  # type: ignore[arg-type]
     assert result.status == "replied" and result.approval is not None and result.approval.approved is True

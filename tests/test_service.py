@@ -1,4 +1,5 @@
-"""hil_server.service.HilService (with the in-memory store and a recording channel) and the SQLite store."""
+"""hil_server.service.HilService (on a scratch SQLite repository, with a recording channel) and the old SQLite store
+(still read to upgrade a data directory)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from hil_server.models import PollResponse, SendRequest
 from hil_server.service import HilService
 from hil_server.store import SessionStore, SqlitePersistence
 from tests.helpers import ROBOT, callback_body, quote
+from tests.service_helpers import close_service, new_service
 
 CHAT = "wrkChatA"
 OTHER_CHAT = "wrkChatB"
@@ -55,9 +57,9 @@ class Clock:
         return self.now
 
 
-def make(store: SessionStore | None = None, **kw: Any) -> tuple[HilService, FakeChannel]:
+async def make(path: Path | None = None, **kw: Any) -> tuple[HilService, FakeChannel]:
     delivery = FakeChannel()
-    return HilService(store if store is not None else SessionStore(), delivery, **kw), delivery
+    return await new_service(delivery, path, **kw), delivery
 
 
 async def handle(service: HilService, data: Any) -> str:
@@ -65,14 +67,14 @@ async def handle(service: HilService, data: Any) -> str:
 
 
 async def poll(service: HilService, ref: str | None, wait: float = 0) -> PollResponse:
-    session = service.store.find(ref or "")
+    session = await service.find(ref or "")
     if session is None:
         return PollResponse(session_id=ref or "", status="not_found", has_reply=False, message="not found")
     return await service.poll(session, wait)
 
 
 async def stop_waiting(service: HilService, ref: str | None) -> bool:
-    session = service.store.find(ref or "")
+    session = await service.find(ref or "")
     if session is None:
         return False
     await service.mark_timeout(session)
@@ -103,11 +105,11 @@ async def ask(service: HilService, message: str = "Deploy?", chat: str | None = 
 
 
 async def test_send_creates_waiting_session_and_sends_payload() -> None:
-    service, delivery = make()
+    service, delivery = await make()
     response = await service.send(SendRequest(message="Deploy now?", chat_id=CHAT, project_name="proj"))
     assert response.success
     assert response.session_id and response.short_id
-    session = service.store.get(response.session_id)
+    session = await service.get(response.session_id)
     assert session is not None and session.status == "waiting"
     assert session.short_id == response.short_id
     (payload,) = delivery.messages
@@ -120,24 +122,24 @@ async def test_send_creates_waiting_session_and_sends_payload() -> None:
 
 
 async def test_send_without_wait_creates_no_session() -> None:
-    service, delivery = make()
+    service, delivery = await make()
     response = await service.send(SendRequest(message="FYI", chat_id=CHAT, wait_reply=False))
     assert response.success and response.session_id is None
-    assert len(service.store) == 0
+    assert sum((await service.repo.counts()).values()) == 0
     assert delivery.messages[0].short_id is None
 
 
 async def test_delivery_error_fails_the_session() -> None:
-    service, delivery = make()
+    service, delivery = await make()
     delivery.fail_with = ChannelError("机器人 Key 无效，请检查 BOT_KEY", 93000)
     response = await service.send(SendRequest(message="q", chat_id=CHAT))
     assert response.success is False
     assert response.errcode == 93000
     assert "BOT_KEY" in (response.error or "")
     assert response.session_id
-    session = service.store.get(response.session_id)
+    session = await service.get(response.session_id)
     assert session is not None and session.status == "failed"
-    assert service.store.waiting_in_chat(CHAT) == []
+    assert (await service.repo.open_in_chat(CHAT)) == []
     result = await poll(service, response.session_id)
     assert result.status == "failed"
     assert "BOT_KEY" in result.message
@@ -145,18 +147,18 @@ async def test_delivery_error_fails_the_session() -> None:
 
 async def test_timeout_argument_sets_deadline() -> None:
     clock = Clock()
-    service, _ = make(clock=clock, default_timeout=1200)
+    service, _ = await make(clock=clock, default_timeout=1200)
     a = await ask(service, timeout=30)
     b = await ask(service)
-    assert service.store.get(a.session_id).deadline == clock.now + 30
-    assert service.store.get(b.session_id).deadline == clock.now + 1200
+    assert (await service.get(a.session_id)).deadline == clock.now + 30
+    assert (await service.get(b.session_id)).deadline == clock.now + 1200
 
 
 # --- matching -----------------------------------------------------------------------------------------------------
 
 
 async def test_plain_reply_matches_the_only_waiting_session() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     outcome = await handle(service, callback(f"@{ROBOT} yes, go"))
     assert outcome == "matched_only"
@@ -170,21 +172,21 @@ async def test_plain_reply_matches_the_only_waiting_session() -> None:
 
 
 async def test_plain_reply_ignores_sessions_of_other_chats() -> None:
-    service, _ = make()
+    service, _ = await make()
     other = await ask(service, chat=OTHER_CHAT)
     outcome = await handle(service, callback("@Bot hi", chat=CHAT))
     assert outcome == "hint_chat_id"
-    assert service.store.get(other.session_id).status == "waiting"
+    assert (await service.get(other.session_id)).status == "waiting"
 
 
 async def test_three_waiting_and_plain_reply_gives_one_hint() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = [await ask(service, message=f"question {i}") for i in range(3)]
     outcome = await handle(service, callback(f"@{ROBOT} which?"))
     assert outcome == "hint_several"
     for s in sent:
-        assert service.store.get(s.session_id).status == "waiting"
-        assert service.store.get(s.session_id).replies == []
+        assert (await service.get(s.session_id)).status == "waiting"
+        assert (await service.get(s.session_id)).replies == []
     hints = drain(service)
     assert len(hints) == 1
     assert hints[0].msg_type == "markdown"
@@ -194,20 +196,20 @@ async def test_three_waiting_and_plain_reply_gives_one_hint() -> None:
 
 
 async def test_quote_reply_matches_only_the_quoted_session() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = [await ask(service, message=f"question {i}") for i in range(3)]
     outcome = await handle(service, callback(quote(sent[1].short_id, "the second one")))
     assert outcome == "matched_quote"
     statuses = [(await poll(service, s.session_id)).status for s in sent]
     assert statuses == ["waiting", "replied", "waiting"]
-    reply = service.store.get(sent[1].session_id).replies[0]
+    reply = (await service.get(sent[1].session_id)).replies[0]
     assert reply.content == "the second one"
     assert reply.matched_by == "quote"
     assert drain(service) == []
 
 
 async def test_quote_of_a_question_from_another_chat_is_not_an_answer() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service, chat=OTHER_CHAT)
     # Someone in another group (or a private chat typing the quote by hand) quotes the question.
     assert await handle(service, callback(quote(sent.short_id, "yes, deploy"), chat=CHAT)) == "hint_other_chat"
@@ -221,7 +223,7 @@ async def test_quote_of_a_question_from_another_chat_is_not_an_answer() -> None:
 
 
 async def test_nothing_waiting_gives_chat_id_hint() -> None:
-    service, _ = make()
+    service, _ = await make()
     outcome = await handle(service, callback(f"@{ROBOT} hello", chat="wrkLonelyChat"))
     assert outcome == "hint_chat_id"
     (hint,) = drain(service)
@@ -231,27 +233,27 @@ async def test_nothing_waiting_gives_chat_id_hint() -> None:
 
 
 async def test_unknown_quoted_short_id_gives_hint() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     outcome = await handle(service, callback(quote("deadbeef", "answer")))
     assert outcome == "hint_unknown_quote"
-    assert service.store.get(sent.session_id).status == "waiting"  # not taken by the only-waiting rule
+    assert (await service.get(sent.session_id)).status == "waiting"  # not taken by the only-waiting rule
     (hint,) = drain(service)
     assert "deadbeef" in hint.message
 
 
 async def test_duplicate_msgid_recorded_once() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     data = callback(quote(sent.short_id, "yes"), msgid="dup-1")
     assert await handle(service, data) == "matched_quote"
     assert await handle(service, data) == "duplicate"
     assert await handle(service, dict(data)) == "duplicate"
-    assert len(service.store.get(sent.session_id).replies) == 1
+    assert len((await service.get(sent.session_id)).replies) == 1
 
 
 async def test_duplicate_of_a_hinted_message_hints_once() -> None:
-    service, _ = make()
+    service, _ = await make()
     data = callback("@Bot hi", msgid="dup-2")
     assert await handle(service, data) == "hint_chat_id"
     assert await handle(service, data) == "duplicate"
@@ -259,50 +261,50 @@ async def test_duplicate_of_a_hinted_message_hints_once() -> None:
 
 
 async def test_enter_chat_event_is_not_a_reply() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     event = callback(msgtype="event", event={"event_type": "enter_chat"}, chattype="single")
     del event["text"]
     assert await handle(service, event) == "event"
-    assert service.store.get(sent.session_id).status == "waiting"
+    assert (await service.get(sent.session_id)).status == "waiting"
     (hint,) = drain(service)
     assert CHAT in hint.message and "DEFAULT_CHAT_ID" in hint.message
 
 
 async def test_delete_event_is_silent() -> None:
-    service, _ = make()
+    service, _ = await make()
     event = callback(msgtype="event", event={"event_type": "delete_from_chat"})
     assert await handle(service, event) == "event"
     assert drain(service) == []
 
 
 async def test_empty_answer_gives_hint_and_no_reply() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     assert await handle(service, callback(f"@{ROBOT}")) == "hint_empty"
-    assert service.store.get(sent.session_id).replies == []
+    assert (await service.get(sent.session_id)).replies == []
     assert len(drain(service)) == 1
 
 
 async def test_image_reply_matches_with_url() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     data = callback(msgtype="image", image={"image_url": "https://wework.test/1.png"})
     del data["text"]
     assert await handle(service, data) == "matched_only"
-    reply = service.store.get(sent.session_id).replies[0]
+    reply = (await service.get(sent.session_id)).replies[0]
     assert reply.msg_type == "image"
     assert reply.image_url == "https://wework.test/1.png"
 
 
 async def test_late_quote_reply_after_timeout() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     assert await stop_waiting(service, sent.session_id) is True
     assert (await poll(service, sent.session_id)).status == "timeout"
     outcome = await handle(service, callback(quote(sent.short_id, "sorry, late")))
     assert outcome == "late"
-    session = service.store.get(sent.session_id)
+    session = await service.get(sent.session_id)
     assert session.status == "timeout"
     (reply,) = session.replies
     assert reply.content == "sorry, late" and reply.matched_by == "late"
@@ -314,20 +316,20 @@ async def test_late_quote_reply_after_timeout() -> None:
 
 
 async def test_plain_reply_does_not_go_to_timed_out_session() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     await stop_waiting(service, sent.session_id)
     assert await handle(service, callback("@Bot answer")) == "hint_chat_id"
-    assert service.store.get(sent.session_id).replies == []
+    assert (await service.get(sent.session_id)).replies == []
 
 
 async def test_mark_timeout_unknown_session() -> None:
-    service, _ = make()
+    service, _ = await make()
     assert await stop_waiting(service, "0" * 32) is False
 
 
 async def test_poll_unknown_and_by_short_id() -> None:
-    service, _ = make()
+    service, _ = await make()
     assert (await poll(service, "f" * 32)).status == "not_found"
     sent = await ask(service)
     assert (await poll(service, sent.short_id)).session_id == sent.session_id
@@ -337,7 +339,7 @@ async def test_poll_unknown_and_by_short_id() -> None:
 
 
 async def test_notices_are_delivered_and_survive_failures() -> None:
-    service, delivery = make()
+    service, delivery = await make()
     task = asyncio.create_task(service.run_notices())
     try:
         delivery.fail_with = ChannelError("down")
@@ -362,7 +364,7 @@ async def test_notices_are_delivered_and_survive_failures() -> None:
 
 
 async def test_long_poll_returns_soon_after_reply() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     poll_task = asyncio.create_task(poll(service, sent.session_id, wait=5))
     await asyncio.sleep(0.05)
@@ -376,7 +378,7 @@ async def test_long_poll_returns_soon_after_reply() -> None:
 
 
 async def test_long_poll_returns_after_wait_when_nothing_comes() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     start = time.monotonic()
     result = await poll(service, sent.session_id, wait=0.2)
@@ -386,7 +388,7 @@ async def test_long_poll_returns_after_wait_when_nothing_comes() -> None:
 
 
 async def test_long_poll_wakes_on_timeout_mark() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     poll_task = asyncio.create_task(poll(service, sent.session_id, wait=5))
     await asyncio.sleep(0.02)
@@ -396,7 +398,7 @@ async def test_long_poll_wakes_on_timeout_mark() -> None:
 
 
 async def test_several_long_polls_on_one_session_all_wake() -> None:
-    service, _ = make()
+    service, _ = await make()
     sent = await ask(service)
     polls = [asyncio.create_task(poll(service, sent.session_id, wait=5)) for _ in range(3)]
     await asyncio.sleep(0.02)
@@ -410,47 +412,47 @@ async def test_several_long_polls_on_one_session_all_wake() -> None:
 
 async def test_sweep_times_out_and_purges() -> None:
     clock = Clock()
-    service, _ = make(clock=clock, retention=3600)
+    service, _ = await make(clock=clock, retention=3600)
     short = await ask(service, timeout=10)
     long = await ask(service, timeout=100)
     clock.now += 5
     await service.sweep()
-    assert service.store.get(short.session_id).status == "waiting"
+    assert (await service.get(short.session_id)).status == "waiting"
     clock.now += 6
     await service.sweep()
-    assert service.store.get(short.session_id).status == "timeout"
-    assert service.store.get(long.session_id).status == "waiting"
+    assert (await service.get(short.session_id)).status == "timeout"
+    assert (await service.get(long.session_id)).status == "waiting"
     assert (await poll(service, short.session_id)).status == "timeout"
     clock.now += 3600 - 1
     await service.sweep()
-    assert service.store.get(short.session_id) is not None  # retained (late answers still land)
+    assert (await service.get(short.session_id)) is not None  # retained (late answers still land)
     clock.now += 2
     await service.sweep()
-    assert service.store.get(short.session_id) is None
-    assert service.store.get_by_short_id(short.short_id) is None
+    assert (await service.get(short.session_id)) is None
+    assert (await service.find(short.short_id)) is None
     assert (await poll(service, short.session_id)).status == "not_found"
     # The long one timed out at +100 and is still within retention.
-    assert service.store.get(long.session_id).status == "timeout"
+    assert (await service.get(long.session_id)).status == "timeout"
 
 
 async def test_sweep_purges_replied_sessions_after_retention() -> None:
     clock = Clock()
-    service, _ = make(clock=clock, retention=60)
+    service, _ = await make(clock=clock, retention=60)
     sent = await ask(service)
     await handle(service, callback(quote(sent.short_id, "ok")))
     clock.now += 59
     await service.sweep()
-    assert service.store.get(sent.session_id) is not None
+    assert (await service.get(sent.session_id)) is not None
     clock.now += 2
     await service.sweep()
-    assert service.store.get(sent.session_id) is None
+    assert (await service.get(sent.session_id)) is None
 
 
 # --- many at once -----------------------------------------------------------------------------------------------
 
 
 async def test_200_concurrent_questions_and_quote_replies() -> None:
-    service, delivery = make()
+    service, delivery = await make()
     responses = await asyncio.gather(
         *(service.send(SendRequest(message=f"question {i}", chat_id=CHAT, project_name="load")) for i in range(200))
     )
@@ -464,7 +466,7 @@ async def test_200_concurrent_questions_and_quote_replies() -> None:
     )
     assert outcomes == ["matched_quote"] * 200
     for r in responses:
-        session = service.store.get(r.session_id)
+        session = await service.get(r.session_id)
         assert session.status == "replied"
         assert [reply.content for reply in session.replies] == [f"answer for {r.short_id}"]
     assert drain(service) == []
@@ -474,43 +476,36 @@ async def test_200_concurrent_questions_and_quote_replies() -> None:
 
 
 async def test_sqlite_store_survives_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "x.sqlite3"
-    store = await open_store(path)
-    service, _ = make(store)
+    path = tmp_path / "hil.db"
+    service, _ = await make(path)
     replied = await ask(service, message="答复我")
     waiting = await ask(service, message="still waiting", timeout=500)
-    failed_service, failing = make(store)
+    failing = FakeChannel()
     failing.fail_with = ChannelError("down")
+    failed_service = HilService(service.repo, failing, notifier=service.notifier)
     failed = await failed_service.send(SendRequest(message="fails", chat_id=CHAT))
     await handle(service, callback(quote(replied.short_id, "好的"), msgid="persist-1"))
     await handle(service, callback("@Bot ?", chat="wrkNobody", msgid="persist-2"))
-    before = {s.session_id: s.model_dump() for s in store.all()}
-    await store.close()
+    before = {s.session_id: s.model_dump() for s in await service.repo.questions()}
+    await close_service(service)
 
-    reopened = await open_store(path)
+    service2, _ = await make(path)
     try:
-        after = {s.session_id: s.model_dump() for s in reopened.all()}
+        after = {s.session_id: s.model_dump() for s in await service2.repo.questions()}
         assert after == before
-        assert reopened.get(replied.session_id).status == "replied"
-        assert reopened.get(replied.session_id).replies[0].content == "好的"
-        assert reopened.get(waiting.session_id).status == "waiting"
-        assert reopened.get(failed.session_id).status == "failed"
-        assert reopened.get_by_short_id(waiting.short_id).session_id == waiting.session_id
-        assert [s.session_id for s in reopened.waiting_in_chat(CHAT)] == [waiting.session_id]
-        assert reopened.seen_msgid("persist-1") and reopened.seen_msgid("persist-2")
-        assert not reopened.seen_msgid("persist-3")
-        # A redelivered callback after a restart is still a duplicate.
-        service2, _ = make(reopened)
+        assert (await service2.get(replied.session_id)).status == "replied"
+        assert (await service2.get(replied.session_id)).replies[0].content == "好的"
+        assert (await service2.get(waiting.session_id)).status == "waiting"
+        assert (await service2.get(failed.session_id)).status == "failed"
+        assert (await service2.find(waiting.short_id)).session_id == waiting.session_id
+        assert [s.session_id for s in await service2.repo.open_in_chat(CHAT)] == [waiting.session_id]
+        # A redelivered callback after a restart is still a duplicate, taken or not.
         again = callback(quote(replied.short_id, "好的"), msgid="persist-1")
         assert await handle(service2, again) == "duplicate"
+        assert await handle(service2, callback("@Bot ?", chat="wrkNobody", msgid="persist-2")) == "duplicate"
+        assert await handle(service2, callback("@Bot ?", chat="wrkNobody", msgid="persist-3")) == "hint_chat_id"
     finally:
-        await reopened.close()
-
-    conn = sqlite3.connect(path)
-    try:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
-    finally:
-        conn.close()
+        await close_service(service2)
 
 
 async def test_old_msgids_are_forgotten_in_memory_and_on_disk(tmp_path: Path) -> None:
@@ -534,24 +529,23 @@ async def test_old_msgids_are_forgotten_in_memory_and_on_disk(tmp_path: Path) ->
 
 
 async def test_sqlite_delete_is_durable(tmp_path: Path) -> None:
-    path = tmp_path / "x.sqlite3"
+    path = tmp_path / "hil.db"
     clock = Clock()
-    store = await open_store(path)
-    service, _ = make(store, clock=clock, retention=10)
+    service, _ = await make(path, clock=clock, retention=10)
     sent = await ask(service, timeout=5)
     clock.now += 100
     await service.sweep()  # times out
-    assert store.get(sent.session_id).status == "timeout"
+    assert (await service.get(sent.session_id)).status == "timeout"
     clock.now += 11
     await service.sweep()  # purges
-    assert store.get(sent.session_id) is None
-    await store.close()
-    reopened = await open_store(path)
+    assert await service.get(sent.session_id) is None
+    await close_service(service)
+    reopened, _ = await make(path)
     try:
-        assert reopened.get(sent.session_id) is None
-        assert len(reopened) == 0
+        assert await reopened.get(sent.session_id) is None
+        assert sum((await reopened.repo.counts()).values()) == 0
     finally:
-        await reopened.close()
+        await close_service(reopened)
 
 
 async def test_newer_schema_refused(tmp_path: Path) -> None:

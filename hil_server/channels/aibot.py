@@ -20,7 +20,7 @@ import logging
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -389,6 +389,10 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:200]
 
 
+async def _no_session(card_id: str) -> Session | None:
+    return None
+
+
 class AibotChannel:
     """The AI bot as the HIL Server's channel. `sessions` looks a question up by its card id (the session id), so
     a card keeps its buttons while its question is still open (an approval that needs more people, a click that
@@ -401,7 +405,7 @@ class AibotChannel:
         options: AibotOptions,
         http: httpx.AsyncClient,
         *,
-        sessions: Callable[[str], Session | None] | None = None,
+        sessions: Callable[[str], Awaitable[Session | None]] | None = None,
         on_attempt: Callable[[int], None] | None = None,
         link: AibotLink | None = None,
         images: ImageFetcher | None = None,
@@ -410,7 +414,7 @@ class AibotChannel:
         self.options = options
         self.link = link or AibotLink(options, clock=clock)
         self._http = http
-        self._sessions = sessions or (lambda card_id: None)
+        self._sessions = sessions or _no_session
         self._on_attempt = on_attempt or (lambda errcode: None)  # metrics: every frame's errcode, 0 when taken
         self._clock = clock
         self._queue: asyncio.Queue[Frame] = asyncio.Queue(maxsize=CALLBACK_QUEUE)
@@ -558,7 +562,7 @@ class AibotChannel:
         await self._send(CMD_SEND, {"chatid": notice.chat_id, "msgtype": "markdown", "markdown": {"content": text}})
 
     async def update_card(self, update: CardUpdate) -> None:
-        session = self._sessions(update.card_id)
+        session = await self._sessions(update.card_id)
         if session is not None and session.status in ("sending", "waiting") and session.options:
             shown = Question(
                 message=session.message,

@@ -94,6 +94,13 @@ def answer_data(answer: Reply | Refused) -> str:
     return answer.model_dump_json()
 
 
+def with_unclear(data: str, reply: Reply, keep: int) -> str:
+    """A question's `data` JSON with `reply` added to its undecided replies (the newest `keep`)."""
+    values = json.loads(data)
+    values["unclear"] = [*values.get("unclear", []), json.loads(reply.model_dump_json())][-keep:]
+    return json.dumps(values, ensure_ascii=False)
+
+
 def with_answer(question: StoredQuestion, kind: str, answer: Reply | Refused) -> StoredQuestion:
     """`question` as it is once `answer` is added (what a re-read would give, without one)."""
     if kind == "reply":
@@ -243,10 +250,12 @@ class Repository(Protocol):
         close: CloseRule | None = None,
         outbox: Sequence[OutboxItem] = (),
         audit: Sequence[AuditItem] = (),
+        closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
     ) -> ReplyResult:
         """Add a reply (kept whatever the status: a late answer too) and record its msgid, in one transaction. A msgid
         recorded before: nothing happens (`new=False`). With `close`, the question becomes `replied` when it is open
-        and `close(question with this reply)` says so. Raises NotFound."""
+        and `close(question with this reply)` says so; then `closing_audit(question)` rows are written too (the record
+        of the decision, with every reply the close rule saw). Raises NotFound."""
         ...
 
     async def record_refused(
@@ -260,6 +269,13 @@ class Repository(Protocol):
         audit: Sequence[AuditItem] = (),
     ) -> ReplyResult:
         """Keep an answer that was not taken (not a responder), with its msgid; a duplicate msgid does nothing."""
+        ...
+
+    async def record_unclear(
+        self, question_id: str, reply: Reply, *, now: float, keep: int, audit: Sequence[AuditItem] = ()
+    ) -> ReplyResult:
+        """Keep a reply that decided nothing on the question (`Session.unclear`, the newest `keep`), with its msgid,
+        whatever the question's status; a duplicate msgid does nothing. Raises NotFound."""
         ...
 
     async def record_msgid(

@@ -46,6 +46,7 @@ from .base import (
     question_from,
     question_row,
     with_answer,
+    with_unclear,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
@@ -193,6 +194,62 @@ class PostgresRepository:
         """Questions with their answers: `where` follows `SELECT … FROM questions q`."""
         return await self._tx(lambda tx: _fetch_questions(tx, f"{_SELECT} {where}", args), write=False)
 
+    # --- copying the whole store (`hil-server store migrate`) --------------------------------------------------
+
+    async def table_counts(self) -> dict[str, int]:
+        async def op(tx: _Tx) -> dict[str, int]:
+            counts = {}
+            for table in schema.TABLES:
+                row = await (await tx.execute(f"SELECT count(*) AS n FROM {table}")).fetchone()
+                counts[table] = row["n"] if row else 0
+            return counts
+
+        return await self._tx(op, write=False)
+
+    async def export_tables(self) -> dict[str, list[dict[str, Any]]]:
+        async def op(tx: _Tx) -> dict[str, list[dict[str, Any]]]:
+            out = {}
+            for table, cols in schema.TABLES.items():
+                order = schema.EXPORT_ORDER[table]
+                out[table] = await (
+                    await tx.execute(f"SELECT {', '.join(cols)} FROM {table} ORDER BY {order}")
+                ).fetchall()
+            return out
+
+        return await self._tx(op, write=False)
+
+    async def import_tables(self, tables: dict[str, list[dict[str, Any]]], *, force: bool = False) -> dict[str, int]:
+        """As SqliteRepository.import_tables: one transaction; Conflict on a non-empty target unless `force`. Ids
+        are kept, and each identity moves past the highest copied."""
+
+        async def op(tx: _Tx) -> dict[str, int]:
+            held = []
+            for table in schema.TABLES:
+                if await (await tx.execute(f"SELECT 1 FROM {table} LIMIT 1")).fetchone() is not None:
+                    held.append(table)
+            if held and not force:
+                raise Conflict(f"the target is not empty (it holds {', '.join(sorted(held))})")
+            await tx.execute(f"TRUNCATE {', '.join(schema.TABLES)}")
+            counts = {}
+            for table, allowed in schema.TABLES.items():
+                rows = tables.get(table, [])
+                for row in rows:
+                    cols = [c for c in allowed if c in row]
+                    overriding = " OVERRIDING SYSTEM VALUE" if "id" in cols and table in schema.SERIAL_TABLES else ""
+                    marks = ", ".join("%s" for _ in cols)
+                    await tx.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}){overriding} VALUES ({marks})", [row[c] for c in cols]
+                    )
+                counts[table] = len(rows)
+            for table in schema.SERIAL_TABLES:
+                await tx.execute(
+                    f"SELECT setval(pg_get_serial_sequence('{table}', 'id'), coalesce(max(id), 0) + 1, false) "
+                    f"FROM {table}"
+                )
+            return counts
+
+        return await self._tx(op)
+
     # --- questions ---------------------------------------------------------------------------------------------
 
     async def create_question(
@@ -278,9 +335,10 @@ class PostgresRepository:
         close: CloseRule | None = None,
         outbox: Sequence[OutboxItem] = (),
         audit: Sequence[AuditItem] = (),
+        closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
     ) -> ReplyResult:
         return await self._tx(
-            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit)
+            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit, closing_audit)
         )
 
     async def record_refused(
@@ -294,6 +352,26 @@ class PostgresRepository:
         audit: Sequence[AuditItem] = (),
     ) -> ReplyResult:
         return await self._tx(lambda tx: _record(tx, question_id, "refused", refused, msgid, now, None, outbox, audit))
+
+    async def record_unclear(
+        self, question_id: str, reply: Reply, *, now: float, keep: int, audit: Sequence[AuditItem] = ()
+    ) -> ReplyResult:
+        async def op(tx: _Tx) -> ReplyResult:
+            if not await _seen(tx, reply.msgid, now):
+                return ReplyResult(new=False)
+            cur = await tx.execute("SELECT data FROM questions WHERE id = %s FOR UPDATE", [question_id])
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"no question {question_id}")
+            await tx.execute(
+                "UPDATE questions SET data = %s WHERE id = %s", [with_unclear(row["data"], reply, keep), question_id]
+            )
+            (question,) = await _fetch_questions(tx, f"{_SELECT} WHERE id = %s", [question_id])
+            await _audit(tx, audit, now, question)
+            tx.notify(question_id)
+            return ReplyResult(new=True, question=question)
+
+        return await self._tx(op)
 
     async def record_msgid(
         self, msgid: str, *, now: float, outbox: Sequence[OutboxItem] = (), audit: Sequence[AuditItem] = ()
@@ -579,6 +657,7 @@ async def _record(
     close: CloseRule | None,
     outbox: Sequence[OutboxItem],
     audit: Sequence[AuditItem],
+    closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
 ) -> ReplyResult:
     if not await _seen(tx, msgid, now):
         return ReplyResult(new=False)
@@ -601,6 +680,8 @@ async def _record(
         )
         question = question.model_copy(update={"status": Status.REPLIED, "closed_at": now})
         closed = True
+        if closing_audit is not None:  # the record of the decision, in the transaction that made it
+            audit = [*audit, *closing_audit(question)]
     await _enqueue(tx, outbox, now, default_question=question_id)
     await _audit(tx, audit, now, question)
     tx.notify(question_id)

@@ -161,3 +161,52 @@ POSTGRES: list[str] = [
 
 # The literal the migrations above spell out for lifecycle.OPEN (checked by the tests).
 OPEN_STATUSES_IN_INDEX = ("sending", "waiting")
+
+# Every table of the data, in the order a copy inserts them (a row's references come first), with its columns:
+# what `export_tables` / `import_tables` move (the upgrade from the old store, `hil-server store migrate`).
+TABLES: dict[str, tuple[str, ...]] = {
+    "questions": (
+        "id",
+        "short_id",
+        "chat_id",
+        "owner",
+        "status",
+        "created_at",
+        "deadline",
+        "closed_at",
+        "error",
+        "next_remind_at",
+        "reminders_sent",
+        "escalate_at",
+        "data",
+    ),
+    "answers": ("id", "question_id", "kind", "msgid", "at", "data"),
+    "seen_msgids": ("msgid", "seen_at"),
+    "outbox": (
+        "id",
+        "kind",
+        "payload",
+        "chat_key",
+        "chat_id",
+        "question_id",
+        "state",
+        "created_at",
+        "available_at",
+        "attempts",
+        "holder",
+        "lease_until",
+        "error",
+        "finished_at",
+    ),
+    "audit": ("id", "at", "kind", "question_id", "short_id", "chat_id", "owner", "actor", "data"),
+}
+# The order an export lists each table's rows in (the same on both backends).
+EXPORT_ORDER = {
+    "questions": "created_at, id",
+    "answers": "id",
+    "seen_msgids": "seen_at, msgid",
+    "outbox": "id",
+    "audit": "id",
+}
+# The tables whose `id` the database assigns (a copy keeps them, and moves the counter past them).
+SERIAL_TABLES = ("answers", "outbox", "audit")

@@ -45,12 +45,14 @@ from .base import (
     question_from,
     question_row,
     with_answer,
+    with_unclear,
 )
 from .errors import Conflict, NotFound, RepositoryError, RepositoryUnavailable, SchemaTooNew, ShortIdExhausted
 
 logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
+READER_THREADS = 3
 _Item = tuple[Callable[["_Tx"], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
@@ -101,8 +103,13 @@ class SqliteRepository:
             self._conn.close()
             raise
         self._closed = False
-        self._reader_conn: sqlite3.Connection | None = None
-        self._reader = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="hil-sqlite-reader")
+        # Readers: a few threads, each with its own connection (SQLite runs a query without the GIL, and WAL lets
+        # them read while the writer commits), so one callback's read does not queue behind another's.
+        self._reader_local = threading.local()
+        self._reader_conns: list[sqlite3.Connection] = []
+        self._reader = concurrent.futures.ThreadPoolExecutor(
+            max_workers=READER_THREADS, thread_name_prefix="hil-sqlite-reader"
+        )
         self._thread = threading.Thread(target=self._run, name="hil-sqlite-writer", daemon=True)
         self._thread.start()
 
@@ -153,9 +160,9 @@ class SqliteRepository:
         self._queue.put(None)
         await asyncio.to_thread(self._thread.join, 10)
         await asyncio.to_thread(self._conn.close)
-        if self._reader_conn is not None:
-            await asyncio.get_running_loop().run_in_executor(self._reader, self._reader_conn.close)
         self._reader.shutdown(wait=True)
+        for conn in self._reader_conns:
+            await asyncio.to_thread(conn.close)
 
     async def ping(self) -> None:
         def probe(tx: _Tx) -> None:
@@ -179,10 +186,12 @@ class SqliteRepository:
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         def run() -> T:
-            if self._reader_conn is None:
-                self._reader_conn = self._connect()
+            conn: sqlite3.Connection | None = getattr(self._reader_local, "conn", None)
+            if conn is None:
+                conn = self._reader_local.conn = self._connect()
+                self._reader_conns.append(conn)
             try:
-                return fn(self._reader_conn)
+                return fn(conn)
             except sqlite3.Error as exc:
                 raise _translate(exc) from exc
 
@@ -265,6 +274,51 @@ class SqliteRepository:
     def _settle(item: _Item, result: Any, error: BaseException | None) -> None:
         _, future, loop = item
         loop.call_soon_threadsafe(_set, future, result, error)
+
+    # --- copying the whole store (the upgrade from the old store, `hil-server store migrate`) -----------------
+
+    async def table_counts(self) -> dict[str, int]:
+        def read(conn: sqlite3.Connection) -> dict[str, int]:
+            return {t: conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in schema.TABLES}
+
+        return await self._read(read)
+
+    async def export_tables(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row of every table (`schema.TABLES`), in insertion order."""
+
+        def read(conn: sqlite3.Connection) -> dict[str, list[dict[str, Any]]]:
+            return {
+                t: [
+                    dict(r)
+                    for r in conn.execute(f"SELECT {', '.join(cols)} FROM {t} ORDER BY {schema.EXPORT_ORDER[t]}")
+                ]
+                for t, cols in schema.TABLES.items()
+            }
+
+        return await self._read(read)
+
+    async def import_tables(self, tables: dict[str, list[dict[str, Any]]], *, force: bool = False) -> dict[str, int]:
+        """Insert these rows (columns of `schema.TABLES`; `id` may be left out) in one transaction. Raises Conflict
+        when the repository holds any row, unless `force` (then everything it held is deleted first)."""
+
+        def op(tx: _Tx) -> dict[str, int]:
+            held = {t for t in schema.TABLES if tx.conn.execute(f"SELECT 1 FROM {t} LIMIT 1").fetchone()}
+            if held and not force:
+                raise Conflict(f"the target is not empty (it holds {', '.join(sorted(held))})")
+            for table in reversed(schema.TABLES):
+                tx.conn.execute(f"DELETE FROM {table}")
+            counts = {}
+            for table, allowed in schema.TABLES.items():
+                rows = tables.get(table, [])
+                for row in rows:
+                    cols = [c for c in allowed if c in row]
+                    tx.conn.execute(
+                        f"INSERT INTO {table} ({', '.join(cols)}) VALUES ({_marks(cols)})", [row[c] for c in cols]
+                    )
+                counts[table] = len(rows)
+            return counts
+
+        return await self._write(op)
 
     # --- questions ---------------------------------------------------------------------------------------------
 
@@ -350,9 +404,10 @@ class SqliteRepository:
         close: CloseRule | None = None,
         outbox: Sequence[OutboxItem] = (),
         audit: Sequence[AuditItem] = (),
+        closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
     ) -> ReplyResult:
         return await self._write(
-            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit)
+            lambda tx: _record(tx, question_id, "reply", reply, reply.msgid, now, close, outbox, audit, closing_audit)
         )
 
     async def record_refused(
@@ -368,6 +423,25 @@ class SqliteRepository:
         return await self._write(
             lambda tx: _record(tx, question_id, "refused", refused, msgid, now, None, outbox, audit)
         )
+
+    async def record_unclear(
+        self, question_id: str, reply: Reply, *, now: float, keep: int, audit: Sequence[AuditItem] = ()
+    ) -> ReplyResult:
+        def op(tx: _Tx) -> ReplyResult:
+            if not _seen(tx, reply.msgid, now):
+                return ReplyResult(new=False)
+            row = tx.conn.execute("SELECT data FROM questions WHERE id = ?", [question_id]).fetchone()
+            if row is None:
+                raise NotFound(f"no question {question_id}")
+            tx.conn.execute(
+                "UPDATE questions SET data = ? WHERE id = ?", [with_unclear(row["data"], reply, keep), question_id]
+            )
+            question = _load(tx.conn, question_id)
+            _audit(tx, audit, now, question)
+            tx.notify(question_id)
+            return ReplyResult(new=True, question=question)
+
+        return await self._write(op)
 
     async def record_msgid(
         self, msgid: str, *, now: float, outbox: Sequence[OutboxItem] = (), audit: Sequence[AuditItem] = ()
@@ -697,6 +771,7 @@ def _record(
     close: CloseRule | None,
     outbox: Sequence[OutboxItem],
     audit: Sequence[AuditItem],
+    closing_audit: Callable[[StoredQuestion], Sequence[AuditItem]] | None = None,
 ) -> ReplyResult:
     if not _seen(tx, msgid, now):
         return ReplyResult(new=False)
@@ -713,6 +788,8 @@ def _record(
         )
         question = question.model_copy(update={"status": Status.REPLIED, "closed_at": now})
         closed = True
+        if closing_audit is not None:  # the record of the decision, in the transaction that made it
+            audit = [*audit, *closing_audit(question)]
     _enqueue(tx, outbox, now, default_question=question_id)
     _audit(tx, audit, now, question)
     tx.notify(question_id)
