@@ -1023,8 +1023,11 @@ async def run(args: argparse.Namespace, workdir: Path, res: Results) -> None:
             with running_stack("relay", workdir, "relay-m1", server_env=env) as stack:
                 await measure("M1", lambda: m1(stack, args.rounds, res))
         if "M2" in only:
+            # Every waiting call of the 2025 protocol holds a session of the one bench token: room for all of them.
+            room = str(args.mcp_calls)
+            caps = {"HIL_MCP_SESSIONS_PER_TOKEN": room, "HIL_MCP_MAX_SESSIONS": room}
             for era in (MODERN, LEGACY):
-                with running_stack("relay", workdir, f"relay-m2-{era}", server_env=env) as stack:
+                with running_stack("relay", workdir, f"relay-m2-{era}", server_env=env | caps) as stack:
                     await measure(f"M2 {era}", functools.partial(m2, stack, args.mcp_calls, era, res))
         if "M3" in only:
             room = str(args.mcp_sessions)
