@@ -13,6 +13,8 @@ when OPEN changes, a new migration rebuilds the index).
 
 from __future__ import annotations
 
+from .base import COLUMNS
+
 SQLITE: list[str] = [
     # 1: questions with their timers, answers as rows, msgids, outbox, audit
     """
@@ -165,21 +167,7 @@ OPEN_STATUSES_IN_INDEX = ("sending", "waiting")
 # Every table of the data, in the order a copy inserts them (a row's references come first), with its columns:
 # what `export_tables` / `import_tables` move (the upgrade from the old store, `hil-server store migrate`).
 TABLES: dict[str, tuple[str, ...]] = {
-    "questions": (
-        "id",
-        "short_id",
-        "chat_id",
-        "owner",
-        "status",
-        "created_at",
-        "deadline",
-        "closed_at",
-        "error",
-        "next_remind_at",
-        "reminders_sent",
-        "escalate_at",
-        "data",
-    ),
+    "questions": (*COLUMNS, "data"),
     "answers": ("id", "question_id", "kind", "msgid", "at", "data"),
     "seen_msgids": ("msgid", "seen_at"),
     "outbox": (
